@@ -1,0 +1,47 @@
+# Every install step the project needs lives here: README and .ci/run call these targets, nothing is
+# installed by hand.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# On a machine without an NVIDIA driver, install the CPU build of torch first: the pyproject range is
+# then already satisfied and pip never downloads gigabytes of CUDA wheels.
+TORCH_CPU_PIN ?= torch==2.13.0
+HAS_NVIDIA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
+STAMP := $(VENV)/.installed
+
+.PHONY: install test test-all lint format clean generate
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+ifneq ($(HAS_NVIDIA),yes)
+	$(BIN)/python -m pip install -q "$(TORCH_CPU_PIN)"
+endif
+	$(BIN)/python -m pip install -q -e ".[api,worker,dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## The test command (README, .ci/run): lint, types, then the default suite.
+test: install lint
+	$(BIN)/python -m pytest -m "not gpu and not slow"
+
+## Everything that runs without a GPU, slow suites included.
+test-all: install lint
+	$(BIN)/python -m pytest -m "not gpu"
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+## Run the engine alone, e.g. make generate ARGS='"a red fox" --seed 7 -o fox.png'
+generate: install
+	$(BIN)/python -m worker generate $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
