@@ -24,11 +24,11 @@ install: $(STAMP)
 
 ## The test command (README, .ci/run): lint, types, then the default suite.
 test: install lint
-	$(BIN)/python -m pytest -m "not gpu and not slow"
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not gpu and not slow"
 
 ## Everything that runs without a GPU, slow suites included.
 test-all: install lint
-	$(BIN)/python -m pytest -m "not gpu"
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not gpu"
 
 lint: install
 	$(BIN)/ruff check .

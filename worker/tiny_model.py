@@ -3,9 +3,9 @@
 Real SD3.5 weights can never be downloaded on CI, yet the loading code must be the real one. So we build a
 pipeline whose shapes follow the real model where it matters to the serving code — VAE with 8x downsampling
 and 16 latent channels, transformer patch size 2 with dual attention in the first layers and qk RMS-norm, two
-CLIP text encoders with projection plus a T5 encoder, CLIP tokenizers with ``model_max_length == 77``, the real
-scheduler config — but only a few MB of weights. It is written once with ``save_pretrained`` into a cache
-folder and then loaded through exactly the ``from_pretrained`` path that loads the real model.
+CLIP text encoders with projection plus a T5 encoder, CLIP tokenizers with ``model_max_length == 77``,
+the real scheduler config — but only a few MB of weights. It is written once with ``save_pretrained``
+into a cache folder and then loaded through exactly the ``from_pretrained`` path that loads the real model.
 
 Images from it are noise; that is the point: everything around the weights is real.
 """
@@ -113,7 +113,6 @@ def build_tiny_pipeline() -> Any:
             relative_attention_num_buckets=8,
             pad_token_id=t5_tokenizer.pad_token_id,
             eos_token_id=t5_tokenizer.eos_token_id,
-            decoder_start_token_id=t5_tokenizer.pad_token_id,
         )
     )
     transformer = SD3Transformer2DModel(
@@ -145,9 +144,9 @@ def build_tiny_pipeline() -> Any:
         shift_factor=0.0609,
         use_quant_conv=False,
         use_post_quant_conv=False,
-        mid_block_add_attention=True,
+        mid_block_add_attention=False,  # full attention over 128x128 latents costs seconds on CPU
     )
-    pipe = StableDiffusion3Pipeline(
+    pipe: Any = StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(**SD35_MEDIUM_SCHEDULER_CONFIG),
         vae=vae,
@@ -175,6 +174,9 @@ def ensure_tiny_model(cache_dir: Path | None = None) -> Path:
     if marker.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()
     staging = Path(tempfile.mkdtemp(prefix=".tiny-sd3-", dir=target.parent))
     try:
         build_tiny_pipeline().save_pretrained(staging, safe_serialization=True)
