@@ -137,9 +137,20 @@ class GenerationRequest(BaseModel):
     def _prompt_not_blank(cls, prompt: str) -> str:
         if not prompt.strip():
             raise ValueError("prompt must contain non-blank text")
-        if "\x00" in prompt:
-            raise ValueError("prompt must not contain NUL characters")
         return prompt
+
+    @field_validator("prompt", "negative_prompt")
+    @classmethod
+    def _encodable_text(cls, text: str | None) -> str | None:
+        if text is None:
+            return text
+        if "\x00" in text:
+            raise ValueError("must not contain NUL characters")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates: would fail later, in a tokenizer or in Redis
+            raise ValueError("must be valid Unicode text (no lone surrogates)") from None
+        return text
 
     @field_validator("seed", mode="before")
     @classmethod
@@ -221,6 +232,9 @@ class GenerationRequest(BaseModel):
     @field_validator("strength")
     @classmethod
     def _strength_needs_image(cls, strength: float | None, info: ValidationInfo) -> float | None:
+        # A stored (normalised) request keeps its init image in storage, not inline: strength stays valid.
+        if info.context == NORMALIZED_CONTEXT:
+            return strength
         if strength is not None and info.data.get("init_image") is None and "init_image" in info.data:
             raise ValueError("strength applies to image-to-image only: give init_image too")
         return strength

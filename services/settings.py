@@ -7,10 +7,11 @@ name rather than deep inside a job. Read it through :func:`get_settings` (cached
 
 from __future__ import annotations
 
+from datetime import timedelta
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-3.5-medium"
@@ -19,6 +20,10 @@ TINY_MODEL = "tiny"
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DARKROOM_", extra="ignore", protected_namespaces=())
+
+    environment: Literal["development", "production"] = Field(
+        "production", description="'development' switches logs to readable text."
+    )
 
     # --- the model and how it sits on the device ---------------------------------------------------------
     model: str = Field(
@@ -32,6 +37,75 @@ class Settings(BaseSettings):
     cpu_offload: bool = Field(False, description="Model CPU offload: smaller GPUs, slower steps.")
     drop_t5: bool = Field(False, description="Load without the T5 encoder (~9 GB less); CLIP-only prompts.")
     warmup: bool = Field(True, description="Run one small generation at load so the first job is not slow.")
+
+    # --- queue and job records ---------------------------------------------------------------------------
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    queue_name: str = "darkroom"
+    webhook_queue_name: str = "darkroom-webhooks"
+    job_timeout: timedelta = Field(timedelta(minutes=10), description="Longest a generation job may run.")
+    result_ttl: timedelta = Field(timedelta(days=1), description="How long RQ keeps a finished job.")
+    failure_ttl: timedelta = Field(timedelta(days=7), description="How long RQ keeps a failed job.")
+    job_retention: timedelta = Field(timedelta(days=7), description="How long job records stay readable.")
+    idempotency_ttl: timedelta = Field(
+        timedelta(hours=24), description="How long an Idempotency-Key is kept."
+    )
+    max_wait: timedelta = Field(timedelta(seconds=60), description="Largest accepted 'Prefer: wait=N'.")
+    progress_interval: timedelta = Field(
+        timedelta(milliseconds=200), description="Least time between two progress writes of one job."
+    )
+    heartbeat_interval: timedelta = Field(timedelta(seconds=5), description="Worker heartbeat while busy.")
+
+    # --- storage -----------------------------------------------------------------------------------------
+    storage_url: str = Field(
+        "file:///var/lib/darkroom/outputs", description="'s3://bucket/prefix' or 'file:///absolute/path'."
+    )
+    s3_endpoint_url: str | None = Field(None, description="S3 API endpoint (MinIO, moto); None for AWS.")
+    s3_public_endpoint_url: str | None = Field(
+        None, description="Endpoint to sign URLs for, when clients reach S3 by another address."
+    )
+    s3_region: str | None = None
+    storage_retry_deadline: timedelta = Field(
+        timedelta(seconds=60), description="How long a worker retries an upload through an S3 outage."
+    )
+    url_expiry: timedelta = Field(timedelta(hours=1), description="Lifetime of signed image URLs.")
+    url_signing_key: SecretStr | None = Field(
+        None, description="Key for file:// download URLs; if unset, one is generated and shared via Redis."
+    )
+    public_url: str | None = Field(
+        None,
+        description="Base URL clients reach the API at (for file:// URLs in webhooks); else the request's.",
+    )
+
+    # --- webhooks ----------------------------------------------------------------------------------------
+    webhook_secret: SecretStr | None = Field(None, description="'whsec_<base64>' used to sign webhooks.")
+    webhook_allow_private: bool = Field(False, description="Allow loopback/private webhook targets (tests).")
+    webhook_allow_http: bool = Field(False, description="Allow plain-http webhook targets (tests, dev).")
+    webhook_timeout: timedelta = Field(timedelta(seconds=10), description="Per-attempt webhook timeout.")
+    webhook_max_attempts: int = Field(8, ge=1, le=50)
+    webhook_backoff_base: timedelta = Field(timedelta(seconds=2))
+    webhook_backoff_max: timedelta = Field(timedelta(minutes=10))
+
+    # --- observability -----------------------------------------------------------------------------------
+    worker_metrics_port: int = Field(0, ge=0, le=65535, description="Worker /metrics port; 0 disables.")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _seconds_as_numbers(cls, value: object, info: ValidationInfo) -> object:
+        """Durations may be given as plain seconds (``DARKROOM_JOB_TIMEOUT=900``) as well as ISO 8601."""
+        field = cls.model_fields[str(info.field_name)]
+        if field.annotation is timedelta and isinstance(value, str):
+            try:
+                return timedelta(seconds=float(value))
+            except ValueError:
+                return value
+        return value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _whsec(cls, secret: SecretStr | None) -> SecretStr | None:
+        if secret is not None and not secret.get_secret_value().startswith("whsec_"):
+            raise ValueError("DARKROOM_WEBHOOK_SECRET must look like 'whsec_<base64 key>'")
+        return secret
 
 
 @lru_cache(maxsize=1)

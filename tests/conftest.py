@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.fixtures.s3",
     "tests.fixtures.http_receiver",
     "tests.fixtures.tiny_model",
+    "tests.fixtures.stack",
 ]

@@ -47,6 +47,15 @@ def normalize_prefix(prefix: str) -> str:
     return stripped + "/"
 
 
+def init_image_key(job_id: str, extension: str, created_at: datetime) -> str:
+    """Key of a job's uploaded init image, beside its outputs: `generations/YYYY/MM/DD/<job_id>/init.<ext>`.
+
+    Init images go to storage rather than into Redis: they can be megabytes, and a queue of them would
+    fill Redis's memory.
+    """
+    return image_key(job_id, 0, extension, created_at).rsplit("/", 1)[0] + f"/init.{extension}"
+
+
 def image_key(job_id: str, index: int, extension: str, created_at: datetime) -> str:
     """Key of one generated image: `generations/YYYY/MM/DD/<job_id>/<index>.<ext>`.
 

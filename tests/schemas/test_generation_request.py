@@ -111,6 +111,8 @@ def test_seed_bounds_are_inclusive(seed: int) -> None:
         ({"prompt": ""}, "prompt"),
         ({"prompt": "   \n\t"}, "prompt"),
         ({"prompt": "a\x00b"}, "prompt"),
+        ({"prompt": "a \ud800 b"}, "prompt"),
+        ({"prompt": "x", "negative_prompt": "\udfff"}, "negative_prompt"),
         ({"prompt": "x" * 10_001}, "prompt"),
         ({"prompt": "x", "num_inference_steps": 0}, "num_inference_steps"),
         ({"prompt": "x", "num_inference_steps": 101}, "num_inference_steps"),

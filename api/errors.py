@@ -1,0 +1,459 @@
+"""The API's one error vocabulary, and the handlers that render every failure as RFC 9457 problem details.
+
+Clients branch on the stable ``code`` (and ``type`` = ``urn:darkroom:problem:<code>``), never on prose, so
+*every* way a request can fail has to produce the same ``application/problem+json`` shape: our own
+``ApiError``\\s, FastAPI's request validation, Starlette's routing 404/405, a Redis outage, and plain bugs.
+:func:`install_error_handlers` registers one handler per kind; routes just ``raise NotFound(...)``.
+
+Routes document the shape in OpenAPI with ``responses=PROBLEM_RESPONSES`` (or :func:`problem_responses`
+for route-specific statuses), the way vLLM declares its ``ErrorResponse`` on every route.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Mapping, Sequence
+from http import HTTPStatus
+from typing import Any
+
+import redis.exceptions
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, Response
+
+from schemas.problems import PROBLEM_CONTENT_TYPE, FieldError, Problem, problem_type
+
+log = structlog.get_logger(__name__)
+
+# RFC 9110 names where Python's HTTPStatus still carries the older RFC 7231 wording.
+_TITLES: dict[int, str] = {413: "Content Too Large", 422: "Unprocessable Content"}
+
+# Stable codes for the statuses Starlette/FastAPI raise as plain HTTPException.
+_HTTP_CODES: dict[int, str] = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "unprocessable",
+    429: "too_many_requests",
+    500: "internal_error",
+    503: "service_unavailable",
+}
+
+# Pydantic prefixes messages of errors raised inside validators; the prefix is noise to an API client.
+_PYDANTIC_PREFIX = re.compile(r"^(Value error|Assertion failed), ")
+
+REDIS_RETRY_AFTER_S = 1
+"""Retry-After for Redis outages: short, because a restart or failover usually takes seconds."""
+
+
+def status_title(status: int) -> str:
+    """The standard reason phrase for ``status`` (RFC 9110 wording), used as the problem ``title``."""
+    if status in _TITLES:
+        return _TITLES[status]
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return f"HTTP {status}"
+
+
+def code_for_status(status: int) -> str:
+    """A stable machine code for a bare HTTP status (``405`` → ``method_not_allowed``)."""
+    if status in _HTTP_CODES:
+        return _HTTP_CODES[status]
+    try:
+        return HTTPStatus(status).name.lower()
+    except ValueError:
+        return f"http_{status}"
+
+
+class ApiError(Exception):
+    """Base of every error a route raises on purpose; rendered as problem+json by one handler.
+
+    The class carries the HTTP status and a default ``code``; an instance may narrow the code
+    (``Conflict("...", code="job_already_finished")``) so clients can tell cases of one status apart.
+    ``detail`` is shown to the client as-is: put no secrets and no internals in it.
+    """
+
+    status: int = 500
+    code: str = "internal_error"
+    title: str = "Internal Server Error"
+
+    def __init__(
+        self,
+        detail: str | None = None,
+        *,
+        code: str | None = None,
+        title: str | None = None,
+        status: int | None = None,
+        headers: Mapping[str, str] | None = None,
+        errors: Sequence[FieldError] | None = None,
+    ) -> None:
+        if status is not None:
+            self.status = status
+            self.title = status_title(status)
+        if code is not None:
+            self.code = code
+        if title is not None:
+            self.title = title
+        self.detail = detail
+        self.headers: dict[str, str] = dict(headers or {})
+        self.errors: list[FieldError] | None = list(errors) if errors else None
+        super().__init__(detail or self.code)
+
+    def to_problem(self, instance: str | None = None) -> Problem:
+        """The body this error is rendered as; ``instance`` is the request path."""
+        return Problem(
+            type=problem_type(self.code),
+            title=self.title,
+            status=self.status,
+            detail=self.detail,
+            instance=instance,
+            code=self.code,
+            errors=self.errors,
+        )
+
+
+class BadRequest(ApiError):
+    """400: the request is unusable for a reason that is not a field's value (e.g. a bad header)."""
+
+    status = 400
+    code = "bad_request"
+    title = "Bad Request"
+
+
+class Unauthorized(ApiError):
+    """401: no or wrong credentials. Carries ``WWW-Authenticate: Bearer`` as RFC 9110 requires."""
+
+    status = 401
+    code = "unauthorized"
+    title = "Unauthorized"
+
+    def __init__(
+        self,
+        detail: str | None = None,
+        *,
+        code: str | None = None,
+        title: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        headers = {"WWW-Authenticate": "Bearer", **(headers or {})}
+        super().__init__(detail, code=code, title=title, headers=headers)
+
+
+class NotFound(ApiError):
+    """404: the resource (job, image) does not exist or is no longer retained."""
+
+    status = 404
+    code = "not_found"
+    title = "Not Found"
+
+
+class Conflict(ApiError):
+    """409: the request clashes with the resource's state, e.g. ``code="job_already_finished"``."""
+
+    status = 409
+    code = "conflict"
+    title = "Conflict"
+
+
+class PayloadTooLarge(ApiError):
+    """413: the body is bigger than the API accepts."""
+
+    status = 413
+    code = "payload_too_large"
+    title = "Content Too Large"
+
+
+class UnprocessableRequest(ApiError):
+    """422 with a specific code, for rule violations that schema validation cannot see
+    (``idempotency_key_reused``, ``webhook_url_not_allowed``)."""
+
+    status = 422
+    code = "unprocessable"
+    title = "Unprocessable Content"
+
+
+class ServiceUnavailable(ApiError):
+    """503: a dependency is down or the service is saturated; tells the client when to retry."""
+
+    status = 503
+    code = "service_unavailable"
+    title = "Service Unavailable"
+
+    def __init__(
+        self,
+        detail: str | None = None,
+        *,
+        retry_after: int | None = 1,
+        code: str | None = None,
+        title: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        merged = dict(headers or {})
+        if retry_after is not None:
+            merged.setdefault("Retry-After", str(int(retry_after)))
+        super().__init__(detail, code=code, title=title, headers=merged)
+
+
+def problem_response(problem: Problem, headers: Mapping[str, str] | None = None) -> Response:
+    """Render ``problem`` with the problem+json media type.
+
+    Also usable from raw ASGI middleware, which runs outside FastAPI's exception handlers:
+    ``await problem_response(err.to_problem(scope["path"]), err.headers)(scope, receive, send)``.
+    Absent members are omitted rather than sent as ``null``, as RFC 9457 does.
+    """
+    return JSONResponse(
+        problem.model_dump(mode="json", exclude_none=True),
+        status_code=problem.status,
+        headers=dict(headers or {}),
+        media_type=PROBLEM_CONTENT_TYPE,
+    )
+
+
+def internal_error_problem(instance: str | None) -> Problem:
+    """The 500 body: a fixed text, never the exception's message (it may carry internals or secrets)."""
+    request_id = structlog.contextvars.get_contextvars().get("request_id")
+    detail = "An unexpected error occurred."
+    if request_id:
+        detail += f" Quote request id {request_id} when reporting it."
+    return Problem(
+        type=problem_type("internal_error"),
+        title=status_title(500),
+        status=500,
+        detail=detail,
+        instance=instance,
+        code="internal_error",
+    )
+
+
+def mark_logged(exc: BaseException) -> None:
+    """Flag ``exc`` as already logged with its traceback, so outer layers do not log it again."""
+    exc.__dict__["_darkroom_logged"] = True
+
+
+def was_logged(exc: BaseException) -> bool:
+    return bool(exc.__dict__.get("_darkroom_logged"))
+
+
+# --- handlers ----------------------------------------------------------------------------------------------
+
+
+async def _api_error_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return problem_response(exc.to_problem(request.url.path), exc.headers)
+
+
+def _field_name(loc: Sequence[int | str]) -> str:
+    """``("body", "images", 0, "url")`` → ``images.0.url``. Non-body sources keep their prefix
+    (``query.limit``, ``header.idempotency-key``) so the client knows where to look."""
+    parts = list(loc)
+    if parts and parts[0] == "body":
+        parts = parts[1:]
+    return ".".join(str(part) for part in parts) or "body"
+
+
+async def _validation_handler(request: Request, exc: Exception) -> Response:
+    """422 for a body or parameter that fails validation.
+
+    Unlike FastAPI's default handler this never echoes the offending ``input`` back: besides leaking
+    what the client sent into logs and proxies, an input of ``NaN`` would make the JSON encoder fail and
+    turn a client error into a 500.
+    """
+    assert isinstance(exc, RequestValidationError)
+    errors = list(exc.errors())
+    instance = request.url.path
+    for error in errors:
+        loc = tuple(error.get("loc", ()))
+        if error.get("type") == "json_invalid" and loc[:1] == ("body",):
+            reason = (error.get("ctx") or {}).get("error") or "invalid JSON"
+            position = f" at character {loc[1]}" if len(loc) > 1 else ""
+            return _malformed_json(instance, f"The request body is not valid JSON: {reason}{position}.")
+    field_errors = [
+        FieldError(
+            field=_field_name(error.get("loc", ())),
+            message=_PYDANTIC_PREFIX.sub("", str(error.get("msg", ""))),
+            type=str(error.get("type", "invalid")),
+        )
+        for error in errors
+    ]
+    fields = ", ".join(dict.fromkeys(e.field for e in field_errors))
+    noun = "field" if len(field_errors) == 1 else "fields"
+    problem = Problem(
+        type=problem_type("validation_error"),
+        title=status_title(422),
+        status=422,
+        detail=f"The request has {len(field_errors)} invalid {noun}: {fields}.",
+        instance=instance,
+        code="validation_error",
+        errors=field_errors,
+    )
+    return problem_response(problem)
+
+
+def _malformed_json(instance: str, detail: str) -> Response:
+    problem = Problem(
+        type=problem_type("malformed_json"),
+        title=status_title(422),
+        status=422,
+        detail=detail,
+        instance=instance,
+        code="malformed_json",
+    )
+    return problem_response(problem)
+
+
+async def _http_exception_handler(request: Request, exc: Exception) -> Response:
+    """Starlette/FastAPI ``HTTPException``: unknown routes (404), wrong methods (405, keeping ``Allow``),
+    bodies FastAPI could not parse (400), and our body-size limit (413)."""
+    assert isinstance(exc, StarletteHTTPException)
+    instance = request.url.path
+    status = exc.status_code
+    headers = dict(exc.headers or {})
+    if status in (204, 304) or status < 400:
+        return Response(status_code=status, headers=headers)
+    # FastAPI turns any non-JSONDecodeError failure while decoding the body into a bare 400; a body that is
+    # not UTF-8 is malformed JSON to the client, whatever the decoder's internals.
+    if status == 400 and isinstance(exc.__cause__, UnicodeDecodeError):
+        return _malformed_json(instance, "The request body is not valid JSON: it is not UTF-8 encoded.")
+    title = status_title(status)
+    detail: str | None = exc.detail if isinstance(exc.detail, str) and exc.detail != title else None
+    if status == 404 and "route" not in request.scope:
+        detail = f"No resource at {instance}."
+    elif status == 405:
+        allowed = headers.get("Allow") or headers.get("allow")
+        detail = f"Method {request.method} is not allowed here" + (f"; use {allowed}." if allowed else ".")
+    problem = Problem(
+        type=problem_type(code_for_status(status)),
+        title=title,
+        status=status,
+        detail=detail,
+        instance=instance,
+        code=code_for_status(status),
+    )
+    return problem_response(problem, headers)
+
+
+async def _redis_unavailable_handler(request: Request, exc: Exception) -> Response:
+    """Redis down, loading its dataset, or too slow: the job store is unreachable, not our bug.
+
+    503 with ``Retry-After`` tells clients and load balancers this is transient; the exception text
+    (host, port) goes to the log only.
+    """
+    log.warning("redis unavailable", error_type=type(exc).__name__, error=str(exc))
+    problem = Problem(
+        type=problem_type("redis_unavailable"),
+        title=status_title(503),
+        status=503,
+        detail="The job store is temporarily unreachable; retry shortly.",
+        instance=request.url.path,
+        code="redis_unavailable",
+    )
+    return problem_response(problem, {"Retry-After": str(REDIS_RETRY_AFTER_S)})
+
+
+async def _internal_error_handler(request: Request, exc: Exception) -> Response:
+    """Last resort for any other exception: log the traceback, answer a generic 500.
+
+    Starlette calls this from its outermost ``ServerErrorMiddleware`` and then re-raises, so the server
+    logs it as well; ``RequestContextMiddleware`` normally answers first (with the request id bound) and
+    marks the exception as logged, in which case it is not logged again here.
+    """
+    if not was_logged(exc):
+        log.error("unhandled exception", exc_info=exc, path=request.url.path)
+        mark_logged(exc)
+    return problem_response(internal_error_problem(request.url.path))
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register every handler on ``app`` and make its OpenAPI document problem+json error bodies.
+
+    Call once in the app factory. Order of registration does not matter: Starlette picks the handler
+    of the closest class in the exception's MRO, and the ``Exception`` one only runs at the very edge.
+    """
+    app.add_exception_handler(ApiError, _api_error_handler)
+    app.add_exception_handler(RequestValidationError, _validation_handler)
+    app.add_exception_handler(StarletteHTTPException, _http_exception_handler)
+    for redis_error in (
+        redis.exceptions.ConnectionError,  # BusyLoadingError is a subclass, registered for clarity
+        redis.exceptions.BusyLoadingError,
+        redis.exceptions.TimeoutError,
+    ):
+        app.add_exception_handler(redis_error, _redis_unavailable_handler)
+    app.add_exception_handler(Exception, _internal_error_handler)
+    app.openapi = _problem_json_openapi(app.openapi)  # type: ignore[method-assign]
+
+
+# --- OpenAPI -----------------------------------------------------------------------------------------------
+
+
+def _problem_entry(description: str) -> dict[str, Any]:
+    # "model" makes FastAPI register the Problem schema (under application/json); the empty
+    # problem+json entry marks it for _problem_json_openapi to move the schema to the right media type.
+    return {"model": Problem, "description": description, "content": {PROBLEM_CONTENT_TYPE: {}}}
+
+
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` entries for route-specific error statuses, e.g. ``problem_responses(404, 409)``."""
+    return {status: _problem_entry(status_title(status)) for status in statuses}
+
+
+PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
+    422: _problem_entry("Validation error (`validation_error`, `malformed_json`) or a rule violation."),
+    "4XX": _problem_entry("Client error, as RFC 9457 problem details."),
+    "5XX": _problem_entry("Server error, as RFC 9457 problem details (503 carries Retry-After)."),
+}
+"""Declare on routers or routes (``APIRouter(responses=PROBLEM_RESPONSES)``): documents the problem+json
+body for every 4xx/5xx and replaces FastAPI's default ``HTTPValidationError`` 422, which we never send."""
+
+
+def _problem_json_openapi(generate: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
+    """Wrap ``app.openapi`` so error responses declare ``application/problem+json`` only.
+
+    FastAPI puts a response ``model`` under the route's media type (``application/json``): for each
+    response that also names problem+json without a schema, the schema moves there. FastAPI's default
+    422 (``HTTPValidationError``, on routes that did not declare ``PROBLEM_RESPONSES``) describes a body
+    we never send, so it is replaced by the Problem schema too. Idempotent, so FastAPI's own caching of
+    the document is unaffected.
+    """
+    problem_ref = {"$ref": "#/components/schemas/Problem"}
+    default_422_ref = {"$ref": "#/components/schemas/HTTPValidationError"}
+
+    def openapi() -> dict[str, Any]:
+        document = generate()
+        replaced_default = False
+        for path_item in document.get("paths", {}).values():
+            for operation in path_item.values():
+                if not isinstance(operation, dict):
+                    continue
+                for status, response in operation.get("responses", {}).items():
+                    content = response.get("content") or {}
+                    problem = content.get(PROBLEM_CONTENT_TYPE)
+                    if problem is not None and "schema" not in problem and "application/json" in content:
+                        problem["schema"] = content.pop("application/json")["schema"]
+                    elif (
+                        status == "422"
+                        and content.get("application/json", {}).get("schema") == default_422_ref
+                    ):
+                        response["content"] = {PROBLEM_CONTENT_TYPE: {"schema": dict(problem_ref)}}
+                        replaced_default = True
+        if replaced_default:
+            schemas = document.setdefault("components", {}).setdefault("schemas", {})
+            if "Problem" not in schemas:
+                schema = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
+                schemas.update(schema.pop("$defs", {}))
+                schemas["Problem"] = schema
+            for name in ("HTTPValidationError", "ValidationError"):  # the second is used by the first
+                if f'"#/components/schemas/{name}"' not in json.dumps(document):
+                    schemas.pop(name, None)
+        return document
+
+    return openapi

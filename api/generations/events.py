@@ -1,0 +1,82 @@
+"""Following a job's event stream without holding a thread: SSE and ``Prefer: wait``.
+
+Every status change and progress write is appended to the job's Redis stream (see services/jobs.py), so a
+reader first replays what it missed and then blocks on XREAD for more — nothing can slip between "read
+the state" and "subscribe", and a reconnecting SSE client resumes from ``Last-Event-ID``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, cast
+
+import redis.asyncio as aredis
+
+from schemas.jobs import TERMINAL_STATUSES
+from services.jobs import decode_event, events_key
+
+_BLOCK_MS = 5_000
+_PING_EVERY_S = 15.0
+_TERMINAL = {status.value for status in TERMINAL_STATUSES}
+
+
+def is_terminal_event(event: dict[str, Any]) -> bool:
+    return event["type"] == "status" and event["data"].get("status") in _TERMINAL
+
+
+async def read_events(
+    redis: aredis.Redis, job_id: str, last_id: str, block_ms: int
+) -> list[tuple[str, dict[str, Any]]]:
+    """Events after ``last_id``, waiting up to ``block_ms`` for the first one."""
+    reply = await redis.xread({events_key(job_id): last_id}, block=block_ms, count=100)
+    if not reply:
+        return []
+    _, entries = cast(list[Any], reply)[0]
+    return [(entry_id.decode(), decode_event(values)) for entry_id, values in entries]
+
+
+async def wait_until_finished(redis: aredis.Redis, job_id: str, timeout_s: float) -> bool:
+    """True as soon as the job reaches a terminal state, False if ``timeout_s`` passes first."""
+    deadline = time.monotonic() + timeout_s
+    last_id = "0-0"
+    while (remaining := deadline - time.monotonic()) > 0:
+        events = await read_events(redis, job_id, last_id, block_ms=max(1, int(remaining * 1000)))
+        for entry_id, event in events:
+            last_id = entry_id
+            if is_terminal_event(event):
+                return True
+    return False
+
+
+def sse_message(event: str, data: Any, event_id: str | None = None) -> bytes:
+    lines = [f"id: {event_id}"] if event_id else []
+    lines.append(f"event: {event}")
+    lines += [f"data: {line}" for line in json.dumps(data, separators=(",", ":")).splitlines()]
+    return ("\n".join(lines) + "\n\n").encode()
+
+
+async def sse_stream(
+    redis: aredis.Redis,
+    job_id: str,
+    last_id: str,
+    final_job: Callable[[], Awaitable[dict[str, Any]]],
+    is_disconnected: Callable[[], Awaitable[bool]],
+) -> AsyncIterator[bytes]:
+    """``status`` and ``progress`` events as they happen, then one ``job`` event with the final job."""
+    yield b"retry: 2000\n\n"
+    last_ping = time.monotonic()
+    while not await is_disconnected():
+        events = await read_events(redis, job_id, last_id, block_ms=_BLOCK_MS)
+        for entry_id, event in events:
+            last_id = entry_id
+            yield sse_message(event["type"], event["data"], entry_id)
+            if is_terminal_event(event):
+                yield sse_message("job", await final_job(), entry_id)
+                return
+        if time.monotonic() - last_ping >= _PING_EVERY_S:
+            yield b": ping\n\n"
+            last_ping = time.monotonic()
+        await asyncio.sleep(0)

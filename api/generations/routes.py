@@ -1,0 +1,100 @@
+"""``/v1/generations``: submit, read, cancel, and follow generation jobs."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from api.deps import StateDep
+from api.errors import PROBLEM_RESPONSES
+from api.generations import service
+from api.generations.events import sse_stream, wait_until_finished
+from api.generations.prefer import preferred_wait
+from schemas.jobs import CreateGeneration, Job
+
+router = APIRouter(prefix="/v1/generations", tags=["generations"], responses=PROBLEM_RESPONSES)
+
+
+def _job_response(job: Job, status_code: int, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(job.model_dump(mode="json"), status_code=status_code, headers=headers)
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=Job,
+    summary="Submit a generation job",
+    responses={200: {"model": Job, "description": "Finished within the 'Prefer: wait' time."}},
+)
+async def create_generation(
+    body: CreateGeneration,
+    state: StateDep,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+    prefer: Annotated[str | None, Header()] = None,
+) -> JSONResponse:
+    """Validate and queue a job; answers 202 with the job and its ``Location``.
+
+    ``Idempotency-Key``: the same key with the same body returns the same job; with another body, 422.
+    ``Prefer: wait=N`` (N ≤ 60): answer 200 with the finished job if it ends within N seconds.
+    """
+    submission = await run_in_threadpool(service.submit, state, body, idempotency_key)
+    headers = {"Location": f"/v1/generations/{submission.job_id}"}
+    wait_s = preferred_wait(prefer, state.settings.max_wait.total_seconds())
+    if wait_s > 0:
+        headers["Preference-Applied"] = f"wait={int(wait_s)}"
+        await wait_until_finished(state.redis_async, submission.job_id, wait_s)
+    job = await run_in_threadpool(service.view, state, submission.job_id)
+    return _job_response(job, 200 if job.status.is_terminal and wait_s > 0 else 202, headers)
+
+
+@router.get("/{job_id}", response_model=Job, summary="Read a job")
+async def get_generation(job_id: str, state: StateDep) -> JSONResponse:
+    """The job with image URLs signed now (they expire; read again for fresh ones)."""
+    return _job_response(await run_in_threadpool(service.view, state, job_id), 200)
+
+
+@router.post(
+    "/{job_id}/cancel",
+    response_model=Job,
+    summary="Cancel a job",
+    responses={202: {"model": Job, "description": "Running: it stops at the next denoising step."}},
+)
+async def cancel_generation(job_id: str, state: StateDep) -> JSONResponse:
+    """Queued → canceled at once (200). Running → interrupted at the next step (202). Finished → 409."""
+    job = await run_in_threadpool(service.cancel, state, job_id)
+    return _job_response(job, 200 if job.status.is_terminal else 202)
+
+
+@router.get(
+    "/{job_id}/events",
+    summary="Follow a job (Server-Sent Events)",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "status, progress, then job."}},
+)
+async def generation_events(
+    job_id: str,
+    request: Request,
+    state: StateDep,
+    last_event_id: Annotated[str | None, Header()] = None,
+) -> Response:
+    """``status`` and ``progress`` events as they happen, then a ``job`` event with the final job; closes."""
+    await run_in_threadpool(service.load, state, job_id)  # 404 before the stream starts
+
+    async def final_job() -> dict[str, Any]:
+        job = await run_in_threadpool(service.view, state, job_id)
+        return job.model_dump(mode="json")
+
+    resume_from = last_event_id if last_event_id and _is_stream_id(last_event_id) else "0-0"
+    return StreamingResponse(
+        sse_stream(state.redis_async, job_id, resume_from, final_job, request.is_disconnected),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+def _is_stream_id(value: str) -> bool:
+    first, _, second = value.partition("-")
+    return first.isdigit() and (second == "" or second.isdigit()) and len(value) < 64

@@ -1,0 +1,44 @@
+"""Probes and metrics: ``/healthz`` (alive), ``/readyz`` (Redis reachable), ``/metrics`` (Prometheus)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Response
+from fastapi.concurrency import run_in_threadpool
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from api.deps import StateDep
+from api.errors import PROBLEM_RESPONSES, ServiceUnavailable
+from services import metrics
+
+router = APIRouter(tags=["health"])
+_READY_TIMEOUT_S = 2.0
+
+
+@router.get("/healthz", summary="Liveness: the process answers")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", summary="Readiness: Redis answers", responses=PROBLEM_RESPONSES)
+async def readyz(state: StateDep) -> dict[str, str]:
+    try:
+        await asyncio.wait_for(state.redis_async.ping(), timeout=_READY_TIMEOUT_S)
+    except Exception:
+        raise ServiceUnavailable(code="redis_unavailable", detail="Redis is not reachable") from None
+    return {"status": "ready"}
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def prometheus_metrics(state: StateDep) -> Response:
+    def refresh_queue_depths() -> None:
+        redis = state.clients.redis
+        for queue in (state.queue, state.webhook_queue):
+            metrics.QUEUE_DEPTH.labels(queue.name).set(int(redis.llen(queue.key)))
+
+    try:
+        await run_in_threadpool(refresh_queue_depths)
+    except Exception:  # metrics must still be served while Redis is down
+        pass
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,70 @@
+"""The API app: ``uvicorn api.main:app``.
+
+Thin by design — validate, enqueue, read — and it never imports torch: work reaches the GPU workers only
+as a dotted task path on the queue.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import redis.asyncio as aredis
+from fastapi import FastAPI
+
+from api import files, health
+from api.errors import install_error_handlers
+from api.generations.routes import router as generations_router
+from api.middleware import BodySizeLimitMiddleware, MetricsMiddleware, RequestContextMiddleware
+from api.state import AppState
+from services.clients import build_clients
+from services.logging import configure_logging
+from services.queue import generation_queue, webhook_queue
+from services.settings import Settings, get_settings
+
+# JSON bodies carry at most an init image (10 MB decoded, ~13.4 MB as base64) plus the prompt.
+MAX_BODY_BYTES = 15 * 1024 * 1024
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app; ``settings`` defaults to the environment (tests pass their own)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        resolved = settings or get_settings()
+        configure_logging(resolved.environment)
+        clients = build_clients(resolved)
+        redis_async = aredis.Redis.from_url(
+            resolved.redis_url, socket_connect_timeout=2, socket_timeout=None, health_check_interval=30
+        )
+        app.state.darkroom = AppState(
+            settings=resolved,
+            clients=clients,
+            redis_async=redis_async,
+            queue=generation_queue(clients.redis, resolved),
+            webhook_queue=webhook_queue(clients.redis, resolved),
+        )
+        try:
+            yield
+        finally:
+            await redis_async.aclose()
+            clients.close()
+
+    app = FastAPI(
+        title="darkroom",
+        version="0.1.0",
+        summary="Self-hosted Stable Diffusion 3.5 Medium text-to-image service.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.include_router(generations_router)
+    app.include_router(files.router)
+    app.include_router(health.router)
+    # Outermost first on the way in: request id and logging see everything, metrics see the route.
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=MAX_BODY_BYTES)
+    app.add_middleware(MetricsMiddleware)
+    app.add_middleware(RequestContextMiddleware)
+    return app
+
+
+app = create_app()

@@ -1,0 +1,117 @@
+"""The job as clients see it: status, progress, the normalised request, images with fresh URLs, errors.
+
+Stored form and public form differ on purpose: the store keeps object *keys*, this view carries URLs signed
+at the moment of reading (they expire), and a queued job's position is computed from the queue on read.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
+
+from schemas.generation import GenerationRequest
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL_STATUSES
+
+
+TERMINAL_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED})
+
+WebhookEvent = Literal["started", "progress", "completed"]
+
+
+class CreateGeneration(GenerationRequest):
+    """The body of ``POST /v1/generations``: a generation request plus where to report it."""
+
+    webhook_url: AnyHttpUrl | None = Field(
+        None, description="Where to POST signed (Standard Webhooks) events about this job."
+    )
+    webhook_events: list[WebhookEvent] = Field(
+        default_factory=lambda: list[WebhookEvent](["completed"]),
+        min_length=1,
+        description="Which events to deliver: started, progress, completed (default: completed only).",
+    )
+
+    @field_validator("webhook_events")
+    @classmethod
+    def _unique_events(cls, events: list[WebhookEvent]) -> list[WebhookEvent]:
+        return sorted(set(events), key=events.index)
+
+    def generation_request(self) -> GenerationRequest:
+        return GenerationRequest.model_validate(
+            self.model_dump(exclude={"webhook_url", "webhook_events"}, exclude_unset=True)
+        )
+
+
+class Progress(BaseModel):
+    step: int = Field(ge=0)
+    total: int = Field(ge=0)
+
+
+class ImageResult(BaseModel):
+    url: str = Field(description="Signed, expiring URL; a fresh one is issued on every read.")
+    seed: int
+    width: int
+    height: int
+    content_type: str
+    sha256: str
+
+
+class JobError(BaseModel):
+    type: str = Field(description="Stable machine code, e.g. out_of_memory, storage_unavailable, canceled.")
+    message: str
+
+
+class WebhookAttempt(BaseModel):
+    at: datetime
+    attempt: int
+    status_code: int | None = None
+    error: str | None = None
+    duration_ms: float
+
+
+class WebhookDelivery(BaseModel):
+    event: str = Field(description="generation.started, generation.progress, generation.succeeded, ...")
+    msg_id: str
+    state: Literal["pending", "delivered", "failed", "gone"]
+    attempts: list[WebhookAttempt] = Field(default_factory=list)
+
+
+class WebhookStatus(BaseModel):
+    url: str
+    events: list[WebhookEvent]
+    deliveries: list[WebhookDelivery] = Field(default_factory=list)
+
+
+class Job(BaseModel):
+    model_config = ConfigDict(use_enum_values=False)
+
+    id: str
+    status: JobStatus
+    queue_position: int | None = Field(None, description="While queued: 1 = next to run.")
+    progress: Progress | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    request: GenerationRequest = Field(
+        description="The normalised request, with the seed and size actually used. init_image is omitted; "
+        "see init_image_url."
+    )
+    init_image_url: str | None = None
+    images: list[ImageResult] = Field(default_factory=list)
+    warnings: list[str] = Field(default_factory=list)
+    token_counts: dict[str, dict[str, int | None]] | None = None
+    error: JobError | None = None
+    webhook: WebhookStatus | None = None

@@ -1,0 +1,173 @@
+"""The long-lived clients a darkroom process talks to the world through: Redis, the job store, storage,
+and the outbound webhook HTTP client.
+
+Why one small container instead of module globals: nothing may connect at import time (tests, the API
+factory and forking RQ workers all import modules long before they should touch the network), and every
+process — API lifespan, GPU worker, webhook worker — needs the same set built the same way from
+``Settings``. Each client is created on first use, so a process only opens what it actually uses (the API
+never needs the webhook client, the webhook worker never uploads), and ``close()`` releases exactly what
+was opened.
+
+``process_clients()`` is the per-process instance for code that RQ calls by dotted path (tasks cannot be
+handed arguments other than their JSON job arguments). It is rebuilt after a fork, because sockets
+inherited from a parent must not be shared with it.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
+
+import httpx
+from redis import Redis
+
+from services.jobs import JobStore
+from services.settings import Settings, get_settings
+from services.storage import RetryPolicy, Storage, storage_from_url
+from services.webhooks.delivery import make_webhook_client
+
+#: Where processes without ``DARKROOM_URL_SIGNING_KEY`` agree on one (see ``shared_url_signing_key``).
+URL_SIGNING_KEY = "darkroom:url-signing-key"
+#: Base of ``file://`` download URLs when ``DARKROOM_PUBLIC_URL`` is unset: the API's default bind address.
+DEFAULT_PUBLIC_URL = "http://127.0.0.1:8000"
+#: Route under which the API serves ``file://`` objects; the storage appends the object key.
+FILES_PATH = "/v1/files/"
+
+T = TypeVar("T")
+
+
+def shared_url_signing_key(redis: Redis, settings: Settings) -> bytes:
+    """The HMAC key for ``file://`` download URLs, identical in every process.
+
+    Why: the GPU and webhook workers sign URLs that the API later verifies, so all of them must hold the
+    same key. An operator-set ``DARKROOM_URL_SIGNING_KEY`` wins; otherwise the first process to ask stores a
+    random key in Redis (``SET NX``: concurrent starters cannot each mint their own) and everyone reads that
+    one back. The key is not given an expiry: losing it only invalidates outstanding URLs, which expire
+    within ``url_expiry`` anyway, but a process that cached the old key keeps signing with it until it
+    restarts — production deployments should set the variable.
+    """
+    if settings.url_signing_key is not None:
+        return settings.url_signing_key.get_secret_value().encode()
+    redis.set(URL_SIGNING_KEY, secrets.token_hex(32), nx=True)
+    key = redis.get(URL_SIGNING_KEY)
+    if not key:  # deleted between SET and GET (a FLUSHALL): one more round settles it
+        redis.set(URL_SIGNING_KEY, secrets.token_hex(32), nx=True)
+        key = redis.get(URL_SIGNING_KEY)
+    if not key:
+        raise RuntimeError(f"could not store or read the URL signing key at {URL_SIGNING_KEY!r} in Redis")
+    return cast(bytes, key)
+
+
+def public_files_url(settings: Settings) -> str:
+    """Absolute base URL for ``file://`` objects, as clients (and webhook receivers) must fetch them."""
+    return (settings.public_url or DEFAULT_PUBLIC_URL).rstrip("/") + FILES_PATH
+
+
+class ServiceClients:
+    """Lazily built clients for one process. Thread-safe: each client is created once, under a lock.
+
+    ``storage_put_retry`` wraps uploads in ``RetryingStorage`` (the GPU worker wants it; readers do not).
+    """
+
+    def __init__(self, settings: Settings, *, storage_put_retry: RetryPolicy | None = None) -> None:
+        self.settings = settings
+        self._storage_put_retry = storage_put_retry
+        self._lock = threading.RLock()  # re-entrant: building the storage needs the Redis client
+        self._built: dict[str, Any] = {}
+        self._closed = False
+
+    def _get(self, name: str, factory: Callable[[], T]) -> T:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("these service clients are closed")
+            if name not in self._built:
+                self._built[name] = factory()
+            return cast(T, self._built[name])
+
+    @property
+    def redis(self) -> Redis:
+        """Sync, bytes-mode client (like RQ's own connection), so it can be handed to RQ as is."""
+        return self._get("redis", lambda: Redis.from_url(self.settings.redis_url))
+
+    @property
+    def store(self) -> JobStore:
+        return self._get("store", lambda: JobStore(self.redis, self.settings.job_retention))
+
+    @property
+    def storage(self) -> Storage:
+        return self._get("storage", self._build_storage)
+
+    @property
+    def webhook_client(self) -> httpx.Client:
+        """The only httpx client allowed to call receivers (no redirects, no env proxies, pinned IPs)."""
+        return self._get(
+            "webhook_client", lambda: make_webhook_client(self.settings.webhook_timeout.total_seconds())
+        )
+
+    def _build_storage(self) -> Storage:
+        s = self.settings
+        is_file = s.storage_url.startswith("file:")
+        return storage_from_url(
+            s.storage_url,
+            s3_endpoint_url=s.s3_endpoint_url,
+            s3_public_endpoint_url=s.s3_public_endpoint_url,
+            s3_region=s.s3_region,
+            public_base_url=public_files_url(s) if is_file else None,
+            # Only file:// URLs are signed by us; asking Redis otherwise would add a needless dependency.
+            file_signing_key=shared_url_signing_key(self.redis, s) if is_file else None,
+            put_retry=self._storage_put_retry,
+        )
+
+    def close(self) -> None:
+        """Release whatever was opened, newest first; idempotent. Errors in one do not skip the others."""
+        with self._lock:
+            self._closed = True
+            built, self._built = self._built, {}
+        errors: list[BaseException] = []
+        for name in ("webhook_client", "storage", "store", "redis"):
+            client = built.get(name)
+            if client is None or name == "store":  # the store only borrows the Redis client
+                continue
+            try:
+                client.close()
+            except Exception as exc:  # keep closing the rest, report the first
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+
+def build_clients(settings: Settings, *, storage_put_retry: RetryPolicy | None = None) -> ServiceClients:
+    """Clients for ``settings``; nothing connects until a client is first used."""
+    return ServiceClients(settings, storage_put_retry=storage_put_retry)
+
+
+_process_lock = threading.Lock()
+_process: tuple[int, ServiceClients] | None = None
+
+
+def process_clients() -> ServiceClients:
+    """This process's clients, built from ``get_settings()`` on first call (and again after a fork)."""
+    global _process
+    with _process_lock:
+        if _process is None or _process[0] != os.getpid():
+            _process = (os.getpid(), build_clients(get_settings()))
+        return _process[1]
+
+
+def set_process_clients(clients: ServiceClients) -> None:
+    """Make ``clients`` this process's instance (an entrypoint that built them itself, or a test)."""
+    global _process
+    with _process_lock:
+        _process = (os.getpid(), clients)
+
+
+def close_process_clients() -> None:
+    """Close and forget this process's clients, if any were built here; for shutdown."""
+    global _process
+    with _process_lock:
+        current, _process = _process, None
+    if current is not None and current[0] == os.getpid():
+        current[1].close()

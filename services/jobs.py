@@ -1,0 +1,243 @@
+"""The job store: one Redis hash per job, an event stream beside it, status changes made atomically.
+
+The API, the GPU worker and the webhook worker all write to the same job. Status transitions therefore run
+as one Lua script that checks the current status first — so "cancel a queued job" and "worker starts the
+job" can race and exactly one wins — and append the change to the job's Redis stream in the same step, so
+SSE readers and ``Prefer: wait`` never miss a transition and can resume from the last event id.
+
+Keys (all expire after ``job_retention``):
+- ``darkroom:job:{id}``           hash: status, timestamps, request, results (JSON values)
+- ``darkroom:job:{id}:events``    stream: {type: status|progress, data: JSON}
+- ``darkroom:job:{id}:webhooks``  hash: msg_id -> JSON delivery record (event, state, attempts)
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
+
+from redis import Redis
+
+from schemas.jobs import JobStatus
+
+KEY_PREFIX = "darkroom:job:"
+EVENTS_MAXLEN = 2000
+
+_TRANSITION = """
+local current = redis.call('HGET', KEYS[1], 'status')
+if not current then return {0, ''} end
+local allowed = false
+for status in string.gmatch(ARGV[2], '[^,]+') do
+  if status == current then allowed = true end
+end
+if not allowed then return {0, current} end
+redis.call('HSET', KEYS[1], 'status', ARGV[1])
+for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'type', 'status', 'data', ARGV[3])
+return {1, current}
+"""
+
+
+def job_key(job_id: str) -> str:
+    return f"{KEY_PREFIX}{job_id}"
+
+
+def events_key(job_id: str) -> str:
+    return f"{KEY_PREFIX}{job_id}:events"
+
+
+def webhooks_key(job_id: str) -> str:
+    return f"{KEY_PREFIX}{job_id}:webhooks"
+
+
+def new_job_id() -> str:
+    return "gen_" + secrets.token_hex(16)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class JobRecord:
+    """A job as stored: keys, not URLs. ``request`` is the normalised request without the init image."""
+
+    id: str
+    status: JobStatus
+    created_at: datetime
+    request: dict[str, Any]
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    progress: dict[str, int] | None = None
+    images: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    token_counts: dict[str, Any] | None = None
+    error: dict[str, str] | None = None
+    webhook: dict[str, Any] | None = None
+    init_image_key: str | None = None
+    cancel_requested: bool = False
+    worker: str | None = None
+    timings: dict[str, float] | None = None
+
+    @classmethod
+    def from_hash(cls, job_id: str, raw: Mapping[bytes, bytes]) -> JobRecord:
+        data = {key.decode(): value.decode() for key, value in raw.items()}
+
+        def loads(name: str) -> Any:
+            return json.loads(data[name]) if data.get(name) else None
+
+        def when(name: str) -> datetime | None:
+            return datetime.fromisoformat(data[name]) if data.get(name) else None
+
+        return cls(
+            id=job_id,
+            status=JobStatus(data["status"]),
+            created_at=datetime.fromisoformat(data["created_at"]),
+            request=loads("request"),
+            started_at=when("started_at"),
+            completed_at=when("completed_at"),
+            progress=loads("progress"),
+            images=loads("images") or [],
+            warnings=loads("warnings") or [],
+            token_counts=loads("token_counts"),
+            error=loads("error"),
+            webhook=loads("webhook"),
+            init_image_key=data.get("init_image_key") or None,
+            cancel_requested=data.get("cancel_requested") == "1",
+            worker=data.get("worker") or None,
+            timings=loads("timings"),
+        )
+
+
+def _encode_fields(fields: Mapping[str, Any]) -> dict[str, str]:
+    """Hash values: datetimes as ISO strings, strings as is, everything else as JSON."""
+    encoded = {}
+    for name, value in fields.items():
+        if isinstance(value, datetime):
+            encoded[name] = value.isoformat()
+        elif isinstance(value, str):
+            encoded[name] = value
+        else:
+            encoded[name] = json.dumps(value)
+    return encoded
+
+
+@dataclass(frozen=True)
+class Transition:
+    """Outcome of a status change attempt: whether it happened and what the status was before."""
+
+    applied: bool
+    previous: JobStatus | None
+
+
+class JobStore:
+    """Reads and writes job records. Thread-safe (redis-py pools connections); no job logic lives here."""
+
+    def __init__(self, redis: Redis, retention: timedelta) -> None:
+        self.redis = redis
+        self.retention_s = max(1, int(retention.total_seconds()))
+        self._transition = redis.register_script(_TRANSITION)
+
+    def create(self, record: JobRecord, extra_keys_ttl: Iterable[str] = ()) -> None:
+        fields = _encode_fields(
+            {
+                "status": record.status.value,
+                "created_at": record.created_at,
+                "request": record.request,
+                **({"webhook": record.webhook} if record.webhook else {}),
+                **({"init_image_key": record.init_image_key} if record.init_image_key else {}),
+            }
+        )
+        with self.redis.pipeline() as pipe:
+            pipe.hset(job_key(record.id), mapping=cast(Any, fields))
+            pipe.expire(job_key(record.id), self.retention_s)
+            event = json.dumps({"status": record.status.value, "at": record.created_at.isoformat()})
+            pipe.xadd(events_key(record.id), {"type": "status", "data": event}, maxlen=EVENTS_MAXLEN)
+            pipe.expire(events_key(record.id), self.retention_s)
+            for key in extra_keys_ttl:
+                pipe.expire(key, self.retention_s)
+            pipe.execute()
+
+    def get(self, job_id: str) -> JobRecord | None:
+        raw = cast(Mapping[bytes, bytes], self.redis.hgetall(job_key(job_id)))
+        return JobRecord.from_hash(job_id, raw) if raw else None
+
+    def exists(self, job_id: str) -> bool:
+        return bool(self.redis.exists(job_key(job_id)))
+
+    def transition(
+        self,
+        job_id: str,
+        to: JobStatus,
+        *,
+        allowed_from: Iterable[JobStatus],
+        fields: Mapping[str, Any] | None = None,
+        at: datetime | None = None,
+    ) -> Transition:
+        """Set ``to`` if the job is currently in ``allowed_from``; write ``fields`` and an event with it."""
+        moment = at or utcnow()
+        event = json.dumps({"status": to.value, "at": moment.isoformat()})
+        args: list[str] = [to.value, ",".join(s.value for s in allowed_from), event, str(EVENTS_MAXLEN)]
+        for name, value in _encode_fields(fields or {}).items():
+            args += [name, value]
+        applied, previous = self._transition(keys=[job_key(job_id), events_key(job_id)], args=args)
+        previous_status = JobStatus(previous.decode()) if previous else None
+        return Transition(applied=bool(applied), previous=previous_status)
+
+    def set_progress(self, job_id: str, step: int, total: int) -> None:
+        progress = json.dumps({"step": step, "total": total})
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(job_key(job_id), "progress", progress)
+            pipe.xadd(events_key(job_id), {"type": "progress", "data": progress}, maxlen=EVENTS_MAXLEN)
+            pipe.execute()
+
+    def set_fields(self, job_id: str, fields: Mapping[str, Any]) -> None:
+        if fields:
+            self.redis.hset(job_key(job_id), mapping=cast(Any, _encode_fields(fields)))
+
+    def request_cancel(self, job_id: str) -> None:
+        self.redis.hset(job_key(job_id), "cancel_requested", "1")
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return self.redis.hget(job_key(job_id), "cancel_requested") == b"1"
+
+    def touch_terminal(self, job_id: str) -> None:
+        """Restart the retention clock when a job ends, so results stay readable for the full period."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for key in (job_key(job_id), events_key(job_id), webhooks_key(job_id)):
+                pipe.expire(key, self.retention_s)
+            pipe.execute()
+
+    # --- webhook delivery records ------------------------------------------------------------------------
+
+    def put_delivery(self, job_id: str, msg_id: str, delivery: Mapping[str, Any]) -> None:
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(webhooks_key(job_id), msg_id, json.dumps(delivery, default=str))
+            pipe.expire(webhooks_key(job_id), self.retention_s)
+            pipe.execute()
+
+    def get_delivery(self, job_id: str, msg_id: str) -> dict[str, Any] | None:
+        raw = self.redis.hget(webhooks_key(job_id), msg_id)
+        return json.loads(cast(bytes, raw)) if raw else None
+
+    def deliveries(self, job_id: str) -> list[dict[str, Any]]:
+        raw = cast(Mapping[bytes, bytes], self.redis.hgetall(webhooks_key(job_id)))
+        records = [json.loads(value) for value in raw.values()]
+        return sorted(records, key=lambda record: record.get("created_at", ""))
+
+    # --- events ------------------------------------------------------------------------------------------
+
+    def events_since(
+        self, job_id: str, last_id: str = "0-0", count: int = 500
+    ) -> list[tuple[str, dict[str, Any]]]:
+        entries = cast(list[Any], self.redis.xrange(events_key(job_id), min=f"({last_id}", count=count))
+        return [(entry_id.decode(), decode_event(values)) for entry_id, values in entries]
+
+
+def decode_event(values: Mapping[bytes, bytes]) -> dict[str, Any]:
+    """A stream entry as {type, data}; shared by the sync store and the API's async stream reader."""
+    return {"type": values[b"type"].decode(), "data": json.loads(values[b"data"])}

@@ -1,0 +1,51 @@
+"""RQ plumbing shared by the API (enqueue, position, cancel) and the workers (queues to listen on).
+
+Jobs are enqueued by dotted path with the JSON serializer: the API never imports the worker's code (so
+never torch), and nothing in Redis is a pickle.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from redis import Redis
+from rq import Queue
+from rq.job import Job
+from rq.serializers import JSONSerializer
+
+from services.settings import Settings
+
+GENERATION_TASK = "worker.tasks.run_generation"
+WEBHOOK_TASK = "services.webhooks.tasks.deliver_webhook"
+
+
+def generation_queue(redis: Redis, settings: Settings) -> Queue:
+    return Queue(settings.queue_name, connection=redis, serializer=JSONSerializer)
+
+
+def webhook_queue(redis: Redis, settings: Settings) -> Queue:
+    return Queue(settings.webhook_queue_name, connection=redis, serializer=JSONSerializer)
+
+
+def enqueue_generation(queue: Queue, job_id: str, settings: Settings) -> Job:
+    """Put the job on the GPU queue; RQ's job id is our job id, so either can find the other."""
+    return queue.enqueue(
+        GENERATION_TASK,
+        job_id,
+        job_id=job_id,
+        job_timeout=int(settings.job_timeout.total_seconds()),
+        result_ttl=int(settings.result_ttl.total_seconds()),
+        failure_ttl=int(settings.failure_ttl.total_seconds()),
+        description=f"generation {job_id}",
+    )
+
+
+def queue_position(redis: Redis, queue: Queue, job_id: str) -> int | None:
+    """1-based place in line (1 = next to run), or None when the job is not waiting in the queue."""
+    index: Any = redis.lpos(queue.key, job_id)
+    return None if index is None else int(index) + 1
+
+
+def remove_from_queue(redis: Redis, queue: Queue, job_id: str) -> bool:
+    """Take a waiting job out of the list so no worker dequeues it; True if it was there."""
+    return bool(redis.lrem(queue.key, 0, job_id))

@@ -1,0 +1,214 @@
+"""The webhook RQ task: one delivery attempt per task execution, re-enqueued with backoff until done.
+
+Why one attempt per task rather than the blocking ``deliver`` loop: a receiver that is down for an hour
+must not pin a worker for an hour. Each attempt reads the job afresh, so the payload carries newly signed
+image URLs even when a retry happens long after the event (stored URLs would have expired).
+
+``deliver_webhook`` is the thin entry RQ calls by dotted path; it only gathers this process's clients and
+calls ``run_delivery_attempt``, a plain function that tests drive directly with their own context.
+
+Outcomes a receiver causes (errors, timeouts, 4xx/5xx, 410) are recorded on the delivery and end the task
+normally; an exception means trouble on our side (no signing secret, Redis down, a bug), so RQ keeps the
+task in its failed registry for an operator.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import httpx
+import structlog
+from rq import Queue
+
+from services.clients import ServiceClients, process_clients
+from services.job_views import render_job
+from services.jobs import JobRecord, JobStore
+from services.metrics import WEBHOOK_ATTEMPTS
+from services.queue import webhook_queue
+from services.settings import Settings
+from services.ssrf import Resolver, resolve_host
+from services.storage import Storage
+from services.webhooks.delivery import DeliveryAttempt, WebhookMessage, attempt_delivery, utcnow
+from services.webhooks.events import enqueue_attempt, task_timeout
+from services.webhooks.retry import RetryPolicy, Verdict, next_delay
+from services.webhooks.signing import decode_secret
+
+log = structlog.get_logger(__name__)
+
+# What ``run_delivery_attempt`` returns (RQ stores it as the task's result).
+DELIVERED = "delivered"
+RETRYING = "retrying"
+FAILED = "failed"
+GONE = "gone"
+SKIPPED = "skipped"
+
+
+class WebhookConfigError(RuntimeError):
+    """Webhooks cannot be sent because of our own configuration (e.g. no signing secret)."""
+
+
+@dataclass(frozen=True)
+class DeliveryContext:
+    """Everything one attempt needs, passed in so tests can swap clock, randomness and DNS."""
+
+    store: JobStore
+    storage: Storage
+    queue: Queue
+    client: httpx.Client
+    secret: str | None
+    policy: RetryPolicy
+    allow_private: bool
+    allow_http: bool
+    url_expiry: timedelta
+    task_timeout: timedelta
+    clock: Callable[[], datetime] = utcnow
+    rand: Callable[[], float] = random.random
+    resolver: Resolver = resolve_host
+
+    @classmethod
+    def from_clients(cls, clients: ServiceClients) -> DeliveryContext:
+        s: Settings = clients.settings
+        return cls(
+            store=clients.store,
+            storage=clients.storage,
+            queue=webhook_queue(clients.redis, s),
+            client=clients.webhook_client,
+            secret=s.webhook_secret.get_secret_value() if s.webhook_secret is not None else None,
+            policy=retry_policy(s),
+            allow_private=s.webhook_allow_private,
+            allow_http=s.webhook_allow_http,
+            url_expiry=s.url_expiry,
+            task_timeout=task_timeout(s.webhook_timeout),
+        )
+
+
+def retry_policy(settings: Settings) -> RetryPolicy:
+    """The backoff rules configured for this deployment."""
+    return RetryPolicy(
+        max_attempts=settings.webhook_max_attempts,
+        base_delay_s=settings.webhook_backoff_base.total_seconds(),
+        max_delay_s=settings.webhook_backoff_max.total_seconds(),
+    )
+
+
+def deliver_webhook(job_id: str, msg_id: str, attempt: int) -> str:
+    """RQ entry point (``services.queue.WEBHOOK_TASK``): attempt ``attempt`` of message ``msg_id``."""
+    return run_delivery_attempt(DeliveryContext.from_clients(process_clients()), job_id, msg_id, attempt)
+
+
+def build_payload(
+    record: JobRecord, event_type: str, timestamp: str, storage: Storage, expiry: timedelta
+) -> bytes:
+    """``{"type", "timestamp", "data": <the job as GET returns it>}`` as the exact bytes to sign and send.
+
+    ``data`` leaves out ``webhook.deliveries``: that bookkeeping describes the webhook itself, changes with
+    every attempt, and would already be stale when the receiver reads it.
+    """
+    job = render_job(record, storage, expiry)
+    body = {
+        "type": event_type,
+        "timestamp": timestamp,
+        "data": job.model_dump(mode="json", exclude={"webhook": {"deliveries"}}),
+    }
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def run_delivery_attempt(ctx: DeliveryContext, job_id: str, msg_id: str, attempt: int) -> str:
+    """Make attempt number ``attempt`` (1-based) for one message, record it, schedule the next if due.
+
+    Returns ``delivered``, ``retrying``, ``failed``, ``gone``, or ``skipped`` (the job or its delivery
+    record expired, or this attempt already happened: a re-run task must not send twice).
+    """
+    bound = log.bind(job_id=job_id, msg_id=msg_id, attempt=attempt)
+    delivery = ctx.store.get_delivery(job_id, msg_id)
+    record = ctx.store.get(job_id)
+    if delivery is None or record is None or not record.webhook:
+        bound.info("webhook.skipped", reason="job_or_delivery_expired")
+        return SKIPPED
+    if delivery.get("state") != "pending" or any(a["attempt"] >= attempt for a in delivery["attempts"]):
+        bound.info("webhook.skipped", reason="already_done", state=delivery.get("state"))
+        return SKIPPED
+
+    event_type: str = delivery["event"]
+    try:
+        secret = _usable_secret(ctx.secret)
+        payload = build_payload(record, event_type, delivery["created_at"], ctx.storage, ctx.url_expiry)
+    except Exception as exc:
+        # Our fault, not the receiver's: say so on the delivery (else it stays "pending" forever) and
+        # let RQ keep the failed task for an operator.
+        bound.exception("webhook.not_sent", event_type=event_type)
+        try:
+            _save(ctx, job_id, delivery, _not_sent(ctx, attempt, exc), "failed")
+        except Exception:
+            bound.exception("webhook.record_failed")
+        raise
+
+    message = WebhookMessage(url=record.webhook["url"], event_type=event_type, payload=payload, msg_id=msg_id)
+    result = attempt_delivery(
+        ctx.client,
+        message,
+        secret,
+        attempt,
+        allow_private=ctx.allow_private,
+        allow_http=ctx.allow_http,
+        clock=ctx.clock,
+        resolver=ctx.resolver,
+    )
+    delay = next_delay(attempt, result.outcome, ctx.policy, rand=ctx.rand, now=ctx.clock())
+    state = _STATES[result.verdict] if delay is None else "pending"
+    _save(ctx, job_id, delivery, result.record, state)
+    WEBHOOK_ATTEMPTS.labels(outcome=result.verdict.value).inc()
+    bound.info(
+        "webhook.attempt",
+        event_type=event_type,
+        status_code=result.record.status_code,
+        error=result.record.error,
+        verdict=result.verdict.value,
+        state=state,
+        next_in_s=None if delay is None else round(delay, 3),
+    )
+    if delay is not None:
+        enqueue_attempt(
+            ctx.queue, job_id, msg_id, attempt + 1, delay=timedelta(seconds=delay), timeout=ctx.task_timeout
+        )
+        return RETRYING
+    return {"delivered": DELIVERED, "gone": GONE}.get(state, FAILED)
+
+
+#: Delivery state once no further attempt is due. A retryable verdict only gets here out of attempts.
+_STATES = {
+    Verdict.DELIVERED: "delivered",
+    Verdict.GONE: "gone",
+    Verdict.FAILED: "failed",
+    Verdict.RETRY: "failed",
+}
+
+
+def _usable_secret(secret: str | None) -> str:
+    if secret is None:
+        raise WebhookConfigError("DARKROOM_WEBHOOK_SECRET is not set, so webhooks cannot be signed")
+    decode_secret(secret)  # ValueError now, rather than from inside attempt_delivery
+    return secret
+
+
+def _not_sent(ctx: DeliveryContext, attempt: int, exc: BaseException) -> DeliveryAttempt:
+    """An attempt entry for a message we could not even send, so users see why it failed."""
+    reason = "webhook signing is not configured" if isinstance(exc, WebhookConfigError) else "internal error"
+    return DeliveryAttempt(
+        at=ctx.clock(), attempt=attempt, status_code=None, error=f"not sent: {reason}", duration_ms=0.0
+    )
+
+
+def _save(
+    ctx: DeliveryContext, job_id: str, delivery: dict[str, Any], entry: DeliveryAttempt, state: str
+) -> None:
+    """Append ``entry`` and set ``state``. Read-modify-write is safe: a message's attempts run one after
+    another (each task enqueues the next), never concurrently."""
+    delivery["attempts"] = [*delivery["attempts"], entry.model_dump(mode="json")]
+    delivery["state"] = state
+    ctx.store.put_delivery(job_id, delivery["msg_id"], delivery)

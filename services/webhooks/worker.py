@@ -1,0 +1,65 @@
+"""The webhook worker process: an RQ worker on the webhook queue, with the scheduler that fires retries.
+
+Why ``SimpleWorker`` (tasks run in the worker process) rather than RQ's forking ``Worker``: a delivery
+attempt is a few milliseconds of our work around one bounded HTTP call, so a fork per task would cost more
+than the task, and would rebuild the Redis, storage and httpx clients every time. The usual reason to fork
+— isolating a heavy or leaky job, or keeping CUDA out of the parent — does not apply: this process never
+imports torch. The RQ ``job_timeout`` still bounds each task (SIGALRM in the main thread). Throughput comes
+from running more of these processes, not from forking.
+
+``with_scheduler=True`` is required: retries are enqueued with ``enqueue_in`` and only a scheduler moves
+them to the queue when due. With several workers, one holds the scheduler lock and the others stand by.
+
+SIGTERM is RQ's warm shutdown: an attempt in flight finishes and is recorded, then the process exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import structlog
+from prometheus_client import start_http_server
+from redis import Redis
+from rq import SimpleWorker
+from rq.serializers import JSONSerializer
+
+from services.clients import build_clients, close_process_clients, set_process_clients
+from services.logging import configure_logging
+from services.queue import webhook_queue
+from services.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+
+def setup_logging(settings: Settings) -> None:
+    """Darkroom's structured logs on stderr, minus httpx's per-request line: it would print every
+    receiver's URL, query string included, which is where some receivers put their token. Our own
+    ``webhook.attempt`` line says what happened without the URL."""
+    configure_logging(settings.environment)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def run_worker(settings: Settings, *, burst: bool = False) -> int:
+    """Work the webhook queue until SIGTERM/SIGINT (or, with ``burst``, until it is empty); exit status.
+
+    In burst mode the scheduler runs once at start: retries that are not yet due stay scheduled.
+    Call ``setup_logging`` first.
+    """
+    clients = build_clients(settings)
+    set_process_clients(clients)  # what ``deliver_webhook`` will use in this process
+    if settings.worker_metrics_port:
+        start_http_server(settings.worker_metrics_port)
+        log.info("metrics.listening", port=settings.worker_metrics_port)
+    # RQ gets its own connection: it raises the socket timeout for its blocking dequeue, which our store's
+    # ordinary commands should not inherit.
+    connection = Redis.from_url(settings.redis_url)
+    try:
+        worker = SimpleWorker(
+            [webhook_queue(connection, settings)], connection=connection, serializer=JSONSerializer
+        )
+        worker.work(burst=burst, with_scheduler=True, logging_level="INFO")
+    finally:
+        connection.close()
+        close_process_clients()
+    log.info("webhook_worker.stopped")
+    return 0

@@ -1,0 +1,251 @@
+"""The product end to end: real Redis, the API under uvicorn, a warm tiny-model worker, file storage.
+
+Every test talks HTTP to the running stack; jobs are small (512², a few steps) so the module stays fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import threading
+import time
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image
+from standardwebhooks.webhooks import Webhook
+
+from tests.fixtures.http_receiver import HttpReceiver
+from tests.fixtures.stack import TEST_WEBHOOK_SECRET, Stack
+
+SMALL: dict[str, Any] = {
+    "prompt": "a red fox in the snow",
+    "width": 512,
+    "height": 512,
+    "num_inference_steps": 4,
+}
+SLOW: dict[str, Any] = {**SMALL, "num_inference_steps": 100}  # long enough to be caught queued or running
+
+
+def submit(stack: Stack, body: dict[str, Any], **headers: str) -> httpx.Response:
+    with stack.client() as client:
+        return client.post("/v1/generations", json=body, headers=headers)
+
+
+def download(url: str) -> bytes:
+    response = httpx.get(url, timeout=10)
+    assert response.status_code == 200, response.text
+    return response.content
+
+
+def test_full_lifecycle_with_queue_position_progress_and_reproducible_bytes(file_stack: Stack) -> None:
+    first = submit(file_stack, {**SLOW, "seed": 1})
+    assert first.status_code == 202
+    assert first.headers["location"] == f"/v1/generations/{first.json()['id']}"
+    second = submit(file_stack, {**SMALL, "seed": 42})
+    assert second.status_code == 202
+    second_id = second.json()["id"]
+    assert second.json()["status"] == "queued"
+    assert second.json()["queue_position"] == 1
+    assert second.json()["request"]["seed"] == 42
+
+    running = file_stack.wait_for(first.json()["id"], {"running"})
+    assert running["started_at"] is not None
+    with file_stack.client() as client:
+        deadline = time.monotonic() + 30
+        while (job := client.get(f"/v1/generations/{first.json()['id']}").json())["progress"] is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    assert job["progress"]["total"] == 100 and job["progress"]["step"] >= 1
+    file_stack.wait_for(first.json()["id"], {"succeeded"}, timeout=120)
+
+    done = file_stack.wait_for(second_id, {"succeeded"})
+    assert done["queue_position"] is None and done["completed_at"] is not None
+    [image] = done["images"]
+    data = download(image["url"])
+    assert hashlib.sha256(data).hexdigest() == image["sha256"]
+    with Image.open(io.BytesIO(data)) as decoded:
+        assert decoded.size == (512, 512) == (image["width"], image["height"])
+    assert (image["seed"], image["content_type"]) == (42, "image/png")
+
+    again = submit(file_stack, {**SMALL, "seed": 42})
+    replay = file_stack.wait_for(again.json()["id"], {"succeeded"})
+    assert replay["images"][0]["sha256"] == image["sha256"]
+    assert download(replay["images"][0]["url"]) == data
+
+
+def test_urls_are_signed_fresh_on_every_read_and_tampering_is_refused(file_stack: Stack) -> None:
+    job_id = submit(file_stack, {**SMALL, "seed": 5}).json()["id"]
+    job = file_stack.wait_for(job_id, {"succeeded"})
+    url = job["images"][0]["url"]
+    assert "signature=" in url and "expires=" in url
+    time.sleep(1.1)  # expiry has one-second resolution
+    with file_stack.client() as client:
+        again = client.get(f"/v1/generations/{job_id}").json()
+    assert again["images"][0]["url"] != url
+    tampered = url.replace("signature=", "signature=0")
+    assert httpx.get(tampered, timeout=10).status_code == 404
+    unsigned = url.split("?")[0]
+    assert httpx.get(unsigned, timeout=10).status_code == 404
+
+
+def test_an_unknown_id_is_404_problem_json(file_stack: Stack) -> None:
+    with file_stack.client() as client:
+        for path in ("/v1/generations/gen_nope", "/v1/generations/gen_nope/events"):
+            response = client.get(path)
+            assert response.status_code == 404
+            assert response.headers["content-type"].startswith("application/problem+json")
+            assert response.json()["code"] == "not_found"
+        assert client.post("/v1/generations/gen_nope/cancel").status_code == 404
+
+
+def test_prefer_wait_returns_the_finished_job(file_stack: Stack) -> None:
+    response = submit(file_stack, {**SMALL, "seed": 9}, Prefer="wait=30")
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] == "succeeded"
+    assert response.headers["preference-applied"] == "wait=30"
+    assert len(response.json()["images"]) == 1
+
+
+def test_sse_streams_progress_and_the_final_job(file_stack: Stack) -> None:
+    job_id = submit(file_stack, {**SMALL, "seed": 3, "num_inference_steps": 6}).json()["id"]
+    events: list[tuple[str, Any]] = []
+    with httpx.stream("GET", f"{file_stack.api_url}/v1/generations/{job_id}/events", timeout=60) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        name = None
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                name = line[len("event: ") :]
+            elif line.startswith("data: ") and name:
+                events.append((name, json.loads(line[len("data: ") :])))
+    names = [name for name, _ in events]
+    assert names[0] == "status" and events[0][1]["status"] == "queued"
+    assert ("status", "running") in [(n, d.get("status")) for n, d in events]
+    progress = [data for name, data in events if name == "progress"]
+    assert [p["step"] for p in progress] == list(range(1, 7))
+    assert names[-1] == "job" and events[-1][1]["status"] == "succeeded"
+    assert events[-1][1]["images"][0]["url"]
+
+
+def test_cancel_queued_running_and_finished_jobs(file_stack: Stack) -> None:
+    running_id = submit(file_stack, {**SLOW, "seed": 11}).json()["id"]
+    queued_id = submit(file_stack, {**SLOW, "seed": 12}).json()["id"]
+    file_stack.wait_for(running_id, {"running"})
+    with file_stack.client() as client:
+        canceled = client.post(f"/v1/generations/{queued_id}/cancel")
+        assert canceled.status_code == 200
+        assert canceled.json()["status"] == "canceled"
+        assert canceled.json()["error"]["type"] == "canceled"
+
+        interrupting = client.post(f"/v1/generations/{running_id}/cancel")
+        assert interrupting.status_code == 202
+        stopped = file_stack.wait_for(running_id, {"canceled", "succeeded", "failed"}, timeout=30)
+        assert stopped["status"] == "canceled"
+        assert stopped["progress"]["step"] < 100
+        assert stopped["images"] == []
+
+        again = client.post(f"/v1/generations/{queued_id}/cancel")
+        assert again.status_code == 409
+        assert again.json()["code"] == "job_already_finished"
+    assert file_stack.wait_for(queued_id, {"canceled"})["started_at"] is None
+
+
+def test_idempotency_key_same_body_same_job_different_body_422(file_stack: Stack) -> None:
+    key = "order-7781"
+    first = submit(file_stack, {**SMALL, "seed": 70}, **{"Idempotency-Key": key})
+    second = submit(file_stack, {**SMALL, "seed": 70}, **{"Idempotency-Key": key})
+    assert first.status_code == second.status_code == 202
+    assert first.json()["id"] == second.json()["id"]
+    other = submit(file_stack, {**SMALL, "seed": 71}, **{"Idempotency-Key": key})
+    assert other.status_code == 422
+    assert other.json()["code"] == "idempotency_key_reused"
+    without_seed = submit(file_stack, SMALL, **{"Idempotency-Key": "no-seed"})
+    replay = submit(file_stack, SMALL, **{"Idempotency-Key": "no-seed"})
+    assert without_seed.json()["id"] == replay.json()["id"]
+    assert without_seed.json()["request"]["seed"] == replay.json()["request"]["seed"]
+
+
+def test_webhook_retried_until_delivered_and_verified_independently(
+    file_stack: Stack, webhook_receiver: HttpReceiver
+) -> None:
+    webhook_receiver.script([500, 500, 200])
+    body = {**SMALL, "seed": 21, "webhook_url": webhook_receiver.url + "/hooks/darkroom"}
+    job_id = submit(file_stack, body).json()["id"]
+    requests = webhook_receiver.wait_for(3, timeout=60)
+    verifier = Webhook(TEST_WEBHOOK_SECRET)
+    payloads = [verifier.verify(r.body, dict(r.headers)) for r in requests]
+    assert len({r.headers["webhook-id"] for r in requests}) == 1
+    assert all(p["type"] == "generation.succeeded" for p in payloads)
+    assert payloads[-1]["data"]["id"] == job_id and payloads[-1]["data"]["status"] == "succeeded"
+    deadline = time.monotonic() + 20
+    with file_stack.client() as client:
+        while True:
+            [delivery] = client.get(f"/v1/generations/{job_id}").json()["webhook"]["deliveries"]
+            if delivery["state"] == "delivered" or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+    assert delivery["state"] == "delivered"
+    assert [a["status_code"] for a in delivery["attempts"]] == [500, 500, 200]
+    assert delivery["event"] == "generation.succeeded"
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"width": 512, "height": 512}, "prompt"),
+        ({"prompt": "x", "width": 500, "height": 512}, "width"),
+        ({"prompt": "x", "width": 4096, "height": 4096}, "width"),
+        ({"prompt": "x", "aspect_ratio": "1:1", "width": 1024, "height": 1024}, "aspect_ratio"),
+        ({"prompt": "x", "seed": -1}, "seed"),
+        ({"prompt": "x", "webhook_url": "ftp://example.com/hook"}, "webhook_url"),
+    ],
+)
+def test_invalid_requests_are_422_problem_json_naming_the_field(
+    file_stack: Stack, body: dict[str, Any], field: str
+) -> None:
+    response = submit(file_stack, body)
+    assert response.status_code == 422
+    assert response.headers["content-type"].startswith("application/problem+json")
+    problem = response.json()
+    assert problem["status"] == 422 and problem["type"].endswith(problem["code"])
+    assert field in [error["field"] for error in problem["errors"]]
+
+
+def test_malformed_json_is_a_problem_not_a_crash(file_stack: Stack) -> None:
+    with file_stack.client() as client:
+        response = client.post(
+            "/v1/generations", content=b'{"prompt": "x", ', headers={"content-type": "application/json"}
+        )
+    assert response.status_code == 422
+    assert response.headers["content-type"].startswith("application/problem+json")
+
+
+def test_health_ready_and_metrics(file_stack: Stack) -> None:
+    with file_stack.client() as client:
+        assert client.get("/healthz").json() == {"status": "ok"}
+        assert client.get("/readyz").status_code == 200
+        text = client.get("/metrics").text
+    assert "darkroom_generation_submissions_total" in text
+    assert 'darkroom_http_requests_total{method="POST",route="/v1/generations"' in text
+    assert "gen_" not in text  # routes are labelled by template, never by job id
+
+
+def test_concurrent_submissions_all_finish(file_stack: Stack) -> None:
+    ids: list[str] = []
+    lock = threading.Lock()
+
+    def post(seed: int) -> None:
+        job_id = submit(file_stack, {**SMALL, "seed": seed, "num_inference_steps": 2}).json()["id"]
+        with lock:
+            ids.append(job_id)
+
+    threads = [threading.Thread(target=post, args=(seed,)) for seed in range(200, 208)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert len(set(ids)) == 8
+    for job_id in ids:
+        assert file_stack.wait_for(job_id, {"succeeded"}, timeout=60)["status"] == "succeeded"

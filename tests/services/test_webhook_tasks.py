@@ -1,0 +1,441 @@
+"""Scheduling webhook events and running single delivery attempts, in-process, against real Redis and a
+real loopback receiver.
+
+``run_delivery_attempt`` is called directly (no RQ worker): each test drives one attempt at a time and
+looks at what it left behind — the delivery record on the job, the next attempt in RQ's scheduled
+registry, the requests the receiver saw. ``test_webhook_worker.py`` runs the same flow through a real
+``python -m services.webhooks`` process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import zlib
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import REGISTRY
+from redis import Redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+from rq import Queue
+from rq.job import Job as RQJob
+from rq.registry import ScheduledJobRegistry
+from rq.serializers import JSONSerializer
+from standardwebhooks.webhooks import Webhook
+
+from schemas.generation import GenerationRequest
+from schemas.jobs import JobStatus, WebhookDelivery
+from services.clients import ServiceClients, build_clients
+from services.jobs import JobRecord, JobStore, new_job_id
+from services.net import free_port
+from services.queue import WEBHOOK_TASK, webhook_queue
+from services.settings import Settings
+from services.storage import FileStorage, image_key
+from services.webhooks.events import (
+    DEFAULT_TASK_TIMEOUT,
+    EVENT_TYPES,
+    schedule_webhook_event,
+    task_job_id,
+)
+from services.webhooks.signing import generate_secret
+from services.webhooks.tasks import DeliveryContext, WebhookConfigError, run_delivery_attempt
+from tests.fixtures.http_receiver import HttpReceiver, RecordedRequest, Reply
+
+SECRET = generate_secret()
+PUBLIC_URL = "http://darkroom.test"
+
+
+def make_settings(redis_url: str, tmp_path: Path, **overrides: Any) -> Settings:
+    """Settings for a loopback receiver over plain http, fast backoff, and a file:// store in tmp_path."""
+    values: dict[str, Any] = {
+        "redis_url": redis_url,
+        "storage_url": f"file://{tmp_path / 'objects'}",
+        "public_url": PUBLIC_URL,
+        "webhook_secret": SECRET,
+        "webhook_allow_private": True,
+        "webhook_allow_http": True,
+        "webhook_timeout": timedelta(seconds=2),
+        "webhook_backoff_base": timedelta(seconds=0.2),
+        "webhook_max_attempts": 4,
+        **overrides,
+    }
+    return Settings(**values)
+
+
+def create_job(
+    store: JobStore,
+    storage: FileStorage | None,
+    webhook_url: str | None,
+    *,
+    events: Sequence[str] = ("completed",),
+    status: JobStatus = JobStatus.SUCCEEDED,
+) -> str:
+    """A job as the API and GPU worker would leave it; succeeded jobs get one stored image."""
+    now = datetime.now(UTC)
+    request = (
+        GenerationRequest(prompt="x", seed=1).normalized().model_dump(mode="json", exclude={"init_image"})
+    )
+    job_id = new_job_id()
+    webhook = {"url": webhook_url, "events": list(events)} if webhook_url else None
+    store.create(JobRecord(id=job_id, status=status, created_at=now, request=request, webhook=webhook))
+    if status is JobStatus.SUCCEEDED and storage is not None:
+        key = image_key(job_id, 0, "png", now)
+        storage.put(key, b"\x89PNG fake", "image/png")
+        image = {
+            "key": key,
+            "seed": 1,
+            "width": 1024,
+            "height": 1024,
+            "content_type": "image/png",
+            "sha256": "0",
+        }
+        store.set_fields(job_id, {"images": [image], "started_at": now, "completed_at": now})
+    return job_id
+
+
+def verified(request: RecordedRequest) -> dict[str, Any]:
+    """Check the signature with the independent reference library, as a receiver would; return the body."""
+    payload: dict[str, Any] = Webhook(SECRET).verify(request.body, request.headers)
+    return payload
+
+
+def attempts_made(clients: ServiceClients, job_id: str) -> int:
+    return sum(len(d["attempts"]) for d in clients.store.deliveries(job_id))
+
+
+def counter(outcome: str) -> float:
+    return REGISTRY.get_sample_value("darkroom_webhook_attempts_total", {"outcome": outcome}) or 0.0
+
+
+@pytest.fixture
+def settings(redis_url: str, tmp_path: Path) -> Settings:
+    return make_settings(redis_url, tmp_path)
+
+
+@pytest.fixture
+def clients(settings: Settings) -> Iterator[ServiceClients]:
+    built = build_clients(settings)
+    try:
+        yield built
+    finally:
+        built.close()
+
+
+@pytest.fixture
+def storage(clients: ServiceClients) -> FileStorage:
+    assert isinstance(clients.storage, FileStorage)
+    return clients.storage
+
+
+@pytest.fixture
+def queue(clients: ServiceClients, settings: Settings) -> Queue:
+    return webhook_queue(clients.redis, settings)
+
+
+@pytest.fixture
+def ctx(clients: ServiceClients) -> DeliveryContext:
+    # rand=1.0: the backoff is exactly its ceiling (0.2 s, 0.4 s, ...), so scheduled times are predictable.
+    return dataclasses.replace(DeliveryContext.from_clients(clients), rand=lambda: 1.0)
+
+
+# --- scheduling -----------------------------------------------------------------------------------------
+
+
+def test_schedule_records_a_pending_delivery_and_enqueues_attempt_one(
+    clients: ServiceClients, queue: Queue, storage: FileStorage, redis_client: Redis
+) -> None:
+    job_id = create_job(clients.store, storage, "http://127.0.0.1:9/hook")
+
+    msg_id = schedule_webhook_event(clients.store, queue, job_id, "completed")
+
+    assert msg_id is not None and msg_id.startswith("msg_")
+    [delivery] = clients.store.deliveries(job_id)
+    assert WebhookDelivery.model_validate(delivery).state == "pending"
+    assert delivery["event"] == "generation.succeeded" and delivery["msg_id"] == msg_id
+    assert delivery["attempts"] == []
+    job = RQJob.fetch(task_job_id(msg_id, 1), connection=redis_client, serializer=JSONSerializer)
+    assert job.func_name == WEBHOOK_TASK
+    assert list(job.args) == [job_id, msg_id, 1]
+    assert job.timeout == int(DEFAULT_TASK_TIMEOUT.total_seconds())
+    assert queue.job_ids == [task_job_id(msg_id, 1)]
+    # JSON in Redis, never a pickle: decode RQ's stored call data with nothing but zlib and json.
+    raw = redis_client.hget(job.key, "data")
+    assert isinstance(raw, bytes)
+    assert json.loads(zlib.decompress(raw))[0] == WEBHOOK_TASK
+
+
+@pytest.mark.parametrize("status", [JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED])
+def test_completed_covers_every_terminal_status(
+    clients: ServiceClients, queue: Queue, storage: FileStorage, status: JobStatus
+) -> None:
+    via_completed = create_job(clients.store, storage, "http://127.0.0.1:9/hook", status=status)
+    via_status = create_job(clients.store, storage, "http://127.0.0.1:9/hook", status=status)
+
+    assert schedule_webhook_event(clients.store, queue, via_completed, "completed") is not None
+    assert schedule_webhook_event(clients.store, queue, via_status, status) is not None
+
+    expected = EVENT_TYPES[status.value]
+    assert expected == f"generation.{status.value}"
+    assert [d["event"] for d in clients.store.deliveries(via_completed)] == [expected]
+    assert [d["event"] for d in clients.store.deliveries(via_status)] == [expected]
+
+
+@pytest.mark.parametrize(
+    ("events", "event", "subscribed"),
+    [
+        (["completed"], "started", False),
+        (["completed"], "progress", False),
+        (["started"], "completed", False),
+        (["started"], "started", True),
+        (["progress"], "progress", True),
+        (["started", "completed"], "failed", True),
+    ],
+)
+def test_only_subscribed_events_are_scheduled(
+    clients: ServiceClients,
+    queue: Queue,
+    storage: FileStorage,
+    events: list[str],
+    event: str,
+    subscribed: bool,
+) -> None:
+    status = JobStatus.FAILED if event in ("completed", "failed") else JobStatus.RUNNING
+    job_id = create_job(clients.store, storage, "http://127.0.0.1:9/hook", events=events, status=status)
+
+    msg_id = schedule_webhook_event(clients.store, queue, job_id, event)
+
+    assert (msg_id is not None) is subscribed
+    assert len(clients.store.deliveries(job_id)) == int(subscribed)
+    assert queue.count == int(subscribed)
+
+
+def test_nothing_is_scheduled_without_a_webhook_a_job_or_a_finished_job(
+    clients: ServiceClients, queue: Queue, storage: FileStorage
+) -> None:
+    no_webhook = create_job(clients.store, storage, None)
+    running = create_job(clients.store, storage, "http://127.0.0.1:9/hook", status=JobStatus.RUNNING)
+
+    assert schedule_webhook_event(clients.store, queue, no_webhook, "completed") is None
+    assert schedule_webhook_event(clients.store, queue, "gen_missing", "completed") is None
+    assert schedule_webhook_event(clients.store, queue, running, "completed") is None
+    assert queue.count == 0
+
+
+def test_an_unknown_event_is_a_programming_error(clients: ServiceClients, queue: Queue) -> None:
+    with pytest.raises(ValueError, match="unknown webhook event"):
+        schedule_webhook_event(clients.store, queue, "gen_x", "finished")
+
+
+def test_schedule_swallows_redis_trouble(settings: Settings) -> None:
+    """The GPU worker calls this after generating: a Redis outage must not turn into a failed job."""
+    dead = Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", retry=Retry(NoBackoff(), 0))
+    try:
+        store = JobStore(dead, timedelta(hours=1))
+        assert schedule_webhook_event(store, webhook_queue(dead, settings), "gen_x", "completed") is None
+    finally:
+        dead.close()
+
+
+# --- one attempt at a time --------------------------------------------------------------------------------
+
+
+def test_delivered_payload_is_signed_and_carries_the_job_with_fresh_urls(
+    ctx: DeliveryContext, clients: ServiceClients, storage: FileStorage, webhook_receiver: HttpReceiver
+) -> None:
+    job_id = create_job(clients.store, storage, webhook_receiver.url)
+    msg_id = schedule_webhook_event(clients.store, ctx.queue, job_id, "completed")
+    assert msg_id is not None
+    before = counter("delivered")
+
+    assert run_delivery_attempt(ctx, job_id, msg_id, 1) == "delivered"
+
+    [request] = webhook_receiver.wait_for(1)
+    body = verified(request)
+    assert request.headers["webhook-id"] == msg_id
+    [delivery] = clients.store.deliveries(job_id)
+    assert body["type"] == "generation.succeeded"
+    assert body["timestamp"] == delivery["created_at"]
+    data = body["data"]
+    assert data["id"] == job_id and data["status"] == "succeeded"
+    assert data["request"]["prompt"] == "x"
+    assert "deliveries" not in data["webhook"]
+    url = data["images"][0]["url"]
+    assert url.startswith(f"{PUBLIC_URL}/v1/files/")
+    # The URL was signed with the key every process shares, so the API can verify it.
+    record = clients.store.get(job_id)
+    assert record is not None
+    key = record.images[0]["key"]
+    query = dict(part.split("=", 1) for part in url.split("?", 1)[1].split("&"))
+    assert storage.verify_url(key, query["expires"], query["signature"])
+
+    assert delivery["state"] == "delivered"
+    assert [a["status_code"] for a in delivery["attempts"]] == [200]
+    assert delivery["attempts"][0]["attempt"] == 1
+    assert counter("delivered") == before + 1
+    assert ScheduledJobRegistry(queue=ctx.queue).count == 0
+
+
+def test_retryable_failure_schedules_the_next_attempt_with_the_same_msg_id(
+    ctx: DeliveryContext, clients: ServiceClients, storage: FileStorage, webhook_receiver: HttpReceiver
+) -> None:
+    webhook_receiver.script([500, 200])
+    job_id = create_job(clients.store, storage, webhook_receiver.url)
+    msg_id = schedule_webhook_event(clients.store, ctx.queue, job_id, "completed")
+    assert msg_id is not None
+    before = counter("retry")
+
+    assert run_delivery_attempt(ctx, job_id, msg_id, 1) == "retrying"
+
+    [delivery] = clients.store.deliveries(job_id)
+    assert delivery["state"] == "pending"
+    assert [a["status_code"] for a in delivery["attempts"]] == [500]
+    assert counter("retry") == before + 1
+    scheduled = ScheduledJobRegistry(queue=ctx.queue)
+    assert scheduled.get_job_ids() == [task_job_id(msg_id, 2)]
+    next_job = RQJob.fetch(task_job_id(msg_id, 2), connection=clients.redis, serializer=JSONSerializer)
+    assert list(next_job.args) == [job_id, msg_id, 2]
+    assert next_job.timeout == int(ctx.task_timeout.total_seconds())
+
+    # What the scheduler would run next:
+    assert run_delivery_attempt(ctx, job_id, msg_id, 2) == "delivered"
+
+    first, second = webhook_receiver.wait_for(2)
+    assert first.headers["webhook-id"] == second.headers["webhook-id"] == msg_id
+    assert verified(first)["type"] == verified(second)["type"] == "generation.succeeded"
+    [delivery] = clients.store.deliveries(job_id)
+    assert delivery["state"] == "delivered"
+    assert [(a["attempt"], a["status_code"]) for a in delivery["attempts"]] == [(1, 500), (2, 200)]
+
+
+def test_retry_after_from_the_receiver_sets_the_delay(
+    ctx: DeliveryContext, clients: ServiceClients, storage: FileStorage, webhook_receiver: HttpReceiver
+) -> None:
+    webhook_receiver.script([Reply(503, headers={"Retry-After": "30"})])
+    job_id = create_job(clients.store, storage, webhook_receiver.url)
+    msg_id = schedule_webhook_event(clients.store, ctx.queue, job_id, "completed")
+    assert msg_id is not None
+
+    assert run_delivery_attempt(ctx, job_id, msg_id, 1) == "retrying"
+
+    when = ScheduledJobRegistry(queue=ctx.queue).get_scheduled_time(task_job_id(msg_id, 2))
+    assert timedelta(seconds=28) <= when - datetime.now(UTC) <= timedelta(seconds=31)
+
+
+def test_out_of_attempts_the_delivery_fails(
+    ctx: DeliveryContext, clients: ServiceClients, storage: FileStorage, webhook_receiver: HttpReceiver
+) -> None:
+    webhook_receiver.script([500, 502])
+    ctx = dataclasses.replace(ctx, policy=dataclasses.replace(ctx.policy, max_attempts=2))
+    job_id = create_job(clients.store, storage, webhook_receiver.url)
+    msg_id = schedule_webhook_event(clients.store, ctx.queue, job_id, "completed")
+    assert msg_id is not None
+
+    assert run_delivery_attempt(ctx, job_id, msg_id, 1) == "retrying"
+    assert run_delivery_attempt(ctx, job_id, msg_id, 2) == "failed"
+
+    [delivery] = clients.store.deliveries(job_id)
+    assert delivery["state"] == "failed"
+    assert [a["status_code"] for a in delivery["attempts"]] == [500, 502]
+    assert ScheduledJobRegistry(queue=ctx.queue).get_job_ids() == [task_job_id(msg_id, 2)]  # only attempt 2
+
+
+@pytest.mark.parametrize(("status", "state"), [(410, "gone"), (400, "failed"), (302, "failed")])
+def test_permanent_answers_stop_at_once(
+    ctx: DeliveryContext,
+    clients: ServiceClients,
+    storage: FileStorage,
+    webhook_receiver: HttpReceiver,
+    status: int,
+    state: str,
+) -> None:
+    webhook_receiver.script(
+        [Reply(status, headers={"Location": "http://127.0.0.1:9/"} if status == 302 else {})]
+    )
+    job_id = create_job(clients.store, storage, webhook_receiver.url)
+    msg_id = schedule_webhook_event(clients.store, ctx.queue, job_id, "completed")
+    assert msg_id is not None
+
+    assert run_delivery_attempt(ctx, job_id, msg_id, 1) == state
+
+    [delivery] = clients.store.deliveries(job_id)
+    assert delivery["state"] == state
+    assert [a["status_code"] for a in delivery["attempts"]] == [status]
+    assert ScheduledJobRegistry(queue=ctx.queue).count == 0
+
+
+def test_after_410_no_further_event_of_the_job_is_scheduled(
+    ctx: DeliveryContext, clients: ServiceClients, storage: FileStorage, webhook_receiver: HttpReceiver
+) -> None:
+    webhook_receiver.script([410])
+    job_id = create_job(clients.store, storage, webhook_receiver.url, events=["started", "completed"])
+    msg_id = schedule_webhook_event(clients.store, ctx.queue, job_id, "started")
+    assert msg_id is not None
+    assert run_delivery_attempt(ctx, job_id, msg_id, 1) == "gone"
+
+    assert schedule_webhook_event(clients.store, ctx.queue, job_id, "completed") is None
+    assert len(clients.store.deliveries(job_id)) == 1
+
+
+def test_an_unsafe_target_fails_without_sending(
+    ctx: DeliveryContext, clients: ServiceClients, storage: FileStorage, webhook_receiver: HttpReceiver
+) -> None:
+    ctx = dataclasses.replace(ctx, allow_private=False)
+    job_id = create_job(clients.store, storage, webhook_receiver.url)
+    msg_id = schedule_webhook_event(clients.store, ctx.queue, job_id, "completed")
+    assert msg_id is not None
+
+    assert run_delivery_attempt(ctx, job_id, msg_id, 1) == "failed"
+
+    [attempt] = clients.store.deliveries(job_id)[0]["attempts"]
+    assert attempt["status_code"] is None and "private_address" in attempt["error"]
+    assert webhook_receiver.requests == []
+
+
+def test_a_repeated_or_stale_attempt_sends_nothing(
+    ctx: DeliveryContext, clients: ServiceClients, storage: FileStorage, webhook_receiver: HttpReceiver
+) -> None:
+    job_id = create_job(clients.store, storage, webhook_receiver.url)
+    msg_id = schedule_webhook_event(clients.store, ctx.queue, job_id, "completed")
+    assert msg_id is not None
+    assert run_delivery_attempt(ctx, job_id, msg_id, 1) == "delivered"
+
+    assert run_delivery_attempt(ctx, job_id, msg_id, 1) == "skipped"  # RQ ran the task twice
+    assert run_delivery_attempt(ctx, job_id, "msg_unknown", 1) == "skipped"
+    assert run_delivery_attempt(ctx, "gen_expired", msg_id, 1) == "skipped"
+    assert len(webhook_receiver.requests) == 1
+    assert attempts_made(clients, job_id) == 1
+
+
+def test_without_a_signing_secret_the_delivery_fails_loudly(
+    ctx: DeliveryContext, clients: ServiceClients, storage: FileStorage, webhook_receiver: HttpReceiver
+) -> None:
+    ctx = dataclasses.replace(ctx, secret=None)
+    job_id = create_job(clients.store, storage, webhook_receiver.url)
+    msg_id = schedule_webhook_event(clients.store, ctx.queue, job_id, "completed")
+    assert msg_id is not None
+
+    with pytest.raises(WebhookConfigError):
+        run_delivery_attempt(ctx, job_id, msg_id, 1)
+
+    [delivery] = clients.store.deliveries(job_id)
+    assert delivery["state"] == "failed"
+    assert delivery["attempts"][0]["error"] == "not sent: webhook signing is not configured"
+    assert webhook_receiver.requests == []
+
+
+def test_file_url_signing_key_is_shared_through_redis(settings: Settings, clients: ServiceClients) -> None:
+    """Two processes without DARKROOM_URL_SIGNING_KEY sign and verify with the same key."""
+    other = build_clients(settings)
+    try:
+        mine, theirs = clients.storage, other.storage
+        assert isinstance(mine, FileStorage) and isinstance(theirs, FileStorage)
+        url = mine.url_for("a/b.png", timedelta(minutes=5))
+        query = dict(part.split("=", 1) for part in url.split("?", 1)[1].split("&"))
+        assert theirs.verify_url("a/b.png", query["expires"], query["signature"])
+    finally:
+        other.close()

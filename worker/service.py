@@ -1,0 +1,109 @@
+"""The GPU worker process: load the model, then serve the queue one job at a time.
+
+Order matters: the pipeline is loaded and warmed *before* the worker registers with RQ, so a worker that is
+listed as alive can take a job at once, and a model that cannot load fails the process instead of jobs.
+RQ's ``SimpleWorker`` runs jobs in this process (CUDA state does not survive ``fork``); because a job then
+blocks RQ's own loop, :class:`GenerationWorker` keeps heartbeats going from a side thread while it runs.
+SIGTERM is RQ's warm shutdown: the current job finishes, then the process exits 0.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from typing import Any
+
+import structlog
+from prometheus_client import start_http_server
+from rq import SimpleWorker
+from rq.job import Job
+from rq.queue import Queue
+from rq.serializers import JSONSerializer
+
+from services import metrics
+from services.clients import build_clients
+from services.jobs import utcnow
+from services.queue import generation_queue, webhook_queue
+from services.settings import Settings
+from services.storage import RetryPolicy
+from worker import tasks
+from worker.engine import GenerationEngine
+from worker.pipeline_loader import load_pipeline
+from worker.runner import WorkerContext
+
+log = structlog.get_logger(__name__)
+
+
+class GenerationWorker(SimpleWorker):
+    """SimpleWorker plus a heartbeat thread while a job runs (RQ's own loop is blocked meanwhile)."""
+
+    heartbeat_interval_s: float = 5.0
+    on_heartbeat: Any = None  # Callable[[str], None]: extra per-job heartbeat (our job record)
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        execution = self.prepare_execution(job)
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(self.heartbeat_interval_s):
+                try:
+                    self.maintain_heartbeats(job, execution)
+                    if self.on_heartbeat is not None:
+                        self.on_heartbeat(job.id)
+                except Exception:  # a missed beat must never take the job down
+                    log.warning("heartbeat failed", job_id=job.id, exc_info=True)
+
+        thread = threading.Thread(target=beat, name=f"heartbeat-{job.id}", daemon=True)
+        thread.start()
+        try:
+            self.perform_job(job, queue, execution)
+        finally:
+            stop.set()
+            thread.join(timeout=self.heartbeat_interval_s + 1)
+        self.set_state("idle")
+
+
+def worker_name() -> str:
+    return f"darkroom-{socket.gethostname()}-{os.getpid()}"
+
+
+def run_worker(settings: Settings, *, burst: bool = False) -> int:
+    """Load the model, then work the generation queue until told to stop; returns the exit code."""
+    clients = build_clients(
+        settings, storage_put_retry=RetryPolicy(deadline_s=settings.storage_retry_deadline.total_seconds())
+    )
+    if settings.worker_metrics_port:
+        start_http_server(settings.worker_metrics_port, addr="0.0.0.0")
+    model = load_pipeline(settings)
+    engine = GenerationEngine(model)
+    if settings.warmup:
+        log.info("warming up", seconds=round(engine.warm_up(), 3))
+    name = worker_name()
+    tasks.install_context(
+        WorkerContext(
+            engine=engine,
+            store=clients.store,
+            storage=clients.storage,
+            webhook_queue=webhook_queue(clients.redis, settings),
+            worker_name=name,
+            progress_interval=settings.progress_interval,
+        )
+    )
+    metrics.WORKER_READY.set(1)
+    worker = GenerationWorker(
+        [generation_queue(clients.redis, settings)],
+        connection=clients.redis,
+        serializer=JSONSerializer,
+        name=name,
+    )
+    worker.heartbeat_interval_s = settings.heartbeat_interval.total_seconds()
+    worker.on_heartbeat = lambda job_id: clients.store.set_fields(job_id, {"heartbeat_at": utcnow()})
+    log.info("worker ready", model=settings.model, source=model.source, device=str(model.device), name=name)
+    try:
+        worker.work(burst=burst, logging_level="INFO", with_scheduler=False)
+    finally:
+        metrics.WORKER_READY.set(0)
+        tasks.install_context(None)
+        clients.close()
+    return 0
