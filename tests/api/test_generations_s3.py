@@ -1,0 +1,109 @@
+"""The same service with S3 storage (moto's server over HTTP), image-to-image, worker metrics, and a warm
+shutdown of a busy worker."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image
+
+from services.net import free_port
+from tests.fixtures.s3 import FAKE_AWS_ENV, MotoServer, s3_client
+from tests.fixtures.stack import Stack, start_stack
+
+SMALL: dict[str, Any] = {
+    "prompt": "a lighthouse at dusk",
+    "width": 512,
+    "height": 512,
+    "num_inference_steps": 4,
+}
+BUCKET = "darkroom-e2e"
+
+
+@pytest.fixture(scope="module")
+def s3_stack(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, moto_server: MotoServer
+) -> Iterator[Stack]:
+    s3_client(moto_server.endpoint_url).create_bucket(Bucket=BUCKET)
+    metrics_port = free_port()
+    env = {**FAKE_AWS_ENV, "DARKROOM_S3_ENDPOINT_URL": moto_server.endpoint_url}
+    yield from start_stack(
+        tmp_path_factory.mktemp("stack-s3"),
+        f"s3://{BUCKET}/darkroom",
+        tiny_model_dir,
+        extra_env=env,
+        process_env={"worker": {"DARKROOM_WORKER_METRICS_PORT": str(metrics_port)}},
+    )
+
+
+def submit(stack: Stack, body: dict[str, Any]) -> dict[str, Any]:
+    with stack.client() as client:
+        response = client.post("/v1/generations", json=body)
+    assert response.status_code == 202, response.text
+    job: dict[str, Any] = response.json()
+    return job
+
+
+def test_images_land_in_s3_privately_and_download_through_presigned_urls(
+    s3_stack: Stack, moto_server: MotoServer
+) -> None:
+    job = s3_stack.wait_for(submit(s3_stack, {**SMALL, "seed": 31, "num_images": 2})["id"], {"succeeded"})
+    assert [image["seed"] for image in job["images"]] == [31, 32]
+    keys = [
+        obj["Key"]
+        for obj in s3_client(moto_server.endpoint_url).list_objects_v2(Bucket=BUCKET)["Contents"]
+        if job["id"] in obj["Key"]
+    ]
+    assert sorted(keys)[0].startswith("darkroom/generations/") and len(keys) == 2
+    for image in job["images"]:
+        url = image["url"]
+        assert url.startswith(moto_server.endpoint_url) and "Signature=" in url
+        data = httpx.get(url, timeout=10).content
+        assert hashlib.sha256(data).hexdigest() == image["sha256"]
+        key = url.split(f"/{BUCKET}/")[1].split("?")[0]
+        head = s3_client(moto_server.endpoint_url).head_object(Bucket=BUCKET, Key=key)
+        assert head["ContentType"] == "image/png"
+        assert httpx.get(url.split("?")[0], timeout=10).status_code == 403  # private: no anonymous reads
+
+
+def test_image_to_image_through_the_api(s3_stack: Stack) -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (640, 480), (30, 120, 200)).save(buffer, format="JPEG")
+    init = base64.b64encode(buffer.getvalue()).decode()
+    body = {"prompt": "the same, at night", "init_image": init, "strength": 0.5, "num_inference_steps": 4}
+    created = submit(s3_stack, body)
+    assert created["request"]["width"] == 640 and created["request"]["strength"] == 0.5
+    assert "init_image" not in created["request"] or created["request"]["init_image"] is None
+    job = s3_stack.wait_for(created["id"], {"succeeded", "failed"})
+    assert job["status"] == "succeeded", job
+    assert (job["images"][0]["width"], job["images"][0]["height"]) == (640, 480)
+    assert job["progress"] == {"step": 2, "total": 2}  # strength 0.5 of 4 steps
+    assert httpx.get(job["init_image_url"], timeout=10).content == buffer.getvalue()
+
+
+def test_the_worker_exports_its_own_metrics(s3_stack: Stack) -> None:
+    s3_stack.wait_for(submit(s3_stack, {**SMALL, "seed": 5})["id"], {"succeeded"})
+    text = httpx.get(f"http://127.0.0.1:{s3_stack.worker_metrics_port}/metrics", timeout=10).text
+    assert 'darkroom_generation_jobs_total{outcome="succeeded"}' in text
+    assert "darkroom_generation_step_seconds_bucket" in text
+    assert "darkroom_generation_queue_wait_seconds_count" in text
+    assert "darkroom_worker_ready 1.0" in text
+
+
+# Last in the module: it stops the module's worker.
+def test_sigterm_lets_the_running_job_finish_then_the_worker_exits_0(s3_stack: Stack) -> None:
+    job = submit(s3_stack, {**SMALL, "seed": 77, "num_inference_steps": 60})
+    s3_stack.wait_for(job["id"], {"running"})
+    worker = s3_stack.processes["worker"]
+    worker.send_signal(signal.SIGTERM)
+    done = s3_stack.wait_for(job["id"], {"succeeded", "failed", "canceled"}, timeout=120)
+    assert done["status"] == "succeeded"
+    assert worker.wait(timeout=30) == 0
