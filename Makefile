@@ -9,7 +9,7 @@ TORCH_CPU_PIN ?= torch==2.13.0
 HAS_NVIDIA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-all lint format clean generate
+.PHONY: install run test test-all lint format clean generate
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ endif
 	touch $(STAMP)
 
 install: $(STAMP)
+
+## The run command (README): API on :8000 + one worker + webhook worker + private Redis + local storage.
+run: install
+	$(BIN)/python -m services.devstack
 
 ## The test command (README, .ci/run): lint, types, then the default suite.
 test: install lint

@@ -87,6 +87,9 @@ class Settings(BaseSettings):
 
     # --- observability -----------------------------------------------------------------------------------
     worker_metrics_port: int = Field(0, ge=0, le=65535, description="Worker /metrics port; 0 disables.")
+    ready_file: str | None = Field(
+        None, description="File the worker creates once its model is loaded and warm (readiness probes)."
+    )
 
     @field_validator("*", mode="before")
     @classmethod

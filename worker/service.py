@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -91,6 +92,9 @@ def run_worker(settings: Settings, *, burst: bool = False) -> int:
         )
     )
     metrics.WORKER_READY.set(1)
+    ready_file = Path(settings.ready_file) if settings.ready_file else None
+    if ready_file is not None:
+        ready_file.write_text(name)
     worker = GenerationWorker(
         [generation_queue(clients.redis, settings)],
         connection=clients.redis,
@@ -104,6 +108,8 @@ def run_worker(settings: Settings, *, burst: bool = False) -> int:
         worker.work(burst=burst, logging_level="INFO", with_scheduler=False)
     finally:
         metrics.WORKER_READY.set(0)
+        if ready_file is not None:
+            ready_file.unlink(missing_ok=True)
         tasks.install_context(None)
         clients.close()
     return 0

