@@ -9,6 +9,7 @@ Keys (all expire after ``job_retention``):
 - ``darkroom:job:{id}``           hash: status, timestamps, request, results (JSON values)
 - ``darkroom:job:{id}:events``    stream: {type: status|progress, data: JSON}
 - ``darkroom:job:{id}:webhooks``  hash: msg_id -> JSON delivery record (event, state, attempts)
+- ``darkroom:jobs:running``       set of job keys whose status is running (for lost-worker recovery)
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from redis import Redis
 from schemas.jobs import JobStatus
 
 KEY_PREFIX = "darkroom:job:"
+# Jobs currently running, kept by the transition script: what lost-worker recovery scans.
+RUNNING_SET = "darkroom:jobs:running"
 EVENTS_MAXLEN = 2000
 
 _TRANSITION = """
@@ -35,9 +38,15 @@ for status in string.gmatch(ARGV[2], '[^,]+') do
   if status == current then allowed = true end
 end
 if not allowed then return {0, current} end
+if ARGV[5] ~= '' and redis.call('HGET', KEYS[1], ARGV[5]) ~= ARGV[6] then return {0, current} end
 redis.call('HSET', KEYS[1], 'status', ARGV[1])
-for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 7, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'type', 'status', 'data', ARGV[3])
+if ARGV[1] == 'running' then
+  redis.call('SADD', KEYS[3], KEYS[1])
+else
+  redis.call('SREM', KEYS[3], KEYS[1])
+end
 return {1, current}
 """
 
@@ -82,6 +91,8 @@ class JobRecord:
     cancel_requested: bool = False
     worker: str | None = None
     timings: dict[str, float] | None = None
+    heartbeat_at: datetime | None = None
+    attempt: int = 1
 
     @classmethod
     def from_hash(cls, job_id: str, raw: Mapping[bytes, bytes]) -> JobRecord:
@@ -110,6 +121,8 @@ class JobRecord:
             cancel_requested=data.get("cancel_requested") == "1",
             worker=data.get("worker") or None,
             timings=loads("timings"),
+            heartbeat_at=when("heartbeat_at"),
+            attempt=int(data.get("attempt") or 1),
         )
 
 
@@ -162,6 +175,10 @@ class JobStore:
                 pipe.expire(key, self.retention_s)
             pipe.execute()
 
+    def running_job_ids(self) -> list[str]:
+        members = cast(set[bytes], self.redis.smembers(RUNNING_SET))
+        return sorted(member.decode().removeprefix(KEY_PREFIX) for member in members)
+
     def get(self, job_id: str) -> JobRecord | None:
         raw = cast(Mapping[bytes, bytes], self.redis.hgetall(job_key(job_id)))
         return JobRecord.from_hash(job_id, raw) if raw else None
@@ -177,14 +194,23 @@ class JobStore:
         allowed_from: Iterable[JobStatus],
         fields: Mapping[str, Any] | None = None,
         at: datetime | None = None,
+        guard: tuple[str, str] | None = None,
     ) -> Transition:
-        """Set ``to`` if the job is currently in ``allowed_from``; write ``fields`` and an event with it."""
+        """Set ``to`` if the job is currently in ``allowed_from``; write ``fields`` and an event with it.
+
+        ``guard=(field, value)`` additionally requires that stored field to hold exactly ``value``: a worker
+        finishing a job it owns checks ``worker``, recovery checks the heartbeat it judged stale — so a
+        worker presumed dead that wakes up cannot overwrite the re-run's result.
+        """
         moment = at or utcnow()
         event = json.dumps({"status": to.value, "at": moment.isoformat()})
+        guard_field, guard_value = guard or ("", "")
         args: list[str] = [to.value, ",".join(s.value for s in allowed_from), event, str(EVENTS_MAXLEN)]
+        args += [guard_field, guard_value]
         for name, value in _encode_fields(fields or {}).items():
             args += [name, value]
-        applied, previous = self._transition(keys=[job_key(job_id), events_key(job_id)], args=args)
+        keys = [job_key(job_id), events_key(job_id), RUNNING_SET]
+        applied, previous = self._transition(keys=keys, args=args)
         previous_status = JobStatus(previous.decode()) if previous else None
         return Transition(applied=bool(applied), previous=previous_status)
 

@@ -11,7 +11,7 @@ from datetime import timedelta
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationInfo, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-3.5-medium"
@@ -54,6 +54,12 @@ class Settings(BaseSettings):
         timedelta(milliseconds=200), description="Least time between two progress writes of one job."
     )
     heartbeat_interval: timedelta = Field(timedelta(seconds=5), description="Worker heartbeat while busy.")
+    lost_after: timedelta = Field(
+        timedelta(seconds=20), description="A running job with no heartbeat for this long is requeued."
+    )
+    max_attempts: int = Field(
+        3, ge=1, le=20, description="Runs a job may lose to dead workers before failing."
+    )
 
     # --- storage -----------------------------------------------------------------------------------------
     storage_url: str = Field(
@@ -102,6 +108,12 @@ class Settings(BaseSettings):
             except ValueError:
                 return value
         return value
+
+    @model_validator(mode="after")
+    def _heartbeats_fit(self) -> Settings:
+        if self.lost_after < 3 * self.heartbeat_interval:
+            raise ValueError("DARKROOM_LOST_AFTER must be at least 3x DARKROOM_HEARTBEAT_INTERVAL")
+        return self
 
     @field_validator("webhook_secret")
     @classmethod

@@ -117,7 +117,17 @@ def execute_generation(ctx: WorkerContext, job_id: str) -> str:
     finally:
         metrics.JOBS_RUNNING.dec()
     fields["completed_at"] = utcnow()
-    ctx.store.transition(job_id, status, allowed_from=_RUNNING, fields=fields, at=fields["completed_at"])
+    finished = ctx.store.transition(
+        job_id,
+        status,
+        allowed_from=_RUNNING,
+        fields=fields,
+        at=fields["completed_at"],
+        guard=("worker", ctx.worker_name),
+    )
+    if not finished.applied:  # presumed lost and handed to another worker meanwhile: its result wins
+        log.warning("result discarded: job no longer ours", job_id=job_id, status=finished.previous)
+        return f"discarded:{finished.previous}"
     ctx.store.touch_terminal(job_id)
     metrics.JOBS.labels(status.value).inc()
     metrics.RUN_TIME.labels(status.value).observe(time.perf_counter() - clock)

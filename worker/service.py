@@ -10,6 +10,7 @@ SIGTERM is RQ's warm shutdown: the current job finishes, then the process exits 
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import threading
 from pathlib import Path
@@ -26,6 +27,7 @@ from services import metrics
 from services.clients import build_clients
 from services.jobs import utcnow
 from services.queue import generation_queue, webhook_queue
+from services.recovery import recover_lost_jobs
 from services.settings import Settings
 from services.storage import RetryPolicy
 from worker import tasks
@@ -65,8 +67,40 @@ class GenerationWorker(SimpleWorker):
         self.set_state("idle")
 
 
+class RecoveryLoop:
+    """Runs lost-job recovery every heartbeat interval from a side thread, for as long as the worker runs."""
+
+    def __init__(self, store: Any, queue: Queue, settings: Settings) -> None:
+        self.store, self.queue, self.settings = store, queue, settings
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="lost-job-recovery", daemon=True)
+
+    def run_once(self) -> None:
+        try:
+            recover_lost_jobs(
+                self.store,
+                self.queue,
+                lost_after=self.settings.lost_after,
+                max_attempts=self.settings.max_attempts,
+            )
+        except Exception:  # Redis hiccups must not kill the worker; the next pass retries
+            log.warning("lost-job recovery pass failed", exc_info=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.settings.heartbeat_interval.total_seconds()):
+            self.run_once()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
 def worker_name() -> str:
-    return f"darkroom-{socket.gethostname()}-{os.getpid()}"
+    """Unique per incarnation: a restarted container keeps hostname and often pid (1), but not this."""
+    return f"darkroom-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
 def run_worker(settings: Settings, *, burst: bool = False) -> int:
@@ -103,10 +137,14 @@ def run_worker(settings: Settings, *, burst: bool = False) -> int:
     )
     worker.heartbeat_interval_s = settings.heartbeat_interval.total_seconds()
     worker.on_heartbeat = lambda job_id: clients.store.set_fields(job_id, {"heartbeat_at": utcnow()})
+    recovery = RecoveryLoop(clients.store, worker.queues[0], settings)
+    recovery.run_once()  # before the first job: pick up what a previous incarnation of us left running
+    recovery.start()
     log.info("worker ready", model=settings.model, source=model.source, device=str(model.device), name=name)
     try:
         worker.work(burst=burst, logging_level="INFO", with_scheduler=False)
     finally:
+        recovery.stop()
         metrics.WORKER_READY.set(0)
         if ready_file is not None:
             ready_file.unlink(missing_ok=True)

@@ -1,0 +1,103 @@
+"""Finding jobs whose worker died mid-run and putting them back at the front of the queue.
+
+RQ's ``SimpleWorker`` would leave such a job "started" until its registry entry expires (job timeout +
+60 s) and the next maintenance pass (up to 10 minutes later) — and then *fail* it. Product backends cannot
+re-create jobs, so every GPU worker runs this pass every few seconds: a running job whose heartbeat is older
+than ``lost_after`` is requeued (atomically, guarded by the very heartbeat judged stale, so a slow-but-alive
+worker is never robbed twice), its dead execution is removed from RQ's started registry so RQ's own cleanup
+cannot later fail the re-run, and after ``max_attempts`` lost runs it fails as ``worker_lost`` instead of
+crashing workers forever.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, cast
+
+import structlog
+from redis import Redis
+from rq import Queue
+from rq.job import Job
+from rq.registry import StartedJobRegistry
+
+from schemas.jobs import JobStatus
+from services.jobs import RUNNING_SET, JobStore, job_key, utcnow
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Recovered:
+    job_id: str
+    action: str  # "requeued" | "failed" | "dropped"
+    attempt: int
+
+
+def _forget_executions(redis: Redis, queue: Queue, job_id: str) -> None:
+    """Remove the dead run's entries (``{job_id}:{execution_id}``) from RQ's started registry."""
+    registry = StartedJobRegistry(queue=queue)
+    members = cast(list[bytes], redis.zrange(registry.key, 0, -1))
+    stale = [m for m in members if m.decode().split(":", 1)[0] == job_id]
+    if stale:
+        redis.zrem(registry.key, *stale)
+
+
+def _requeue_rq_job(redis: Redis, queue: Queue, job_id: str) -> None:
+    job = Job.fetch(job_id, connection=redis, serializer=queue.serializer)
+    job.started_at = None
+    job.ended_at = None
+    queue.enqueue_job(job, at_front=True)  # it already waited its turn once
+
+
+def recover_lost_jobs(
+    store: JobStore,
+    queue: Queue,
+    *,
+    lost_after: timedelta,
+    max_attempts: int,
+    now: datetime | None = None,
+) -> list[Recovered]:
+    """One recovery pass over the running jobs; returns what it did."""
+    redis = store.redis
+    moment = now or utcnow()
+    done: list[Recovered] = []
+    for job_id in store.running_job_ids():
+        record = store.get(job_id)
+        if record is None:  # expired record: nothing to recover
+            redis.srem(RUNNING_SET, job_key(job_id))
+            done.append(Recovered(job_id, "dropped", 0))
+            continue
+        if record.status is not JobStatus.RUNNING:
+            continue
+        last_sign_of_life = record.heartbeat_at or record.started_at or record.created_at
+        if moment - last_sign_of_life < lost_after:
+            continue
+        guard_field = "heartbeat_at" if record.heartbeat_at else "started_at"
+        guard: tuple[str, str] = (guard_field, last_sign_of_life.isoformat())
+        lost_message = f"worker {record.worker} stopped answering during attempt {record.attempt}"
+        if record.attempt >= max_attempts:
+            fields: dict[str, Any] = {
+                "completed_at": moment,
+                "error": {
+                    "type": "worker_lost",
+                    "message": f"{lost_message}; giving up after {max_attempts}",
+                },
+            }
+            if store.transition(
+                job_id, JobStatus.FAILED, allowed_from=(JobStatus.RUNNING,), fields=fields, guard=guard
+            ).applied:
+                _forget_executions(redis, queue, job_id)
+                store.touch_terminal(job_id)
+                done.append(Recovered(job_id, "failed", record.attempt))
+                log.error("job failed: worker lost too often", job_id=job_id, attempts=record.attempt)
+            continue
+        fields = {"attempt": record.attempt + 1, "worker": "", "progress": ""}
+        if store.transition(
+            job_id, JobStatus.QUEUED, allowed_from=(JobStatus.RUNNING,), fields=fields, guard=guard
+        ).applied:
+            _forget_executions(redis, queue, job_id)
+            _requeue_rq_job(redis, queue, job_id)
+            done.append(Recovered(job_id, "requeued", record.attempt + 1))
+            log.warning("lost job requeued", job_id=job_id, reason=lost_message)
+    return done
