@@ -9,7 +9,7 @@ TORCH_CPU_PIN ?= torch==2.13.0
 HAS_NVIDIA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-all lint format clean generate
+.PHONY: install run test test-all lint format clean generate browser
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

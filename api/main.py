@@ -16,6 +16,7 @@ from api import files, health
 from api.errors import install_error_handlers
 from api.generations.routes import router as generations_router
 from api.middleware import BodySizeLimitMiddleware, MetricsMiddleware, RequestContextMiddleware
+from api.playground import router as playground_router
 from api.state import AppState
 from services.clients import build_clients
 from services.logging import configure_logging
@@ -60,6 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(generations_router)
     app.include_router(files.router)
     app.include_router(health.router)
+    app.include_router(playground_router)
     # Outermost first on the way in: request id and logging see everything, metrics see the route.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=MAX_BODY_BYTES)
     app.add_middleware(MetricsMiddleware)

@@ -1,0 +1,103 @@
+"""The playground: a browser page for trying the service, served by the API itself at ``/playground``.
+
+What a Gradio demo gives people — prompt, size, seed, steps, image-to-image, live progress, the images —
+without a second process, a build step or a CDN: one HTML page, one vanilla JS module and one stylesheet
+that ship inside the package and talk to the public ``/v1/generations`` API like any other client. It adds
+no API endpoint of its own, so it cannot drift from the contract, and it is left out of the OpenAPI schema.
+
+The page's size presets and numeric limits are filled in from ``schemas/`` when the page is first served,
+so they follow the request model rather than repeating it.
+"""
+
+from __future__ import annotations
+
+import html
+from functools import cache
+from pathlib import Path
+from string import Template
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
+
+from api.errors import NotFound
+from schemas.generation import MAX_SEED, GenerationRequest
+from schemas.sizes import ASPECT_RATIO_SIZES, DEFAULT_ASPECT_RATIO
+
+PAGE_PATH = "/playground"
+STATIC_DIR = Path(__file__).resolve().parent
+# Only these files are served: the package folder also holds Python sources, which are not for browsers.
+STATIC_FILES: dict[str, str] = {
+    "playground.js": "text/javascript; charset=utf-8",
+    "playground.css": "text/css; charset=utf-8",
+}
+# Everything comes from this origin; images may come from S3 (another origin) or be data:/blob: previews.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; img-src 'self' data: blob: http: https:; script-src 'self'; style-src 'self'; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+# Revalidate every time (ETag / Last-Modified make that cheap), so an upgraded server is seen at once.
+_HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
+
+router = APIRouter(include_in_schema=False)
+
+
+@router.get("/")
+async def root(request: Request) -> RedirectResponse:
+    """A browser pointed at the bare server lands on something useful instead of a 404 problem."""
+    return RedirectResponse(request.scope.get("root_path", "") + PAGE_PATH, status_code=307)
+
+
+@router.get(PAGE_PATH)
+async def playground_page() -> HTMLResponse:
+    """The page itself; its asset and API URLs are relative, so it also works behind a path prefix."""
+    return HTMLResponse(
+        render_page(), headers={**_HEADERS, "Content-Security-Policy": CONTENT_SECURITY_POLICY}
+    )
+
+
+@router.get(PAGE_PATH + "/static/{name}")
+async def playground_static(name: str) -> Response:
+    """One of the page's own assets (a fixed list: nothing else in the package folder is reachable)."""
+    media_type = STATIC_FILES.get(name)
+    if media_type is None:
+        raise NotFound(detail=f"no playground asset named {name!r}")
+    return FileResponse(STATIC_DIR / name, media_type=media_type, headers=_HEADERS)
+
+
+@cache
+def render_page() -> str:
+    """``index.html`` with the request model's presets, defaults and limits filled in (once per process)."""
+    template = Template((STATIC_DIR / "index.html").read_text(encoding="utf-8"))
+    return template.substitute(page_values())
+
+
+def page_values() -> dict[str, str]:
+    """The values ``index.html`` refers to as ``$name``: all derived from ``schemas/``."""
+    fields = GenerationRequest.model_fields
+    options = "\n            ".join(
+        f'<option value="{html.escape(ratio.value)}"{" selected" if ratio is DEFAULT_ASPECT_RATIO else ""}>'
+        f"{html.escape(ratio.value)} · {width}×{height}</option>"
+        for ratio, (width, height) in ASPECT_RATIO_SIZES.items()
+    )
+    return {
+        "aspect_ratio_options": options,
+        "max_seed": str(MAX_SEED),
+        "steps_default": str(fields["num_inference_steps"].default),
+        "steps_min": str(_bound("num_inference_steps", "ge")),
+        "steps_max": str(_bound("num_inference_steps", "le")),
+        "guidance_default": str(fields["guidance_scale"].default),
+        "guidance_min": str(_bound("guidance_scale", "ge")),
+        "guidance_max": str(_bound("guidance_scale", "le")),
+        "images_default": str(fields["num_images"].default),
+        "images_min": str(_bound("num_images", "ge")),
+        "images_max": str(_bound("num_images", "le")),
+    }
+
+
+def _bound(field: str, constraint: str) -> Any:
+    """One constraint (``ge``, ``le``) of a request field, as pydantic recorded it."""
+    for item in GenerationRequest.model_fields[field].metadata:
+        if hasattr(item, constraint):
+            return getattr(item, constraint)
+    raise LookupError(f"GenerationRequest.{field} has no {constraint} bound; the playground relies on it")
