@@ -49,6 +49,12 @@ class Settings(BaseSettings):
     idempotency_ttl: timedelta = Field(
         timedelta(hours=24), description="How long an Idempotency-Key is kept."
     )
+    max_queue_depth: int = Field(
+        10_000,
+        ge=1,
+        description="Queued jobs above which submissions get 503 + Retry-After (no unbounded backlog).",
+    )
+    queue_full_retry_after: timedelta = Field(timedelta(seconds=10), description="Retry-After when full.")
     max_wait: timedelta = Field(timedelta(seconds=60), description="Largest accepted 'Prefer: wait=N'.")
     progress_interval: timedelta = Field(
         timedelta(milliseconds=200), description="Least time between two progress writes of one job."

@@ -13,7 +13,7 @@ from typing import cast
 
 import structlog
 
-from api.errors import Conflict, NotFound, UnprocessableRequest
+from api.errors import Conflict, NotFound, ServiceUnavailable, UnprocessableRequest
 from api.state import AppState
 from schemas.images import vet_base64_image
 from schemas.jobs import CreateGeneration, Job, JobStatus
@@ -90,6 +90,18 @@ def _claim_idempotency_key(state: AppState, key: str, digest: str, job_id: str) 
     raise RuntimeError("Idempotency-Key kept expiring while being claimed")
 
 
+def _check_queue_depth(state: AppState) -> None:
+    """Refuse new work while the backlog is at its ceiling: a bounded queue fails fast and visibly."""
+    depth = int(state.clients.redis.llen(state.queue.key))
+    if depth >= state.settings.max_queue_depth:
+        metrics.SUBMISSIONS.labels("queue_full").inc()
+        raise ServiceUnavailable(
+            f"the queue holds {depth} jobs, its limit; retry later",
+            code="queue_full",
+            retry_after=max(1, int(state.settings.queue_full_retry_after.total_seconds())),
+        )
+
+
 def submit(state: AppState, body: CreateGeneration, idempotency_key: str | None) -> Submission:
     webhook = _check_webhook(state, body)
     job_id = new_job_id()
@@ -98,6 +110,7 @@ def submit(state: AppState, body: CreateGeneration, idempotency_key: str | None)
         if existing is not None:
             metrics.SUBMISSIONS.labels("idempotent_replay").inc()
             return Submission(job_id=existing, created=False)
+    _check_queue_depth(state)
     request = body.generation_request().normalized()
     created_at = utcnow()
     init_key = None

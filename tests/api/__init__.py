@@ -27,12 +27,13 @@ LOOPBACK = "127.0.0.1"
 
 
 @contextmanager
-def serve(app: ASGIApp) -> Iterator[str]:
+def serve(app: ASGIApp, lifespan: str = "off") -> Iterator[str]:
     """Serve ``app`` in a background thread for the ``with`` block; yields its base URL.
 
     The listening socket is bound and put in listen mode *before* uvicorn starts, so the first request
     simply waits in the kernel's accept queue until the server is up: no polling, no sleeps. uvicorn's
     own logging config is off (``log_config=None``) so it cannot reconfigure logging for other tests.
+    ``lifespan="on"`` for apps from ``api.main.create_app`` (their clients are made in the lifespan).
     """
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -40,7 +41,7 @@ def serve(app: ASGIApp) -> Iterator[str]:
     sock.listen(128)
     port = sock.getsockname()[1]
     config = uvicorn.Config(
-        app, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=2
+        app, log_config=None, access_log=False, lifespan=lifespan, timeout_graceful_shutdown=2
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
