@@ -9,7 +9,7 @@ TORCH_CPU_PIN ?= torch==2.13.0
 HAS_NVIDIA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-all lint format clean generate browser
+.PHONY: install run test test-all lint format clean generate browser check-deploy constraints
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,14 @@ lint: install
 format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+## Offline checks of Dockerfiles, compose, k8s manifests, dashboards (also part of `make test`).
+check-deploy: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests/deploy -q
+
+## Re-pin the image dependencies after changing pyproject.toml.
+constraints: install
+	$(BIN)/python deploy/docker/freeze_constraints.py > deploy/docker/constraints.txt
 
 ## Run the engine alone, e.g. make generate ARGS='"a red fox" --seed 7 -o fox.png'
 generate: install

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 from functools import lru_cache
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
@@ -19,7 +20,10 @@ TINY_MODEL = "tiny"
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="DARKROOM_", extra="ignore", protected_namespaces=())
+    # env_ignore_empty: `DARKROOM_URL_SIGNING_KEY=` must mean "unset", never an empty (forgeable) key.
+    model_config = SettingsConfigDict(
+        env_prefix="DARKROOM_", extra="ignore", protected_namespaces=(), env_ignore_empty=True
+    )
 
     environment: Literal["development", "production"] = Field(
         "production", description="'development' switches logs to readable text."
@@ -37,6 +41,15 @@ class Settings(BaseSettings):
     cpu_offload: bool = Field(False, description="Model CPU offload: smaller GPUs, slower steps.")
     drop_t5: bool = Field(False, description="Load without the T5 encoder (~9 GB less); CLIP-only prompts.")
     warmup: bool = Field(True, description="Run one small generation at load so the first job is not slow.")
+
+    # --- who may call the API ------------------------------------------------------------------------------
+    api_keys: str | None = Field(
+        None, description="Comma-separated 'NAME:sha256:HEX' entries (python -m services.api_keys NAME)."
+    )
+    api_keys_file: Path | None = Field(None, description="File of 'NAME:sha256:HEX' lines.")
+    auth_disabled: bool = Field(False, description="No API keys at all: local development only.")
+    rate_limit_per_minute: int = Field(600, ge=0, description="Submissions per minute per key; 0 disables.")
+    rate_limit_burst: int = Field(60, ge=1, description="Submissions a key may make at once.")
 
     # --- queue and job records ---------------------------------------------------------------------------
     redis_url: str = "redis://127.0.0.1:6379/0"

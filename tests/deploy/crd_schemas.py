@@ -1,0 +1,206 @@
+"""JSON schemas for the custom resources deploy/k8s uses, which kubernetes-validate does not ship.
+
+They cover the fields we rely on, written from the CRDs of KEDA 2.x (``keda.sh/v1alpha1`` ScaledObject)
+and prometheus-operator (``monitoring.coreos.com/v1`` ServiceMonitor), and are closed
+(``additionalProperties: false``) so a misspelt or misplaced field fails instead of being ignored by the
+cluster. Where a field is a Kubernetes type (label selectors, HPA behaviour), the schema points at the
+Kubernetes definition shipped with kubernetes-validate (``K8S_DEFS``), so that part is checked exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+K8S_DEFS = "https://kubernetes.io/api/_definitions.json#/$defs/"
+
+_METADATA: dict[str, Any] = {
+    "type": "object",
+    "required": ["name"],
+    "properties": {
+        "name": {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"},
+        "namespace": {"type": "string"},
+        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+        "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+    },
+    "additionalProperties": False,
+}
+
+
+def _resource(api_version: str, kind: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {"const": api_version},
+            "kind": {"const": kind},
+            "metadata": _METADATA,
+            "spec": spec,
+        },
+        "additionalProperties": False,
+    }
+
+
+# KEDA's prometheus scaler: every metadata value is a string (KEDA's trigger metadata is map[string]string).
+_PROMETHEUS_METADATA = {
+    "type": "object",
+    "required": ["serverAddress", "query", "threshold"],
+    "properties": {
+        key: {"type": "string", "minLength": 1}
+        for key in (
+            "serverAddress",
+            "query",
+            "threshold",
+            "activationThreshold",
+            "namespace",
+            "ignoreNullValues",
+            "unsafeSsl",
+            "customHeaders",
+            "queryParameters",
+            "authModes",
+            "timeout",
+        )
+    },
+    "additionalProperties": False,
+}
+
+SCALED_OBJECT = _resource(
+    "keda.sh/v1alpha1",
+    "ScaledObject",
+    {
+        "type": "object",
+        "required": ["scaleTargetRef", "triggers"],
+        "properties": {
+            "scaleTargetRef": {
+                "type": "object",
+                "required": ["name"],
+                "properties": {
+                    "apiVersion": {"type": "string"},
+                    "kind": {"type": "string"},
+                    "name": {"type": "string"},
+                    "envSourceContainerName": {"type": "string"},
+                },
+                "additionalProperties": False,
+            },
+            "pollingInterval": {"type": "integer", "minimum": 1},
+            "cooldownPeriod": {"type": "integer", "minimum": 0},
+            "initialCooldownPeriod": {"type": "integer", "minimum": 0},
+            "idleReplicaCount": {"type": "integer", "minimum": 0},
+            "minReplicaCount": {"type": "integer", "minimum": 0},
+            "maxReplicaCount": {"type": "integer", "minimum": 1},
+            "fallback": {
+                "type": "object",
+                "required": ["failureThreshold", "replicas"],
+                "properties": {
+                    "failureThreshold": {"type": "integer", "minimum": 1},
+                    "replicas": {"type": "integer", "minimum": 0},
+                    "behavior": {
+                        "enum": [
+                            "static",
+                            "currentReplicas",
+                            "currentReplicasIfHigher",
+                            "currentReplicasIfLower",
+                        ]
+                    },
+                },
+                "additionalProperties": False,
+            },
+            "advanced": {
+                "type": "object",
+                "properties": {
+                    "restoreToOriginalReplicaCount": {"type": "boolean"},
+                    "horizontalPodAutoscalerConfig": {
+                        "type": "object",
+                        "properties": {
+                            "name": {"type": "string"},
+                            "behavior": {
+                                "$ref": K8S_DEFS + "io.k8s.api.autoscaling.v2.HorizontalPodAutoscalerBehavior"
+                            },
+                        },
+                        "additionalProperties": False,
+                    },
+                },
+                "additionalProperties": False,
+            },
+            "triggers": {
+                "type": "array",
+                "minItems": 1,
+                "items": {
+                    "type": "object",
+                    "required": ["type", "metadata"],
+                    "properties": {
+                        "type": {"type": "string"},
+                        "name": {"type": "string"},
+                        "metricType": {"enum": ["AverageValue", "Value", "Utilization"]},
+                        "useCachedMetrics": {"type": "boolean"},
+                        "authenticationRef": {
+                            "type": "object",
+                            "required": ["name"],
+                            "properties": {"name": {"type": "string"}, "kind": {"type": "string"}},
+                            "additionalProperties": False,
+                        },
+                        "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
+                    },
+                    "additionalProperties": False,
+                    "if": {"properties": {"type": {"const": "prometheus"}}},
+                    "then": {"properties": {"metadata": _PROMETHEUS_METADATA}},
+                },
+            },
+        },
+        "additionalProperties": False,
+    },
+)
+
+# prometheus-operator's Duration: 30s, 1m30s, 0, ...
+_PROMETHEUS_DURATION = (
+    "^(0|" + "".join(f"(([0-9]+){unit})?" for unit in ("y", "w", "d", "h", "m", "s", "ms")) + ")$"
+)
+
+_ENDPOINT = {
+    "type": "object",
+    "properties": {
+        "port": {"type": "string"},
+        "targetPort": {"type": ["string", "integer"]},
+        "path": {"type": "string", "pattern": "^/"},
+        "scheme": {"enum": ["http", "https"]},
+        "interval": {
+            "type": "string",
+            "pattern": _PROMETHEUS_DURATION,
+        },
+        "scrapeTimeout": {"type": "string"},
+        "honorLabels": {"type": "boolean"},
+        "relabelings": {"type": "array", "items": {"type": "object"}},
+        "metricRelabelings": {"type": "array", "items": {"type": "object"}},
+    },
+    "additionalProperties": False,
+}
+
+SERVICE_MONITOR = _resource(
+    "monitoring.coreos.com/v1",
+    "ServiceMonitor",
+    {
+        "type": "object",
+        "required": ["selector", "endpoints"],
+        "properties": {
+            "selector": {"$ref": K8S_DEFS + "io.k8s.apimachinery.pkg.apis.meta.v1.LabelSelector"},
+            "namespaceSelector": {
+                "type": "object",
+                "properties": {
+                    "any": {"type": "boolean"},
+                    "matchNames": {"type": "array", "items": {"type": "string"}},
+                },
+                "additionalProperties": False,
+            },
+            "endpoints": {"type": "array", "minItems": 1, "items": _ENDPOINT},
+            "jobLabel": {"type": "string"},
+            "targetLabels": {"type": "array", "items": {"type": "string"}},
+            "podTargetLabels": {"type": "array", "items": {"type": "string"}},
+        },
+        "additionalProperties": False,
+    },
+)
+
+#: (apiVersion, kind) -> schema
+CUSTOM_RESOURCE_SCHEMAS = {
+    ("keda.sh/v1alpha1", "ScaledObject"): SCALED_OBJECT,
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): SERVICE_MONITOR,
+}
