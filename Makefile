@@ -9,7 +9,7 @@ TORCH_CPU_PIN ?= torch==2.13.0
 HAS_NVIDIA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-all lint format clean generate browser check-deploy constraints
+.PHONY: install run test test-all lint format clean generate browser check-deploy constraints openapi
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/python -m api.openapi --check
+
+## Re-export docs/openapi.json after changing routes or schemas (the drift test fails until you do).
+openapi: install
+	$(BIN)/python -m api.openapi
 
 format: install
 	$(BIN)/ruff check --fix .

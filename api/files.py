@@ -16,7 +16,17 @@ from services.storage import FileStorage, InvalidKey, ObjectNotFound
 router = APIRouter(tags=["files"], responses=PROBLEM_RESPONSES)
 
 
-@router.get("/v1/files/{key:path}", summary="Download a stored image (file:// storage only)")
+_IMAGE_BYTES = {"schema": {"type": "string", "format": "binary"}}
+
+
+@router.get(
+    "/v1/files/{key:path}",
+    summary="Download a stored image (file:// storage only)",
+    operation_id="downloadFile",
+    response_class=Response,
+    response_description="The image bytes.",
+    responses={200: {"content": dict.fromkeys(("image/png", "image/jpeg", "image/webp"), _IMAGE_BYTES)}},
+)
 async def download_file(
     key: str, state: StateDep, expires: str | None = None, signature: str | None = None
 ) -> Response:

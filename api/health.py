@@ -16,12 +16,17 @@ router = APIRouter(tags=["health"])
 _READY_TIMEOUT_S = 2.0
 
 
-@router.get("/healthz", summary="Liveness: the process answers")
+@router.get(
+    "/healthz",
+    summary="Liveness: the process answers",
+    operation_id="healthz",
+    responses=PROBLEM_RESPONSES,
+)
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Readiness: Redis answers", responses=PROBLEM_RESPONSES)
+@router.get("/readyz", summary="Readiness: Redis answers", operation_id="readyz", responses=PROBLEM_RESPONSES)
 async def readyz(state: StateDep) -> dict[str, str]:
     try:
         await asyncio.wait_for(state.redis_async.ping(), timeout=_READY_TIMEOUT_S)
@@ -30,7 +35,17 @@ async def readyz(state: StateDep) -> dict[str, str]:
     return {"status": "ready"}
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    operation_id="metrics",
+    response_class=Response,
+    response_description="Prometheus text exposition format.",
+    responses={
+        200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
+        **PROBLEM_RESPONSES,
+    },
+)
 async def prometheus_metrics(state: StateDep) -> Response:
     def refresh_queue_depths() -> None:
         redis = state.clients.redis

@@ -34,8 +34,8 @@ from schemas.sizes import (
 MAX_SEED = 2**32 - 1
 MAX_PROMPT_CHARS = 10_000
 SD35_MEDIUM_NUM_LAYERS = 24
-# Validation context the worker uses to re-read a request the API already normalised (seed and size filled
-# in); a client-sent body never carries it, so clients still may not mix aspect_ratio with width/height.
+# Validation context the worker uses to re-read a request the API already normalised: its init image is in
+# storage, not inline, so `strength` stands alone there. A client-sent body never carries this context.
 NORMALIZED_CONTEXT: dict[str, bool] = {"normalized": True}
 
 
@@ -79,6 +79,11 @@ class SkipLayerGuidance(BaseModel):
         return self
 
 
+def _also_accepts_booleans(schema: dict[str, Any]) -> None:
+    """Document the `true`/`false` shorthand the validator below accepts, for spec-generated clients."""
+    schema["anyOf"].insert(0, {"type": "boolean"})
+
+
 class GenerationRequest(BaseModel):
     """A text-to-image (or image-to-image) request, as clients send it and as the job stores it."""
 
@@ -111,6 +116,7 @@ class GenerationRequest(BaseModel):
     skip_layer_guidance: SkipLayerGuidance | None = Field(
         None,
         validate_default=True,
+        json_schema_extra=_also_accepts_booleans,
         description="true for SD3.5-M's documented settings (layers 7,8,9, scale 2.8, 0.01..0.2), "
         "or an object.",
     )
@@ -195,11 +201,6 @@ class GenerationRequest(BaseModel):
     def _one_way_to_size(cls, ratio: AspectRatio | None, info: ValidationInfo) -> AspectRatio | None:
         if ratio is None or info.data.get("width") is None:
             return ratio
-        if (
-            info.context == NORMALIZED_CONTEXT
-            and (info.data["width"], info.data.get("height")) == (ASPECT_RATIO_SIZES[ratio])
-        ):
-            return ratio
         raise ValueError("give either aspect_ratio or width and height, not both")
 
     @field_validator("skip_layer_guidance", mode="before")
@@ -269,7 +270,13 @@ class GenerationRequest(BaseModel):
         chosen_seed = self.seed if self.seed is not None else seed
         if chosen_seed is None:
             chosen_seed = secrets.randbelow(MAX_SEED + 1)
-        updates: dict[str, Any] = {"seed": chosen_seed, "width": width, "height": height}
+        # aspect_ratio is resolved into width/height and dropped, so a client can replay job.request as is.
+        updates: dict[str, Any] = {
+            "seed": chosen_seed,
+            "width": width,
+            "height": height,
+            "aspect_ratio": None,
+        }
         if self.is_image_to_image and self.strength is None:
             updates["strength"] = 0.6
         if self.output_format is not OutputFormat.PNG and self.output_quality is None:

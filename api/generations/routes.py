@@ -22,18 +22,41 @@ def _job_response(job: Job, status_code: int, headers: dict[str, str] | None = N
     return JSONResponse(job.model_dump(mode="json"), status_code=status_code, headers=headers)
 
 
+_LOCATION = {"Location": {"description": "The job's URL.", "schema": {"type": "string"}}}
+
+
 @router.post(
     "",
     status_code=202,
     response_model=Job,
     summary="Submit a generation job",
-    responses={200: {"model": Job, "description": "Finished within the 'Prefer: wait' time."}},
+    operation_id="createGeneration",
+    response_description="Queued (or still running after 'Prefer: wait'): follow it at Location.",
+    responses={
+        200: {
+            "model": Job,
+            "description": "Finished within the 'Prefer: wait' time.",
+            "headers": {
+                **_LOCATION,
+                "Preference-Applied": {"description": "wait=N, as honoured.", "schema": {"type": "string"}},
+            },
+        },
+        202: {"headers": _LOCATION},
+    },
 )
 async def create_generation(
     body: CreateGeneration,
     state: StateDep,
-    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
-    prefer: Annotated[str | None, Header()] = None,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            max_length=255,
+            description="Same key + same body → the same job; same key + another body → 422.",
+        ),
+    ] = None,
+    prefer: Annotated[
+        str | None, Header(description="wait=N (N ≤ 60): answer 200 with the job if it finishes in time.")
+    ] = None,
 ) -> JSONResponse:
     """Validate and queue a job; answers 202 with the job and its ``Location``.
 
@@ -50,7 +73,13 @@ async def create_generation(
     return _job_response(job, 200 if job.status.is_terminal and wait_s > 0 else 202, headers)
 
 
-@router.get("/{job_id}", response_model=Job, summary="Read a job")
+@router.get(
+    "/{job_id}",
+    response_model=Job,
+    summary="Read a job",
+    operation_id="getGeneration",
+    response_description="The job.",
+)
 async def get_generation(job_id: str, state: StateDep) -> JSONResponse:
     """The job with image URLs signed now (they expire; read again for fresh ones)."""
     return _job_response(await run_in_threadpool(service.view, state, job_id), 200)
@@ -60,6 +89,8 @@ async def get_generation(job_id: str, state: StateDep) -> JSONResponse:
     "/{job_id}/cancel",
     response_model=Job,
     summary="Cancel a job",
+    operation_id="cancelGeneration",
+    response_description="Canceled while queued.",
     responses={202: {"model": Job, "description": "Running: it stops at the next denoising step."}},
 )
 async def cancel_generation(job_id: str, state: StateDep) -> JSONResponse:
@@ -71,6 +102,7 @@ async def cancel_generation(job_id: str, state: StateDep) -> JSONResponse:
 @router.get(
     "/{job_id}/events",
     summary="Follow a job (Server-Sent Events)",
+    operation_id="streamGenerationEvents",
     response_class=StreamingResponse,
     responses={200: {"content": {"text/event-stream": {}}, "description": "status, progress, then job."}},
 )
@@ -78,7 +110,9 @@ async def generation_events(
     job_id: str,
     request: Request,
     state: StateDep,
-    last_event_id: Annotated[str | None, Header()] = None,
+    last_event_id: Annotated[
+        str | None, Header(description="Resume after this event id (reconnecting clients send it).")
+    ] = None,
 ) -> Response:
     """``status`` and ``progress`` events as they happen, then a ``job`` event with the final job; closes."""
     await run_in_threadpool(service.load, state, job_id)  # 404 before the stream starts

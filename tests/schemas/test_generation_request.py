@@ -212,11 +212,18 @@ class TestNormalization:
         assert (payload["width"], payload["height"], payload["output_quality"]) == (1344, 768, 90)
         assert GenerationRequest.model_validate(payload, context=NORMALIZED_CONTEXT) == normalized
 
-    def test_clients_cannot_smuggle_a_mismatched_size_through_the_normalized_form(self) -> None:
-        payload = GenerationRequest(prompt="x", aspect_ratio="16:9").normalized().model_dump(mode="json")
-        payload["width"] = 1024
+    def test_a_client_can_replay_the_normalized_request_as_is(self) -> None:
+        normalized = GenerationRequest(prompt="x", aspect_ratio="16:9").normalized()
+        payload = normalized.model_dump(mode="json", exclude_none=True)
+        assert "aspect_ratio" not in payload  # resolved into width/height
+        replay = GenerationRequest.model_validate(payload)
+        assert (replay.width, replay.height, replay.seed) == (1344, 768, normalized.seed)
+
+    def test_only_the_worker_may_read_strength_without_an_inline_init_image(self) -> None:
+        payload = {"prompt": "x", "strength": 0.4, "width": 512, "height": 512, "seed": 1}
         with pytest.raises(ValidationError):
-            GenerationRequest.model_validate(payload, context=NORMALIZED_CONTEXT)
+            GenerationRequest.model_validate(payload)
+        assert GenerationRequest.model_validate(payload, context=NORMALIZED_CONTEXT).strength == 0.4
 
     def test_image_seeds_wrap_so_each_is_a_valid_request_seed(self) -> None:
         request = GenerationRequest(prompt="x", seed=MAX_SEED - 1, num_images=4)

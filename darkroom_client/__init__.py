@@ -1,0 +1,35 @@
+"""Client for the darkroom API: a typed Python client (:class:`DarkroomClient`) and the ``darkroom`` CLI.
+
+Light on purpose — httpx plus the service's torch-free ``schemas`` — so it installs anywhere a user wants to
+ask for images, not only where the service runs.
+"""
+
+from darkroom_client.client import DEFAULT_URL, DarkroomClient, ProgressCallback, RequestBody
+from darkroom_client.errors import ChecksumMismatch, DarkroomError, WaitTimeout
+from darkroom_client.events import Event
+from schemas.generation import GenerationRequest, OutputFormat, SkipLayerGuidance
+from schemas.jobs import CreateGeneration, ImageResult, Job, JobStatus, Progress
+from schemas.problems import FieldError, Problem
+from schemas.sizes import AspectRatio
+
+__all__ = [
+    "DEFAULT_URL",
+    "AspectRatio",
+    "ChecksumMismatch",
+    "CreateGeneration",
+    "DarkroomClient",
+    "DarkroomError",
+    "Event",
+    "FieldError",
+    "GenerationRequest",
+    "ImageResult",
+    "Job",
+    "JobStatus",
+    "OutputFormat",
+    "Problem",
+    "Progress",
+    "ProgressCallback",
+    "RequestBody",
+    "SkipLayerGuidance",
+    "WaitTimeout",
+]

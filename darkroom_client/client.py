@@ -1,0 +1,406 @@
+"""A thin, typed client for the darkroom API, on httpx and the service's own pydantic models.
+
+Hand-written rather than generated: the API is five calls, and the parts a generator gets wrong are exactly
+the ones worth care here — problem+json errors, ``Prefer: wait``, resuming an SSE stream, and downloading
+images with their checksum verified. Requests and jobs are the ``schemas`` models the server itself uses,
+so a request that validates here is one the server accepts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Generator, Iterator, Mapping
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+from pydantic import BaseModel
+
+from darkroom_client.errors import ChecksumMismatch, DarkroomError, WaitTimeout
+from darkroom_client.events import Event, SSEDecoder
+from schemas.generation import NORMALIZED_CONTEXT, GenerationRequest
+from schemas.jobs import CreateGeneration, ImageResult, Job, JobStatus
+from schemas.problems import PROBLEM_TYPE_BASE, Problem
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+DEFAULT_TIMEOUT_S = 30.0
+# The server pings an idle event stream every 15 s, so 30 s of silence means the connection is dead.
+SSE_READ_TIMEOUT_S = 30.0
+# After this many broken event streams in a row (a buffering proxy, say), wait() polls instead.
+STREAM_FAILURES_BEFORE_POLLING = 3
+# How long wait() rides out a server that answers 503 or cannot be reached before giving up.
+OUTAGE_TOLERANCE_S = 60.0
+
+RequestBody = CreateGeneration | GenerationRequest | Mapping[str, Any]
+"""A model is sent with only the fields that were set; a mapping is sent as-is (validated by the server)."""
+ProgressCallback = Callable[[Job], None]
+Origin = tuple[str, str, int | None]
+
+
+def _version() -> str:
+    try:
+        return metadata.version("darkroom")
+    except metadata.PackageNotFoundError:
+        return "0"
+
+
+def _origin(url: httpx.URL) -> Origin:
+    return (url.scheme, url.host, url.port)
+
+
+class _BearerAuth(httpx.Auth):
+    """``Authorization: Bearer <key>`` on requests to the API's own origin, and nowhere else.
+
+    Image URLs can point at S3 (presigned URLs refuse a second auth mechanism) or a CDN that must never see
+    the key, so the key is scoped to the origin it was configured for.
+    """
+
+    def __init__(self, api_key: str, origin: Origin) -> None:
+        self._header = f"Bearer {api_key}"
+        self._origin = origin
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        if _origin(request.url) == self._origin:
+            request.headers["Authorization"] = self._header
+        yield request
+
+
+def _body(request: RequestBody) -> dict[str, Any]:
+    if isinstance(request, BaseModel):
+        # Unset fields stay unset: the server fills defaults (and a new server may have better ones), and the
+        # Idempotency-Key fingerprint is taken over what the client actually sent.
+        return request.model_dump(mode="json", exclude_unset=True)
+    return dict(request)
+
+
+def _job_path(job_id: str, suffix: str = "") -> str:
+    return f"/v1/generations/{quote(job_id, safe='')}{suffix}"
+
+
+def _parse_job(response: httpx.Response) -> Job:
+    if response.is_error:
+        raise DarkroomError.from_response(response)
+    # The job's request is already normalised (seed and exact size filled in, aspect_ratio kept): reading it
+    # back needs the same context the server renders it with.
+    return Job.model_validate_json(response.content, context=NORMALIZED_CONTEXT)
+
+
+def _not_a_stream(response: httpx.Response) -> DarkroomError:
+    content_type = response.headers.get("content-type", "none")
+    problem = Problem(
+        type=PROBLEM_TYPE_BASE + "unexpected_response",
+        title="Unexpected response",
+        status=response.status_code,
+        detail=f"expected an event stream, got {content_type} (a buffering proxy in between?)",
+        code="unexpected_response",
+    )
+    return DarkroomError(problem, response.headers)
+
+
+class DarkroomClient:
+    """Synchronous client: ``with DarkroomClient(url) as client: job = client.generate(...)``.
+
+    ``timeout`` bounds each request (connect, read, write); waiting for a job is bounded separately by
+    :meth:`wait`'s own ``timeout``. ``transport`` is for tests and custom networking (proxies, retries).
+    """
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_URL,
+        api_key: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        *,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        origin = _origin(httpx.URL(self.base_url))
+        self._http = httpx.Client(
+            base_url=self.base_url,
+            timeout=timeout,
+            auth=_BearerAuth(api_key, origin) if api_key else None,
+            transport=transport,
+            headers={"User-Agent": f"darkroom-client/{_version()}"},
+        )
+
+    def __enter__(self) -> DarkroomClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    # --- the API -----------------------------------------------------------------------------------------
+
+    def generate(
+        self, request: RequestBody, *, idempotency_key: str | None = None, wait: float | None = None
+    ) -> Job:
+        """Submit a job. Returns it queued (202) — or finished, if ``wait`` seconds were enough (200).
+
+        ``idempotency_key`` makes retries safe: the same key and body return the same job instead of a
+        second one. ``wait`` sends ``Prefer: wait=N``; the server caps N (60 s by default).
+        """
+        headers: dict[str, str] = {}
+        timeout: httpx.Timeout | float = self.timeout
+        if idempotency_key is not None:
+            headers["Idempotency-Key"] = idempotency_key
+        if wait is not None and wait > 0:
+            seconds = math.ceil(wait)
+            headers["Prefer"] = f"wait={seconds}"
+            timeout = httpx.Timeout(self.timeout, read=self.timeout + seconds)
+        response = self._http.post("/v1/generations", json=_body(request), headers=headers, timeout=timeout)
+        return _parse_job(response)
+
+    def get(self, job_id: str) -> Job:
+        """The job now, with image URLs freshly signed (they expire: read again rather than store them)."""
+        return _parse_job(self._http.get(_job_path(job_id)))
+
+    def cancel(self, job_id: str) -> Job:
+        """Queued: canceled at once. Running: stops at the next denoising step (the job says so soon after).
+
+        A finished job raises :class:`DarkroomError` with code ``job_already_finished`` (409).
+        """
+        return _parse_job(self._http.post(_job_path(job_id, "/cancel")))
+
+    def events(self, job_id: str, *, last_event_id: str | None = None) -> Iterator[Event]:
+        """The job's events from one connection: ``status`` and ``progress``, then ``job``; then it ends.
+
+        It does not reconnect: :meth:`wait` does that (resuming from the last event id). Pass
+        ``last_event_id`` to resume a stream yourself.
+        """
+        with self._event_stream(job_id, last_event_id, SSE_READ_TIMEOUT_S) as response:
+            decoder = SSEDecoder()
+            for line in response.iter_lines():
+                message = decoder.feed(line)
+                if message is not None:
+                    yield Event.from_sse(message, json.loads(message.data))
+
+    def wait(
+        self,
+        job: Job | str,
+        timeout: float | None = None,
+        on_progress: ProgressCallback | None = None,
+        *,
+        poll_interval: float = 0.5,
+    ) -> Job:
+        """Block until the job finishes (succeeded, failed or canceled) and return it.
+
+        Follows the event stream, resuming after a dropped connection and falling back to polling when
+        streaming keeps failing. While the job is queued it polls instead, because the queue position is
+        computed on read and never streamed. ``on_progress`` gets the job each time its status, queue
+        position or step changes. Raises :class:`WaitTimeout` (the job keeps running) after ``timeout``.
+        """
+        current = job if isinstance(job, Job) else self.get(job)
+        return _Waiter(self, current, timeout, on_progress, poll_interval).run()
+
+    def download(
+        self, image: ImageResult | str, path: str | os.PathLike[str], *, verify: bool = True
+    ) -> Path:
+        """Save an image (a job's :class:`ImageResult`, or a URL) to ``path``; returns the path.
+
+        The file appears only once complete (written beside it, then renamed), and with ``verify`` its
+        SHA-256 must match the job's, else :class:`ChecksumMismatch` and no file.
+        """
+        url = image.url if isinstance(image, ImageResult) else image
+        expected = image.sha256 if isinstance(image, ImageResult) and verify else None
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.part")
+        digest = hashlib.sha256()
+        try:
+            with self._http.stream("GET", url, follow_redirects=True) as response:
+                if response.is_error:
+                    response.read()
+                    raise DarkroomError.from_response(response)
+                with partial.open("wb") as out:
+                    for chunk in response.iter_bytes():
+                        out.write(chunk)
+                        digest.update(chunk)
+            if expected is not None and digest.hexdigest() != expected:
+                raise ChecksumMismatch(url, expected, digest.hexdigest())
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
+        return target
+
+    # --- plumbing ----------------------------------------------------------------------------------------
+
+    @contextmanager
+    def _event_stream(
+        self, job_id: str, last_event_id: str | None, read_timeout: float
+    ) -> Iterator[httpx.Response]:
+        headers = {"Accept": "text/event-stream"}
+        if last_event_id is not None:
+            headers["Last-Event-ID"] = last_event_id
+        timeout = httpx.Timeout(self.timeout, read=read_timeout)
+        with self._http.stream(
+            "GET", _job_path(job_id, "/events"), headers=headers, timeout=timeout
+        ) as response:
+            if response.is_error:
+                response.read()
+                raise DarkroomError.from_response(response)
+            if not response.headers.get("content-type", "").startswith("text/event-stream"):
+                raise _not_a_stream(response)
+            yield response
+
+
+class _StreamEnded(Exception):
+    """The event stream closed before the final ``job`` event (a proxy timeout, a server restart)."""
+
+
+def _apply(job: Job, event: Event) -> Job:
+    """The job updated by one event, only ever forwards, so a replayed older event changes nothing.
+
+    A terminal ``status`` event is left for the ``job`` event right behind it: only that (or a fresh read)
+    carries the images and errors, and a job marked finished without them would look empty.
+    """
+    if event.job is not None:
+        return event.job
+    update: dict[str, Any] = {}
+    if event.status is JobStatus.RUNNING and job.status is JobStatus.QUEUED:
+        update = {"status": JobStatus.RUNNING, "queue_position": None}
+    progress = event.progress
+    if progress is not None and (job.progress is None or progress.step > job.progress.step):
+        update["progress"] = progress
+    return job.model_copy(update=update) if update else job
+
+
+class _Waiter:
+    """One :meth:`DarkroomClient.wait`: the job as last seen, the position in its event stream, the clock."""
+
+    def __init__(
+        self,
+        client: DarkroomClient,
+        job: Job,
+        timeout: float | None,
+        on_progress: ProgressCallback | None,
+        poll_interval: float,
+    ) -> None:
+        self.client = client
+        self.job = job
+        self.timeout = timeout
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.on_progress = on_progress
+        self.poll_interval = poll_interval
+        self.last_event_id: str | None = None
+        self.stream_failures = 0
+        self.finished_unseen = False  # a terminal status arrived but its job event did not
+        self.left_queue = False
+        self.outage_since: float | None = None
+        self._seen: tuple[object, ...] | None = None
+
+    def run(self) -> Job:
+        self._notify()
+        while not self.job.status.is_terminal:
+            self._check_deadline()
+            if self.finished_unseen:
+                self._adopt(self._read_job(pause=0.0))
+            elif self.stream_failures >= STREAM_FAILURES_BEFORE_POLLING:
+                self._adopt(self._read_job(pause=self.poll_interval))
+            elif self.job.status is JobStatus.QUEUED and not self.left_queue:
+                self._while_queued()
+            else:
+                self._try_follow()
+        return self.job
+
+    def _while_queued(self) -> None:
+        """Poll: the queue position is computed on read, never streamed. Once the job has left the queue,
+        follow its stream, which replays the run from the start — so even a job that started and finished
+        between two polls still reports every step to ``on_progress``."""
+        polled = self._read_job(pause=self.poll_interval)
+        if polled is None or polled.status is JobStatus.QUEUED:
+            self._adopt(polled)
+            return
+        self.left_queue = True
+        if self.on_progress is None:  # nobody watches the steps: this read is as good as the stream
+            self._adopt(polled)
+
+    # --- following the stream ----------------------------------------------------------------------------
+
+    def _try_follow(self) -> None:
+        try:
+            self._follow()
+        except (httpx.TransportError, _StreamEnded):
+            self.stream_failures += 1
+        except DarkroomError as exc:
+            if not (exc.retryable or exc.code == "unexpected_response"):
+                raise
+            self.stream_failures += 1
+
+    def _follow(self) -> None:
+        """Read events until the final job arrives; returns early only to tighten the read timeout."""
+        remaining = self._remaining()
+        read_timeout = (
+            SSE_READ_TIMEOUT_S if remaining is None else max(0.1, min(SSE_READ_TIMEOUT_S, remaining))
+        )
+        with self.client._event_stream(self.job.id, self.last_event_id, read_timeout) as response:
+            decoder = SSEDecoder()
+            for line in response.iter_lines():
+                message = decoder.feed(line)
+                if message is not None:
+                    event = Event.from_sse(message, json.loads(message.data))
+                    self.last_event_id = event.id or self.last_event_id
+                    self.finished_unseen = event.status is not None and event.status.is_terminal
+                    self.job = _apply(self.job, event)
+                    self.stream_failures = 0
+                    self._notify()
+                    if event.job is not None:
+                        return
+                self._check_deadline()
+                remaining = self._remaining()
+                if remaining is not None and read_timeout - remaining > 2.0:
+                    return  # reconnect (resuming) with a read timeout that ends at the deadline
+        raise _StreamEnded
+
+    # --- polling -----------------------------------------------------------------------------------------
+
+    def _read_job(self, pause: float) -> Job | None:
+        """Sleep ``pause``, then read the job; None while riding out a short outage (503, refused)."""
+        if self.outage_since is not None:
+            pause = max(pause, min(5.0, 2 * self.poll_interval))
+        remaining = self._remaining()
+        time.sleep(pause if remaining is None else max(0.0, min(pause, remaining)))
+        try:
+            job = self.client.get(self.job.id)
+        except (httpx.TransportError, DarkroomError) as exc:
+            if isinstance(exc, DarkroomError) and not exc.retryable:
+                raise
+            now = time.monotonic()
+            self.outage_since = self.outage_since or now
+            if now - self.outage_since > OUTAGE_TOLERANCE_S:
+                raise
+            return None
+        self.outage_since = None
+        return job
+
+    def _adopt(self, job: Job | None) -> None:
+        if job is not None:
+            self.job = job
+            self._notify()
+
+    # --- bookkeeping -------------------------------------------------------------------------------------
+
+    def _notify(self) -> None:
+        if self.on_progress is None:
+            return
+        job = self.job
+        seen = (job.status, job.queue_position, job.progress.step if job.progress else None)
+        if seen != self._seen:
+            self._seen = seen
+            self.on_progress(job)
+
+    def _remaining(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+    def _check_deadline(self) -> None:
+        if self.timeout is not None and (remaining := self._remaining()) is not None and remaining <= 0:
+            raise WaitTimeout(self.job, self.timeout)
