@@ -13,18 +13,34 @@ import redis.asyncio as aredis
 from fastapi import FastAPI
 
 from api import files, health
+from api.auth import ApiKeyMiddleware
 from api.errors import install_error_handlers
 from api.generations.routes import router as generations_router
 from api.middleware import BodySizeLimitMiddleware, MetricsMiddleware, RequestContextMiddleware
 from api.playground import router as playground_router
 from api.state import AppState
+from services.api_keys import KeyRing
 from services.clients import build_clients
 from services.logging import configure_logging
 from services.queue import generation_queue, webhook_queue
+from services.rate_limit import RateLimiter
 from services.settings import Settings, get_settings
 
 # JSON bodies carry at most an init image (10 MB decoded, ~13.4 MB as base64) plus the prompt.
 MAX_BODY_BYTES = 15 * 1024 * 1024
+
+
+def load_keys(settings: Settings) -> KeyRing | None:
+    """The API keys, or None when auth is explicitly off; refuses to start with neither."""
+    if settings.auth_disabled:
+        return None
+    keys = KeyRing.load(settings.api_keys, settings.api_keys_file)
+    if not keys:
+        raise RuntimeError(
+            "no API keys configured: set DARKROOM_API_KEYS or DARKROOM_API_KEYS_FILE (mint one with "
+            "`python -m services.api_keys NAME`), or DARKROOM_AUTH_DISABLED=true for local development"
+        )
+    return keys
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -34,6 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         resolved = settings or get_settings()
         configure_logging(resolved.environment)
+        keys = load_keys(resolved)
         clients = build_clients(resolved)
         redis_async = aredis.Redis.from_url(
             resolved.redis_url, socket_connect_timeout=2, socket_timeout=None, health_check_interval=30
@@ -44,6 +61,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             redis_async=redis_async,
             queue=generation_queue(clients.redis, resolved),
             webhook_queue=webhook_queue(clients.redis, resolved),
+            keys=keys,
+            rate_limiter=(
+                RateLimiter(clients.redis, resolved.rate_limit_per_minute, resolved.rate_limit_burst)
+                if resolved.rate_limit_per_minute
+                else None
+            ),
         )
         try:
             yield
@@ -62,8 +85,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(files.router)
     app.include_router(health.router)
     app.include_router(playground_router)
-    # Outermost first on the way in: request id and logging see everything, metrics see the route.
+    # Added innermost first. On the way in: request id and logging see everything, metrics see the route
+    # (401s included), then the key check, then the body-size guard.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=MAX_BODY_BYTES)
+    app.add_middleware(ApiKeyMiddleware)
     app.add_middleware(MetricsMiddleware)
     app.add_middleware(RequestContextMiddleware)
     return app

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 import redis.asyncio as aredis
 from rq import Queue
 
+from services.api_keys import KeyRing
 from services.clients import ServiceClients
+from services.rate_limit import RateLimiter
 from services.settings import Settings
 
 
@@ -18,3 +20,5 @@ class AppState:
     redis_async: aredis.Redis  # event streams (SSE, Prefer: wait) block here without holding a thread
     queue: Queue
     webhook_queue: Queue
+    keys: KeyRing | None  # None: authentication explicitly disabled (local development)
+    rate_limiter: RateLimiter | None  # None: no per-key submission limit

@@ -73,6 +73,8 @@ class DevStack:
             PYTHONUNBUFFERED="1",
         )
         env.setdefault("DARKROOM_WEBHOOK_SECRET", _webhook_secret(self.data_dir))
+        if not env.get("DARKROOM_API_KEYS") and not env.get("DARKROOM_API_KEYS_FILE"):
+            env.setdefault("DARKROOM_AUTH_DISABLED", "true")  # local only; set keys to try auth locally
         env.setdefault("DARKROOM_WEBHOOK_ALLOW_PRIVATE", "true")  # local receivers are the point of dev
         env.setdefault("DARKROOM_WEBHOOK_ALLOW_HTTP", "true")
         return env

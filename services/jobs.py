@@ -93,6 +93,7 @@ class JobRecord:
     timings: dict[str, float] | None = None
     heartbeat_at: datetime | None = None
     attempt: int = 1
+    owner: str = "anonymous"  # the API key name that created the job; other keys get 404 for it
 
     @classmethod
     def from_hash(cls, job_id: str, raw: Mapping[bytes, bytes]) -> JobRecord:
@@ -123,6 +124,7 @@ class JobRecord:
             timings=loads("timings"),
             heartbeat_at=when("heartbeat_at"),
             attempt=int(data.get("attempt") or 1),
+            owner=data.get("owner") or "anonymous",
         )
 
 
@@ -161,6 +163,7 @@ class JobStore:
                 "status": record.status.value,
                 "created_at": record.created_at,
                 "request": record.request,
+                "owner": record.owner,
                 **({"webhook": record.webhook} if record.webhook else {}),
                 **({"init_image_key": record.init_image_key} if record.init_image_key else {}),
             }

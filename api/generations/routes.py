@@ -8,6 +8,7 @@ from fastapi import APIRouter, Header, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from api.auth import PrincipalDep
 from api.deps import StateDep
 from api.errors import PROBLEM_RESPONSES
 from api.generations import service
@@ -47,6 +48,7 @@ _LOCATION = {"Location": {"description": "The job's URL.", "schema": {"type": "s
 async def create_generation(
     body: CreateGeneration,
     state: StateDep,
+    principal: PrincipalDep,
     idempotency_key: Annotated[
         str | None,
         Header(
@@ -63,13 +65,13 @@ async def create_generation(
     ``Idempotency-Key``: the same key with the same body returns the same job; with another body, 422.
     ``Prefer: wait=N`` (N ≤ 60): answer 200 with the finished job if it ends within N seconds.
     """
-    submission = await run_in_threadpool(service.submit, state, body, idempotency_key)
+    submission = await run_in_threadpool(service.submit, state, principal, body, idempotency_key)
     headers = {"Location": f"/v1/generations/{submission.job_id}"}
     wait_s = preferred_wait(prefer, state.settings.max_wait.total_seconds())
     if wait_s > 0:
         headers["Preference-Applied"] = f"wait={int(wait_s)}"
         await wait_until_finished(state.redis_async, submission.job_id, wait_s)
-    job = await run_in_threadpool(service.view, state, submission.job_id)
+    job = await run_in_threadpool(service.view, state, principal, submission.job_id)
     return _job_response(job, 200 if job.status.is_terminal and wait_s > 0 else 202, headers)
 
 
@@ -80,9 +82,9 @@ async def create_generation(
     operation_id="getGeneration",
     response_description="The job.",
 )
-async def get_generation(job_id: str, state: StateDep) -> JSONResponse:
+async def get_generation(job_id: str, state: StateDep, principal: PrincipalDep) -> JSONResponse:
     """The job with image URLs signed now (they expire; read again for fresh ones)."""
-    return _job_response(await run_in_threadpool(service.view, state, job_id), 200)
+    return _job_response(await run_in_threadpool(service.view, state, principal, job_id), 200)
 
 
 @router.post(
@@ -93,9 +95,9 @@ async def get_generation(job_id: str, state: StateDep) -> JSONResponse:
     response_description="Canceled while queued.",
     responses={202: {"model": Job, "description": "Running: it stops at the next denoising step."}},
 )
-async def cancel_generation(job_id: str, state: StateDep) -> JSONResponse:
+async def cancel_generation(job_id: str, state: StateDep, principal: PrincipalDep) -> JSONResponse:
     """Queued → canceled at once (200). Running → interrupted at the next step (202). Finished → 409."""
-    job = await run_in_threadpool(service.cancel, state, job_id)
+    job = await run_in_threadpool(service.cancel, state, principal, job_id)
     return _job_response(job, 200 if job.status.is_terminal else 202)
 
 
@@ -110,15 +112,16 @@ async def generation_events(
     job_id: str,
     request: Request,
     state: StateDep,
+    principal: PrincipalDep,
     last_event_id: Annotated[
         str | None, Header(description="Resume after this event id (reconnecting clients send it).")
     ] = None,
 ) -> Response:
     """``status`` and ``progress`` events as they happen, then a ``job`` event with the final job; closes."""
-    await run_in_threadpool(service.load, state, job_id)  # 404 before the stream starts
+    await run_in_threadpool(service.load, state, principal, job_id)  # 404 before the stream starts
 
     async def final_job() -> dict[str, Any]:
-        job = await run_in_threadpool(service.view, state, job_id)
+        job = await run_in_threadpool(service.view, state, principal, job_id)
         return job.model_dump(mode="json")
 
     resume_from = last_event_id if last_event_id and _is_stream_id(last_event_id) else "0-0"

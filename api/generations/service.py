@@ -13,7 +13,7 @@ from typing import cast
 
 import structlog
 
-from api.errors import Conflict, NotFound, ServiceUnavailable, UnprocessableRequest
+from api.errors import ApiError, Conflict, NotFound, ServiceUnavailable, UnprocessableRequest
 from api.state import AppState
 from schemas.images import vet_base64_image
 from schemas.jobs import CreateGeneration, Job, JobStatus
@@ -102,14 +102,33 @@ def _check_queue_depth(state: AppState) -> None:
         )
 
 
-def submit(state: AppState, body: CreateGeneration, idempotency_key: str | None) -> Submission:
+def _check_rate(state: AppState, principal: str) -> None:
+    if state.rate_limiter is None:
+        return
+    decision = state.rate_limiter.take(principal)
+    if not decision.allowed:
+        metrics.SUBMISSIONS.labels("rate_limited").inc()
+        raise ApiError(
+            f"too many submissions for this API key; retry in {decision.retry_after_s} s",
+            status=429,
+            code="rate_limited",
+            headers={"Retry-After": str(decision.retry_after_s)},
+        )
+
+
+def submit(
+    state: AppState, principal: str, body: CreateGeneration, idempotency_key: str | None
+) -> Submission:
     webhook = _check_webhook(state, body)
     job_id = new_job_id()
     if idempotency_key is not None:
-        existing = _claim_idempotency_key(state, idempotency_key, fingerprint(body), job_id)
+        # Keys are scoped to their API key: two clients may pick the same Idempotency-Key independently.
+        scoped_key = f"{principal}\x00{idempotency_key}"
+        existing = _claim_idempotency_key(state, scoped_key, fingerprint(body), job_id)
         if existing is not None:
             metrics.SUBMISSIONS.labels("idempotent_replay").inc()
             return Submission(job_id=existing, created=False)
+    _check_rate(state, principal)
     _check_queue_depth(state)
     request = body.generation_request().normalized()
     created_at = utcnow()
@@ -125,6 +144,7 @@ def submit(state: AppState, body: CreateGeneration, idempotency_key: str | None)
         request=request.model_dump(mode="json", exclude={"init_image"}),
         webhook=webhook,
         init_image_key=init_key,
+        owner=principal,
     )
     store = state.clients.store
     store.create(record)
@@ -143,16 +163,17 @@ def submit(state: AppState, body: CreateGeneration, idempotency_key: str | None)
     return Submission(job_id=job_id, created=True)
 
 
-def load(state: AppState, job_id: str) -> JobRecord:
+def load(state: AppState, principal: str, job_id: str) -> JobRecord:
+    """The job if it exists *and belongs to the caller*; both misses are the same 404 (no enumeration)."""
     record = state.clients.store.get(job_id)
-    if record is None:
+    if record is None or record.owner != principal:
         raise NotFound(f"no generation job {job_id!r}")
     return record
 
 
-def view(state: AppState, job_id: str) -> Job:
+def view(state: AppState, principal: str, job_id: str) -> Job:
     """The public job, with URLs signed now and the current queue position."""
-    record = load(state, job_id)
+    record = load(state, principal, job_id)
     position = None
     if record.status is JobStatus.QUEUED:
         position = queue_position(state.clients.redis, state.queue, job_id)
@@ -166,10 +187,10 @@ def view(state: AppState, job_id: str) -> Job:
     )
 
 
-def cancel(state: AppState, job_id: str) -> Job:
+def cancel(state: AppState, principal: str, job_id: str) -> Job:
     """Queued: canceled at once. Running: interrupted at the next denoising step. Finished: 409."""
     store = state.clients.store
-    record = load(state, job_id)
+    record = load(state, principal, job_id)
     if record.status.is_terminal:
         raise Conflict(f"job {job_id} is already {record.status.value}", code="job_already_finished")
     if record.status is JobStatus.QUEUED:
@@ -187,8 +208,8 @@ def cancel(state: AppState, job_id: str) -> Job:
             store.touch_terminal(job_id)
             metrics.JOBS.labels(JobStatus.CANCELED.value).inc()
             schedule_webhook_event(store, state.webhook_queue, job_id, "completed")
-            return view(state, job_id)
+            return view(state, principal, job_id)
         if done.previous is not None and done.previous.is_terminal:
             raise Conflict(f"job {job_id} is already {done.previous.value}", code="job_already_finished")
     store.request_cancel(job_id)  # running (or just started): the worker stops at the next step
-    return view(state, job_id)
+    return view(state, principal, job_id)

@@ -15,7 +15,11 @@ def test_a_full_queue_answers_503_with_retry_after_and_accepts_again_once_draine
     redis_url: str, redis_client: object, tmp_path: Path
 ) -> None:
     settings = Settings(
-        redis_url=redis_url, storage_url=f"file://{tmp_path}", max_queue_depth=3, queue_full_retry_after=7
+        redis_url=redis_url,
+        storage_url=f"file://{tmp_path}",
+        max_queue_depth=3,
+        queue_full_retry_after=7,
+        auth_disabled=True,
     )
     body = {"prompt": "a fox", "width": 512, "height": 512}
     with serve(create_app(settings), lifespan="on") as url, httpx.Client(base_url=url, timeout=10) as client:
