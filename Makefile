@@ -9,7 +9,7 @@ TORCH_CPU_PIN ?= torch==2.13.0
 HAS_NVIDIA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-all lint format clean generate browser check-deploy constraints openapi
+.PHONY: install run test test-all lint format clean generate browser check-deploy constraints openapi bench bench-gpu
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -55,6 +55,15 @@ check-deploy: install
 ## Re-pin the image dependencies after changing pyproject.toml.
 constraints: install
 	$(BIN)/python deploy/docker/freeze_constraints.py > deploy/docker/constraints.txt
+
+## CPU benchmarks (service overhead, API load, Redis cost) and the fleet simulation; see BENCHMARKS.md.
+bench: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m bench.service --wait-quiet 1.2
+	$(BIN)/python -m bench.fleet_sim
+
+## The GPU benchmark (full-size SD3.5-M architecture, random weights) on a CUDA machine.
+bench-gpu: install
+	$(BIN)/python -m bench.gpu --size full
 
 ## Run the engine alone, e.g. make generate ARGS='"a red fox" --seed 7 -o fox.png'
 generate: install
