@@ -51,17 +51,17 @@ def test_full_lifecycle_with_queue_position_progress_and_reproducible_bytes(file
     assert second.json()["queue_position"] == 1
     assert second.json()["request"]["seed"] == 42
 
-    running = file_stack.wait_for(first.json()["id"], {"running"})
+    running = file_stack.wait_for(first.json()["id"], {"running"}, timeout=180)
     assert running["started_at"] is not None
     with file_stack.client() as client:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while (job := client.get(f"/v1/generations/{first.json()['id']}").json())["progress"] is None:
             assert time.monotonic() < deadline
             time.sleep(0.05)
     assert job["progress"]["total"] == 100 and job["progress"]["step"] >= 1
-    file_stack.wait_for(first.json()["id"], {"succeeded"}, timeout=120)
+    file_stack.wait_for(first.json()["id"], {"succeeded"}, timeout=300)
 
-    done = file_stack.wait_for(second_id, {"succeeded"})
+    done = file_stack.wait_for(second_id, {"succeeded"}, timeout=120)
     assert done["queue_position"] is None and done["completed_at"] is not None
     [image] = done["images"]
     data = download(image["url"])
