@@ -102,7 +102,8 @@ def execute_generation(ctx: WorkerContext, job_id: str) -> str:
         job_id,
         JobStatus.RUNNING,
         allowed_from=(JobStatus.QUEUED,),
-        fields={"started_at": started_at, "worker": ctx.worker_name},
+        # heartbeat_at restarts with the claim: a previous run's stale beat must not get this run requeued.
+        fields={"started_at": started_at, "heartbeat_at": started_at, "worker": ctx.worker_name},
         at=started_at,
     )
     if not claimed.applied:
