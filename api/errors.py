@@ -51,6 +51,11 @@ _HTTP_CODES: dict[int, str] = {
 # Pydantic prefixes messages of errors raised inside validators; the prefix is noise to an API client.
 _PYDANTIC_PREFIX = re.compile(r"^(Value error|Assertion failed), ")
 
+# A 15 MB body can name a million unknown fields: list only this many, each name cut to this length, so a
+# hostile request cannot make the error response (and the work of building it) larger than the request.
+MAX_LISTED_ERRORS = 100
+MAX_FIELD_NAME_CHARS = 200
+
 REDIS_RETRY_AFTER_S = 1
 """Retry-After for Redis outages: short, because a restart or failover usually takes seconds."""
 
@@ -258,7 +263,8 @@ def _field_name(loc: Sequence[int | str]) -> str:
     parts = list(loc)
     if parts and parts[0] == "body":
         parts = parts[1:]
-    return ".".join(str(part) for part in parts) or "body"
+    name = ".".join(str(part) for part in parts) if parts else "body"
+    return name if len(name) <= MAX_FIELD_NAME_CHARS else name[: MAX_FIELD_NAME_CHARS - 1] + "…"
 
 
 async def _validation_handler(request: Request, exc: Exception) -> Response:
@@ -283,15 +289,16 @@ async def _validation_handler(request: Request, exc: Exception) -> Response:
             message=_PYDANTIC_PREFIX.sub("", str(error.get("msg", ""))),
             type=str(error.get("type", "invalid")),
         )
-        for error in errors
+        for error in errors[:MAX_LISTED_ERRORS]
     ]
     fields = ", ".join(dict.fromkeys(e.field for e in field_errors))
-    noun = "field" if len(field_errors) == 1 else "fields"
+    noun = "field" if len(errors) == 1 else "fields"
+    listed = f" (the first {MAX_LISTED_ERRORS} are listed)" if len(errors) > MAX_LISTED_ERRORS else ""
     problem = Problem(
         type=problem_type("validation_error"),
         title=status_title(422),
         status=422,
-        detail=f"The request has {len(field_errors)} invalid {noun}: {fields}.",
+        detail=f"The request has {len(errors)} invalid {noun}{listed}: {fields}.",
         instance=instance,
         code="validation_error",
         errors=field_errors,
@@ -311,6 +318,16 @@ def _malformed_json(instance: str, detail: str) -> Response:
     return problem_response(problem)
 
 
+def _undecodable_body_reason(cause: BaseException | None) -> str | None:
+    if isinstance(cause, UnicodeDecodeError):
+        return "it is not UTF-8 encoded"
+    if isinstance(cause, RecursionError):
+        return "it is nested too deeply"
+    if isinstance(cause, ValueError):  # int("9" * 5000) refuses, past sys.get_int_max_str_digits()
+        return "it holds a number with too many digits" if "digits" in str(cause) else "it cannot be decoded"
+    return None
+
+
 async def _http_exception_handler(request: Request, exc: Exception) -> Response:
     """Starlette/FastAPI ``HTTPException``: unknown routes (404), wrong methods (405, keeping ``Allow``),
     bodies FastAPI could not parse (400), and our body-size limit (413)."""
@@ -320,10 +337,12 @@ async def _http_exception_handler(request: Request, exc: Exception) -> Response:
     headers = dict(exc.headers or {})
     if status in (204, 304) or status < 400:
         return Response(status_code=status, headers=headers)
-    # FastAPI turns any non-JSONDecodeError failure while decoding the body into a bare 400; a body that is
-    # not UTF-8 is malformed JSON to the client, whatever the decoder's internals.
-    if status == 400 and isinstance(exc.__cause__, UnicodeDecodeError):
-        return _malformed_json(instance, "The request body is not valid JSON: it is not UTF-8 encoded.")
+    # FastAPI turns any non-JSONDecodeError failure while decoding the body into a bare 400. To the client
+    # these are all malformed JSON, whatever the decoder's internals: bytes that are not UTF-8, nesting
+    # deeper than the parser's recursion limit, an integer past Python's 4300-digit conversion limit.
+    reason = _undecodable_body_reason(exc.__cause__) if status == 400 else None
+    if reason is not None:
+        return _malformed_json(instance, f"The request body is not valid JSON: {reason}.")
     title = status_title(status)
     detail: str | None = exc.detail if isinstance(exc.detail, str) and exc.detail != title else None
     if status == 404 and "route" not in request.scope:

@@ -15,12 +15,13 @@ from fastapi import FastAPI
 from api import files, health
 from api.auth import ApiKeyMiddleware
 from api.errors import install_error_handlers
+from api.generations.events import READ_TIMEOUT_S
 from api.generations.routes import router as generations_router
 from api.middleware import BodySizeLimitMiddleware, MetricsMiddleware, RequestContextMiddleware
 from api.playground import router as playground_router
 from api.state import AppState
 from services.api_keys import KeyRing
-from services.clients import build_clients
+from services.clients import REDIS_CONNECT_TIMEOUT_S, build_clients
 from services.logging import configure_logging
 from services.queue import generation_queue, webhook_queue
 from services.rate_limit import RateLimiter
@@ -52,8 +53,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         configure_logging(resolved.environment)
         keys = load_keys(resolved)
         clients = build_clients(resolved)
+        # Event streams block in XREAD for at most a few seconds at a time, so a socket timeout just above
+        # that bounds every call: SSE and ``Prefer: wait`` never hang on a Redis that stopped answering.
         redis_async = aredis.Redis.from_url(
-            resolved.redis_url, socket_connect_timeout=2, socket_timeout=None, health_check_interval=30
+            resolved.redis_url,
+            socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
+            socket_timeout=READ_TIMEOUT_S,
+            health_check_interval=30,
         )
         app.state.darkroom = AppState(
             settings=resolved,

@@ -39,6 +39,16 @@ SD35_MEDIUM_NUM_LAYERS = 24
 NORMALIZED_CONTEXT: dict[str, bool] = {"normalized": True}
 
 
+def json_number(value: Any) -> Any:
+    """Refuse what pydantic's lax mode would coerce into a number: ``true`` is 1 and ``"512"`` is 512 to it,
+    but neither is a JSON Schema integer/number, and both are client bugs worth reporting, not guessing at."""
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not a boolean")
+    if isinstance(value, str | bytes):
+        raise ValueError("must be a JSON number, not a string")
+    return value
+
+
 class OutputFormat(StrEnum):
     PNG = "png"
     JPEG = "jpeg"
@@ -64,6 +74,19 @@ class SkipLayerGuidance(BaseModel):
     scale: float = Field(2.8, ge=0, le=10, allow_inf_nan=False)
     start: float = Field(0.01, ge=0, le=1, allow_inf_nan=False)
     stop: float = Field(0.2, ge=0, le=1, allow_inf_nan=False)
+
+    @field_validator("scale", "start", "stop", mode="before")
+    @classmethod
+    def _numbers_only(cls, value: Any) -> Any:
+        return json_number(value)
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _layers_are_numbers(cls, layers: Any) -> Any:
+        if isinstance(layers, list):
+            for layer in layers:
+                json_number(layer)
+        return layers
 
     @field_validator("layers")
     @classmethod
@@ -158,21 +181,28 @@ class GenerationRequest(BaseModel):
             raise ValueError("must be valid Unicode text (no lone surrogates)") from None
         return text
 
-    @field_validator("seed", mode="before")
+    @field_validator(
+        "seed",
+        "width",
+        "height",
+        "num_inference_steps",
+        "guidance_scale",
+        "num_images",
+        "output_quality",
+        "max_sequence_length",
+        "strength",
+        mode="before",
+    )
     @classmethod
-    def _seed_range(cls, seed: Any) -> Any:
-        if isinstance(seed, bool):
-            raise ValueError("seed must be an integer, not a boolean")
-        if isinstance(seed, int) and not 0 <= seed <= MAX_SEED:
+    def _numbers_only(cls, value: Any) -> Any:
+        return json_number(value)
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_range(cls, seed: int | None) -> int | None:
+        if seed is not None and not 0 <= seed <= MAX_SEED:
             raise ValueError(f"seed must be 0..{MAX_SEED}; omit it (or send null) for a random seed")
         return seed
-
-    @field_validator("width", "height", mode="before")
-    @classmethod
-    def _no_bool_sides(cls, side: Any) -> Any:
-        if isinstance(side, bool):
-            raise ValueError("must be an integer number of pixels")
-        return side
 
     @field_validator("width", "height")
     @classmethod

@@ -15,14 +15,20 @@ inherited from a parent must not be shared with it.
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
 import httpx
+import redis.exceptions
+import structlog
 from redis import Redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from services.jobs import JobStore
 from services.settings import Settings, get_settings
@@ -36,7 +42,63 @@ DEFAULT_PUBLIC_URL = "http://127.0.0.1:8000"
 #: Route under which the API serves ``file://`` objects; the storage appends the object key.
 FILES_PATH = "/v1/files/"
 
+#: Redis clients fail fast: a stopped Redis refuses at once, but an unreachable host would otherwise hold a
+#: request (or a worker) for the OS's TCP timeouts. The API turns the error into 503 ``redis_unavailable``.
+REDIS_CONNECT_TIMEOUT_S = 2.0
+#: Ordinary commands answer in milliseconds; RQ's blocking dequeue uses a client of its own (see workers).
+REDIS_SOCKET_TIMEOUT_S = 5.0
+#: "Redis cannot be reached right now" (down, restarting, loading its AOF, too slow), as opposed to a bug.
+REDIS_UNAVAILABLE: tuple[type[Exception], ...] = (
+    redis.exceptions.ConnectionError,  # BusyLoadingError (still loading the AOF) is a subclass
+    redis.exceptions.TimeoutError,
+)
+
 T = TypeVar("T")
+log = structlog.get_logger(__name__)
+
+
+def make_redis(url: str, *, socket_timeout: float | None = REDIS_SOCKET_TIMEOUT_S) -> Redis:
+    """A sync, bytes-mode Redis client with explicit timeouts.
+
+    One quick retry on a connection error: after a Redis restart every pooled connection is dead, and the
+    retry reconnects instead of failing the first command on each of them. Commands we send are safe to
+    repeat (the job-status script checks the current status first, so a repeated transition is refused).
+    """
+    return Redis.from_url(
+        url,
+        socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
+        socket_timeout=socket_timeout,
+        health_check_interval=30,
+        retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), retries=1),
+    )
+
+
+def retry_while_redis_down(
+    operation: Callable[[], T],
+    *,
+    what: str,
+    deadline_s: float = math.inf,
+    should_stop: Callable[[], bool] = lambda: False,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> T:
+    """Run ``operation``, retrying while Redis is unreachable (backoff 0.25 s doubling to 2 s), for workers.
+
+    Gives up, re-raising the last error, once ``deadline_s`` has passed or ``should_stop()`` says so (a
+    worker asked to shut down must not wait for Redis forever). Other errors propagate at once.
+    """
+    deadline = clock() + deadline_s
+    delay = 0.25
+    while True:
+        try:
+            return operation()
+        except REDIS_UNAVAILABLE as exc:
+            remaining = deadline - clock()
+            if remaining <= 0 or should_stop():
+                raise
+            log.warning("redis.unavailable", operation=what, retry_in_s=delay, error=str(exc))
+            sleep(min(delay, remaining))
+            delay = min(delay * 2, 2.0)
 
 
 def shared_url_signing_key(redis: Redis, settings: Settings) -> bytes:
@@ -90,7 +152,7 @@ class ServiceClients:
     @property
     def redis(self) -> Redis:
         """Sync, bytes-mode client (like RQ's own connection), so it can be handed to RQ as is."""
-        return self._get("redis", lambda: Redis.from_url(self.settings.redis_url))
+        return self._get("redis", lambda: make_redis(self.settings.redis_url))
 
     @property
     def store(self) -> JobStore:

@@ -22,7 +22,8 @@ from rq.job import Job
 from rq.registry import StartedJobRegistry
 
 from schemas.jobs import JobStatus
-from services.jobs import RUNNING_SET, JobStore, job_key, utcnow
+from services.jobs import RUNNING_SET, JobRecord, JobStore, job_key, utcnow
+from services.queue import queue_position
 
 log = structlog.get_logger(__name__)
 
@@ -50,6 +51,43 @@ def _requeue_rq_job(redis: Redis, queue: Queue, job_id: str) -> None:
     queue.enqueue_job(job, at_front=True)  # it already waited its turn once
 
 
+def _requeue_or_fail(
+    store: JobStore,
+    queue: Queue,
+    record: JobRecord,
+    *,
+    guard: tuple[str, str],
+    reason: str,
+    max_attempts: int,
+    moment: datetime,
+) -> Recovered | None:
+    """Put a running job whose run was cut short back at the front of the queue (or fail it as
+    ``worker_lost`` once it has used ``max_attempts`` runs); None if ``guard`` no longer holds."""
+    redis, job_id = store.redis, record.id
+    if record.attempt >= max_attempts:
+        fields: dict[str, Any] = {
+            "completed_at": moment,
+            "error": {"type": "worker_lost", "message": f"{reason}; giving up after {max_attempts}"},
+        }
+        if not store.transition(
+            job_id, JobStatus.FAILED, allowed_from=(JobStatus.RUNNING,), fields=fields, guard=guard
+        ).applied:
+            return None
+        _forget_executions(redis, queue, job_id)
+        store.touch_terminal(job_id)
+        log.error("job failed: worker lost too often", job_id=job_id, attempts=record.attempt)
+        return Recovered(job_id, "failed", record.attempt)
+    fields = {"attempt": record.attempt + 1, "worker": "", "progress": ""}
+    if not store.transition(
+        job_id, JobStatus.QUEUED, allowed_from=(JobStatus.RUNNING,), fields=fields, guard=guard
+    ).applied:
+        return None
+    _forget_executions(redis, queue, job_id)
+    _requeue_rq_job(redis, queue, job_id)
+    log.warning("lost job requeued", job_id=job_id, reason=reason)
+    return Recovered(job_id, "requeued", record.attempt + 1)
+
+
 def recover_lost_jobs(
     store: JobStore,
     queue: Queue,
@@ -75,29 +113,49 @@ def recover_lost_jobs(
             continue
         guard_field = "heartbeat_at" if record.heartbeat_at else "started_at"
         guard: tuple[str, str] = (guard_field, last_sign_of_life.isoformat())
-        lost_message = f"worker {record.worker} stopped answering during attempt {record.attempt}"
-        if record.attempt >= max_attempts:
-            fields: dict[str, Any] = {
-                "completed_at": moment,
-                "error": {
-                    "type": "worker_lost",
-                    "message": f"{lost_message}; giving up after {max_attempts}",
-                },
-            }
-            if store.transition(
-                job_id, JobStatus.FAILED, allowed_from=(JobStatus.RUNNING,), fields=fields, guard=guard
-            ).applied:
-                _forget_executions(redis, queue, job_id)
-                store.touch_terminal(job_id)
-                done.append(Recovered(job_id, "failed", record.attempt))
-                log.error("job failed: worker lost too often", job_id=job_id, attempts=record.attempt)
-            continue
-        fields = {"attempt": record.attempt + 1, "worker": "", "progress": ""}
-        if store.transition(
-            job_id, JobStatus.QUEUED, allowed_from=(JobStatus.RUNNING,), fields=fields, guard=guard
-        ).applied:
-            _forget_executions(redis, queue, job_id)
-            _requeue_rq_job(redis, queue, job_id)
-            done.append(Recovered(job_id, "requeued", record.attempt + 1))
-            log.warning("lost job requeued", job_id=job_id, reason=lost_message)
+        reason = f"worker {record.worker} stopped answering during attempt {record.attempt}"
+        outcome = _requeue_or_fail(
+            store, queue, record, guard=guard, reason=reason, max_attempts=max_attempts, moment=moment
+        )
+        if outcome is not None:
+            done.append(outcome)
     return done
+
+
+def release_interrupted_job(
+    store: JobStore,
+    queue: Queue,
+    job_id: str,
+    *,
+    worker_name: str,
+    max_attempts: int,
+    now: datetime | None = None,
+) -> Recovered | None:
+    """After a worker's run of ``job_id`` was cut short by lost Redis connectivity, make sure the job is
+    not stranded; called by that worker once Redis answers again.
+
+    - still ``running`` under this worker's name: nobody will finish it, so requeue it now (as recovery
+      would after ``lost_after``, only sooner), guarded by the worker name;
+    - still ``queued`` but no longer on the queue (RQ popped it, then Redis went away before the worker
+      claimed it): put it back at the front;
+    - anything else (finished, or taken over by another worker) needs nothing.
+    """
+    record = store.get(job_id)
+    if record is None:
+        return None
+    if record.status is JobStatus.RUNNING and record.worker == worker_name:
+        reason = f"worker {worker_name} lost its Redis connection during attempt {record.attempt}"
+        return _requeue_or_fail(
+            store,
+            queue,
+            record,
+            guard=("worker", worker_name),
+            reason=reason,
+            max_attempts=max_attempts,
+            moment=now or utcnow(),
+        )
+    if record.status is JobStatus.QUEUED and queue_position(store.redis, queue, job_id) is None:
+        _requeue_rq_job(store.redis, queue, job_id)
+        log.warning("unclaimed job put back on the queue", job_id=job_id)
+        return Recovered(job_id, "requeued", record.attempt)
+    return None

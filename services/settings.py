@@ -79,6 +79,10 @@ class Settings(BaseSettings):
     max_attempts: int = Field(
         3, ge=1, le=20, description="Runs a job may lose to dead workers before failing."
     )
+    redis_retry_deadline: timedelta = Field(
+        timedelta(seconds=60),
+        description="How long a worker retries recording a job's start or end while Redis is unreachable.",
+    )
 
     # --- storage -----------------------------------------------------------------------------------------
     storage_url: str = Field(

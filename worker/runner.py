@@ -10,9 +10,10 @@ from __future__ import annotations
 import base64
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from rq import Queue
@@ -20,14 +21,17 @@ from rq import Queue
 from schemas.generation import NORMALIZED_CONTEXT, GenerationRequest
 from schemas.jobs import JobStatus
 from services import metrics
-from services.jobs import JobRecord, JobStore, utcnow
+from services.clients import REDIS_UNAVAILABLE, retry_while_redis_down
+from services.jobs import JobRecord, JobStore, Transition, utcnow
 from services.storage import Storage, StorageError, StorageUnavailable
 from services.storage.keys import image_key
 from services.webhooks.events import schedule_webhook_event
 from worker.engine import GenerationEngine, GenerationResult
 from worker.errors import EngineError, GenerationCanceled
 
+T = TypeVar("T")
 log = structlog.get_logger(__name__)
+_QUEUED = (JobStatus.QUEUED,)
 _RUNNING = (JobStatus.RUNNING,)
 PROGRESS_WEBHOOK_INTERVAL_S = 1.0  # progress webhooks are throttled harder than progress writes
 
@@ -40,6 +44,13 @@ class WorkerContext:
     webhook_queue: Queue
     worker_name: str
     progress_interval: timedelta
+    #: How long to keep retrying the writes a job cannot do without (claim, outcome) while Redis is away.
+    redis_retry_deadline: timedelta = timedelta(seconds=60)
+
+    def with_redis(self, operation: Callable[[], T], what: str) -> T:
+        """``operation()``, retried through a Redis outage of up to ``redis_retry_deadline``."""
+        deadline_s = self.redis_retry_deadline.total_seconds()
+        return retry_while_redis_down(operation, what=what, deadline_s=deadline_s)
 
 
 class ProgressReporter:
@@ -58,7 +69,10 @@ class ProgressReporter:
         metrics.STEP_TIME.observe(now - self._last_step_at)
         self._last_step_at = now
         if step == total or now - self._last_write >= self.interval_s:
-            self.ctx.store.set_progress(self.job_id, step, total)
+            try:
+                self.ctx.store.set_progress(self.job_id, step, total)
+            except REDIS_UNAVAILABLE as exc:  # progress is best effort: a Redis blip must not stop the GPU
+                log.warning("progress not recorded: redis unavailable", job_id=self.job_id, error=str(exc))
             self._last_write = now
         if self.webhook_interval_s is not None and now - self._last_webhook >= self.webhook_interval_s:
             schedule_webhook_event(self.ctx.store, self.ctx.webhook_queue, self.job_id, "progress")
@@ -91,20 +105,35 @@ def upload_images(ctx: WorkerContext, record: JobRecord, result: GenerationResul
     return stored
 
 
+def cancel_check(ctx: WorkerContext, job_id: str) -> Callable[[], bool]:
+    """``should_cancel`` for the engine: while Redis cannot be asked, the answer is "keep going"."""
+
+    def should_cancel() -> bool:
+        try:
+            return ctx.store.cancel_requested(job_id)
+        except REDIS_UNAVAILABLE:
+            return False
+
+    return should_cancel
+
+
 def execute_generation(ctx: WorkerContext, job_id: str) -> str:
-    """Run job ``job_id``; returns its final status (or why it was skipped) for RQ's result."""
-    record = ctx.store.get(job_id)
+    """Run job ``job_id``; returns its final status (or why it was skipped) for RQ's result.
+
+    Redis may restart under a running job: progress writes and cancel checks are skipped meanwhile, and
+    the claim and the outcome are retried for up to ``ctx.redis_retry_deadline``. Past that the error
+    propagates and the worker puts the job back once Redis answers (``GenerationWorker``).
+    """
+    record = ctx.with_redis(lambda: ctx.store.get(job_id), "read job")
     if record is None:
         log.warning("job record missing; expired or never created", job_id=job_id)
         return "missing"
     started_at = utcnow()
-    claimed = ctx.store.transition(
-        job_id,
-        JobStatus.RUNNING,
-        allowed_from=(JobStatus.QUEUED,),
-        # heartbeat_at restarts with the claim: a previous run's stale beat must not get this run requeued.
-        fields={"started_at": started_at, "heartbeat_at": started_at, "worker": ctx.worker_name},
-        at=started_at,
+    # heartbeat_at restarts with the claim: a previous run's stale beat must not get this run requeued.
+    claim = {"started_at": started_at, "heartbeat_at": started_at, "worker": ctx.worker_name}
+    claimed = ctx.with_redis(
+        lambda: _transition_once(ctx, job_id, JobStatus.RUNNING, _QUEUED, claim, "started_at"),
+        "claim job",
     )
     if not claimed.applied:
         log.info("job not started", job_id=job_id, status=claimed.previous)
@@ -118,23 +147,45 @@ def execute_generation(ctx: WorkerContext, job_id: str) -> str:
     finally:
         metrics.JOBS_RUNNING.dec()
     fields["completed_at"] = utcnow()
-    finished = ctx.store.transition(
-        job_id,
-        status,
-        allowed_from=_RUNNING,
-        fields=fields,
-        at=fields["completed_at"],
-        guard=("worker", ctx.worker_name),
+    finished = ctx.with_redis(
+        lambda: _transition_once(ctx, job_id, status, _RUNNING, fields, "completed_at", guarded=True),
+        "record outcome",
     )
     if not finished.applied:  # presumed lost and handed to another worker meanwhile: its result wins
         log.warning("result discarded: job no longer ours", job_id=job_id, status=finished.previous)
         return f"discarded:{finished.previous}"
-    ctx.store.touch_terminal(job_id)
+    ctx.with_redis(lambda: ctx.store.touch_terminal(job_id), "refresh retention")
     metrics.JOBS.labels(status.value).inc()
     metrics.RUN_TIME.labels(status.value).observe(time.perf_counter() - clock)
     schedule_webhook_event(ctx.store, ctx.webhook_queue, job_id, "completed")
     log.info("job finished", job_id=job_id, status=status.value, error=fields.get("error"))
     return status.value
+
+
+def _transition_once(
+    ctx: WorkerContext,
+    job_id: str,
+    to: JobStatus,
+    allowed_from: tuple[JobStatus, ...],
+    fields: dict[str, Any],
+    stamp: str,
+    *,
+    guarded: bool = False,
+) -> Transition:
+    """A status change of ours (``guarded``: only while the job is still ours), safe to repeat.
+
+    If an earlier try did apply but its reply was lost with the connection, the job already holds exactly
+    this change — our worker name and our ``stamp`` timestamp (``started_at``/``completed_at``) — and that
+    counts as applied rather than as someone else's.
+    """
+    at = fields[stamp]
+    guard = ("worker", ctx.worker_name) if guarded else None
+    done = ctx.store.transition(job_id, to, allowed_from=allowed_from, fields=fields, at=at, guard=guard)
+    if not done.applied and done.previous is to:
+        record = ctx.store.get(job_id)
+        if record is not None and record.worker == ctx.worker_name and getattr(record, stamp) == at:
+            return Transition(applied=True, previous=allowed_from[0])
+    return done
 
 
 def _generate_and_store(ctx: WorkerContext, record: JobRecord) -> tuple[JobStatus, dict[str, Any]]:
@@ -145,7 +196,7 @@ def _generate_and_store(ctx: WorkerContext, record: JobRecord) -> tuple[JobStatu
         result = ctx.engine.generate(
             request,
             on_progress=ProgressReporter(ctx, record),
-            should_cancel=lambda: ctx.store.cancel_requested(job_id),
+            should_cancel=cancel_check(ctx, job_id),
         )
         images = upload_images(ctx, record, result)
     except GenerationCanceled as exc:

@@ -5,6 +5,11 @@ listed as alive can take a job at once, and a model that cannot load fails the p
 RQ's ``SimpleWorker`` runs jobs in this process (CUDA state does not survive ``fork``); because a job then
 blocks RQ's own loop, :class:`GenerationWorker` keeps heartbeats going from a side thread while it runs.
 SIGTERM is RQ's warm shutdown: the current job finishes, then the process exits 0.
+
+Redis restarts are ridden out rather than fatal (see ``services/rq_workers.py``): the worker waits for
+Redis, the runner retries the writes a job cannot do without, and a job whose run the outage cut short is
+put back on the queue as soon as Redis answers. Should the loop still end without being asked to, the
+process exits 1 so its supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -13,21 +18,22 @@ import os
 import secrets
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import structlog
 from prometheus_client import start_http_server
-from rq import SimpleWorker
 from rq.job import Job
 from rq.queue import Queue
 from rq.serializers import JSONSerializer
 
 from services import metrics
-from services.clients import build_clients
+from services.clients import REDIS_UNAVAILABLE, build_clients, make_redis
 from services.jobs import utcnow
 from services.queue import generation_queue, webhook_queue
-from services.recovery import recover_lost_jobs
+from services.recovery import recover_lost_jobs, release_interrupted_job
+from services.rq_workers import ResilientWorker
 from services.settings import Settings
 from services.storage import RetryPolicy
 from worker import tasks
@@ -36,15 +42,18 @@ from worker.pipeline_loader import load_pipeline
 from worker.runner import WorkerContext
 
 log = structlog.get_logger(__name__)
+EXIT_UNEXPECTED_STOP = 1
 
 
-class GenerationWorker(SimpleWorker):
-    """SimpleWorker plus a heartbeat thread while a job runs (RQ's own loop is blocked meanwhile)."""
+class GenerationWorker(ResilientWorker):
+    """A Redis-patient SimpleWorker plus a heartbeat thread while a job runs (RQ's own loop is blocked
+    meanwhile), and a check after every job that its record was not left stranded by a Redis outage."""
 
     heartbeat_interval_s: float = 5.0
     on_heartbeat: Any = None  # Callable[[str], None]: extra per-job heartbeat (our job record)
+    on_interrupted: Any = None  # Callable[[str], None]: put back a job whose run Redis trouble cut short
 
-    def execute_job(self, job: Job, queue: Queue) -> None:
+    def run_job(self, job: Job, queue: Queue) -> None:
         execution = self.prepare_execution(job)
         stop = threading.Event()
 
@@ -54,6 +63,8 @@ class GenerationWorker(SimpleWorker):
                     self.maintain_heartbeats(job, execution)
                     if self.on_heartbeat is not None:
                         self.on_heartbeat(job.id)
+                except REDIS_UNAVAILABLE as exc:  # expected during a Redis restart; no traceback
+                    log.warning("heartbeat failed: redis unavailable", job_id=job.id, error=str(exc))
                 except Exception:  # a missed beat must never take the job down
                     log.warning("heartbeat failed", job_id=job.id, exc_info=True)
 
@@ -64,27 +75,61 @@ class GenerationWorker(SimpleWorker):
         finally:
             stop.set()
             thread.join(timeout=self.heartbeat_interval_s + 1)
-        self.set_state("idle")
+
+    def requeue_interrupted(self, job: Job, queue: Queue) -> None:
+        """Nothing blind here: ``after_job`` looks at the job record and requeues only what needs it."""
+
+    def after_job(self, job: Job, queue: Queue) -> None:
+        """A run can end with its record still ``running`` under our name (Redis was away for longer than
+        the runner retries) or ``queued`` but off the queue (Redis went away between dequeue and claim):
+        put it back now rather than leave it to lost-job recovery."""
+        if self.on_interrupted is None:
+            return
+        try:
+            self.wait_for_redis(lambda: self.on_interrupted(job.id), "release interrupted job")
+        except REDIS_UNAVAILABLE:  # stopping while Redis is away: lost-job recovery takes over
+            log.warning("interrupted job left to lost-job recovery", job_id=job.id)
 
 
 class RecoveryLoop:
-    """Runs lost-job recovery every heartbeat interval from a side thread, for as long as the worker runs."""
+    """Runs lost-job recovery every heartbeat interval from a side thread, for as long as the worker runs.
+
+    After a Redis outage every running job's heartbeat is stale, its worker alive or not: no worker could
+    write one. So once Redis answers again, passes pause for ``lost_after`` — time enough for live workers
+    to beat again — instead of taking over (and redoing) jobs that are about to finish.
+    """
 
     def __init__(self, store: Any, queue: Queue, settings: Settings) -> None:
         self.store, self.queue, self.settings = store, queue, settings
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="lost-job-recovery", daemon=True)
+        self._outage = False
+        self._resume_at: float | None = None
 
     def run_once(self) -> None:
         try:
+            if self._paused_after_outage():
+                return
             recover_lost_jobs(
                 self.store,
                 self.queue,
                 lost_after=self.settings.lost_after,
                 max_attempts=self.settings.max_attempts,
             )
-        except Exception:  # Redis hiccups must not kill the worker; the next pass retries
+        except REDIS_UNAVAILABLE as exc:
+            self._outage = True
+            log.warning("lost-job recovery pass skipped: redis unavailable", error=str(exc))
+        except Exception:  # a bug or a corrupt record must not kill the worker; the next pass retries
             log.warning("lost-job recovery pass failed", exc_info=True)
+
+    def _paused_after_outage(self) -> bool:
+        if self._outage:
+            self.store.redis.ping()  # still down: raises, and the outage goes on
+            self._outage = False
+            pause_s = self.settings.lost_after.total_seconds()
+            self._resume_at = time.monotonic() + pause_s
+            log.info("redis is back; lost-job recovery pauses", seconds=pause_s)
+        return self._resume_at is not None and time.monotonic() < self._resume_at
 
     def _loop(self) -> None:
         while not self._stop.wait(self.settings.heartbeat_interval.total_seconds()):
@@ -123,20 +168,31 @@ def run_worker(settings: Settings, *, burst: bool = False) -> int:
             webhook_queue=webhook_queue(clients.redis, settings),
             worker_name=name,
             progress_interval=settings.progress_interval,
+            redis_retry_deadline=settings.redis_retry_deadline,
         )
     )
     metrics.WORKER_READY.set(1)
     ready_file = Path(settings.ready_file) if settings.ready_file else None
     if ready_file is not None:
         ready_file.write_text(name)
+    # RQ gets a connection of its own: it raises the socket timeout for its blocking dequeue (minutes),
+    # which the job store's ordinary commands must not inherit.
+    connection = make_redis(settings.redis_url, socket_timeout=None)
     worker = GenerationWorker(
-        [generation_queue(clients.redis, settings)],
-        connection=clients.redis,
+        [generation_queue(connection, settings)],
+        connection=connection,
         serializer=JSONSerializer,
         name=name,
     )
     worker.heartbeat_interval_s = settings.heartbeat_interval.total_seconds()
     worker.on_heartbeat = lambda job_id: clients.store.set_fields(job_id, {"heartbeat_at": utcnow()})
+    worker.on_interrupted = lambda job_id: release_interrupted_job(
+        clients.store,
+        worker.queues[0],
+        job_id,
+        worker_name=name,
+        max_attempts=settings.max_attempts,
+    )
     recovery = RecoveryLoop(clients.store, worker.queues[0], settings)
     recovery.run_once()  # before the first job: pick up what a previous incarnation of us left running
     recovery.start()
@@ -149,5 +205,11 @@ def run_worker(settings: Settings, *, burst: bool = False) -> int:
         if ready_file is not None:
             ready_file.unlink(missing_ok=True)
         tasks.install_context(None)
+        connection.close()
         clients.close()
+    if not burst and not worker.stopped_on_request:
+        # RQ's loop ends on its own only on an error it could not handle (logged above): let the
+        # supervisor restart us rather than report a clean exit.
+        log.error("worker loop ended without a stop request")
+        return EXIT_UNEXPECTED_STOP
     return 0

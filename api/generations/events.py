@@ -14,11 +14,17 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 
 import redis.asyncio as aredis
+import structlog
 
 from schemas.jobs import TERMINAL_STATUSES
+from services.clients import REDIS_UNAVAILABLE
 from services.jobs import decode_event, events_key
 
+log = structlog.get_logger(__name__)
+#: Longest single XREAD block. Longer waits are several reads, so the async client's socket timeout
+#: (``READ_TIMEOUT_S``) can stay short and a Redis that stops answering is noticed within seconds.
 _BLOCK_MS = 5_000
+READ_TIMEOUT_S = _BLOCK_MS / 1000 + 5.0
 _PING_EVERY_S = 15.0
 _TERMINAL = {status.value for status in TERMINAL_STATUSES}
 
@@ -43,7 +49,8 @@ async def wait_until_finished(redis: aredis.Redis, job_id: str, timeout_s: float
     deadline = time.monotonic() + timeout_s
     last_id = "0-0"
     while (remaining := deadline - time.monotonic()) > 0:
-        events = await read_events(redis, job_id, last_id, block_ms=max(1, int(remaining * 1000)))
+        block_ms = max(1, min(_BLOCK_MS, int(remaining * 1000)))
+        events = await read_events(redis, job_id, last_id, block_ms=block_ms)
         for entry_id, event in events:
             last_id = entry_id
             if is_terminal_event(event):
@@ -65,11 +72,19 @@ async def sse_stream(
     final_job: Callable[[], Awaitable[dict[str, Any]]],
     is_disconnected: Callable[[], Awaitable[bool]],
 ) -> AsyncIterator[bytes]:
-    """``status`` and ``progress`` events as they happen, then one ``job`` event with the final job."""
+    """``status`` and ``progress`` events as they happen, then one ``job`` event with the final job.
+
+    If Redis becomes unreachable mid-stream the stream just ends (the status line went out long ago, so
+    there is no 503 to send): clients reconnect with ``Last-Event-ID`` and miss nothing.
+    """
     yield b"retry: 2000\n\n"
     last_ping = time.monotonic()
     while not await is_disconnected():
-        events = await read_events(redis, job_id, last_id, block_ms=_BLOCK_MS)
+        try:
+            events = await read_events(redis, job_id, last_id, block_ms=_BLOCK_MS)
+        except REDIS_UNAVAILABLE as exc:
+            log.warning("sse stream ended: redis unavailable", job_id=job_id, error=str(exc))
+            return
         for entry_id, event in events:
             last_id = entry_id
             yield sse_message(event["type"], event["data"], entry_id)

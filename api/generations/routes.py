@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request, Response
@@ -132,6 +133,14 @@ async def generation_events(
     )
 
 
+_STREAM_ID = re.compile(r"([0-9]{1,20})(?:-([0-9]{1,20}))?")
+_MAX_STREAM_ID_PART = 2**64 - 1
+
+
 def _is_stream_id(value: str) -> bool:
-    first, _, second = value.partition("-")
-    return first.isdigit() and (second == "" or second.isdigit()) and len(value) < 64
+    """A Redis stream id Redis itself accepts (``ms`` or ``ms-seq``, each an unsigned 64-bit integer):
+    anything else in Last-Event-ID would make XREAD fail after the stream has started."""
+    match = _STREAM_ID.fullmatch(value)
+    return match is not None and all(
+        int(part) <= _MAX_STREAM_ID_PART for part in match.groups() if part is not None
+    )

@@ -25,7 +25,7 @@ import httpx
 import structlog
 from rq import Queue
 
-from services.clients import ServiceClients, process_clients
+from services.clients import ServiceClients, process_clients, retry_while_redis_down
 from services.job_views import render_job
 from services.jobs import JobRecord, JobStore
 from services.metrics import WEBHOOK_ATTEMPTS
@@ -97,8 +97,18 @@ def retry_policy(settings: Settings) -> RetryPolicy:
 
 
 def deliver_webhook(job_id: str, msg_id: str, attempt: int) -> str:
-    """RQ entry point (``services.queue.WEBHOOK_TASK``): attempt ``attempt`` of message ``msg_id``."""
-    return run_delivery_attempt(DeliveryContext.from_clients(process_clients()), job_id, msg_id, attempt)
+    """RQ entry point (``services.queue.WEBHOOK_TASK``): attempt ``attempt`` of message ``msg_id``.
+
+    Retried whole through a Redis outage of up to ``DARKROOM_REDIS_RETRY_DEADLINE``: failing would leave the
+    delivery ``pending`` with no next attempt scheduled. If Redis went away after the request was sent,
+    the receiver gets it again with the same ``webhook-id`` (at-least-once, as Standard Webhooks expects).
+    """
+    clients = process_clients()
+    return retry_while_redis_down(
+        lambda: run_delivery_attempt(DeliveryContext.from_clients(clients), job_id, msg_id, attempt),
+        what="webhook delivery attempt",
+        deadline_s=clients.settings.redis_retry_deadline.total_seconds(),
+    )
 
 
 def build_payload(

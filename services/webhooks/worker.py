@@ -11,6 +11,8 @@ from running more of these processes, not from forking.
 them to the queue when due. With several workers, one holds the scheduler lock and the others stand by.
 
 SIGTERM is RQ's warm shutdown: an attempt in flight finishes and is recorded, then the process exits 0.
+A Redis restart is waited out (``services.rq_workers``), scheduler included; should the loop still end on
+its own, the process exits 1 so its supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -19,13 +21,12 @@ import logging
 
 import structlog
 from prometheus_client import start_http_server
-from redis import Redis
-from rq import SimpleWorker
 from rq.serializers import JSONSerializer
 
-from services.clients import build_clients, close_process_clients, set_process_clients
+from services.clients import build_clients, close_process_clients, make_redis, set_process_clients
 from services.logging import configure_logging
 from services.queue import webhook_queue
+from services.rq_workers import ResilientWorker
 from services.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -52,14 +53,17 @@ def run_worker(settings: Settings, *, burst: bool = False) -> int:
         log.info("metrics.listening", port=settings.worker_metrics_port)
     # RQ gets its own connection: it raises the socket timeout for its blocking dequeue, which our store's
     # ordinary commands should not inherit.
-    connection = Redis.from_url(settings.redis_url)
+    connection = make_redis(settings.redis_url, socket_timeout=None)
     try:
-        worker = SimpleWorker(
+        worker = ResilientWorker(
             [webhook_queue(connection, settings)], connection=connection, serializer=JSONSerializer
         )
         worker.work(burst=burst, with_scheduler=True, logging_level="INFO")
     finally:
         connection.close()
         close_process_clients()
+    if not burst and not worker.stopped_on_request:
+        log.error("webhook_worker.stopped_unexpectedly")
+        return 1
     log.info("webhook_worker.stopped")
     return 0

@@ -1,0 +1,155 @@
+"""RQ workers that ride out a Redis restart instead of quitting: the base of both of our worker processes.
+
+Out of the box RQ waits for Redis only inside its blocking dequeue. A Redis error anywhere else — the
+heartbeat after a job, the suspension check, the bookkeeping around a job, the state written on SIGTERM —
+reaches the bare ``except`` of ``Worker.work`` and the worker *quits* (exit 0, or 1 on a traceback while
+registering its death); the scheduler process that fires delayed jobs (our webhook retries) dies on the
+first error and is only restarted by a maintenance pass minutes later. So a Redis restart used to take
+every worker down with it.
+
+:class:`ResilientWorker` waits for Redis at each of those places (backoff capped at 2 s, until a stop is
+requested), puts back a job whose bookkeeping Redis cut short, and starts a :class:`ResilientScheduler`,
+whose loop survives Redis errors too. Tasks must tolerate being run again (ours check their record first).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import structlog
+from rq import SimpleWorker
+from rq.defaults import DEFAULT_LOGGING_DATE_FORMAT, DEFAULT_LOGGING_FORMAT
+from rq.job import Job
+from rq.queue import Queue
+from rq.scheduler import RQScheduler
+from rq.worker import WorkerStatus
+
+from services.clients import REDIS_UNAVAILABLE, retry_while_redis_down
+
+T = TypeVar("T")
+log = structlog.get_logger(__name__)
+
+
+class ResilientScheduler(RQScheduler):
+    """RQ's scheduler (a forked process that moves due delayed jobs to their queue), minus dying on the
+    first Redis error."""
+
+    def work(self) -> None:
+        retry_while_redis_down(
+            super().work, what="rq scheduler loop", should_stop=lambda: bool(self._stop_requested)
+        )
+
+
+class ResilientWorker(SimpleWorker):
+    """A ``SimpleWorker`` that waits for Redis wherever RQ would quit on a Redis error."""
+
+    # RQ doubles its wait between failed dequeues up to 60 s; capped, a restarted Redis is noticed in seconds.
+    max_connection_wait_time = 5.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stop_requested = False  # by a signal: RQ only records it when a job is running
+
+    @property
+    def stopped_on_request(self) -> bool:
+        """Whether ``work()`` ended because it was asked to (SIGTERM/SIGINT), not on an error."""
+        return self.stop_requested or bool(self._stop_requested)
+
+    def request_stop(self, signum: Any, frame: Any) -> None:
+        self.stop_requested = True
+        super().request_stop(signum, frame)
+
+    def wait_for_redis(self, operation: Callable[[], T], what: str) -> T:
+        """``operation()``, retried while Redis is unreachable, until it works or a stop is requested."""
+        return retry_while_redis_down(operation, what=what, should_stop=lambda: self.stopped_on_request)
+
+    # --- the places where RQ's loop would quit on a Redis error ------------------------------------------
+
+    def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
+        if pipeline is not None:  # only queues commands on the caller's pipeline: no I/O here
+            super().heartbeat(timeout, pipeline=pipeline)
+            return
+        parent = super().heartbeat
+        self.wait_for_redis(lambda: parent(timeout), "worker heartbeat")
+
+    def check_for_suspension(self, burst: bool) -> None:
+        parent = super().check_for_suspension
+        self.wait_for_redis(lambda: parent(burst), "check for suspension")
+
+    def run_maintenance_tasks(self) -> None:
+        try:
+            super().run_maintenance_tasks()
+        except REDIS_UNAVAILABLE as exc:  # housekeeping: the next loop tries again
+            log.warning("rq maintenance skipped: redis unavailable", error=str(exc))
+
+    def set_shutdown_requested_date(self) -> None:
+        # Runs inside the SIGTERM handler, i.e. in the middle of whatever the job is doing: an error here
+        # would surface inside the job and fail the very job that SIGTERM means to let finish.
+        try:
+            super().set_shutdown_requested_date()
+        except REDIS_UNAVAILABLE as exc:
+            log.warning("shutdown request not recorded: redis unavailable", error=str(exc))
+
+    def teardown(self) -> None:
+        try:
+            super().teardown()
+        except REDIS_UNAVAILABLE as exc:  # the worker's key expires on its own
+            log.warning("worker death not recorded: redis unavailable", error=str(exc))
+
+    def _start_scheduler(
+        self,
+        burst: bool = False,
+        logging_level: str | None = "INFO",
+        date_format: str = DEFAULT_LOGGING_DATE_FORMAT,
+        log_format: str = DEFAULT_LOGGING_FORMAT,
+    ) -> None:
+        """RQ's own ``_start_scheduler`` with :class:`ResilientScheduler` in place of ``RQScheduler``."""
+        self.scheduler = ResilientScheduler(
+            self.queues,
+            connection=self.connection,
+            logging_level=logging_level if logging_level is not None else self.log.level,
+            date_format=date_format,
+            log_format=log_format,
+            serializer=self.serializer,
+        )
+        self.scheduler.acquire_locks()
+        if not self.scheduler.acquired_locks:  # another worker's scheduler holds the lock
+            return
+        if burst:
+            try:
+                self.scheduler.register_birth()
+                self.scheduler.enqueue_scheduled_jobs()
+            finally:
+                self.scheduler.release_locks()
+                self.scheduler.register_death()
+        else:
+            self.scheduler.start()
+
+    # --- running one job ---------------------------------------------------------------------------------
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        try:
+            self.run_job(job, queue)
+        except REDIS_UNAVAILABLE as exc:
+            # Redis went away under RQ's bookkeeping around the job: RQ could not record the outcome.
+            log.error("redis lost around a job; putting it back", job_id=job.id, error=str(exc))
+            self.wait_for_redis(lambda: self.requeue_interrupted(job, queue), "put back interrupted job")
+        finally:
+            self.after_job(job, queue)
+        self.wait_for_redis(lambda: self.set_state(WorkerStatus.IDLE), "set worker state")
+
+    def run_job(self, job: Job, queue: Queue) -> None:
+        """What ``SimpleWorker.execute_job`` does, minus the state change ``execute_job`` makes after it."""
+        execution = self.prepare_execution(job)
+        self.perform_job(job, queue, execution)
+
+    def requeue_interrupted(self, job: Job, queue: Queue) -> None:
+        """Put a job back at the front of its queue after Redis cut its run short (tasks check their own
+        record, so a run that did finish is skipped the second time)."""
+        job.started_at = None
+        job.ended_at = None
+        queue.enqueue_job(job, at_front=True)
+
+    def after_job(self, job: Job, queue: Queue) -> None:
+        """Hook run after every job, however it ended."""
