@@ -24,6 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
+from schemas.openai_images import openai_error
 from schemas.problems import PROBLEM_CONTENT_TYPE, FieldError, Problem, problem_type
 
 log = structlog.get_logger(__name__)
@@ -55,6 +56,9 @@ _PYDANTIC_PREFIX = re.compile(r"^(Value error|Assertion failed), ")
 # hostile request cannot make the error response (and the work of building it) larger than the request.
 MAX_LISTED_ERRORS = 100
 MAX_FIELD_NAME_CHARS = 200
+
+OPENAI_COMPATIBLE_PREFIX = "/v1/images/"
+"""Paths whose problems also carry OpenAI's ``{"error": {...}}`` member (see :func:`problem_response`)."""
 
 REDIS_RETRY_AFTER_S = 1
 """Retry-After for Redis outages: short, because a restart or failover usually takes seconds."""
@@ -214,10 +218,15 @@ def problem_response(problem: Problem, headers: Mapping[str, str] | None = None)
 
     Also usable from raw ASGI middleware, which runs outside FastAPI's exception handlers:
     ``await problem_response(err.to_problem(scope["path"]), err.headers)(scope, receive, send)``.
-    Absent members are omitted rather than sent as ``null``, as RFC 9457 does.
+    Absent members are omitted rather than sent as ``null``, as RFC 9457 does. Under
+    ``OPENAI_COMPATIBLE_PREFIX`` the body also carries OpenAI's ``error`` object (an extension member), which
+    is what the ``openai`` SDKs read their exception's message, code and param from.
     """
+    body = problem.model_dump(mode="json", exclude_none=True)
+    if problem.instance is not None and problem.instance.startswith(OPENAI_COMPATIBLE_PREFIX):
+        body["error"] = openai_error(problem).model_dump(mode="json")
     return JSONResponse(
-        problem.model_dump(mode="json", exclude_none=True),
+        body,
         status_code=problem.status,
         headers=dict(headers or {}),
         media_type=PROBLEM_CONTENT_TYPE,

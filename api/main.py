@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 import redis.asyncio as aredis
 from fastapi import FastAPI
 
-from api import files, health
+from api import files, health, openai_images
 from api.auth import ApiKeyMiddleware
 from api.errors import install_error_handlers
 from api.generations.events import READ_TIMEOUT_S
@@ -88,6 +88,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     app.include_router(generations_router)
+    app.include_router(openai_images.router)
     app.include_router(files.router)
     app.include_router(health.router)
     app.include_router(playground_router)

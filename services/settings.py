@@ -69,6 +69,11 @@ class Settings(BaseSettings):
     )
     queue_full_retry_after: timedelta = Field(timedelta(seconds=10), description="Retry-After when full.")
     max_wait: timedelta = Field(timedelta(seconds=60), description="Largest accepted 'Prefer: wait=N'.")
+    openai_images_wait: timedelta = Field(
+        timedelta(seconds=120),
+        gt=timedelta(0),
+        description="How long POST /v1/images/generations waits for its job before answering 504 with it.",
+    )
     progress_interval: timedelta = Field(
         timedelta(milliseconds=200), description="Least time between two progress writes of one job."
     )

@@ -1,0 +1,154 @@
+"""``POST /v1/images/generations``: OpenAI's Images API over our jobs, so the ``openai`` SDKs just work.
+
+A request becomes an ordinary generation job — the same validation, Idempotency-Key, rate limit and queue
+ceiling as ``POST /v1/generations``, owned by the same API key — and the route waits for it as
+``Prefer: wait`` does, then answers OpenAI's ``ImagesResponse``. A job still unfinished after
+``DARKROOM_OPENAI_IMAGES_WAIT`` gets 504 ``generation_timeout`` with its ``Location``: it carries on, and
+``GET /v1/generations/{id}`` (or this call again with the same ``Idempotency-Key``) picks up its result.
+
+Errors are our problem details plus OpenAI's ``error`` member (``api.errors.problem_response``). Answers
+that leave a job behind say ``x-should-retry: false``: the SDK retries 409 and 5xx on its own, and a retry
+would start the same work again.
+"""
+
+from __future__ import annotations
+
+import base64
+import inspect
+from collections.abc import Callable
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+
+from api.auth import PrincipalDep
+from api.deps import StateDep
+from api.errors import PROBLEM_RESPONSES, ApiError, UnprocessableRequest, problem_responses
+from api.generations import service
+from api.generations.events import wait_until_finished
+from schemas.jobs import Job, JobError, JobStatus
+from schemas.openai_images import (
+    ImageData,
+    ImageGenerationRequest,
+    ImagesResponse,
+    openai_field_errors,
+    served_model_names,
+)
+from schemas.problems import FieldError
+from services.jobs import JobRecord
+from services.storage import Storage
+
+router = APIRouter(prefix="/v1/images", tags=["images"], responses=PROBLEM_RESPONSES)
+
+NO_RETRY = {"x-should-retry": "false"}
+_ERRORS = problem_responses(409, 504)
+_ERRORS[409]["description"] = "The job was canceled while this request waited (code `canceled`)."
+_ERRORS[504]["description"] = (
+    "Not finished within DARKROOM_OPENAI_IMAGES_WAIT (code `generation_timeout`); the job carries on at "
+    "Location."
+)
+_ERRORS[504]["headers"] = {"Location": {"description": "The job's URL.", "schema": {"type": "string"}}}
+
+
+async def _call(function: Callable[..., Any], *args: Any) -> Any:
+    """Run a generation-service function: a coroutine function is awaited, a plain one goes to the
+    threadpool (the service is moving from the second kind to the first; either works here)."""
+    if inspect.iscoroutinefunction(function):
+        return await function(*args)
+    return await run_in_threadpool(function, *args)
+
+
+def _check_model(model: str | None, configured_model: str) -> None:
+    names = served_model_names(configured_model)
+    if model is not None and model not in names:
+        message = f"model {model!r} is not served here; use {' or '.join(map(repr, names))}, or omit it"
+        raise UnprocessableRequest(
+            message,
+            code="model_not_found",
+            errors=[FieldError(field="model", message=message, type="model_not_found")],
+        )
+
+
+def _check_succeeded(job: Job, waited_s: float) -> None:
+    if job.status is JobStatus.SUCCEEDED:
+        return
+    location = f"/v1/generations/{job.id}"
+    if not job.status.is_terminal:
+        raise ApiError(
+            f"job {job.id} did not finish within {waited_s:g} s and carries on ({job.status.value}): read it "
+            f"at {location}, or repeat this request with the same Idempotency-Key to wait again",
+            status=504,
+            code="generation_timeout",
+            headers={"Location": location, **NO_RETRY},
+        )
+    error = job.error or JobError(type="generation_failed", message="no reason recorded")
+    status = 409 if job.status is JobStatus.CANCELED else 500
+    raise ApiError(
+        f"job {job.id} {job.status.value} ({error.type}): {error.message}",
+        status=status,
+        code=error.type,
+        headers={"Location": location, **NO_RETRY},
+    )
+
+
+def _read_images(storage: Storage, record: JobRecord) -> list[str]:
+    return [base64.b64encode(storage.read(image["key"])).decode("ascii") for image in record.images]
+
+
+@router.post(
+    "/generations",
+    response_model=ImagesResponse,
+    summary="Generate images (OpenAI-compatible)",
+    operation_id="createImage",
+    response_description="The finished images, as OpenAI's ImagesResponse.",
+    responses=_ERRORS,
+)
+async def create_image(
+    body: ImageGenerationRequest,
+    state: StateDep,
+    principal: PrincipalDep,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            max_length=255,
+            description="Same key + same body → the same job (a repeat after a 504 waits for it again).",
+        ),
+    ] = None,
+) -> Response:
+    """OpenAI's ``images.generate``: queue a job, wait for it, answer its images (base64 or signed URLs).
+
+    The job is a normal one (``id`` in the answer; readable at ``/v1/generations/{id}``). ``size`` must be a
+    size the model draws (OpenAI's, except 256x256); ``quality`` presets the step count; ``style``,
+    ``moderation`` and ``user`` are accepted and ignored. Extensions: ``seed``, ``negative_prompt``,
+    ``num_inference_steps``, ``guidance_scale`` (``extra_body`` in the SDK). Errors are problem details that
+    also carry OpenAI's ``error`` object (``message``, ``type``, ``param``, ``code``), which the SDKs read.
+    """
+    _check_model(body.model, state.settings.model)
+    try:
+        generation = body.generation()
+    except ValidationError as exc:
+        raise RequestValidationError(openai_field_errors(exc)) from None
+    submission = await _call(service.submit, state, principal, generation, idempotency_key)
+    waited_s = state.settings.openai_images_wait.total_seconds()
+    await wait_until_finished(state.redis_async, submission.job_id, waited_s)
+    job: Job = await _call(service.view, state, principal, submission.job_id)
+    _check_succeeded(job, waited_s)
+    if body.wants_url:
+        data = [ImageData(url=image.url, seed=image.seed) for image in job.images]
+    else:
+        record: JobRecord = await _call(service.load, state, principal, job.id)
+        encoded = await run_in_threadpool(_read_images, state.clients.storage, record)
+        data = [
+            ImageData(b64_json=b64, seed=image.seed) for b64, image in zip(encoded, job.images, strict=True)
+        ]
+    finished = job.completed_at or job.created_at
+    answer = ImagesResponse(
+        created=int(finished.timestamp()),
+        data=data,
+        output_format=job.request.output_format,
+        size=f"{job.request.width}x{job.request.height}",
+        id=job.id,
+    )
+    return Response(answer.model_dump_json(exclude_none=True), media_type="application/json")
