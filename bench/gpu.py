@@ -287,7 +287,13 @@ def darkroom_call(engine: Any, plan: GpuPlan, size: int, prompts: list[str], see
         return "generate"
     batch = getattr(engine, "generate_batch", None)
     if batch is not None:
-        batch([_request(plan, size, p, s) for p, s in zip(prompts, seeds, strict=True)])
+        # Separate compatible jobs, as a worker batches them: one request (prompt, seed) each.
+        outcomes = batch([_request(plan, size, p, s) for p, s in zip(prompts, seeds, strict=True)])
+        failed = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+        if failed:
+            raise RuntimeError(
+                f"generate_batch: {len(failed)} of {len(outcomes)} requests failed"
+            ) from failed[0]
         return "generate_batch"
     # No multi-job path: one request with num_images (same prompt, seeds seed..seed+n-1).
     engine.generate(_request(plan, size, prompts[0], seeds[0], num_images=len(prompts)))

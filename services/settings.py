@@ -88,6 +88,21 @@ class Settings(BaseSettings):
         timedelta(seconds=60),
         description="How long a worker retries recording a job's start or end while Redis is unreachable.",
     )
+    max_batch_size: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="Compatible queued jobs (and images) a GPU worker runs in one pipeline call; 1 disables.",
+    )
+    batch_linger: timedelta = Field(
+        timedelta(0),
+        ge=timedelta(0),
+        le=timedelta(seconds=5),
+        description="How long a worker waits for batch partners not queued yet (0: only what is waiting).",
+    )
+    batch_lookahead: int = Field(
+        16, ge=1, le=1000, description="Waiting jobs, from the front of the queue, looked at for partners."
+    )
 
     # --- storage -----------------------------------------------------------------------------------------
     storage_url: str = Field(

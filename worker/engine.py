@@ -6,6 +6,15 @@ everywhere). Progress is reported after every denoising step; cancellation is ch
 and raises, which skips the VAE decode a bare ``interrupt`` would still run.
 
 A pipeline is not thread-safe: the engine serialises calls with a lock, and a worker process owns one engine.
+
+Micro-batching (:meth:`GenerationEngine.generate_batch`): requests with the same :func:`batch_key` (size,
+steps, guidance, skip-layer guidance, T5 length; text-to-image only) share one pipeline call. Each keeps
+its own prompt embeddings, seeds (one generator per image, so its noise is what it would be alone), output
+format and metadata, progress callback and cancel check. A request canceled mid-batch ends at once: its
+rows leave the latents and embeddings at the next step (``callback_on_step_end`` may replace them), so
+the others carry on with a smaller batch — except under skip-layer guidance, whose second set of
+embeddings the callback cannot reach: there its rows keep being computed and its images are dropped. A
+batch that runs out of memory (or that the pipeline refuses) is retried one request at a time.
 """
 
 from __future__ import annotations
@@ -15,7 +24,7 @@ import io
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +33,12 @@ from PIL import Image
 
 from schemas.generation import GenerationRequest
 from worker.encoding import EncodedImage, encode_image
-from worker.errors import GenerationCanceled, GenerationOutOfMemory, InvalidGenerationRequest
+from worker.errors import (
+    EngineError,
+    GenerationCanceled,
+    GenerationOutOfMemory,
+    InvalidGenerationRequest,
+)
 from worker.pipeline_loader import LoadedModel
 from worker.prompt_tokens import prompt_report
 
@@ -32,6 +46,7 @@ log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int, int], None]
 CancelCheck = Callable[[], bool]
+CanceledCallback = Callable[[GenerationCanceled], None]
 
 
 @dataclass
@@ -50,6 +65,8 @@ def _out_of_memory_errors() -> tuple[type[BaseException], ...]:
 
 
 OUT_OF_MEMORY_ERRORS = _out_of_memory_errors()
+#: A batch that fails with one of these is run again one request at a time (each then fails, or not, alone).
+RETRY_ALONE_ERRORS: tuple[type[BaseException], ...] = (*OUT_OF_MEMORY_ERRORS, ValueError)
 
 
 def image_generators(seeds: list[int]) -> list[torch.Generator]:
@@ -62,6 +79,78 @@ def decode_init_image(value: str) -> Image.Image:
 
     with Image.open(io.BytesIO(decode_base64_image(value))) as image:
         return image.convert("RGB")
+
+
+@dataclass(frozen=True)
+class BatchKey:
+    """What requests must share to run in one pipeline call: everything that shapes the latents, the text
+    embeddings, the timestep schedule or the guidance arithmetic. Prompts, seeds, image counts, output
+    format and quality may differ."""
+
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    skip_layer_guidance: tuple[tuple[int, ...], float, float, float] | None
+    max_sequence_length: int
+    #: The adapter set (name, weight) a request runs with, once requests can choose LoRAs: the weights
+    #: are patched into the shared transformer, so only requests with the same set can share a call.
+    loras: tuple[tuple[str, float], ...] = ()
+
+
+def batch_key(request: GenerationRequest) -> BatchKey | None:
+    """The request's :class:`BatchKey`, or None if it always runs alone (image-to-image: its schedule
+    depends on ``strength`` and its latents on its own init image)."""
+    if request.is_image_to_image:
+        return None
+    width, height = request.resolved_size()
+    slg = request.skip_layer_guidance
+    return BatchKey(
+        width=width,
+        height=height,
+        num_inference_steps=request.num_inference_steps,
+        guidance_scale=request.guidance_scale,
+        skip_layer_guidance=None if slg is None else (tuple(slg.layers), slg.scale, slg.start, slg.stop),
+        max_sequence_length=request.max_sequence_length,
+    )
+
+
+class _BatchCanceled(Exception):
+    """Every request of a batch was canceled: raised from the step callback to stop the pipeline."""
+
+
+@dataclass
+class _BatchJob:
+    """One request of a batch, its callbacks, and its outcome once known."""
+
+    request: GenerationRequest
+    on_progress: ProgressCallback | None = None
+    should_cancel: CancelCheck | None = None
+    on_canceled: CanceledCallback | None = None
+    outcome: GenerationResult | EngineError | None = None
+
+    def wants_cancel(self) -> bool:
+        return self.should_cancel is not None and self.should_cancel()
+
+    def cancel(self, error: GenerationCanceled) -> None:
+        self.outcome = error
+        if self.on_canceled is not None:
+            self.on_canceled(error)
+
+
+def _keep_rows(tensors: dict[str, Any], keep: list[int], rows: int, guided: bool) -> dict[str, Any]:
+    """The callback tensors with only the latent rows ``keep`` (of ``rows``). Under classifier-free
+    guidance the embeddings hold the negative rows first, then the positive ones: keep both halves."""
+    latents = tensors["latents"]
+    index = torch.tensor(keep, device=latents.device)
+    embedding_rows = keep + [rows + k for k in keep] if guided else keep
+    embedding_index = torch.tensor(embedding_rows, device=tensors["prompt_embeds"].device)
+    return {
+        **tensors,
+        "latents": latents.index_select(0, index),
+        "prompt_embeds": tensors["prompt_embeds"].index_select(0, embedding_index),
+        "pooled_prompt_embeds": tensors["pooled_prompt_embeds"].index_select(0, embedding_index),
+    }
 
 
 class GenerationEngine:
@@ -143,6 +232,153 @@ class GenerationEngine:
             token_counts=token_counts,
             timings={"generate_s": denoised - started, "encode_s": finished - denoised},
         )
+
+    def generate_batch(
+        self,
+        requests: Sequence[GenerationRequest],
+        *,
+        on_progress: Sequence[ProgressCallback | None] | None = None,
+        should_cancel: Sequence[CancelCheck | None] | None = None,
+        on_canceled: Sequence[CanceledCallback | None] | None = None,
+    ) -> list[GenerationResult | EngineError]:
+        """Generate several compatible requests (one :func:`batch_key`) in one pipeline call.
+
+        The callbacks are per request (same order as ``requests``). Returns one outcome per request: its
+        result, or the :class:`EngineError` that ended it (canceled, out of memory, invalid) — one
+        request's failure is not the others'. ``on_canceled[i]`` is called as soon as request ``i`` is
+        known to be canceled (before the first step, or after the step its cancel check said so), while
+        the others go on. Anything else raised (a bug) propagates and concerns the whole batch.
+        """
+        normalized = [r if r.seed is not None and r.width is not None else r.normalized() for r in requests]
+        keys = {batch_key(request) for request in normalized}
+        if None in keys or len(keys) != 1:
+            raise ValueError("generate_batch needs text-to-image requests with one batch_key")
+        count = len(normalized)
+        progress = list(on_progress) if on_progress is not None else [None] * count
+        cancels = list(should_cancel) if should_cancel is not None else [None] * count
+        canceled = list(on_canceled) if on_canceled is not None else [None] * count
+        if not len(progress) == len(cancels) == len(canceled) == count:
+            raise ValueError("one callback (or None) per request")
+        jobs = [
+            _BatchJob(request, progress[i], cancels[i], canceled[i]) for i, request in enumerate(normalized)
+        ]
+        with self._lock:
+            self._generate_batch(jobs)
+        outcomes = [job.outcome for job in jobs]
+        assert all(outcome is not None for outcome in outcomes)
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    def _run_alone(self, job: _BatchJob) -> None:
+        try:
+            job.outcome = self._generate(job.request, job.on_progress, job.should_cancel)
+        except GenerationCanceled as exc:
+            job.cancel(exc)
+        except EngineError as exc:
+            job.outcome = exc
+
+    def _prompt_embeddings(self, pipeline: Any, request: GenerationRequest) -> tuple[Any, Any, Any, Any]:
+        """(prompt, negative, pooled, negative pooled) embeddings of one request, ``num_images`` rows each:
+        what the pipeline computes for it inside a call of its own."""
+        return pipeline.encode_prompt(
+            prompt=request.prompt,
+            prompt_2=None,
+            prompt_3=None,
+            negative_prompt=request.negative_prompt,
+            device=pipeline._execution_device,
+            num_images_per_prompt=request.num_images,
+            do_classifier_free_guidance=request.guidance_scale > 1,
+            max_sequence_length=request.max_sequence_length,
+        )
+
+    def _generate_batch(self, jobs: list[_BatchJob]) -> None:
+        """Fill in every job's outcome (the lock is held)."""
+        started = time.perf_counter()
+        for job in jobs:
+            if job.wants_cancel():
+                job.cancel(GenerationCanceled("canceled before the first denoising step"))
+        live = [job for job in jobs if job.outcome is None]
+        if len(live) <= 1:
+            for job in live:
+                self._run_alone(job)
+            return
+        pipeline = self.model.pipeline
+        reports = [prompt_report(pipeline, job.request) for job in live]
+        guided = live[0].request.guidance_scale > 1
+        embeddings = [self._prompt_embeddings(pipeline, job.request) for job in live]
+        kwargs = live[0].request.to_pipeline_kwargs()
+        for name in ("prompt", "negative_prompt", "num_images_per_prompt"):
+            kwargs.pop(name)
+        kwargs["prompt_embeds"] = torch.cat([e[0] for e in embeddings])
+        kwargs["pooled_prompt_embeds"] = torch.cat([e[2] for e in embeddings])
+        if guided:
+            kwargs["negative_prompt_embeds"] = torch.cat([e[1] for e in embeddings])
+            kwargs["negative_pooled_prompt_embeds"] = torch.cat([e[3] for e in embeddings])
+        # The job behind each latent row, in order; rows leave when their job is canceled (if they can).
+        rows = [job for job in live for _ in range(job.request.num_images)]
+        shrinkable = "skip_guidance_layers" not in kwargs
+        seeds = [seed for job in live for seed in job.request.image_seeds()]
+
+        def on_step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            running = [job for job in live if job.outcome is None]
+            for job in running:
+                if job.on_progress is not None:
+                    job.on_progress(step + 1, int(pipe.num_timesteps))
+            stopping = [job for job in running if job.wants_cancel()]
+            for job in stopping:
+                job.cancel(GenerationCanceled(f"canceled after denoising step {step + 1}"))
+            if not stopping:
+                return tensors
+            if len(stopping) == len(running):
+                pipe._interrupt = True
+                raise _BatchCanceled
+            if not shrinkable:  # the canceled rows ride along to the end; their images are dropped
+                return tensors
+            keep = [index for index, job in enumerate(rows) if job.outcome is None]
+            tensors = _keep_rows(tensors, keep, len(rows), guided)
+            rows[:] = [rows[index] for index in keep]
+            return tensors
+
+        try:
+            with torch.inference_mode():
+                output = pipeline(
+                    **kwargs,
+                    num_images_per_prompt=1,
+                    generator=image_generators(seeds),
+                    callback_on_step_end=on_step_end,
+                    callback_on_step_end_tensor_inputs=["latents", "prompt_embeds", "pooled_prompt_embeds"],
+                    output_type="pil",
+                )
+        except _BatchCanceled:
+            return
+        except RETRY_ALONE_ERRORS as exc:
+            # Out of memory (or a request the pipeline refuses): one at a time, each on its own terms.
+            self._free_device_memory()
+            pending = [job for job in live if job.outcome is None]
+            log.warning("batch of %d failed (%s); running them one by one", len(pending), type(exc).__name__)
+            for job in pending:
+                self._run_alone(job)
+            return
+        denoised = time.perf_counter()
+        for job, (token_counts, warnings) in zip(live, reports, strict=True):
+            if job.outcome is not None:  # canceled mid-batch (under skip-layer guidance: rows rode along)
+                continue
+            encode_started = time.perf_counter()
+            mine = [image for image, owner in zip(output.images, rows, strict=True) if owner is job]
+            seeds = job.request.image_seeds()
+            images = [
+                encode_image(image, job.request, seed, index, self.model.model)
+                for index, (image, seed) in enumerate(zip(mine, seeds, strict=True))
+            ]
+            job.outcome = GenerationResult(
+                images=images,
+                warnings=warnings,
+                token_counts=token_counts,
+                timings={
+                    "generate_s": denoised - started,
+                    "encode_s": time.perf_counter() - encode_started,
+                    "batch_size": float(len(live)),
+                },
+            )
 
     def _free_device_memory(self) -> None:
         """Drop what the failed call left behind so the next job starts from a clean cache."""

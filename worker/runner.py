@@ -3,15 +3,23 @@
 A plain function over explicit dependencies (the RQ task only gathers them), so it is testable without a
 queue. Every way a job can end is written to the job record with a stable error code — the RQ job itself
 always finishes normally, so nothing is "lost" in RQ's failed registry without a trace on our side.
+
+Micro-batching: after claiming a text-to-image job, the worker takes up to ``max_batch_size - 1`` more
+compatible jobs that are already waiting (``worker.batching``; no waiting for more unless
+``batch_linger`` says so) and runs them in one pipeline call. Each job of a batch still has its own
+claim, heartbeat, progress, cancel, webhooks and outcome — recorded the moment it is known, guarded by
+the worker name, retried through a Redis outage — exactly as a job run alone.
 """
 
 from __future__ import annotations
 
 import base64
 import logging
+import secrets
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -26,6 +34,7 @@ from services.jobs import JobRecord, JobStore, Transition, utcnow
 from services.storage import Storage, StorageError, StorageUnavailable
 from services.storage.keys import image_key
 from services.webhooks.events import schedule_webhook_event
+from worker import batching
 from worker.engine import GenerationEngine, GenerationResult
 from worker.errors import EngineError, GenerationCanceled
 
@@ -46,6 +55,36 @@ class WorkerContext:
     progress_interval: timedelta
     #: How long to keep retrying the writes a job cannot do without (claim, outcome) while Redis is away.
     redis_retry_deadline: timedelta = timedelta(seconds=60)
+    #: Micro-batching: at most this many jobs (and images) in one pipeline call; 1 turns it off.
+    max_batch_size: int = 1
+    #: How long to wait for batch partners that are not queued yet (0: take only what is waiting).
+    batch_linger: timedelta = timedelta(0)
+    #: How many waiting jobs, from the front of the queue, are looked at for partners.
+    batch_lookahead: int = 16
+    #: The generation queue partners are taken from (on a connection with ordinary timeouts).
+    generation_queue: Queue | None = None
+    _held: set[str] = field(default_factory=set, repr=False)
+    _held_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def hold(self, job_id: str) -> None:
+        """``job_id`` runs here now: the heartbeat thread beats it until :meth:`let_go`."""
+        with self._held_lock:
+            self._held.add(job_id)
+
+    def let_go(self, job_id: str) -> None:
+        with self._held_lock:
+            self._held.discard(job_id)
+
+    def held_jobs(self) -> set[str]:
+        """Jobs claimed by this worker whose outcome is not recorded yet."""
+        with self._held_lock:
+            return set(self._held)
+
+    def let_go_all(self) -> set[str]:
+        """Forget every held job (after a run Redis cut short); returns them, for release."""
+        with self._held_lock:
+            held, self._held = self._held, set()
+            return held
 
     def with_redis(self, operation: Callable[[], T], what: str) -> T:
         """``operation()``, retried through a Redis outage of up to ``redis_retry_deadline``."""
@@ -128,38 +167,196 @@ def execute_generation(ctx: WorkerContext, job_id: str) -> str:
     if record is None:
         log.warning("job record missing; expired or never created", job_id=job_id)
         return "missing"
-    started_at = utcnow()
-    # heartbeat_at restarts with the claim: a previous run's stale beat must not get this run requeued.
-    claim = {"started_at": started_at, "heartbeat_at": started_at, "worker": ctx.worker_name}
-    claimed = ctx.with_redis(
-        lambda: _transition_once(ctx, job_id, JobStatus.RUNNING, _QUEUED, claim, "started_at"),
-        "claim job",
-    )
+    claimed = _claim(ctx, record)
     if not claimed.applied:
         log.info("job not started", job_id=job_id, status=claimed.previous)
         return f"skipped:{claimed.previous}"
-    metrics.QUEUE_WAIT.observe((started_at - record.created_at).total_seconds())
-    schedule_webhook_event(ctx.store, ctx.webhook_queue, job_id, "started")
+    partners = _take_partners(ctx, record)
+    if partners:
+        return _run_batch(ctx, [record, *partners])[job_id]
     metrics.JOBS_RUNNING.inc()
     clock = time.perf_counter()
     try:
         status, fields = _generate_and_store(ctx, record)
     finally:
         metrics.JOBS_RUNNING.dec()
-    fields["completed_at"] = utcnow()
-    finished = ctx.with_redis(
+    return _finish(ctx, record, status, fields, clock)
+
+
+def _claim(ctx: WorkerContext, record: JobRecord) -> Transition:
+    """QUEUED -> RUNNING under our name (atomic: of all who try, one wins), then the ``started`` webhook."""
+    job_id, started_at = record.id, utcnow()
+    # heartbeat_at restarts with the claim: a previous run's stale beat must not get this run requeued.
+    # batch is cleared: a previous run's batch is not this run's.
+    claim = {"started_at": started_at, "heartbeat_at": started_at, "worker": ctx.worker_name, "batch": ""}
+    claimed = ctx.with_redis(
+        lambda: _transition_once(ctx, job_id, JobStatus.RUNNING, _QUEUED, claim, "started_at"),
+        "claim job",
+    )
+    if claimed.applied:
+        ctx.hold(job_id)
+        metrics.QUEUE_WAIT.observe((started_at - record.created_at).total_seconds())
+        schedule_webhook_event(ctx.store, ctx.webhook_queue, job_id, "started")
+    return claimed
+
+
+def _finish(
+    ctx: WorkerContext,
+    record: JobRecord,
+    status: JobStatus,
+    fields: dict[str, Any],
+    clock: float,
+    *,
+    patient: bool = True,
+) -> str:
+    """Record the job's outcome (only while it is still ours) and send its ``completed`` webhook.
+
+    ``patient``: retry through a Redis outage (up to ``redis_retry_deadline``); else one try, raising
+    the Redis error. A retry must pass the same ``fields`` (``completed_at`` included, set here if
+    missing), so that it repeats exactly this change.
+    """
+    job_id = record.id
+    fields.setdefault("completed_at", utcnow())
+
+    def run(operation: Callable[[], T], what: str) -> T:
+        return ctx.with_redis(operation, what) if patient else operation()
+
+    finished = run(
         lambda: _transition_once(ctx, job_id, status, _RUNNING, fields, "completed_at", guarded=True),
         "record outcome",
     )
     if not finished.applied:  # presumed lost and handed to another worker meanwhile: its result wins
+        ctx.let_go(job_id)
         log.warning("result discarded: job no longer ours", job_id=job_id, status=finished.previous)
         return f"discarded:{finished.previous}"
-    ctx.with_redis(lambda: ctx.store.touch_terminal(job_id), "refresh retention")
+    run(lambda: ctx.store.touch_terminal(job_id), "refresh retention")
+    ctx.let_go(job_id)
     metrics.JOBS.labels(status.value).inc()
     metrics.RUN_TIME.labels(status.value).observe(time.perf_counter() - clock)
     schedule_webhook_event(ctx.store, ctx.webhook_queue, job_id, "completed")
     log.info("job finished", job_id=job_id, status=status.value, error=fields.get("error"))
     return status.value
+
+
+def _take_partners(ctx: WorkerContext, leader: JobRecord) -> list[JobRecord]:
+    """Claim up to ``max_batch_size - 1`` waiting jobs that can share the leader's pipeline call (and at
+    most ``max_batch_size`` images in all). Looks only at what is queued now, unless ``batch_linger``."""
+    queue = ctx.generation_queue
+    key = batching.record_batch_key(leader)
+    room_jobs, room_images = ctx.max_batch_size - 1, ctx.max_batch_size - batching.record_images(leader)
+    if queue is None or key is None or room_jobs < 1 or room_images < 1:
+        return []
+    linger_until = time.monotonic() + ctx.batch_linger.total_seconds()
+    seen, partners = {leader.id}, []
+    while True:
+        try:
+            candidates = batching.queued_candidates(ctx.store, queue, ctx.batch_lookahead)
+        except REDIS_UNAVAILABLE:
+            break
+        for candidate in candidates:
+            if candidate.job_id in seen or candidate.key != key or candidate.num_images > room_images:
+                continue
+            seen.add(candidate.job_id)
+            record = _claim_partner(ctx, queue, candidate.job_id)
+            if record is not None:
+                partners.append(record)
+                room_jobs -= 1
+                room_images -= batching.record_images(record)
+                if room_jobs < 1 or room_images < 1:
+                    return partners
+        remaining = linger_until - time.monotonic()
+        if remaining <= 0:
+            return partners
+        time.sleep(min(0.02, remaining))
+    return partners
+
+
+def _claim_partner(ctx: WorkerContext, queue: Queue, job_id: str) -> JobRecord | None:
+    try:
+        record = ctx.store.get(job_id)
+    except REDIS_UNAVAILABLE:
+        return None
+    if record is None or record.status is not JobStatus.QUEUED:
+        return None
+    if not _claim(ctx, record).applied:  # canceled, or another worker's now
+        return None
+    try:
+        batching.take_off_queue(queue, job_id, ctx.worker_name)
+    except REDIS_UNAVAILABLE:  # still listed: whoever dequeues it finds it running and skips it
+        log.warning("batch partner left on the queue list: redis unavailable", job_id=job_id)
+    return record
+
+
+def _run_batch(ctx: WorkerContext, records: list[JobRecord]) -> dict[str, str]:
+    """Run claimed, compatible jobs in one pipeline call; returns each job's final status by id.
+
+    A job canceled mid-batch is recorded ``canceled`` at once (one try; if Redis is away, again with
+    retries once the batch is done) while the others go on.
+    """
+    batch = {"id": "bat_" + secrets.token_hex(6), "size": len(records), "jobs": [r.id for r in records]}
+    log.info("batch started", batch_id=batch["id"], job_ids=batch["jobs"])
+    for record in records:
+        try:
+            ctx.store.set_fields(record.id, {"batch": batch})
+        except REDIS_UNAVAILABLE:
+            pass  # informational: the outcome carries it too
+    clock = time.perf_counter()
+    done: dict[str, str] = {}
+    pending: dict[str, tuple[JobStatus, dict[str, Any]]] = {}
+
+    def canceled_now(record: JobRecord) -> Callable[[GenerationCanceled], None]:
+        def on_canceled(error: GenerationCanceled) -> None:
+            status, fields = _failure(record.id, error)
+            fields.update(batch=batch, completed_at=utcnow())
+            pending[record.id] = (status, fields)
+            try:
+                done[record.id] = _finish(ctx, record, status, fields, clock, patient=False)
+            except REDIS_UNAVAILABLE as exc:
+                log.warning("cancel not recorded yet: redis unavailable", job_id=record.id, error=str(exc))
+
+        return on_canceled
+
+    metrics.JOBS_RUNNING.inc(len(records))
+    try:
+        outcomes: list[GenerationResult | Exception]
+        try:
+            requests = [load_request(ctx, record) for record in records]
+            outcomes = list(
+                ctx.engine.generate_batch(
+                    requests,
+                    on_progress=[ProgressReporter(ctx, record) for record in records],
+                    should_cancel=[cancel_check(ctx, record.id) for record in records],
+                    on_canceled=[canceled_now(record) for record in records],
+                )
+            )
+        except Exception as exc:  # a bug of ours: every job of the batch reports it
+            logging.getLogger(__name__).exception("batch %s failed unexpectedly", batch["id"])
+            outcomes = [exc] * len(records)
+        for record, outcome in zip(records, outcomes, strict=True):
+            if record.id in done:
+                continue
+            if record.id not in pending:
+                status, fields = (
+                    _store_result(ctx, record, outcome)
+                    if isinstance(outcome, GenerationResult)
+                    else _failure(record.id, outcome)
+                )
+                fields.update(batch=batch, completed_at=utcnow())
+                pending[record.id] = (status, fields)
+            status, fields = pending[record.id]
+            done[record.id] = _finish(ctx, record, status, fields, clock)
+    finally:
+        metrics.JOBS_RUNNING.dec(len(records))
+    leader, queue = records[0].id, ctx.generation_queue
+    assert queue is not None  # partners come from it
+    for record in records[1:]:  # RQ ran only the leader; the others' RQ jobs end here
+        if not done[record.id].startswith("discarded"):
+            try:
+                batching.finish_rq_job(queue, record.id, done[record.id], ctx.worker_name)
+            except Exception:  # bookkeeping only: the job record has the outcome
+                log.warning("rq job of batch partner not marked finished", job_id=record.id, exc_info=True)
+    log.info("batch finished", batch_id=batch["id"], leader=leader, outcomes=done)
+    return done
 
 
 def _transition_once(
@@ -190,28 +387,43 @@ def _transition_once(
 
 def _generate_and_store(ctx: WorkerContext, record: JobRecord) -> tuple[JobStatus, dict[str, Any]]:
     """The part that can fail: each failure kind maps to its status and stable error code."""
-    job_id = record.id
     try:
         request = load_request(ctx, record)
         result = ctx.engine.generate(
             request,
             on_progress=ProgressReporter(ctx, record),
-            should_cancel=cancel_check(ctx, job_id),
+            should_cancel=cancel_check(ctx, record.id),
         )
-        images = upload_images(ctx, record, result)
-    except GenerationCanceled as exc:
+    except Exception as exc:
+        return _failure(record.id, exc)
+    return _store_result(ctx, record, result)
+
+
+def _failure(job_id: str, exc: Exception) -> tuple[JobStatus, dict[str, Any]]:
+    """The status and stable error code of a run that ended in ``exc`` (call inside ``except``)."""
+    if isinstance(exc, GenerationCanceled):
         return JobStatus.CANCELED, {"error": {"type": exc.code, "message": str(exc)}}
-    except EngineError as exc:
+    if isinstance(exc, EngineError):
         return JobStatus.FAILED, {"error": {"type": exc.code, "message": str(exc)}}
-    except StorageUnavailable as exc:
+    if isinstance(exc, StorageUnavailable):
         return JobStatus.FAILED, {"error": {"type": "storage_unavailable", "message": str(exc)}}
-    except StorageError as exc:
+    if isinstance(exc, StorageError):
         return JobStatus.FAILED, {"error": {"type": "storage_error", "message": str(exc)}}
-    except Exception:  # a bug of ours: record it on the job rather than leave it "running"
-        logging.getLogger(__name__).exception("job %s failed unexpectedly", job_id)
-        return JobStatus.FAILED, {
-            "error": {"type": "internal_error", "message": "internal error; see worker logs"}
-        }
+    # A bug of ours: record it on the job rather than leave it "running".
+    logging.getLogger(__name__).error("job %s failed unexpectedly", job_id, exc_info=exc)
+    return JobStatus.FAILED, {
+        "error": {"type": "internal_error", "message": "internal error; see worker logs"}
+    }
+
+
+def _store_result(
+    ctx: WorkerContext, record: JobRecord, result: GenerationResult
+) -> tuple[JobStatus, dict[str, Any]]:
+    """Upload the images; the outcome fields of a success, or of the failed upload."""
+    try:
+        images = upload_images(ctx, record, result)
+    except Exception as exc:
+        return _failure(record.id, exc)
     metrics.IMAGES.inc(len(images))
     return JobStatus.SUCCEEDED, {
         "images": images,

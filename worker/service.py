@@ -1,9 +1,10 @@
-"""The GPU worker process: load the model, then serve the queue one job at a time.
+"""The GPU worker process: load the model, then serve the queue one job (or one batch) at a time.
 
 Order matters: the pipeline is loaded and warmed *before* the worker registers with RQ, so a worker that is
 listed as alive can take a job at once, and a model that cannot load fails the process instead of jobs.
 RQ's ``SimpleWorker`` runs jobs in this process (CUDA state does not survive ``fork``); because a job then
-blocks RQ's own loop, :class:`GenerationWorker` keeps heartbeats going from a side thread while it runs.
+blocks RQ's own loop, :class:`GenerationWorker` keeps heartbeats going from a side thread while it runs —
+for the job RQ dequeued and for every batch partner the run took with it (``worker.runner``).
 SIGTERM is RQ's warm shutdown: the current job finishes, then the process exits 0.
 
 Redis restarts are ridden out rather than fatal (see ``services/rq_workers.py``): the worker waits for
@@ -30,7 +31,7 @@ from rq.serializers import JSONSerializer
 
 from services import metrics
 from services.clients import REDIS_UNAVAILABLE, build_clients, make_redis
-from services.jobs import utcnow
+from services.jobs import job_key, utcnow
 from services.queue import generation_queue, webhook_queue
 from services.recovery import recover_lost_jobs, release_interrupted_job
 from services.rq_workers import ResilientWorker
@@ -143,6 +144,15 @@ class RecoveryLoop:
         self._thread.join(timeout=5)
 
 
+def beat_jobs(store: Any, job_ids: set[str]) -> None:
+    """Write a heartbeat on each job record, in one round trip."""
+    beat = {"heartbeat_at": utcnow().isoformat()}
+    with store.redis.pipeline(transaction=False) as pipe:
+        for job_id in sorted(job_ids):
+            pipe.hset(job_key(job_id), mapping=beat)
+        pipe.execute()
+
+
 def worker_name() -> str:
     """Unique per incarnation: a restarted container keeps hostname and often pid (1), but not this."""
     return f"darkroom-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
@@ -160,17 +170,20 @@ def run_worker(settings: Settings, *, burst: bool = False) -> int:
     if settings.warmup:
         log.info("warming up", seconds=round(engine.warm_up(), 3))
     name = worker_name()
-    tasks.install_context(
-        WorkerContext(
-            engine=engine,
-            store=clients.store,
-            storage=clients.storage,
-            webhook_queue=webhook_queue(clients.redis, settings),
-            worker_name=name,
-            progress_interval=settings.progress_interval,
-            redis_retry_deadline=settings.redis_retry_deadline,
-        )
+    context = WorkerContext(
+        engine=engine,
+        store=clients.store,
+        storage=clients.storage,
+        webhook_queue=webhook_queue(clients.redis, settings),
+        worker_name=name,
+        progress_interval=settings.progress_interval,
+        redis_retry_deadline=settings.redis_retry_deadline,
+        max_batch_size=settings.max_batch_size,
+        batch_linger=settings.batch_linger,
+        batch_lookahead=settings.batch_lookahead,
+        generation_queue=generation_queue(clients.redis, settings),
     )
+    tasks.install_context(context)
     metrics.WORKER_READY.set(1)
     ready_file = Path(settings.ready_file) if settings.ready_file else None
     if ready_file is not None:
@@ -185,14 +198,17 @@ def run_worker(settings: Settings, *, burst: bool = False) -> int:
         name=name,
     )
     worker.heartbeat_interval_s = settings.heartbeat_interval.total_seconds()
-    worker.on_heartbeat = lambda job_id: clients.store.set_fields(job_id, {"heartbeat_at": utcnow()})
-    worker.on_interrupted = lambda job_id: release_interrupted_job(
-        clients.store,
-        worker.queues[0],
-        job_id,
-        worker_name=name,
-        max_attempts=settings.max_attempts,
-    )
+    # Every job the run holds gets a beat (and a release): the one RQ dequeued and its batch partners.
+    worker.on_heartbeat = lambda job_id: beat_jobs(clients.store, {job_id, *context.held_jobs()})
+
+    def release(job_id: str) -> None:
+        for held in sorted({job_id, *context.held_jobs()}):
+            release_interrupted_job(
+                clients.store, worker.queues[0], held, worker_name=name, max_attempts=settings.max_attempts
+            )
+            context.let_go(held)
+
+    worker.on_interrupted = release
     recovery = RecoveryLoop(clients.store, worker.queues[0], settings)
     recovery.run_once()  # before the first job: pick up what a previous incarnation of us left running
     recovery.start()

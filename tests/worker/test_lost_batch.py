@@ -1,0 +1,86 @@
+"""A GPU worker SIGKILLed in the middle of a batch: every job of the batch is requeued and succeeds.
+
+Lost-job recovery works per job, from heartbeats: the worker beats every job of its batch (not only the
+one RQ dequeued), so none is taken for lost while the batch runs; once the worker is dead they all go
+stale and are requeued, and a second worker runs them (as a batch again).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from standardwebhooks.webhooks import Webhook
+
+from services.jobs import JobStore
+from tests.fixtures.http_receiver import HttpReceiver
+from tests.fixtures.stack import ONE_THREAD, ROOT, TEST_WEBHOOK_SECRET, Stack, start_stack
+from tests.worker.test_batching import SMALL, TERMINAL, batch_of, queue_behind_busy_worker, wait_until
+
+LOST_AFTER_S = 3
+
+
+def attempt(stack: Stack, job_id: str) -> tuple[str, int]:
+    record = JobStore(stack.redis(), timedelta(days=1)).get(job_id)
+    assert record is not None
+    return record.status.value, record.attempt
+
+
+@pytest.fixture
+def stack(tmp_path: Path, tiny_model_dir: Path) -> Iterator[Stack]:
+    yield from start_stack(
+        tmp_path,
+        f"file://{tmp_path / 'outputs'}",
+        tiny_model_dir,
+        extra_env={"DARKROOM_LOST_AFTER": str(LOST_AFTER_S), "DARKROOM_HEARTBEAT_INTERVAL": "1"},
+        process_env=ONE_THREAD,
+    )
+
+
+@pytest.mark.slow  # about a minute: a stack of its own, a kill, a second worker
+def test_every_job_of_a_killed_workers_batch_is_recovered_and_succeeds_once(
+    stack: Stack, webhook_receiver: HttpReceiver
+) -> None:
+    hook = {"webhook_url": webhook_receiver.url + "/hook"}
+    bodies = [
+        {**SMALL, **hook, "prompt": f"job {i}", "seed": 30 + i, "num_inference_steps": 20} for i in range(3)
+    ]
+    with stack.client() as client:
+        ids = queue_behind_busy_worker(client, bodies)
+        for job_id in ids:
+            wait_until(client, job_id, lambda j: j["progress"] is not None)
+        # Longer than LOST_AFTER: the partners' heartbeats keep them from being taken for lost meanwhile.
+        time.sleep(LOST_AFTER_S + 1.5)
+    assert [attempt(stack, job_id) for job_id in ids] == [("running", 1)] * 3
+    batch = batch_of(stack, ids[0])
+    assert batch is not None and batch["jobs"] == ids
+
+    stack.processes["worker"].kill()  # SIGKILL: no cleanup, no warm shutdown
+    stack.processes["worker"].wait(timeout=10)
+    killed_at = time.monotonic()
+    log = (stack.log_dir / "worker-2.log").open("ab")
+    stack.processes["worker-2"] = subprocess.Popen(
+        [sys.executable, "-m", "worker"],
+        cwd=ROOT,
+        env={**stack.env, **ONE_THREAD["worker"]},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    done = [stack.wait_for(job_id, TERMINAL, timeout=120) for job_id in ids]
+    recovered_in = time.monotonic() - killed_at
+    assert [job["status"] for job in done] == ["succeeded"] * 3, done
+    assert [attempt(stack, job_id) for job_id in ids] == [("succeeded", 2)] * 3
+
+    deliveries = webhook_receiver.wait_for(3, timeout=30)
+    payloads = [Webhook(TEST_WEBHOOK_SECRET).verify(d.body, dict(d.headers)) for d in deliveries]
+    assert sorted((p["data"]["id"], p["type"]) for p in payloads) == sorted(
+        (job_id, "generation.succeeded") for job_id in ids
+    )
+    with pytest.raises(AssertionError):  # and no more: the dead run never reached a terminal state
+        webhook_receiver.wait_for(4, timeout=2)
+    print(f"\nbatch of 3 recovered after SIGKILL: all succeeded {recovered_in:.1f}s after the kill")
