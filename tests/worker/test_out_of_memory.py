@@ -72,7 +72,17 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Ite
         tmp,
         f"file://{tmp / 'outputs'}",
         tiny_model_dir,
-        process_env={"worker": {**ONE_THREAD["worker"], "PYTHONPATH": str(inject)}},
+        process_env={
+            "worker": {
+                **ONE_THREAD["worker"],
+                "PYTHONPATH": str(inject),
+                # The injection reads the prompt text from the pipeline call: keep it there. A batch (or
+                # cached embeddings) passes embeddings instead; batched out-of-memory is tested in
+                # tests/worker/test_engine_batch.py.
+                "DARKROOM_MAX_BATCH_SIZE": "1",
+                "DARKROOM_PROMPT_CACHE_SIZE": "0",
+            }
+        },
     )
 
 
