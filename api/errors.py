@@ -26,6 +26,7 @@ from starlette.responses import JSONResponse, Response
 
 from schemas.openai_images import openai_error
 from schemas.problems import PROBLEM_CONTENT_TYPE, FieldError, Problem, problem_type
+from services.storage import StorageUnavailable
 
 log = structlog.get_logger(__name__)
 
@@ -62,6 +63,8 @@ OPENAI_COMPATIBLE_PREFIX = "/v1/images/"
 
 REDIS_RETRY_AFTER_S = 1
 """Retry-After for Redis outages: short, because a restart or failover usually takes seconds."""
+STORAGE_RETRY_AFTER_S = 5
+"""Retry-After for object-store outages: the API already retried (botocore) before giving up."""
 
 
 def status_title(status: int) -> str:
@@ -388,6 +391,20 @@ async def _redis_unavailable_handler(request: Request, exc: Exception) -> Respon
     return problem_response(problem, {"Retry-After": str(REDIS_RETRY_AFTER_S)})
 
 
+async def _storage_unavailable_handler(request: Request, exc: Exception) -> Response:
+    """The object store is unreachable (only an init image upload needs it on the request path)."""
+    log.warning("storage unavailable", error_type=type(exc).__name__, error=str(exc))
+    problem = Problem(
+        type=problem_type("storage_unavailable"),
+        title=status_title(503),
+        status=503,
+        detail="The image store is temporarily unreachable; retry shortly.",
+        instance=request.url.path,
+        code="storage_unavailable",
+    )
+    return problem_response(problem, {"Retry-After": str(STORAGE_RETRY_AFTER_S)})
+
+
 async def _internal_error_handler(request: Request, exc: Exception) -> Response:
     """Last resort for any other exception: log the traceback, answer a generic 500.
 
@@ -416,6 +433,7 @@ def install_error_handlers(app: FastAPI) -> None:
         redis.exceptions.TimeoutError,
     ):
         app.add_exception_handler(redis_error, _redis_unavailable_handler)
+    app.add_exception_handler(StorageUnavailable, _storage_unavailable_handler)
     app.add_exception_handler(Exception, _internal_error_handler)
     app.openapi = _problem_json_openapi(app.openapi)  # type: ignore[method-assign]
 

@@ -20,11 +20,12 @@ from api.generations.routes import router as generations_router
 from api.middleware import BodySizeLimitMiddleware, MetricsMiddleware, RequestContextMiddleware
 from api.playground import router as playground_router
 from api.state import AppState
+from services.admission import Admitter
 from services.api_keys import KeyRing
 from services.clients import REDIS_CONNECT_TIMEOUT_S, build_clients
 from services.logging import configure_logging
 from services.queue import generation_queue, webhook_queue
-from services.rate_limit import RateLimiter
+from services.rate_limit import RateLimit
 from services.settings import Settings, get_settings
 
 # JSON bodies carry at most an init image (10 MB decoded, ~13.4 MB as base64) plus the prompt.
@@ -61,18 +62,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             socket_timeout=READ_TIMEOUT_S,
             health_check_interval=30,
         )
+        queue = generation_queue(clients.redis, resolved)
+        rate_limit = (
+            RateLimit(resolved.rate_limit_per_minute, resolved.rate_limit_burst)
+            if resolved.rate_limit_per_minute
+            else None
+        )
         app.state.darkroom = AppState(
             settings=resolved,
             clients=clients,
             redis_async=redis_async,
-            queue=generation_queue(clients.redis, resolved),
+            queue=queue,
             webhook_queue=webhook_queue(clients.redis, resolved),
             keys=keys,
-            rate_limiter=(
-                RateLimiter(clients.redis, resolved.rate_limit_per_minute, resolved.rate_limit_burst)
-                if resolved.rate_limit_per_minute
-                else None
-            ),
+            admitter=Admitter(redis_async, queue, resolved, rate_limit),
         )
         try:
             yield

@@ -14,9 +14,7 @@ would start the same work again.
 from __future__ import annotations
 
 import base64
-import inspect
-from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Header, Response
 from fastapi.concurrency import run_in_threadpool
@@ -50,14 +48,6 @@ _ERRORS[504]["description"] = (
     "Location."
 )
 _ERRORS[504]["headers"] = {"Location": {"description": "The job's URL.", "schema": {"type": "string"}}}
-
-
-async def _call(function: Callable[..., Any], *args: Any) -> Any:
-    """Run a generation-service function: a coroutine function is awaited, a plain one goes to the
-    threadpool (the service is moving from the second kind to the first; either works here)."""
-    if inspect.iscoroutinefunction(function):
-        return await function(*args)
-    return await run_in_threadpool(function, *args)
 
 
 def _check_model(model: str | None, configured_model: str) -> None:
@@ -130,15 +120,15 @@ async def create_image(
         generation = body.generation()
     except ValidationError as exc:
         raise RequestValidationError(openai_field_errors(exc)) from None
-    submission = await _call(service.submit, state, principal, generation, idempotency_key)
+    submission = await service.submit(state, principal, generation, idempotency_key)
     waited_s = state.settings.openai_images_wait.total_seconds()
     await wait_until_finished(state.redis_async, submission.job_id, waited_s)
-    job: Job = await _call(service.view, state, principal, submission.job_id)
+    job: Job = await service.view(state, principal, submission.job_id)
     _check_succeeded(job, waited_s)
     if body.wants_url:
         data = [ImageData(url=image.url, seed=image.seed) for image in job.images]
     else:
-        record: JobRecord = await _call(service.load, state, principal, job.id)
+        record: JobRecord = await service.load(state, principal, job.id)
         encoded = await run_in_threadpool(_read_images, state.clients.storage, record)
         data = [
             ImageData(b64_json=b64, seed=image.seed) for b64, image in zip(encoded, job.images, strict=True)

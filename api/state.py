@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import redis.asyncio as aredis
 from rq import Queue
 
+from services.admission import Admitter
 from services.api_keys import KeyRing
 from services.clients import ServiceClients
-from services.rate_limit import RateLimiter
 from services.settings import Settings
 
 
@@ -17,8 +17,8 @@ from services.settings import Settings
 class AppState:
     settings: Settings
     clients: ServiceClients  # sync Redis, job store, storage: used from the threadpool
-    redis_async: aredis.Redis  # event streams (SSE, Prefer: wait) block here without holding a thread
+    redis_async: aredis.Redis  # submissions, reads and event streams: no thread held while Redis answers
     queue: Queue
     webhook_queue: Queue
     keys: KeyRing | None  # None: authentication explicitly disabled (local development)
-    rate_limiter: RateLimiter | None  # None: no per-key submission limit
+    admitter: Admitter  # submissions: idempotency, queue ceiling, rate limit and enqueue in one script

@@ -95,6 +95,17 @@ class JobRecord:
     attempt: int = 1
     owner: str = "anonymous"  # the API key name that created the job; other keys get 404 for it
 
+    def creation_fields(self) -> dict[str, Any]:
+        """What a new job's hash starts with (the store's ``create`` and the API's admission script)."""
+        return {
+            "status": self.status.value,
+            "created_at": self.created_at,
+            "request": self.request,
+            "owner": self.owner,
+            **({"webhook": self.webhook} if self.webhook else {}),
+            **({"init_image_key": self.init_image_key} if self.init_image_key else {}),
+        }
+
     @classmethod
     def from_hash(cls, job_id: str, raw: Mapping[bytes, bytes]) -> JobRecord:
         data = {key.decode(): value.decode() for key, value in raw.items()}
@@ -128,7 +139,7 @@ class JobRecord:
         )
 
 
-def _encode_fields(fields: Mapping[str, Any]) -> dict[str, str]:
+def encode_fields(fields: Mapping[str, Any]) -> dict[str, str]:
     """Hash values: datetimes as ISO strings, strings as is, everything else as JSON."""
     encoded = {}
     for name, value in fields.items():
@@ -158,16 +169,7 @@ class JobStore:
         self._transition = redis.register_script(_TRANSITION)
 
     def create(self, record: JobRecord, extra_keys_ttl: Iterable[str] = ()) -> None:
-        fields = _encode_fields(
-            {
-                "status": record.status.value,
-                "created_at": record.created_at,
-                "request": record.request,
-                "owner": record.owner,
-                **({"webhook": record.webhook} if record.webhook else {}),
-                **({"init_image_key": record.init_image_key} if record.init_image_key else {}),
-            }
-        )
+        fields = encode_fields(record.creation_fields())
         with self.redis.pipeline() as pipe:
             pipe.hset(job_key(record.id), mapping=cast(Any, fields))
             pipe.expire(job_key(record.id), self.retention_s)
@@ -210,7 +212,7 @@ class JobStore:
         guard_field, guard_value = guard or ("", "")
         args: list[str] = [to.value, ",".join(s.value for s in allowed_from), event, str(EVENTS_MAXLEN)]
         args += [guard_field, guard_value]
-        for name, value in _encode_fields(fields or {}).items():
+        for name, value in encode_fields(fields or {}).items():
             args += [name, value]
         keys = [job_key(job_id), events_key(job_id), RUNNING_SET]
         applied, previous = self._transition(keys=keys, args=args)
@@ -226,7 +228,7 @@ class JobStore:
 
     def set_fields(self, job_id: str, fields: Mapping[str, Any]) -> None:
         if fields:
-            self.redis.hset(job_key(job_id), mapping=cast(Any, _encode_fields(fields)))
+            self.redis.hset(job_key(job_id), mapping=cast(Any, encode_fields(fields)))
 
     def request_cancel(self, job_id: str) -> None:
         self.redis.hset(job_key(job_id), "cancel_requested", "1")
@@ -254,9 +256,7 @@ class JobStore:
         return json.loads(cast(bytes, raw)) if raw else None
 
     def deliveries(self, job_id: str) -> list[dict[str, Any]]:
-        raw = cast(Mapping[bytes, bytes], self.redis.hgetall(webhooks_key(job_id)))
-        records = [json.loads(value) for value in raw.values()]
-        return sorted(records, key=lambda record: record.get("created_at", ""))
+        return decode_deliveries(cast(Mapping[bytes, bytes], self.redis.hgetall(webhooks_key(job_id))))
 
     # --- events ------------------------------------------------------------------------------------------
 
@@ -265,6 +265,12 @@ class JobStore:
     ) -> list[tuple[str, dict[str, Any]]]:
         entries = cast(list[Any], self.redis.xrange(events_key(job_id), min=f"({last_id}", count=count))
         return [(entry_id.decode(), decode_event(values)) for entry_id, values in entries]
+
+
+def decode_deliveries(raw: Mapping[bytes, bytes]) -> list[dict[str, Any]]:
+    """A job's webhook delivery records, oldest first; shared by the store and the API's async reads."""
+    records = [json.loads(value) for value in raw.values()]
+    return sorted(records, key=lambda record: record.get("created_at", ""))
 
 
 def decode_event(values: Mapping[bytes, bytes]) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""RQ plumbing shared by the API (enqueue, position, cancel) and the workers (queues to listen on).
+"""RQ plumbing shared by the API (job fields, position, cancel) and the workers (queues to listen on).
 
 Jobs are enqueued by dotted path with the JSON serializer: the API never imports the worker's code (so
 never torch), and nothing in Redis is a pickle.
@@ -10,8 +10,9 @@ from typing import Any
 
 from redis import Redis
 from rq import Queue
-from rq.job import Job
+from rq.job import JobStatus
 from rq.serializers import JSONSerializer
+from rq.utils import now
 
 from services.settings import Settings
 
@@ -27,17 +28,23 @@ def webhook_queue(redis: Redis, settings: Settings) -> Queue:
     return Queue(settings.webhook_queue_name, connection=redis, serializer=JSONSerializer)
 
 
-def enqueue_generation(queue: Queue, job_id: str, settings: Settings) -> Job:
-    """Put the job on the GPU queue; RQ's job id is our job id, so either can find the other."""
-    return queue.enqueue(
+def generation_job_fields(queue: Queue, job_id: str, settings: Settings) -> dict[str, Any]:
+    """RQ's own hash for a generation job, as ``Queue.enqueue`` would write it, for the API's admission
+    script to store (``services/admission.py``). RQ's job id is our job id, so either finds the other."""
+    job = queue.create_job(
         GENERATION_TASK,
-        job_id,
+        args=(job_id,),
         job_id=job_id,
-        job_timeout=int(settings.job_timeout.total_seconds()),
+        timeout=int(settings.job_timeout.total_seconds()),
         result_ttl=int(settings.result_ttl.total_seconds()),
         failure_ttl=int(settings.failure_ttl.total_seconds()),
         description=f"generation {job_id}",
     )
+    job.origin = queue.name
+    job.enqueued_at = now()
+    fields = job.to_dict()
+    fields["status"] = JobStatus.QUEUED.value
+    return fields
 
 
 def queue_position(redis: Redis, queue: Queue, job_id: str) -> int | None:

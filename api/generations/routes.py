@@ -6,8 +6,7 @@ import re
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request, Response
-from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 
 from api.auth import PrincipalDep
 from api.deps import StateDep
@@ -20,8 +19,9 @@ from schemas.jobs import CreateGeneration, Job
 router = APIRouter(prefix="/v1/generations", tags=["generations"], responses=PROBLEM_RESPONSES)
 
 
-def _job_response(job: Job, status_code: int, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(job.model_dump(mode="json"), status_code=status_code, headers=headers)
+def _job_response(job: Job, status_code: int, headers: dict[str, str] | None = None) -> Response:
+    # Serialised by pydantic-core in one pass (no dict of Python objects for json.dumps to walk again).
+    return Response(job.model_dump_json(), status_code, headers, media_type="application/json")
 
 
 _LOCATION = {"Location": {"description": "The job's URL.", "schema": {"type": "string"}}}
@@ -60,19 +60,22 @@ async def create_generation(
     prefer: Annotated[
         str | None, Header(description="wait=N (N ≤ 60): answer 200 with the job if it finishes in time.")
     ] = None,
-) -> JSONResponse:
+) -> Response:
     """Validate and queue a job; answers 202 with the job and its ``Location``.
 
     ``Idempotency-Key``: the same key with the same body returns the same job; with another body, 422.
     ``Prefer: wait=N`` (N ≤ 60): answer 200 with the finished job if it ends within N seconds.
     """
-    submission = await run_in_threadpool(service.submit, state, principal, body, idempotency_key)
+    submission = await service.submit(state, principal, body, idempotency_key)
     headers = {"Location": f"/v1/generations/{submission.job_id}"}
     wait_s = preferred_wait(prefer, state.settings.max_wait.total_seconds())
+    job = submission.job
     if wait_s > 0:
         headers["Preference-Applied"] = f"wait={int(wait_s)}"
         await wait_until_finished(state.redis_async, submission.job_id, wait_s)
-    job = await run_in_threadpool(service.view, state, principal, submission.job_id)
+        job = None
+    if job is None:
+        job = await service.view(state, principal, submission.job_id)
     return _job_response(job, 200 if job.status.is_terminal and wait_s > 0 else 202, headers)
 
 
@@ -83,9 +86,9 @@ async def create_generation(
     operation_id="getGeneration",
     response_description="The job.",
 )
-async def get_generation(job_id: str, state: StateDep, principal: PrincipalDep) -> JSONResponse:
+async def get_generation(job_id: str, state: StateDep, principal: PrincipalDep) -> Response:
     """The job with image URLs signed now (they expire; read again for fresh ones)."""
-    return _job_response(await run_in_threadpool(service.view, state, principal, job_id), 200)
+    return _job_response(await service.view(state, principal, job_id), 200)
 
 
 @router.post(
@@ -96,9 +99,9 @@ async def get_generation(job_id: str, state: StateDep, principal: PrincipalDep) 
     response_description="Canceled while queued.",
     responses={202: {"model": Job, "description": "Running: it stops at the next denoising step."}},
 )
-async def cancel_generation(job_id: str, state: StateDep, principal: PrincipalDep) -> JSONResponse:
+async def cancel_generation(job_id: str, state: StateDep, principal: PrincipalDep) -> Response:
     """Queued → canceled at once (200). Running → interrupted at the next step (202). Finished → 409."""
-    job = await run_in_threadpool(service.cancel, state, principal, job_id)
+    job = await service.cancel(state, principal, job_id)
     return _job_response(job, 200 if job.status.is_terminal else 202)
 
 
@@ -119,10 +122,10 @@ async def generation_events(
     ] = None,
 ) -> Response:
     """``status`` and ``progress`` events as they happen, then a ``job`` event with the final job; closes."""
-    await run_in_threadpool(service.load, state, principal, job_id)  # 404 before the stream starts
+    await service.load(state, principal, job_id)  # 404 before the stream starts
 
     async def final_job() -> dict[str, Any]:
-        job = await run_in_threadpool(service.view, state, principal, job_id)
+        job = await service.view(state, principal, job_id)
         return job.model_dump(mode="json")
 
     resume_from = last_event_id if last_event_id and _is_stream_id(last_event_id) else "0-0"

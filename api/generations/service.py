@@ -1,7 +1,10 @@
 """Generation jobs as the API manages them: submit (with idempotency), read, cancel.
 
-Plain synchronous functions over :class:`AppState` — routes run them in the threadpool — so the logic is
-testable without HTTP and the event loop never waits on Redis round trips.
+Submitting and reading are coroutines on the API's async Redis client: a submission is one admission
+script (``services/admission.py``) and a read one pipelined round trip, without handing the request to a
+thread and back. Only work that blocks by nature — resolving a webhook host, uploading an init image,
+cancel's status changes through the sync job store — goes to the threadpool, and only when the request
+needs it.
 """
 
 from __future__ import annotations
@@ -9,9 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import structlog
+from fastapi.concurrency import run_in_threadpool
 
 from api.errors import ApiError, Conflict, NotFound, ServiceUnavailable, UnprocessableRequest
 from api.state import AppState
@@ -19,11 +23,13 @@ from schemas.images import vet_base64_image
 from schemas.jobs import CreateGeneration, Job, JobStatus
 from schemas.problems import FieldError
 from services import metrics
+from services.admission import IdempotencyClaim
 from services.job_views import render_job
-from services.jobs import JobRecord, new_job_id, utcnow
-from services.queue import enqueue_generation, queue_position, remove_from_queue
+from services.jobs import JobRecord, decode_deliveries, job_key, new_job_id, utcnow, webhooks_key
+from services.queue import remove_from_queue
+from services.rate_limit import retry_after_s
 from services.ssrf import UnsafeURLError, vet_url
-from services.storage import init_image_key
+from services.storage import StorageError, init_image_key
 from services.webhooks.events import schedule_webhook_event
 
 log = structlog.get_logger(__name__)
@@ -34,6 +40,7 @@ IDEMPOTENCY_PREFIX = "darkroom:idempotency:"
 class Submission:
     job_id: str
     created: bool  # False when an Idempotency-Key replay returned an existing job
+    job: Job | None = None  # the new job as admitted (None for a replay: read it)
 
 
 def fingerprint(body: CreateGeneration) -> str:
@@ -49,6 +56,7 @@ def _webhook_problem(code: str, message: str) -> UnprocessableRequest:
 
 
 def _check_webhook(state: AppState, body: CreateGeneration) -> dict[str, object] | None:
+    """The webhook to store, after the SSRF check (which resolves the host: run it off the event loop)."""
     if body.webhook_url is None:
         return None
     settings = state.settings
@@ -65,78 +73,48 @@ def _check_webhook(state: AppState, body: CreateGeneration) -> dict[str, object]
     return {"url": url, "events": list(body.webhook_events)}
 
 
-def _claim_idempotency_key(state: AppState, key: str, digest: str, job_id: str) -> str | None:
-    """Reserve ``key`` for ``job_id``; if it was already taken, return the job it points to.
-
-    SET NX makes two concurrent first uses of a key race safely: exactly one creates a job.
-    """
-    redis = state.clients.redis
-    redis_key = IDEMPOTENCY_PREFIX + hashlib.sha256(key.encode()).hexdigest()
-    ttl = int(state.settings.idempotency_ttl.total_seconds())
-    value = json.dumps({"job_id": job_id, "fingerprint": digest})
-    for _ in range(3):
-        if redis.set(redis_key, value, nx=True, ex=ttl):
-            return None
-        raw = redis.get(redis_key)
-        if raw is None:  # expired between the two calls: claim again
-            continue
-        existing = json.loads(cast(bytes, raw))
-        if existing["fingerprint"] != digest:
-            raise UnprocessableRequest(
-                "this Idempotency-Key was already used with a different request body",
-                code="idempotency_key_reused",
-            )
-        return str(existing["job_id"])
-    raise RuntimeError("Idempotency-Key kept expiring while being claimed")
+def _idempotency_claim(
+    state: AppState, principal: str, key: str, body: CreateGeneration, job_id: str
+) -> IdempotencyClaim:
+    # Keys are scoped to their API key: two clients may pick the same Idempotency-Key independently.
+    scoped = hashlib.sha256(f"{principal}\x00{key}".encode()).hexdigest()
+    return IdempotencyClaim(
+        key=IDEMPOTENCY_PREFIX + scoped,
+        job_id=job_id,
+        fingerprint=fingerprint(body),
+        ttl=state.settings.idempotency_ttl,
+    )
 
 
-def _check_queue_depth(state: AppState) -> None:
-    """Refuse new work while the backlog is at its ceiling: a bounded queue fails fast and visibly."""
-    depth = int(state.clients.redis.llen(state.queue.key))
-    if depth >= state.settings.max_queue_depth:
-        metrics.SUBMISSIONS.labels("queue_full").inc()
-        raise ServiceUnavailable(
-            f"the queue holds {depth} jobs, its limit; retry later",
-            code="queue_full",
-            retry_after=max(1, int(state.settings.queue_full_retry_after.total_seconds())),
-        )
+def _store_init_image(state: AppState, job_id: str, encoded: str, record_time: Any) -> str:
+    vetted = vet_base64_image(encoded)
+    key = init_image_key(job_id, vetted.format.lower().replace("jpeg", "jpg"), record_time)
+    state.clients.storage.put(key, vetted.data, f"image/{vetted.format.lower()}")
+    return key
 
 
-def _check_rate(state: AppState, principal: str) -> None:
-    if state.rate_limiter is None:
-        return
-    decision = state.rate_limiter.take(principal)
-    if not decision.allowed:
-        metrics.SUBMISSIONS.labels("rate_limited").inc()
-        raise ApiError(
-            f"too many submissions for this API key; retry in {decision.retry_after_s} s",
-            status=429,
-            code="rate_limited",
-            headers={"Retry-After": str(decision.retry_after_s)},
-        )
+def _forget_init_image(state: AppState, key: str) -> None:
+    """Best effort: an init image uploaded for a submission that was then refused or replayed."""
+    try:
+        state.clients.storage.delete(key)
+    except StorageError as exc:
+        log.warning("orphaned init image not deleted", key=key, error=str(exc))
 
 
-def submit(
+async def submit(
     state: AppState, principal: str, body: CreateGeneration, idempotency_key: str | None
 ) -> Submission:
-    webhook = _check_webhook(state, body)
+    webhook = await run_in_threadpool(_check_webhook, state, body) if body.webhook_url else None
     job_id = new_job_id()
+    claim = None
     if idempotency_key is not None:
-        # Keys are scoped to their API key: two clients may pick the same Idempotency-Key independently.
-        scoped_key = f"{principal}\x00{idempotency_key}"
-        existing = _claim_idempotency_key(state, scoped_key, fingerprint(body), job_id)
-        if existing is not None:
-            metrics.SUBMISSIONS.labels("idempotent_replay").inc()
-            return Submission(job_id=existing, created=False)
-    _check_rate(state, principal)
-    _check_queue_depth(state)
+        claim = _idempotency_claim(state, principal, idempotency_key, body, job_id)
     request = body.generation_request().normalized()
     created_at = utcnow()
     init_key = None
     if request.init_image is not None:
-        vetted = vet_base64_image(request.init_image)
-        init_key = init_image_key(job_id, vetted.format.lower().replace("jpeg", "jpg"), created_at)
-        state.clients.storage.put(init_key, vetted.data, f"image/{vetted.format.lower()}")
+        # Uploaded before the job exists: a worker may pick the job up the moment it is admitted.
+        init_key = await run_in_threadpool(_store_init_image, state, job_id, request.init_image, created_at)
     record = JobRecord(
         id=job_id,
         status=JobStatus.QUEUED,
@@ -146,51 +124,95 @@ def submit(
         init_image_key=init_key,
         owner=principal,
     )
-    store = state.clients.store
-    store.create(record)
     try:
-        enqueue_generation(state.queue, job_id, state.settings)
-    except Exception:
-        store.transition(
-            job_id,
-            JobStatus.FAILED,
-            allowed_from=(JobStatus.QUEUED,),
-            fields={"error": {"type": "enqueue_failed", "message": "the job could not be queued"}},
-        )
+        admission = await state.admitter.admit(record, principal, claim)
+    except BaseException:
+        if init_key is not None:
+            await run_in_threadpool(_forget_init_image, state, init_key)
         raise
+    if admission.outcome != "queued" and init_key is not None:
+        await run_in_threadpool(_forget_init_image, state, init_key)
+    if admission.outcome == "replay":
+        existing = cast(dict[str, Any], admission.existing)
+        if claim is None or existing.get("fingerprint") != claim.fingerprint:
+            raise UnprocessableRequest(
+                "this Idempotency-Key was already used with a different request body",
+                code="idempotency_key_reused",
+            )
+        metrics.SUBMISSIONS.labels("idempotent_replay").inc()
+        return Submission(job_id=str(existing["job_id"]), created=False)
+    if admission.outcome == "queue_full":
+        metrics.SUBMISSIONS.labels("queue_full").inc()
+        raise ServiceUnavailable(
+            f"the queue holds {admission.value} jobs, its limit; retry later",
+            code="queue_full",
+            retry_after=max(1, int(state.settings.queue_full_retry_after.total_seconds())),
+        )
+    if admission.outcome == "rate_limited":
+        metrics.SUBMISSIONS.labels("rate_limited").inc()
+        wait_s = retry_after_s(admission.value)
+        raise ApiError(
+            f"too many submissions for this API key; retry in {wait_s} s",
+            status=429,
+            code="rate_limited",
+            headers={"Retry-After": str(wait_s)},
+        )
     metrics.SUBMISSIONS.labels("accepted").inc()
     log.info("job submitted", job_id=job_id, seed=request.seed, size=f"{request.width}x{request.height}")
-    return Submission(job_id=job_id, created=True)
+    job = render_job(
+        record,
+        state.clients.storage,
+        state.settings.url_expiry,
+        queue_position=admission.value,  # the queue's length right after our push: we are last in line
+        deliveries=[] if webhook else None,
+    )
+    return Submission(job_id=job_id, created=True, job=job)
 
 
-def load(state: AppState, principal: str, job_id: str) -> JobRecord:
+async def _read(state: AppState, job_id: str) -> tuple[JobRecord | None, list[dict[str, Any]]]:
+    """The job's record and webhook deliveries in one round trip."""
+    async with state.redis_async.pipeline(transaction=False) as pipe:
+        pipe.hgetall(job_key(job_id))
+        pipe.hgetall(webhooks_key(job_id))
+        raw_job, raw_deliveries = await pipe.execute()
+    record = JobRecord.from_hash(job_id, raw_job) if raw_job else None
+    return record, decode_deliveries(raw_deliveries)
+
+
+def _owned(record: JobRecord | None, principal: str, job_id: str) -> JobRecord:
     """The job if it exists *and belongs to the caller*; both misses are the same 404 (no enumeration)."""
-    record = state.clients.store.get(job_id)
     if record is None or record.owner != principal:
         raise NotFound(f"no generation job {job_id!r}")
     return record
 
 
-def view(state: AppState, principal: str, job_id: str) -> Job:
+async def load(state: AppState, principal: str, job_id: str) -> JobRecord:
+    raw = cast(dict[bytes, bytes], await state.redis_async.hgetall(job_key(job_id)))
+    return _owned(JobRecord.from_hash(job_id, raw) if raw else None, principal, job_id)
+
+
+async def view(state: AppState, principal: str, job_id: str) -> Job:
     """The public job, with URLs signed now and the current queue position."""
-    record = load(state, principal, job_id)
+    record, deliveries = await _read(state, job_id)
+    record = _owned(record, principal, job_id)
     position = None
     if record.status is JobStatus.QUEUED:
-        position = queue_position(state.clients.redis, state.queue, job_id)
-    deliveries = state.clients.store.deliveries(job_id) if record.webhook else None
+        index = cast(int | None, await state.redis_async.lpos(state.queue.key, job_id))
+        position = None if index is None else index + 1
     return render_job(
         record,
         state.clients.storage,
         state.settings.url_expiry,
         queue_position=position,
-        deliveries=deliveries,
+        deliveries=deliveries if record.webhook else None,
     )
 
 
-def cancel(state: AppState, principal: str, job_id: str) -> Job:
-    """Queued: canceled at once. Running: interrupted at the next denoising step. Finished: 409."""
+def _cancel(state: AppState, job_id: str) -> None:
     store = state.clients.store
-    record = load(state, principal, job_id)
+    record = store.get(job_id)
+    if record is None:
+        raise NotFound(f"no generation job {job_id!r}")
     if record.status.is_terminal:
         raise Conflict(f"job {job_id} is already {record.status.value}", code="job_already_finished")
     if record.status is JobStatus.QUEUED:
@@ -208,8 +230,14 @@ def cancel(state: AppState, principal: str, job_id: str) -> Job:
             store.touch_terminal(job_id)
             metrics.JOBS.labels(JobStatus.CANCELED.value).inc()
             schedule_webhook_event(store, state.webhook_queue, job_id, "completed")
-            return view(state, principal, job_id)
+            return
         if done.previous is not None and done.previous.is_terminal:
             raise Conflict(f"job {job_id} is already {done.previous.value}", code="job_already_finished")
     store.request_cancel(job_id)  # running (or just started): the worker stops at the next step
-    return view(state, principal, job_id)
+
+
+async def cancel(state: AppState, principal: str, job_id: str) -> Job:
+    """Queued: canceled at once. Running: interrupted at the next denoising step. Finished: 409."""
+    await load(state, principal, job_id)
+    await run_in_threadpool(_cancel, state, job_id)
+    return await view(state, principal, job_id)

@@ -1,0 +1,178 @@
+"""The admission script: replays, the queue ceiling, the token bucket and the enqueue, decided atomically."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import TypeVar
+
+import redis as redis_lib
+import redis.asyncio as aredis
+from rq import Queue
+from rq.job import Job
+from rq.serializers import JSONSerializer
+
+from schemas.jobs import JobStatus
+from services.admission import Admission, Admitter, IdempotencyClaim
+from services.jobs import JobRecord, JobStore, new_job_id, utcnow
+from services.queue import GENERATION_TASK, generation_queue
+from services.rate_limit import RateLimit, retry_after_s
+from services.settings import Settings
+
+T = TypeVar("T")
+REQUEST = {"prompt": "a red fox", "width": 512, "height": 512, "seed": 7}
+
+
+def _record() -> JobRecord:
+    return JobRecord(
+        id=new_job_id(), status=JobStatus.QUEUED, created_at=utcnow(), request=REQUEST, owner="alice"
+    )
+
+
+def _run(redis_url: str, body: Callable[[aredis.Redis], Awaitable[T]]) -> T:
+    async def main() -> T:
+        client = aredis.Redis.from_url(redis_url)
+        try:
+            return await body(client)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(main())
+
+
+def _admitter(
+    client: aredis.Redis, redis_url: str, *, max_queue_depth: int = 1000, rate: RateLimit | None = None
+) -> tuple[Admitter, Queue]:
+    settings = Settings(auth_disabled=True, max_queue_depth=max_queue_depth)
+    queue = generation_queue(redis_lib.Redis.from_url(redis_url), settings)
+    return Admitter(client, queue, settings, rate), queue
+
+
+def _claim(job_id: str, fingerprint: str = "f1") -> IdempotencyClaim:
+    return IdempotencyClaim(
+        key="darkroom:idempotency:k1", job_id=job_id, fingerprint=fingerprint, ttl=timedelta(hours=1)
+    )
+
+
+def test_an_admitted_job_is_recorded_and_queued_exactly_as_rq_would_enqueue_it(redis_url: str) -> None:
+    records = [_record(), _record()]
+
+    async def body(client: aredis.Redis) -> tuple[list[Admission], Queue]:
+        admitter, queue = _admitter(client, redis_url)
+        return [await admitter.admit(record, "alice") for record in records], queue
+
+    admissions, queue = _run(redis_url, body)
+    assert [(a.outcome, a.value) for a in admissions] == [("queued", 1), ("queued", 2)]
+    store = JobStore(redis_lib.Redis.from_url(redis_url), timedelta(days=1))
+    stored = store.get(records[0].id)
+    assert stored is not None and stored.status is JobStatus.QUEUED and stored.owner == "alice"
+    assert stored.request == REQUEST and stored.created_at == records[0].created_at
+    assert [event["data"]["status"] for _, event in store.events_since(records[0].id)] == ["queued"]
+    retention_s = Settings(auth_disabled=True).job_retention.total_seconds()
+    assert retention_s - 5 < store.redis.ttl(f"darkroom:job:{records[0].id}") <= retention_s
+    assert queue.job_ids == [record.id for record in records]
+    rq_job = Job.fetch(records[0].id, connection=queue.connection, serializer=JSONSerializer)
+    assert rq_job.func_name == GENERATION_TASK and list(rq_job.args) == [records[0].id]
+    assert rq_job.get_status() == "queued" and rq_job.origin == queue.name
+    assert rq_job.timeout == 600 and rq_job.enqueued_at is not None
+    # What a worker dequeues is this job, whole.
+    dequeued = Queue.dequeue_any([queue], None, connection=queue.connection, serializer=JSONSerializer)
+    assert dequeued is not None and dequeued[0].id == records[0].id and list(dequeued[0].args) == [records[0].id]
+
+
+def test_a_used_idempotency_key_returns_the_first_job_and_writes_nothing(redis_url: str) -> None:
+    first, second = _record(), _record()
+
+    async def body(client: aredis.Redis) -> tuple[Admission, Admission, Queue]:
+        admitter, queue = _admitter(client, redis_url)
+        a = await admitter.admit(first, "alice", _claim(first.id))
+        b = await admitter.admit(second, "alice", _claim(second.id, fingerprint="f2"))
+        return a, b, queue
+
+    a, b, queue = _run(redis_url, body)
+    assert a.outcome == "queued"
+    assert b.outcome == "replay" and b.existing == {"job_id": first.id, "fingerprint": "f1"}
+    assert queue.job_ids == [first.id]
+    assert not queue.connection.exists(f"darkroom:job:{second.id}", f"rq:job:{second.id}")
+
+
+def test_the_queue_ceiling_is_hard_under_concurrent_submissions(redis_url: str) -> None:
+    records = [_record() for _ in range(40)]
+
+    async def body(client: aredis.Redis) -> tuple[list[Admission], Queue]:
+        admitter, queue = _admitter(client, redis_url, max_queue_depth=7)
+        return list(await asyncio.gather(*(admitter.admit(r, "alice") for r in records))), queue
+
+    admissions, queue = _run(redis_url, body)
+    queued = [r.id for r, a in zip(records, admissions, strict=True) if a.outcome == "queued"]
+    assert len(queued) == 7 and sorted(queue.job_ids) == sorted(queued)
+    refused = [a for a in admissions if a.outcome != "queued"]
+    assert {a.outcome for a in refused} == {"queue_full"} and {a.value for a in refused} == {7}
+    for record, admission in zip(records, admissions, strict=True):  # refused: no trace left
+        if admission.outcome == "queue_full":
+            assert not queue.connection.exists(f"darkroom:job:{record.id}", f"rq:job:{record.id}")
+
+
+def test_the_token_bucket_refuses_past_its_burst_and_buckets_are_per_key(redis_url: str) -> None:
+    rate = RateLimit(per_minute=60, burst=5)
+
+    async def body(client: aredis.Redis) -> tuple[list[Admission], Admission]:
+        admitter, _ = _admitter(client, redis_url, rate=rate)
+        alice = [await admitter.admit(_record(), "alice") for _ in range(6)]
+        return alice, await admitter.admit(_record(), "bob")
+
+    alice, bob = _run(redis_url, body)
+    assert [a.outcome for a in alice] == ["queued"] * 5 + ["rate_limited"]
+    assert 0 < alice[-1].value <= 1000 and retry_after_s(alice[-1].value) == 1  # one token a second
+    assert bob.outcome == "queued"
+
+
+def test_concurrent_submissions_cannot_overspend_the_bucket(redis_url: str) -> None:
+    rate = RateLimit(per_minute=1, burst=20)
+
+    async def body(client: aredis.Redis) -> list[Admission]:
+        admitter, _ = _admitter(client, redis_url, rate=rate)
+        return list(await asyncio.gather(*(admitter.admit(_record(), "shared") for _ in range(60))))
+
+    outcomes = [a.outcome for a in _run(redis_url, body)]
+    assert outcomes.count("queued") == 20 and outcomes.count("rate_limited") == 40
+
+
+def test_a_submission_refused_at_the_ceiling_spends_no_token(redis_url: str) -> None:
+    rate = RateLimit(per_minute=1, burst=2)
+
+    async def body(client: aredis.Redis) -> list[str]:
+        full, queue = _admitter(client, redis_url, max_queue_depth=1, rate=rate)
+        outcomes = [(await full.admit(_record(), "alice")).outcome for _ in range(4)]
+        queue.connection.delete(queue.key)  # a worker drained the queue
+        outcomes.append((await full.admit(_record(), "alice")).outcome)
+        queue.connection.delete(queue.key)
+        outcomes.append((await full.admit(_record(), "alice")).outcome)
+        return outcomes
+
+    # 1 queued, 3 refused at the ceiling (no token spent), the second token, then the bucket is empty.
+    expected = ["queued", "queue_full", "queue_full", "queue_full", "queued", "rate_limited"]
+    assert _run(redis_url, body) == expected
+
+
+def test_tokens_refill_over_time(redis_url: str) -> None:
+    rate = RateLimit(per_minute=60_000, burst=1)  # one token per millisecond
+
+    async def body(client: aredis.Redis) -> list[str]:
+        admitter, _ = _admitter(client, redis_url, rate=rate)
+        outcomes = [(await admitter.admit(_record(), "k")).outcome]
+        await asyncio.sleep(0.01)
+        outcomes.append((await admitter.admit(_record(), "k")).outcome)
+        return outcomes
+
+    assert _run(redis_url, body) == ["queued", "queued"]
+
+
+def test_rate_limits_must_be_positive() -> None:
+    for per_minute, burst in ((0, 5), (60, 0), (-1, 1)):
+        try:
+            RateLimit(per_minute=per_minute, burst=burst)
+        except ValueError:
+            continue
+        raise AssertionError(f"RateLimit({per_minute}, {burst}) was accepted")
