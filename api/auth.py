@@ -73,7 +73,7 @@ class ApiKeyMiddleware:
 _BEARER = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer <key>`.")
 
 
-def get_principal(
+async def get_principal(  # a coroutine: a plain def would cost a threadpool hop per request
     request: Request, _credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_BEARER)]
 ) -> str:
     principal = request.scope.get("state", {}).get("principal")

@@ -22,7 +22,10 @@ def render_job(
     *,
     queue_position: int | None = None,
     deliveries: list[dict[str, Any]] | None = None,
+    request: GenerationRequest | None = None,
 ) -> Job:
+    """``request``: the record's request as a model, when the caller already holds it (a submission
+    just admitted), so it is not validated a second time."""
     images = [
         ImageResult(
             url=storage.url_for(image["key"], url_expiry),
@@ -49,7 +52,7 @@ def render_job(
         created_at=record.created_at,
         started_at=record.started_at,
         completed_at=record.completed_at,
-        request=GenerationRequest.model_validate(record.request, context=NORMALIZED_CONTEXT),
+        request=request or GenerationRequest.model_validate(record.request, context=NORMALIZED_CONTEXT),
         init_image_url=storage.url_for(record.init_image_key, url_expiry) if record.init_image_key else None,
         images=images,
         warnings=record.warnings,

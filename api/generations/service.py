@@ -158,11 +158,15 @@ async def submit(
             headers={"Retry-After": str(wait_s)},
         )
     metrics.SUBMISSIONS.labels("accepted").inc()
-    log.info("job submitted", job_id=job_id, seed=request.seed, size=f"{request.width}x{request.height}")
+    # The request's access line carries the job id; a second INFO line per submission would double the
+    # logging cost of the API's hottest path.
+    structlog.contextvars.bind_contextvars(job_id=job_id)
+    log.debug("job submitted", seed=request.seed, size=f"{request.width}x{request.height}")
     job = render_job(
         record,
         state.clients.storage,
         state.settings.url_expiry,
+        request=request if request.init_image is None else None,  # the view never echoes an init image
         queue_position=admission.value,  # the queue's length right after our push: we are last in line
         deliveries=[] if webhook else None,
     )
