@@ -34,9 +34,9 @@ def is_terminal_event(event: dict[str, Any]) -> bool:
 
 
 async def read_events(
-    redis: aredis.Redis, job_id: str, last_id: str, block_ms: int
+    redis: aredis.Redis, job_id: str, last_id: str, block_ms: int | None
 ) -> list[tuple[str, dict[str, Any]]]:
-    """Events after ``last_id``, waiting up to ``block_ms`` for the first one."""
+    """Events after ``last_id``, waiting up to ``block_ms`` for the first one (None: not at all)."""
     reply = await redis.xread({events_key(job_id): last_id}, block=block_ms, count=100)
     if not reply:
         return []
@@ -78,6 +78,19 @@ async def sse_stream(
     there is no 503 to send): clients reconnect with ``Last-Event-ID`` and miss nothing.
     """
     yield b"retry: 2000\n\n"
+    job = await final_job()
+    if job["status"] in _TERMINAL:
+        # Already over: replay what the client has not seen and close. Waiting for events would hang a
+        # client that reconnects after the final status (its Last-Event-ID is the last entry there is).
+        try:
+            for entry_id, event in await read_events(redis, job_id, last_id, block_ms=None):
+                last_id = entry_id
+                yield sse_message(event["type"], event["data"], entry_id)
+        except REDIS_UNAVAILABLE as exc:
+            log.warning("sse stream ended: redis unavailable", job_id=job_id, error=str(exc))
+            return
+        yield sse_message("job", job, last_id)
+        return
     last_ping = time.monotonic()
     while not await is_disconnected():
         try:

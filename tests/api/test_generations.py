@@ -109,17 +109,26 @@ def test_prefer_wait_returns_the_finished_job(file_stack: Stack) -> None:
     assert len(response.json()["images"]) == 1
 
 
-def test_sse_streams_progress_and_the_final_job(file_stack: Stack) -> None:
-    job_id = submit(file_stack, {**SMALL, "seed": 3, "num_inference_steps": 6}).json()["id"]
-    events: list[tuple[str, Any]] = []
-    with httpx.stream("GET", f"{file_stack.api_url}/v1/generations/{job_id}/events", timeout=60) as response:
+def _read_sse(url: str, headers: dict[str, str] | None = None) -> list[tuple[str, Any, str | None]]:
+    """Every (event, data, id) of a stream, read until the server closes it."""
+    events: list[tuple[str, Any, str | None]] = []
+    with httpx.stream("GET", url, timeout=60, headers=headers) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
-        name = None
+        name, event_id = None, None
         for line in response.iter_lines():
-            if line.startswith("event: "):
+            if line.startswith("id: "):
+                event_id = line[len("id: ") :]
+            elif line.startswith("event: "):
                 name = line[len("event: ") :]
             elif line.startswith("data: ") and name:
-                events.append((name, json.loads(line[len("data: ") :])))
+                events.append((name, json.loads(line[len("data: ") :]), event_id))
+    return events
+
+
+def test_sse_streams_progress_and_the_final_job(file_stack: Stack) -> None:
+    job_id = submit(file_stack, {**SMALL, "seed": 3, "num_inference_steps": 6}).json()["id"]
+    url = f"{file_stack.api_url}/v1/generations/{job_id}/events"
+    events = [(name, data) for name, data, _ in _read_sse(url)]
     names = [name for name, _ in events]
     assert names[0] == "status" and events[0][1]["status"] == "queued"
     assert ("status", "running") in [(n, d.get("status")) for n, d in events]
@@ -127,6 +136,22 @@ def test_sse_streams_progress_and_the_final_job(file_stack: Stack) -> None:
     assert [p["step"] for p in progress] == list(range(1, 7))
     assert names[-1] == "job" and events[-1][1]["status"] == "succeeded"
     assert events[-1][1]["images"][0]["url"]
+
+
+def test_sse_of_a_finished_job_replays_and_closes_even_after_the_last_event(file_stack: Stack) -> None:
+    job_id = submit(file_stack, {**SMALL, "seed": 4}).json()["id"]
+    file_stack.wait_for(job_id, {"succeeded"})
+    url = f"{file_stack.api_url}/v1/generations/{job_id}/events"
+    started = time.monotonic()
+    everything = _read_sse(url)
+    assert [n for n, _, _ in everything][-2:] == ["status", "job"]
+    assert everything[-1][1]["status"] == "succeeded"
+    # A client that saw the final status and reconnects (Last-Event-ID: that status) gets the job, then EOF.
+    final_status_id = everything[-2][2]
+    assert final_status_id is not None
+    again = _read_sse(url, {"Last-Event-ID": final_status_id})
+    assert [(n, d["status"]) for n, d, _ in again] == [("job", "succeeded")]
+    assert time.monotonic() - started < 10  # no waiting for events that will never come
 
 
 def test_cancel_queued_running_and_finished_jobs(file_stack: Stack) -> None:
