@@ -61,6 +61,8 @@ class GpuPlan:
     warmup: int = 1
     slg: bool = False
     max_sequence_length: int = 256
+    #: Darkroom settings overridden for this run (``--set fuse_qkv=false``): measures one switch on vs off.
+    overrides: dict[str, str] = field(default_factory=dict)
 
     def resolved_device(self) -> torch.device:
         if self.device != "auto":
@@ -200,24 +202,30 @@ def build_pipeline(plan: GpuPlan, device: torch.device, dtype: torch.dtype) -> A
     return pipe
 
 
-def darkroom_model(pipe: Any, device: torch.device, dtype: torch.dtype) -> tuple[Any, str]:
+def darkroom_model(
+    pipe: Any, device: torch.device, dtype: torch.dtype, overrides: dict[str, str] | None = None
+) -> tuple[Any, str]:
     """The worker's ``LoadedModel`` over ``pipe``, through the loader's preparation step when it has one.
 
     ``load_pipeline`` reads weights with ``from_pretrained``; random full-size weights have no folder, so the
     harness builds the pipeline itself and asks the loader to prepare it exactly as it prepares a loaded
     one (``worker.pipeline_loader.prepare_pipeline(pipeline, settings)``), so that any optimisation the
-    worker applies after loading is measured too.
+    worker applies after loading is measured too, with the worker's defaults unless ``overrides`` (setting
+    name to value, as the ``DARKROOM_*`` variables spell them) switch some off or on.
     """
     from services.settings import Settings
     from worker import pipeline_loader
+    from worker.prompt_cache import PromptEmbeddingCache
+
+    settings = Settings(
+        model="bench-random-sd3.5-medium",
+        device=str(device),
+        dtype={torch.bfloat16: "bfloat16", torch.float32: "float32"}.get(dtype, "auto"),
+        **(overrides or {}),  # type: ignore[arg-type]
+    )
 
     prepare = getattr(pipeline_loader, "prepare_pipeline", None)
     if prepare is not None:
-        settings = Settings(
-            model="bench-random-sd3.5-medium",
-            device=str(device),
-            dtype={torch.bfloat16: "bfloat16", torch.float32: "float32"}.get(dtype, "auto"),
-        )
         prepared = prepare(pipe, settings)
         if isinstance(prepared, pipeline_loader.LoadedModel):
             return prepared, "worker.pipeline_loader.prepare_pipeline"
@@ -230,7 +238,13 @@ def darkroom_model(pipe: Any, device: torch.device, dtype: torch.dtype) -> tuple
         )
         pipe.set_progress_bar_config(disable=True)
     model = pipeline_loader.LoadedModel(
-        pipeline=pipe, model="bench-random-sd3.5-medium", source="local", device=device, dtype=dtype
+        pipeline=pipe,
+        model="bench-random-sd3.5-medium",
+        source="local",
+        device=device,
+        dtype=dtype,
+        prompt_cache=PromptEmbeddingCache.from_settings(settings),
+        optimizations=getattr(pipe, "_darkroom_optimizations", {}),
     )
     return model, how
 
@@ -425,8 +439,12 @@ def run_all(plan: GpuPlan) -> dict[str, Any]:
 
     from worker.engine import GenerationEngine
 
-    model, how = darkroom_model(pipe, device, dtype)
+    started = time.perf_counter()
+    model, how = darkroom_model(pipe, device, dtype, plan.overrides)
+    synchronize(device)
     results["darkroom_preparation"] = how
+    results["darkroom_prepare_s"] = round(time.perf_counter() - started, 1)
+    results["darkroom_optimizations"] = model.optimizations
     engine = GenerationEngine(model)
     timer = TransformerTimer(model.pipeline.transformer, device)
     tap = LatentTap(model.pipeline.vae)
@@ -537,7 +555,8 @@ def print_summary(results: dict[str, Any]) -> None:
         f"\nmatmul peak: {results['peak']['tflops']} TFLOP/s "
         f"({results['peak']['dtype']}, n={results['peak']['n']})"
     )
-    print(f"darkroom preparation: {results['darkroom_preparation']}")
+    print(f"darkroom preparation: {results['darkroom_preparation']} ({results['darkroom_prepare_s']} s)")
+    print(f"darkroom optimizations: {results['darkroom_optimizations']}")
     print(
         f"{'path':<9} {'config':<9} {'s/image':>9} {'img/min':>9} {'tfm TFLOP/s':>12} {'MFU':>6} "
         f"{'peak GiB':>9}  path"
@@ -566,6 +585,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-repeats", type=int, help="timed batched calls (default 2; tiny 1)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--slg", action="store_true", help="skip-layer guidance on (SD3.5-M's settings)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="override a darkroom setting for the darkroom path, e.g. --set compile=false --set fp8=true",
+    )
     parser.add_argument("--out", help="results JSON (default bench/results/gpu-<size>.json)")
     args = parser.parse_args(argv)
     tiny = args.size == "tiny"
@@ -581,6 +607,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_repeats=args.batch_repeats or (1 if tiny else 2),
         warmup=args.warmup,
         slg=args.slg,
+        overrides=dict(item.split("=", 1) for item in args.set),
     )
     facts = machine_facts()
     results = {"machine": facts, **run_all(plan)}

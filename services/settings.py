@@ -42,6 +42,42 @@ class Settings(BaseSettings):
     drop_t5: bool = Field(False, description="Load without the T5 encoder (~9 GB less); CLIP-only prompts.")
     warmup: bool = Field(True, description="Run one small generation at load so the first job is not slow.")
 
+    # --- speed (worker/optimizations.py; 'auto' = on for CUDA, off on CPU) ----------------------------------
+    tf32: bool = Field(True, description="TF32 matmuls/convolutions for what runs in fp32 (CUDA only).")
+    sdpa_backends: str = Field(
+        "auto",
+        pattern=r"^(auto|(flash|efficient|cudnn|math)(,(flash|efficient|cudnn|math))*)$",
+        description="SDPA kernels allowed on CUDA: 'auto' or some of flash,efficient,cudnn,math.",
+    )
+    fuse_qkv: bool | Literal["auto"] = Field(
+        "auto", description="Fuse the q/k/v projections of the transformer and VAE into one matmul each."
+    )
+    channels_last_vae: bool | Literal["auto"] = Field(
+        "auto", description="Channels-last memory format for the VAE's convolutions."
+    )
+    compile: bool | Literal["auto"] = Field(
+        "auto",
+        description="torch.compile the transformer (dynamic shapes: one graph for every size and batch).",
+    )
+    compile_vae: bool = Field(True, description="With compile on, compile the VAE decoder too.")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        "default", description="torch.compile mode."
+    )
+    compile_cache_dir: Path | None = Field(
+        None,
+        description="Where compiled kernels are kept across restarts (default ~/.cache/darkroom/compile).",
+    )
+    compile_warmup: bool = Field(
+        True, description="With compile on, run every aspect-ratio preset once at start (2 steps)."
+    )
+    prompt_cache_size: int = Field(
+        32, ge=0, description="Prompt embeddings kept for repeated (negative) prompts; 0 disables."
+    )
+    fp8: bool = Field(False, description="Opt-in FP8 transformer Linear layers (torchao, CUDA, sm_89+).")
+    fp8_recipe: Literal["dynamic", "weight_only"] = Field(
+        "dynamic", description="FP8 recipe: 'dynamic' (fp8 activations and weights) or 'weight_only'."
+    )
+
     # --- who may call the API ------------------------------------------------------------------------------
     api_keys: str | None = Field(
         None, description="Comma-separated 'NAME:sha256:HEX' entries (python -m services.api_keys NAME)."

@@ -40,6 +40,7 @@ from worker.errors import (
     InvalidGenerationRequest,
 )
 from worker.pipeline_loader import LoadedModel
+from worker.prompt_cache import prompt_embeddings, with_prompt_embeddings
 from worker.prompt_tokens import prompt_report
 
 log = logging.getLogger(__name__)
@@ -189,6 +190,8 @@ class GenerationEngine:
         token_counts, warnings = prompt_report(pipeline, request)
         seeds = request.image_seeds()
         kwargs = request.to_pipeline_kwargs()
+        if self.model.prompt_cache is not None:  # repeated (negative) prompts skip the text encoders
+            kwargs = with_prompt_embeddings(pipeline, self.model.prompt_cache, kwargs)
         if request.is_image_to_image:
             assert request.init_image is not None
             kwargs["image"] = decode_init_image(request.init_image)
@@ -278,15 +281,14 @@ class GenerationEngine:
 
     def _prompt_embeddings(self, pipeline: Any, request: GenerationRequest) -> tuple[Any, Any, Any, Any]:
         """(prompt, negative, pooled, negative pooled) embeddings of one request, ``num_images`` rows each:
-        what the pipeline computes for it inside a call of its own."""
-        return pipeline.encode_prompt(
+        what the pipeline computes for it inside a call of its own (through the prompt cache if on)."""
+        return prompt_embeddings(
+            pipeline,
+            self.model.prompt_cache,
             prompt=request.prompt,
-            prompt_2=None,
-            prompt_3=None,
             negative_prompt=request.negative_prompt,
-            device=pipeline._execution_device,
-            num_images_per_prompt=request.num_images,
-            do_classifier_free_guidance=request.guidance_scale > 1,
+            num_images=request.num_images,
+            guided=request.guidance_scale > 1,
             max_sequence_length=request.max_sequence_length,
         )
 

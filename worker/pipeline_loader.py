@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +18,7 @@ import torch
 
 from services.settings import TINY_MODEL, Settings
 from worker.errors import ModelUnavailableError
+from worker.prompt_cache import PromptEmbeddingCache
 from worker.tiny_model import ensure_tiny_model
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,10 @@ class LoadedModel:
     source: ModelSource
     device: torch.device
     dtype: torch.dtype
+    #: Text-encoder outputs of recent prompts (None: disabled); shared by both pipelines' encoders.
+    prompt_cache: PromptEmbeddingCache | None = field(default=None, repr=False)
+    #: What :func:`prepare_pipeline` applied (worker.optimizations), for logs and benchmarks.
+    optimizations: dict[str, Any] = field(default_factory=dict, repr=False)
     _img2img: Any = field(default=None, repr=False)
 
     def img2img(self) -> Any:
@@ -114,6 +120,29 @@ def load_pipeline(settings: Settings) -> LoadedModel:
             f"could not load model {settings.model!r} ({type(exc).__name__}: {exc}). "
             + _how_to_get(settings.model)
         ) from exc
+    pipeline = prepare_pipeline(pipeline, settings)
+    return LoadedModel(
+        pipeline=pipeline,
+        model=settings.model,
+        source=source,
+        device=device,
+        dtype=dtype,
+        prompt_cache=PromptEmbeddingCache.from_settings(settings),
+        optimizations=getattr(pipeline, "_darkroom_optimizations", {}),
+    )
+
+
+def prepare_pipeline(pipeline: Any, settings: Settings) -> Any:
+    """Everything that happens to a pipeline after its weights are read: device placement (or CPU
+    offload), eval mode, then the speed switches of :mod:`worker.optimizations` (TF32, SDPA kernels, fused
+    QKV, channels-last VAE, FP8, ``torch.compile`` with its preset warm-up). Returns the pipeline.
+
+    Split from :func:`load_pipeline` so that a pipeline built another way (the GPU bench's random full-size
+    weights) is prepared exactly as the worker prepares a loaded one.
+    """
+    from worker.optimizations import apply_optimizations
+
+    device = resolve_device(settings.device)
     if settings.cpu_offload and device.type != "cpu":
         pipeline.enable_model_cpu_offload(device=device)
     else:
@@ -122,4 +151,9 @@ def load_pipeline(settings: Settings) -> LoadedModel:
     for component in pipeline.components.values():
         if isinstance(component, torch.nn.Module):
             component.eval()
-    return LoadedModel(pipeline=pipeline, model=settings.model, source=source, device=device, dtype=dtype)
+    started = time.perf_counter()
+    applied = apply_optimizations(pipeline, settings, device)
+    applied["seconds"] = round(time.perf_counter() - started, 3)
+    pipeline._darkroom_optimizations = applied
+    log.info("pipeline prepared: %s", applied)
+    return pipeline
