@@ -131,12 +131,13 @@ def public_files_url(settings: Settings) -> str:
 class ServiceClients:
     """Lazily built clients for one process. Thread-safe: each client is created once, under a lock.
 
-    ``storage_put_retry`` wraps uploads in ``RetryingStorage`` (the GPU worker wants it; readers do not).
+    ``storage_retry`` wraps the store in ``RetryingStorage`` (the GPU worker wants its uploads and init-image
+    reads to ride out outages; the API wants to answer fast).
     """
 
-    def __init__(self, settings: Settings, *, storage_put_retry: RetryPolicy | None = None) -> None:
+    def __init__(self, settings: Settings, *, storage_retry: RetryPolicy | None = None) -> None:
         self.settings = settings
-        self._storage_put_retry = storage_put_retry
+        self._storage_retry = storage_retry
         self._lock = threading.RLock()  # re-entrant: building the storage needs the Redis client
         self._built: dict[str, Any] = {}
         self._closed = False
@@ -180,7 +181,7 @@ class ServiceClients:
             public_base_url=public_files_url(s) if is_file else None,
             # Only file:// URLs are signed by us; asking Redis otherwise would add a needless dependency.
             file_signing_key=shared_url_signing_key(self.redis, s) if is_file else None,
-            put_retry=self._storage_put_retry,
+            put_retry=self._storage_retry,
         )
 
     def close(self) -> None:
@@ -201,9 +202,9 @@ class ServiceClients:
             raise errors[0]
 
 
-def build_clients(settings: Settings, *, storage_put_retry: RetryPolicy | None = None) -> ServiceClients:
+def build_clients(settings: Settings, *, storage_retry: RetryPolicy | None = None) -> ServiceClients:
     """Clients for ``settings``; nothing connects until a client is first used."""
-    return ServiceClients(settings, storage_put_retry=storage_put_retry)
+    return ServiceClients(settings, storage_retry=storage_retry)
 
 
 _process_lock = threading.Lock()

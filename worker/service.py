@@ -161,7 +161,7 @@ def worker_name() -> str:
 def run_worker(settings: Settings, *, burst: bool = False) -> int:
     """Load the model, then work the generation queue until told to stop; returns the exit code."""
     clients = build_clients(
-        settings, storage_put_retry=RetryPolicy(deadline_s=settings.storage_retry_deadline.total_seconds())
+        settings, storage_retry=RetryPolicy(deadline_s=settings.storage_retry_deadline.total_seconds())
     )
     if settings.worker_metrics_port:
         start_http_server(settings.worker_metrics_port, addr="0.0.0.0")

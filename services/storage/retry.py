@@ -76,7 +76,7 @@ def call_with_backoff(
 
 
 class RetryingStorage:
-    """A `Storage` whose `put` survives outages up to the policy's deadline; everything else delegates."""
+    """A `Storage` whose `put` and `read` survive outages up to the policy's deadline; the rest delegates."""
 
     def __init__(
         self,
@@ -108,7 +108,16 @@ class RetryingStorage:
         )
 
     def read(self, key: str) -> bytes:
-        return self.inner.read(key)
+        """`inner.read`, retried like `put`: a worker reading an init image rides out the same outages
+        its uploads do (a missing object is not an outage and fails at once)."""
+        return call_with_backoff(
+            lambda: self.inner.read(key),
+            self.policy,
+            sleep=self._sleep,
+            clock=self._clock,
+            rand=self._rand,
+            description=f"read {key!r}",
+        )
 
     def url_for(self, key: str, expires_in: timedelta) -> str:
         return self.inner.url_for(key, expires_in)
