@@ -242,26 +242,36 @@ def test_a_burst_of_2000_is_all_accepted_and_each_job_ends_exactly_once(stack: S
 
 
 def test_tight_admission_limits_answer_429_and_503_as_designed(stack: Stack) -> None:
-    """A second API front end on the same Redis and workers, with a small bucket and a short queue.
+    """Two more API front ends on the same Redis and workers: one with a short queue, one with a small
+    token bucket (a submission refused at the ceiling spends no token, so each limit gets its own run).
 
-    Its accepted jobs are then all canceled at once while both workers are busy with them: queued ones
+    Their accepted jobs are then all canceled at once while both workers are busy with them: queued ones
     end canceled, running ones canceled or succeeded, finished ones answer 409, each job exactly once.
     """
-    settings = Settings(
-        redis_url=stack.redis_url,
-        storage_url=stack.env["DARKROOM_STORAGE_URL"],
-        auth_disabled=True,
-        rate_limit_per_minute=600,
-        rate_limit_burst=60,
-        max_queue_depth=20,
-    )
-    with serve(create_app(settings), lifespan="on") as api_url:
-        result = burst(api_url, 200)
-    assert_refusals_are_as_designed(result, allowed={429, 503})
-    assert result.statuses[429] and result.statuses[503] and result.statuses[202], result.statuses
-    assert result.statuses[202] <= 60 + 10 * result.wall_s + 1  # the bucket: burst + 10/s refill
-    report("tight-limits", result, None, None)
+    base = {
+        "redis_url": stack.redis_url,
+        "storage_url": stack.env["DARKROOM_STORAGE_URL"],
+        "auth_disabled": True,
+    }
+    with serve(create_app(Settings(**base, max_queue_depth=20)), lifespan="on") as api_url:
+        full = burst(api_url, 150)
+    assert_refusals_are_as_designed(full, allowed={503})
+    assert full.statuses[503] and full.statuses[202], full.statuses
+    # The ceiling is hard: admission checks the depth and pushes in one script, so a refusal always saw
+    # exactly the limit, never more, however many clients raced for the last places.
+    details = {r.json()["detail"] for r in full.refusals}
+    assert details == {"the queue holds 20 jobs, its limit; retry later"}, details
+    report("queue-ceiling", full, None, None)
 
+    limited = Settings(**base, rate_limit_per_minute=600, rate_limit_burst=30)
+    with serve(create_app(limited), lifespan="on") as api_url:
+        rated = burst(api_url, 150)
+    assert_refusals_are_as_designed(rated, allowed={429})
+    assert rated.statuses[429] and rated.statuses[202], rated.statuses
+    assert rated.statuses[202] <= 30 + 10 * rated.wall_s + 1  # the bucket: burst + 10/s refill
+    report("rate-limit", rated, None, None)
+
+    result = Burst(accepted=full.accepted + rated.accepted)
     with httpx.Client(base_url=stack.api_url, timeout=60) as client, ThreadPoolExecutor(CLIENTS) as pool:
         cancels = Counter(
             pool.map(
