@@ -6,7 +6,10 @@ that ship inside the package and talk to the public ``/v1/generations`` API like
 no API endpoint of its own, so it cannot drift from the contract, and it is left out of the OpenAPI schema.
 
 The page's size presets and numeric limits are filled in from ``schemas/`` when the page is first served,
-so they follow the request model rather than repeating it.
+so they follow the request model rather than repeating it. Whether the server wants an API key is filled in
+too (a yes or no, nothing about the keys): the page shows its "API key" field only then. The key a person
+types stays in the tab's ``sessionStorage`` and travels only as an ``Authorization`` header, which is also
+why the page follows jobs with a fetch-based SSE reader rather than ``EventSource`` (it cannot send one).
 """
 
 from __future__ import annotations
@@ -49,11 +52,18 @@ async def root(request: Request) -> RedirectResponse:
 
 
 @router.get(PAGE_PATH)
-async def playground_page() -> HTMLResponse:
+async def playground_page(request: Request) -> HTMLResponse:
     """The page itself; its asset and API URLs are relative, so it also works behind a path prefix."""
     return HTMLResponse(
-        render_page(), headers={**_HEADERS, "Content-Security-Policy": CONTENT_SECURITY_POLICY}
+        render_page(auth_required=auth_required(request)),
+        headers={**_HEADERS, "Content-Security-Policy": CONTENT_SECURITY_POLICY},
     )
+
+
+def auth_required(request: Request) -> bool:
+    """Whether API calls need a key: the same test ``ApiKeyMiddleware`` makes (no key ring, no check)."""
+    state = getattr(request.app.state, "darkroom", None)
+    return state is not None and state.keys is not None
 
 
 @router.get(PAGE_PATH + "/static/{name}")
@@ -66,14 +76,16 @@ async def playground_static(name: str) -> Response:
 
 
 @cache
-def render_page() -> str:
-    """``index.html`` with the request model's presets, defaults and limits filled in (once per process)."""
+def render_page(*, auth_required: bool) -> str:
+    """``index.html`` with the request model's presets, defaults and limits filled in (once per process
+    for each answer to "does this server want an API key")."""
     template = Template((STATIC_DIR / "index.html").read_text(encoding="utf-8"))
-    return template.substitute(page_values())
+    return template.substitute(page_values(auth_required=auth_required))
 
 
-def page_values() -> dict[str, str]:
-    """The values ``index.html`` refers to as ``$name``: all derived from ``schemas/``."""
+def page_values(*, auth_required: bool) -> dict[str, str]:
+    """The values ``index.html`` refers to as ``$name``: derived from ``schemas/``, plus whether the API
+    key field is shown (with auth off there is nothing to enter)."""
     fields = GenerationRequest.model_fields
     options = "\n            ".join(
         f'<option value="{html.escape(ratio.value)}"{" selected" if ratio is DEFAULT_ASPECT_RATIO else ""}>'
@@ -81,6 +93,7 @@ def page_values() -> dict[str, str]:
         for ratio, (width, height) in ASPECT_RATIO_SIZES.items()
     )
     return {
+        "api_key_hidden": "" if auth_required else " hidden",
         "aspect_ratio_options": options,
         "max_seed": str(MAX_SEED),
         "steps_default": str(fields["num_inference_steps"].default),

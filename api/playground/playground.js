@@ -1,6 +1,8 @@
 // The darkroom playground: a plain client of the public API, nothing more.
 // POST /v1/generations, follow GET /v1/generations/{id}/events (status, progress, then the final job),
 // show the images. The server is the only validator: its problem+json errors go next to their fields.
+// With API keys on, every call carries `Authorization: Bearer <key>` — which `EventSource` cannot send, so
+// the event stream is read with fetch and parsed here (see EventStreamParser).
 
 const form = document.getElementById("generate");
 const fields = form.elements;
@@ -9,12 +11,66 @@ const byId = (id) => document.getElementById(id);
 const apiUrl = (path) => new URL(path, document.baseURI);
 
 const QUEUE_POLL_MS = 1000; // SSE carries no queue position: re-read the job while it waits
+const POLL_MS = 1000; // following a job by reading it, when its event stream cannot be had
+const POLL_MISSES = 5; // failed reads in a row before the page gives up on a job
+const STREAM_RETRY_MS = 2000; // reconnection delay until the stream's own `retry:` field says otherwise
+const STREAM_ATTEMPTS = 3; // connections in a row that deliver nothing before falling back to polling
+const TERMINAL = ["succeeded", "failed", "canceled"];
 // A field the page has no control for is reported on the control that decides it.
 const FIELD_ALIASES = { width: "aspect_ratio", height: "aspect_ratio" };
+// sessionStorage, never localStorage: the key is gone when the tab closes and is never put in a URL.
+const KEY_STORAGE = "darkroom.apiKey";
 
 let initImage = null; // data: URL of the chosen input image
 let aspectBeforeImage = null; // the preset chosen before "match the input image" took over
-let current = null; // { id, events, poll } of the job being followed
+let current = null; // { id, controller, poll } of the job being followed
+
+// --- the API key -----------------------------------------------------------------------------------------
+
+function storedKey() {
+  try {
+    return sessionStorage.getItem(KEY_STORAGE) ?? "";
+  } catch {
+    return ""; // storage blocked (private mode, policies): the key just is not remembered
+  }
+}
+
+function storeKey(key) {
+  try {
+    if (key) sessionStorage.setItem(KEY_STORAGE, key);
+    else sessionStorage.removeItem(KEY_STORAGE);
+  } catch {
+    // as above
+  }
+}
+
+fields.api_key.value = storedKey();
+fields.api_key.addEventListener("input", () => storeKey(fields.api_key.value.trim()));
+
+// fetch() for an API path, with the API key (if one was entered) as a bearer token.
+function api(path, { headers = {}, ...options } = {}) {
+  const key = fields.api_key.value.trim();
+  if (key) headers = { ...headers, Authorization: `Bearer ${key}` };
+  return fetch(apiUrl(path), { ...options, headers, cache: "no-store" });
+}
+
+// A 401: the key is missing or wrong. Says so next to the key field; returns the line for the status text.
+function showKeyProblem(problem, outcome = "Not submitted") {
+  byId("api_key-field").hidden = false; // in case the server's auth setting changed since the page loaded
+  const entered = fields.api_key.value.trim() !== "";
+  placeFieldError(
+    "api_key",
+    entered ? "The server did not accept this API key." : "This server needs an API key: enter it here.",
+  );
+  const detail = problem?.detail ?? "missing or invalid API key";
+  showAlert(problem?.title ?? "Unauthorized", `${detail} — check the API key field.`);
+  fields.api_key.focus();
+  return `${outcome}: check the API key.`;
+}
+
+async function problemOf(response) {
+  return response.json().catch(() => null);
+}
 
 // --- the request -----------------------------------------------------------------------------------------
 
@@ -52,7 +108,7 @@ form.addEventListener("submit", async (event) => {
   let response;
   let payload = null;
   try {
-    response = await fetch(apiUrl("v1/generations"), {
+    response = await api("v1/generations", {
       method: "POST",
       headers: { "Content-Type": "application/json", Accept: "application/json" },
       body: JSON.stringify(requestBody()),
@@ -61,6 +117,7 @@ form.addEventListener("submit", async (event) => {
   } catch (error) {
     return fail(`Cannot reach the server (${error.message}).`);
   }
+  if (response.status === 401) return fail(showKeyProblem(payload));
   if (!response.ok) return fail(showProblem(payload, response));
   follow(payload);
 });
@@ -71,44 +128,202 @@ fields.prompt.addEventListener("keydown", (event) => {
 });
 
 byId("cancel").addEventListener("click", async () => {
-  if (!current) return;
+  const followed = current;
+  if (!followed) return;
   showStatus("Canceling…");
-  await fetch(apiUrl(`v1/generations/${current.id}/cancel`), { method: "POST" }).catch(() => null);
-  // The job's own event stream reports the outcome.
+  const response = await api(`v1/generations/${followed.id}/cancel`, {
+    method: "POST",
+    headers: { Accept: "application/json" },
+  }).catch(() => null);
+  if (response?.status === 401 && current === followed) {
+    showStatus(showKeyProblem(await problemOf(response), "Not canceled"));
+  }
+  // Otherwise the job's own event stream reports the outcome.
 });
 
 // --- following a job -------------------------------------------------------------------------------------
 
 function follow(job) {
-  const events = new EventSource(apiUrl(`v1/generations/${job.id}/events`));
-  current = { id: job.id, events, poll: null };
+  const followed = { id: job.id, controller: new AbortController(), poll: null };
+  current = followed;
   showJobStatus(job);
-  events.addEventListener("status", (message) => {
-    const { status } = JSON.parse(message.data);
-    if (status !== "queued") stopPolling();
-    if (status === "running") showStatus("Running…");
-  });
-  events.addEventListener("progress", (message) => showProgress(JSON.parse(message.data)));
-  events.addEventListener("job", (message) => finish(JSON.parse(message.data)));
-  events.addEventListener("error", async () => {
-    // The browser reconnects (with Last-Event-ID) by itself; only a refused stream ends here.
-    if (events.readyState !== EventSource.CLOSED || current?.id !== job.id) return;
-    const latest = await readJob(job.id);
-    if (latest?.status && ["succeeded", "failed", "canceled"].includes(latest.status)) return finish(latest);
-    showAlert("Lost track of the job", `Its event stream was refused; ${job.id} may still finish.`);
-    fail("Lost track of the job.");
-  });
   if (job.status === "queued") {
-    current.poll = setInterval(async () => {
-      const latest = await readJob(job.id);
-      if (latest && latest.status === "queued" && current?.id === job.id) showJobStatus(latest);
+    followed.poll = setInterval(async () => {
+      const latest = await readJob(followed);
+      if (latest?.status === "queued" && current === followed) showJobStatus(latest);
     }, QUEUE_POLL_MS);
+  }
+  streamJob(followed);
+}
+
+// The job's event stream, read with fetch: reconnects after a dropped connection (resuming after the last
+// event id, like EventSource), and falls back to reading the job when the stream is refused or keeps failing.
+async function streamJob(followed) {
+  const stream = { lastEventId: "", retryMs: STREAM_RETRY_MS };
+  let fruitless = 0; // connections in a row that delivered no event
+  while (current === followed) {
+    let response = null;
+    let delivered = false;
+    try {
+      const headers = { Accept: "text/event-stream" };
+      if (stream.lastEventId) headers["Last-Event-ID"] = stream.lastEventId;
+      response = await api(`v1/generations/${followed.id}/events`, {
+        headers,
+        signal: followed.controller.signal,
+      });
+      if (response.ok && isEventStream(response)) {
+        const parser = new EventStreamParser(stream, (message) => {
+          delivered = true;
+          onStreamEvent(followed, message);
+        });
+        await readEventStream(response.body, parser);
+      }
+    } catch {
+      // Aborted (the job is over, or another took its place) or a network error: a dropped connection.
+    }
+    if (current !== followed) return;
+    if (response?.status === 401) return fail(showKeyProblem(await problemOf(response), "Stopped"));
+    if (response && (!response.ok || !isEventStream(response))) return pollJob(followed); // refused
+    fruitless = delivered ? 0 : fruitless + 1;
+    if (fruitless >= STREAM_ATTEMPTS) return pollJob(followed);
+    await pause(stream.retryMs, followed.controller.signal);
   }
 }
 
-async function readJob(id) {
-  const response = await fetch(apiUrl(`v1/generations/${id}`)).catch(() => null);
-  return response?.ok ? response.json() : null;
+function isEventStream(response) {
+  return (response.headers.get("Content-Type") ?? "").split(";")[0].trim() === "text/event-stream";
+}
+
+function onStreamEvent(followed, message) {
+  let data;
+  try {
+    data = JSON.parse(message.data);
+  } catch {
+    return; // not ours to understand
+  }
+  if (message.type === "status") {
+    if (data.status !== "queued") stopPolling(followed);
+    if (data.status === "running") showStatus("Running…");
+  } else if (message.type === "progress") {
+    showProgress(data);
+  } else if (message.type === "job") {
+    finish(data);
+  }
+}
+
+// Reads a byte stream to its end, feeding the parser text (UTF-8, as the format requires).
+async function readEventStream(body, parser) {
+  const reader = body.getReader();
+  const decoder = new TextDecoder(); // drops a leading byte order mark, as the format says
+  try {
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      parser.push(decoder.decode(value, { stream: true }));
+    }
+    parser.push(decoder.decode());
+  } finally {
+    reader.releaseLock();
+  }
+}
+
+// The "text/event-stream" format, as the HTML standard parses it: lines end in CRLF, LF or CR; a line
+// "field: value" (one optional space after the colon) or "field"; ":" starts a comment; a blank line
+// dispatches the event gathered so far. An event cut off before its blank line is never dispatched.
+// `stream` outlives one connection: it carries the last event id and the reconnection delay.
+class EventStreamParser {
+  constructor(stream, onEvent) {
+    this.stream = stream;
+    this.onEvent = onEvent;
+    this.buffer = "";
+    this.lineEnd = /\r\n|\r|\n/g;
+    this.type = "";
+    this.data = "";
+    this.id = stream.lastEventId;
+  }
+
+  push(text) {
+    this.buffer += text;
+    this.lineEnd.lastIndex = 0;
+    let start = 0;
+    for (let match; (match = this.lineEnd.exec(this.buffer)); ) {
+      // A CR at the very end may be the first half of a CRLF whose LF is still on its way.
+      if (match[0] === "\r" && match.index === this.buffer.length - 1) break;
+      this.line(this.buffer.slice(start, match.index));
+      start = this.lineEnd.lastIndex;
+    }
+    this.buffer = this.buffer.slice(start);
+  }
+
+  line(line) {
+    if (line === "") return this.dispatch();
+    if (line.startsWith(":")) return; // a comment (the server's keep-alive pings)
+    const colon = line.indexOf(":");
+    const field = colon === -1 ? line : line.slice(0, colon);
+    let value = colon === -1 ? "" : line.slice(colon + 1);
+    if (value.startsWith(" ")) value = value.slice(1);
+    if (field === "event") this.type = value;
+    else if (field === "data") this.data += `${value}\n`;
+    else if (field === "id" && !value.includes("\0")) this.id = value;
+    else if (field === "retry" && /^[0-9]+$/.test(value)) this.stream.retryMs = Number(value);
+  }
+
+  dispatch() {
+    this.stream.lastEventId = this.id;
+    const { type, data } = this;
+    this.type = "";
+    this.data = "";
+    if (data === "") return;
+    this.onEvent({ type: type || "message", data: data.slice(0, -1), lastEventId: this.id });
+  }
+}
+
+// Following a job by reading it, once its event stream cannot be had.
+async function pollJob(followed) {
+  stopPolling(followed); // this loop shows the queue position too
+  let misses = 0;
+  while (current === followed) {
+    const response = await api(`v1/generations/${followed.id}`, {
+      headers: { Accept: "application/json" },
+      signal: followed.controller.signal,
+    }).catch(() => null);
+    if (current !== followed) return;
+    const job = response?.ok ? await response.json().catch(() => null) : null;
+    if (response?.status === 401) return fail(showKeyProblem(await problemOf(response), "Stopped"));
+    if (job && TERMINAL.includes(job.status)) return finish(job);
+    // A 4xx other than "try later" (e.g. 404: the job is gone) will not change by asking again.
+    const final = response?.status >= 400 && response.status < 500 && ![408, 429].includes(response.status);
+    if (job) {
+      misses = 0;
+      showJobStatus(job);
+    } else if (final || ++misses >= POLL_MISSES) {
+      const detail = `Neither its events nor the job could be read; ${followed.id} may still finish.`;
+      showAlert("Lost track of the job", detail);
+      return fail("Lost track of the job.");
+    }
+    await pause(POLL_MS, followed.controller.signal);
+  }
+}
+
+async function readJob(followed) {
+  const response = await api(`v1/generations/${followed.id}`, {
+    headers: { Accept: "application/json" },
+    signal: followed.controller.signal,
+  }).catch(() => null);
+  return response?.ok ? response.json().catch(() => null) : null;
+}
+
+// Resolves after `ms`, or at once when the job stops being followed.
+function pause(ms, signal) {
+  return new Promise((resolve) => {
+    const done = () => {
+      clearTimeout(timer);
+      signal.removeEventListener("abort", done);
+      resolve();
+    };
+    const timer = setTimeout(done, ms);
+    signal.addEventListener("abort", done);
+  });
 }
 
 function showJobStatus(job) {
@@ -136,14 +351,15 @@ function finish(job) {
   }
 }
 
-function stopPolling() {
-  if (current?.poll) clearInterval(current.poll);
-  if (current) current.poll = null;
+function stopPolling(followed) {
+  if (followed.poll) clearInterval(followed.poll);
+  followed.poll = null;
 }
 
 function stopFollowing() {
-  stopPolling();
-  current?.events.close();
+  if (!current) return;
+  stopPolling(current);
+  current.controller.abort();
   current = null;
 }
 

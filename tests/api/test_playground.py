@@ -2,7 +2,9 @@
 
 Redis, the API under uvicorn, a tiny-model worker and the webhook worker run as processes (``file_stack``);
 the browser talks to them exactly as a person would: it fills the form, clicks, and watches the page. A
-screenshot of the finished page is saved under ``test-output/playground/`` (ignored by git).
+screenshot of the finished page is saved under ``test-output/playground/`` (ignored by git). The stack's API
+runs with auth off; a second API process with API keys on (``keyed_url``) shares its Redis, storage and
+worker, for the page's API key field and its fetch-based event stream reader.
 
 Chromium is a system package (Debian's ``chromium``, installed by ``make browser``), not a Playwright
 download: this suite fails, rather than skips, when it is missing, so a green run always means the page
@@ -14,17 +16,32 @@ from __future__ import annotations
 import io
 import os
 import re
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from PIL import Image
-from playwright.sync_api import BrowserContext, ConsoleMessage, Page, Request, expect, sync_playwright
+from playwright.sync_api import (
+    BrowserContext,
+    ConsoleMessage,
+    Page,
+    Request,
+    Route,
+    expect,
+    sync_playwright,
+)
 
 from api.playground import CONTENT_SECURITY_POLICY
 from schemas.sizes import ASPECT_RATIO_SIZES
-from tests.fixtures.stack import ROOT, Stack
+from services.api_keys import hash_key, new_key
+from services.net import free_port
+from tests.fixtures.stack import ROOT, Stack, stop_process
 
 CHROMIUM = Path(os.environ.get("DARKROOM_CHROMIUM", "/usr/bin/chromium"))
 # No GPU, no network beyond loopback: without these Chromium floods the log with refused connections.
@@ -42,12 +59,50 @@ OUTPUT_DIR = ROOT / "test-output" / "playground"
 JOB_TIMEOUT_MS = 120_000
 _HTTP_ERROR_LOGGED = "Failed to load resource: the server responded with a status of"
 START_TIMEOUT_S = 60.0
+API_KEY = new_key()
+KEY_STORAGE = "darkroom.apiKey"  # the page's sessionStorage entry
+EVENTS_URL = re.compile(r"/v1/generations/[^/]+/events$")
 
 
 @pytest.fixture(scope="module")
 def playground_url(file_stack: Stack) -> str:
     """The stack's own API serves the page."""
     return file_stack.api_url
+
+
+@pytest.fixture(scope="module")
+def keyed_url(file_stack: Stack) -> Iterator[str]:
+    """A second API process, with API keys on, beside the stack's: same Redis, storage and worker."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {
+        **file_stack.env,
+        "DARKROOM_AUTH_DISABLED": "false",
+        "DARKROOM_API_KEYS": f"playground:sha256:{hash_key(API_KEY)}",
+        "DARKROOM_PUBLIC_URL": url,  # its image URLs point at itself, not at the stack's API
+    }
+    command = [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port)]
+    log_path = file_stack.log_dir / "api-keyed.log"
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not _ready(url):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"keyed API did not start:\n{log_path.read_text(errors='replace')[-5000:]}"
+                )
+            time.sleep(0.1)
+        yield url
+    finally:
+        stop_process(process)
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 @pytest.fixture(scope="module")
@@ -76,10 +131,22 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrowserContext
 
 @pytest.fixture
 def page(browser: BrowserContext, playground_url: str) -> Iterator[Page]:
+    with checked_tab(browser, playground_url) as tab:
+        yield tab
+
+
+@pytest.fixture
+def keyed_page(browser: BrowserContext, keyed_url: str) -> Iterator[Page]:
+    with checked_tab(browser, keyed_url) as tab:
+        yield tab
+
+
+@contextmanager
+def checked_tab(browser: BrowserContext, server_url: str) -> Iterator[Page]:
     """A fresh tab that records script errors and any request leaving the server (there must be none)."""
     tab = browser.new_page()
     problems: list[str] = []
-    origin = httpx.URL(playground_url)
+    origin = httpx.URL(server_url)
     tab.on("pageerror", lambda error: problems.append(f"page error: {error}"))
 
     def check_failure(request: Request) -> None:
@@ -119,13 +186,20 @@ def save_screenshot(page: Page, name: str, capsys: pytest.CaptureFixture[str]) -
 
 
 def record_status_texts(page: Page) -> None:
-    """Keep every text the status line shows in ``window.statusLog``: steps pass faster than polling."""
+    """Keep every text the status line shows in ``window.statusLog``: steps pass faster than polling.
+
+    Each text is read from its own mutation record (the text node it added), not from the line when the
+    observer runs: several updates in one task (a replayed stream's last events) reach it together.
+    """
     page.evaluate(
         """() => {
             const status = document.getElementById("status");
             window.statusLog = [];
-            new MutationObserver(() => window.statusLog.push(status.textContent))
-                .observe(status, {childList: true, characterData: true, subtree: true});
+            new MutationObserver((records) => {
+                for (const record of records) {
+                    for (const node of record.addedNodes) window.statusLog.push(node.textContent);
+                }
+            }).observe(status, {childList: true});
         }"""
     )
 
@@ -176,6 +250,7 @@ def test_server_validation_errors_are_shown_next_to_their_fields(
     page.goto(playground_url)  # the bare server redirects to the page
     expect(page).to_have_url(f"{playground_url}/playground")
     expect(page).to_have_title("darkroom playground")
+    expect(page.get_by_label("API key")).to_be_hidden()  # auth is off: there is no key to enter
     prompt = page.get_by_label("Prompt", exact=True)
     steps = page.get_by_label("Steps")
     steps.fill("0")
@@ -277,3 +352,116 @@ def test_image_to_image_upload_sends_a_data_url_and_follows_the_image_size(
     page.get_by_role("button", name="Remove image").click()
     expect(strength).to_be_disabled()
     expect(page.get_by_label("Aspect ratio")).to_have_value("1:1")
+
+
+# --- with API keys on -----------------------------------------------------------------------------------
+
+
+def fill_small_request(page: Page, prompt: str, steps: int) -> None:
+    """A 512x512 job (a quarter of a preset's pixels, so a quicker one): image-to-image at strength 1,
+    which ignores the input image but keeps its size and runs every step."""
+    page.get_by_label("Prompt", exact=True).fill(prompt)
+    page.get_by_label("Steps").fill(str(steps))
+    page.get_by_label(re.compile("^Start from an image")).set_input_files(
+        {"name": "start.png", "mimeType": "image/png", "buffer": png_bytes(512, 512)}
+    )
+    page.get_by_label("Strength").press("End")
+    expect(page.get_by_label("Strength")).to_have_value("1")
+
+
+def test_with_a_key_every_call_carries_it_and_a_dropped_event_stream_resumes(
+    keyed_page: Page, keyed_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    page = keyed_page
+    page.goto(f"{keyed_url}/playground")
+    key_field = page.get_by_label("API key")
+    expect(key_field).to_be_visible()
+    expect(key_field).to_have_attribute("type", "password")
+    expect(key_field).to_have_attribute("autocomplete", "off")
+    key_field.fill(API_KEY)
+    page.reload()
+    expect(key_field).to_have_value(API_KEY)  # remembered for this tab, in sessionStorage only
+    record_status_texts(page)
+
+    requested: list[Request] = []
+    page.on("request", lambda request: requested.append(request))
+    connections: list[dict[str, Any]] = []
+
+    def drop_the_first_stream(route: Route) -> None:
+        """The first connection ends after its first progress event, as a dropped one would (and asks
+        for a 50 ms reconnection delay); the next goes to the server, which must resume after it."""
+        connections.append({"headers": route.request.all_headers(), "at": time.monotonic()})
+        if len(connections) > 1:
+            route.fallback()
+            return
+        blocks = route.fetch().text().split("\n\n")  # the whole stream: the job runs to its end
+        kept = blocks[: next(i for i, block in enumerate(blocks) if "event: progress" in block) + 1]
+        connections[0]["last_id"] = re.findall(r"^id: (.+)$", kept[-1], re.MULTILINE)[-1]
+        events = [block for block in kept if not block.startswith("retry:")]
+        body = "retry: 50\n\n" + "\n\n".join(events) + "\n\n"
+        route.fulfill(status=200, headers={"Content-Type": "text/event-stream"}, body=body)
+        connections[0]["dropped_at"] = time.monotonic()
+
+    page.route(EVENTS_URL, drop_the_first_stream)
+    fill_small_request(page, "a lighthouse at dusk", steps=2)
+    page.get_by_role("button", name="Generate").click()
+
+    expect(page.locator("#status")).to_have_text(re.compile(r"^Done: 1 image"), timeout=JOB_TIMEOUT_MS)
+    log: list[str] = page.evaluate("window.statusLog")
+    assert "Running — step 1/2" in log and "Running — step 2/2" in log, log  # from the stream: no polling
+    assert log.index("Running — step 1/2") < log.index("Running — step 2/2")
+    image = page.get_by_role("img", name=re.compile(r"^Image 1 of 1"))
+    expect(image).to_have_js_property("complete", True)
+    expect(image).to_have_js_property("naturalWidth", 512)
+
+    first, second = connections  # one drop, one resumption, and the job event closed the second
+    assert "last-event-id" not in first["headers"]
+    assert second["headers"]["last-event-id"] == first["last_id"]
+    assert second["at"] - first["dropped_at"] < 1.5  # the stream's retry: 50, not the default 2 s
+    api_calls = [request for request in requested if "/v1/generations" in request.url]
+    assert {request.method for request in api_calls} >= {"GET", "POST"}
+    for request in api_calls:
+        assert request.all_headers().get("authorization") == f"Bearer {API_KEY}", request.url
+    assert not [url for url in [page.url, *(request.url for request in requested)] if API_KEY in url]
+    assert page.evaluate("() => JSON.stringify({...localStorage})") == "{}"
+    assert page.evaluate(f"() => sessionStorage.getItem({KEY_STORAGE!r})") == API_KEY
+    save_screenshot(page, "playground-api-key.png", capsys)
+
+
+def test_a_wrong_key_is_shown_at_the_key_field_and_polling_and_cancel_send_the_key(
+    keyed_page: Page, keyed_url: str
+) -> None:
+    page = keyed_page
+    page.goto(f"{keyed_url}/playground")
+    key_field = page.get_by_label("API key")
+    status = page.locator("#status")
+    key_field.fill("drk_not-the-key")
+    fill_small_request(page, "a harbour in fog", steps=100)
+    with page.expect_response(f"{keyed_url}/v1/generations") as refused:
+        page.get_by_role("button", name="Generate").click()
+    assert refused.value.status == 401
+    problem = refused.value.json()
+
+    alert = page.get_by_role("alert")
+    expect(alert).to_contain_text(problem["detail"])
+    expect(alert).to_contain_text("check the API key field")
+    expect(page.locator("#api_key-error")).to_have_text("The server did not accept this API key.")
+    expect(key_field).to_have_attribute("aria-invalid", "true")
+    expect(key_field).to_be_focused()
+    expect(status).to_have_text("Not submitted: check the API key.")
+    expect(page.get_by_role("button", name="Generate")).to_be_enabled()
+
+    # The right key: the same form goes through. Its event stream is refused here, so the page follows the
+    # job by reading it (with the key), and Cancel carries the key too.
+    page.route(EVENTS_URL, lambda route: route.fulfill(status=503, body="busy"))
+    key_field.fill(API_KEY)
+    with page.expect_request(re.compile(r"/v1/generations/[^/]+$")) as read:
+        page.get_by_role("button", name="Generate").click()
+    assert read.value.all_headers()["authorization"] == f"Bearer {API_KEY}"
+    expect(status).to_have_text(re.compile(r"^Running — step"), timeout=JOB_TIMEOUT_MS)
+    expect(page.locator("#api_key-error")).to_be_hidden()
+    with page.expect_request(re.compile(r"/v1/generations/[^/]+/cancel$")) as cancel:
+        page.get_by_role("button", name="Cancel").click()
+    assert cancel.value.all_headers()["authorization"] == f"Bearer {API_KEY}"
+    expect(status).to_have_text("Canceled.", timeout=JOB_TIMEOUT_MS)
+    assert page.evaluate("() => JSON.stringify({...localStorage})") == "{}"
