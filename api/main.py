@@ -23,6 +23,7 @@ from api.state import AppState
 from services.admission import Admitter
 from services.api_keys import KeyRing
 from services.clients import REDIS_CONNECT_TIMEOUT_S, build_clients
+from services.content_safety import PromptFilter
 from services.logging import configure_logging
 from services.queue import generation_queue, webhook_queue
 from services.rate_limit import RateLimit
@@ -53,6 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         resolved = settings or get_settings()
         configure_logging(resolved.environment)
         keys = load_keys(resolved)
+        prompt_filter = PromptFilter.from_settings(resolved)  # a bad blocklist stops start-up
         clients = build_clients(resolved)
         # Event streams block in XREAD for at most a few seconds at a time, so a socket timeout just above
         # that bounds every call: SSE and ``Prefer: wait`` never hang on a Redis that stopped answering.
@@ -76,6 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             webhook_queue=webhook_queue(clients.redis, resolved),
             keys=keys,
             admitter=Admitter(redis_async, queue, resolved, rate_limit),
+            prompt_filter=prompt_filter,
         )
         try:
             yield

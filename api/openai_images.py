@@ -41,7 +41,11 @@ from services.storage import Storage
 router = APIRouter(prefix="/v1/images", tags=["images"], responses=PROBLEM_RESPONSES)
 
 NO_RETRY = {"x-should-retry": "false"}
-_ERRORS = problem_responses(409, 504)
+_ERRORS = problem_responses(409, 422, 504)
+_ERRORS[422]["description"] = (
+    "Validation error, or `content_filtered`: the prompt holds a blocklisted term, or the content filter "
+    "withheld every image of the job (then with Location)."
+)
 _ERRORS[409]["description"] = "The job was canceled while this request waited (code `canceled`)."
 _ERRORS[504]["description"] = (
     "Not finished within DARKROOM_OPENAI_IMAGES_WAIT (code `generation_timeout`); the job carries on at "
@@ -83,8 +87,25 @@ def _check_succeeded(job: Job, waited_s: float) -> None:
     )
 
 
-def _read_images(storage: Storage, record: JobRecord) -> list[str]:
-    return [base64.b64encode(storage.read(image["key"])).decode("ascii") for image in record.images]
+def _check_not_all_filtered(job: Job) -> None:
+    """Every image withheld by the content filter: an error (as OpenAI answers a moderation block), not a
+    200 whose ``data`` holds nothing to decode. Some withheld: they stay in ``data``, marked."""
+    if job.images and all(image.finish_reason == "content_filtered" for image in job.images):
+        count = len(job.images)
+        raise UnprocessableRequest(
+            f"the content filter withheld {'the image' if count == 1 else f'all {count} images'} of job "
+            f"{job.id}; nothing was stored",
+            code="content_filtered",
+            headers={"Location": f"/v1/generations/{job.id}", **NO_RETRY},
+        )
+
+
+def _read_images(storage: Storage, record: JobRecord) -> list[str | None]:
+    """Each image base64-encoded, in job order; None for one the content filter withheld (never stored)."""
+    return [
+        base64.b64encode(storage.read(image["key"])).decode("ascii") if "key" in image else None
+        for image in record.images
+    ]
 
 
 @router.post(
@@ -125,13 +146,18 @@ async def create_image(
     await wait_until_finished(state.redis_async, submission.job_id, waited_s)
     job: Job = await service.view(state, principal, submission.job_id)
     _check_succeeded(job, waited_s)
+    _check_not_all_filtered(job)
     if body.wants_url:
-        data = [ImageData(url=image.url, seed=image.seed) for image in job.images]
+        data = [
+            ImageData(url=image.url, seed=image.seed, finish_reason=image.finish_reason)
+            for image in job.images
+        ]
     else:
         record: JobRecord = await service.load(state, principal, job.id)
         encoded = await run_in_threadpool(_read_images, state.clients.storage, record)
         data = [
-            ImageData(b64_json=b64, seed=image.seed) for b64, image in zip(encoded, job.images, strict=True)
+            ImageData(b64_json=b64, seed=image.seed, finish_reason=image.finish_reason)
+            for b64, image in zip(encoded, job.images, strict=True)
         ]
     finished = job.completed_at or job.created_at
     answer = ImagesResponse(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis.asyncio as aredis
 from rq import Queue
@@ -10,6 +10,7 @@ from rq import Queue
 from services.admission import Admitter
 from services.api_keys import KeyRing
 from services.clients import ServiceClients
+from services.content_safety import PromptFilter
 from services.settings import Settings
 
 
@@ -22,3 +23,4 @@ class AppState:
     webhook_queue: Queue
     keys: KeyRing | None  # None: authentication explicitly disabled (local development)
     admitter: Admitter  # submissions: idempotency, queue ceiling, rate limit and enqueue in one script
+    prompt_filter: PromptFilter = field(default_factory=PromptFilter)  # the blocklist (empty: off)

@@ -243,6 +243,13 @@ def summary(job: Job, paths: list[Path], elapsed_s: float) -> dict[str, Any]:
                 "sha256": image.sha256,
                 "sha256_verified": True,  # download() refuses a file whose hash differs
             }
+            if image.url is not None
+            else {  # withheld by the content filter: never stored, nothing downloaded
+                "path": None,
+                "seed": image.seed,
+                "finish_reason": image.finish_reason,
+                "filter_reason": image.filter_reason,
+            }
             for image, path in zip(job.images[: len(paths)], paths, strict=True)
         ],
         "warnings": job.warnings,
@@ -283,7 +290,8 @@ def run_generate(args: argparse.Namespace) -> int:
         paths = output_paths(args.output, job)
         try:
             for image, path in zip(job.images, paths, strict=True):
-                client.download(image, path)
+                if image.url is not None:  # None: withheld by the content filter (a warning says so)
+                    client.download(image, path)
         except ChecksumMismatch as exc:
             _say(f"download of {job.id} is corrupt: {exc}")
             return EXIT_UNAVAILABLE

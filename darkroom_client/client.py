@@ -210,7 +210,13 @@ class DarkroomClient:
         The file appears only once complete (written beside it, then renamed), and with ``verify`` its
         SHA-256 must match the job's, else :class:`ChecksumMismatch` and no file.
         """
+        if isinstance(image, ImageResult) and image.url is None:
+            raise ValueError(
+                f"image seed {image.seed} was withheld by the content filter ({image.finish_reason}): "
+                "it was never stored, there is nothing to download"
+            )
         url = image.url if isinstance(image, ImageResult) else image
+        assert url is not None
         expected = image.sha256 if isinstance(image, ImageResult) and verify else None
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -60,13 +60,28 @@ class Progress(BaseModel):
     total: int = Field(ge=0)
 
 
+FinishReason = Literal["stop", "content_filtered"]
+
+
 class ImageResult(BaseModel):
-    url: str = Field(description="Signed, expiring URL; a fresh one is issued on every read.")
+    """One image of a job. ``finish_reason`` ``content_filtered``: the image classifier withheld it, so it
+    has no ``url`` and no ``sha256`` (it was never stored); the other images of the job are unaffected."""
+
+    url: str | None = Field(
+        description="Signed, expiring URL; a fresh one is issued on every read. null when content_filtered."
+    )
     seed: int
     width: int
     height: int
     content_type: str
-    sha256: str
+    sha256: str | None = Field(description="SHA-256 of the stored file; null when content_filtered.")
+    finish_reason: FinishReason = Field(
+        "stop",
+        description="'stop': generated and stored; 'content_filtered': withheld by the content filter.",
+    )
+    filter_reason: str | None = Field(
+        None, description="With content_filtered: the category the classifier gave, if any."
+    )
 
 
 class JobError(BaseModel):

@@ -260,6 +260,11 @@ class ImageData(BaseModel):
     url: str | None = Field(None, description="Signed, expiring URL of the image (response_format=url).")
     revised_prompt: str | None = Field(None, description="Never set: prompts are used as given.")
     seed: int = Field(description="darkroom extension: the seed this image was drawn with.")
+    finish_reason: Literal["stop", "content_filtered"] = Field(
+        "stop",
+        description="darkroom extension: 'content_filtered' = withheld by the content filter, so this entry "
+        "has neither b64_json nor url (kept in place so data[i] stays image i).",
+    )
 
 
 class ImagesResponse(BaseModel):

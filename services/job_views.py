@@ -28,12 +28,15 @@ def render_job(
     just admitted), so it is not validated a second time."""
     images = [
         ImageResult(
-            url=storage.url_for(image["key"], url_expiry),
+            # A filtered image was never stored: no key, so no URL.
+            url=storage.url_for(image["key"], url_expiry) if "key" in image else None,
             seed=image["seed"],
             width=image["width"],
             height=image["height"],
             content_type=image["content_type"],
-            sha256=image["sha256"],
+            sha256=image.get("sha256"),
+            finish_reason=image.get("finish_reason", "stop"),  # records from before content safety
+            filter_reason=image.get("filter_reason"),
         )
         for image in record.images
     ]

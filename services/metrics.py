@@ -45,6 +45,10 @@ JOBS = Counter(
     "darkroom_generation_jobs_total", "Jobs that reached a terminal state, by outcome.", ["outcome"]
 )
 IMAGES = Counter("darkroom_generation_images_total", "Images generated and stored.")
+IMAGES_FILTERED = Counter(
+    "darkroom_generation_images_filtered_total",
+    "Images the content classifier withheld (reported as content_filtered, never stored).",
+)
 QUEUE_DEPTH = Gauge("darkroom_queue_depth", "Jobs waiting in the queue.", ["queue"])
 JOBS_RUNNING = Gauge("darkroom_generation_jobs_running", "Jobs running in this worker process.")
 WORKER_READY = Gauge("darkroom_worker_ready", "1 once this worker's model is loaded and warm.")

@@ -170,6 +170,25 @@ class Settings(BaseSettings):
     webhook_backoff_base: timedelta = Field(timedelta(seconds=2))
     webhook_backoff_max: timedelta = Field(timedelta(minutes=10))
 
+    # --- content safety (services/content_safety.py) -----------------------------------------------------
+    prompt_blocklist: str | None = Field(
+        None,
+        description="Terms refused in prompts (whole words, any case/width), comma- or newline-separated; "
+        "'re:' starts a regex.",
+    )
+    prompt_blocklist_file: Path | None = Field(
+        None, description="File of blocklist entries, one a line ('#' comments), added to the above."
+    )
+    prompt_filter_negative: bool = Field(
+        False, description="Check negative_prompt against the blocklist too (off: it steers away)."
+    )
+    image_classifier: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$",
+        description="'package.module:callable' the worker calls on every image; filtered images are "
+        "reported as finish_reason content_filtered, never stored.",
+    )
+
     # --- observability -----------------------------------------------------------------------------------
     worker_metrics_port: int = Field(0, ge=0, le=65535, description="Worker /metrics port; 0 disables.")
     ready_file: str | None = Field(

@@ -35,3 +35,9 @@ class InvalidGenerationRequest(EngineError):
     """A request the API should have refused reached the engine anyway (defence in depth)."""
 
     code = "invalid_request"
+
+
+class ContentCheckFailed(EngineError):
+    """The image classifier raised or answered nonsense: the job fails rather than pass images unchecked."""
+
+    code = "content_check_failed"

@@ -30,11 +30,13 @@ from schemas.generation import NORMALIZED_CONTEXT, GenerationRequest
 from schemas.jobs import JobStatus
 from services import metrics
 from services.clients import REDIS_UNAVAILABLE, retry_while_redis_down
+from services.content_safety import ImageClassifier, Verdict
 from services.jobs import JobRecord, JobStore, Transition, utcnow
 from services.storage import Storage, StorageError, StorageUnavailable
 from services.storage.keys import image_key
 from services.webhooks.events import schedule_webhook_event
 from worker import batching
+from worker.content_check import check_images
 from worker.engine import GenerationEngine, GenerationResult
 from worker.errors import EngineError, GenerationCanceled
 
@@ -63,6 +65,8 @@ class WorkerContext:
     batch_lookahead: int = 16
     #: The generation queue partners are taken from (on a connection with ordinary timeouts).
     generation_queue: Queue | None = None
+    #: ``DARKROOM_IMAGE_CLASSIFIER``, loaded: judges every image before it is stored (None: all pass).
+    image_classifier: ImageClassifier | None = None
     _held: set[str] = field(default_factory=set, repr=False)
     _held_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -126,9 +130,26 @@ def load_request(ctx: WorkerContext, record: JobRecord) -> GenerationRequest:
     return request
 
 
-def upload_images(ctx: WorkerContext, record: JobRecord, result: GenerationResult) -> list[dict[str, Any]]:
-    stored = []
+def upload_images(
+    ctx: WorkerContext, record: JobRecord, result: GenerationResult, verdicts: list[Verdict] | None = None
+) -> list[dict[str, Any]]:
+    """Store the images the classifier allowed; a filtered one is listed (``content_filtered``) but never
+    uploaded, so its pixels exist nowhere a client could reach."""
+    stored: list[dict[str, Any]] = []
     for index, image in enumerate(result.images):
+        verdict = verdicts[index] if verdicts is not None else None
+        if verdict is not None and not verdict.allowed:
+            stored.append(
+                {
+                    "seed": image.seed,
+                    "width": image.width,
+                    "height": image.height,
+                    "content_type": image.content_type,
+                    "finish_reason": "content_filtered",
+                    "filter_reason": verdict.reason,
+                }
+            )
+            continue
         key = image_key(record.id, index, image.extension, record.created_at)
         ctx.storage.put(key, image.data, image.content_type)
         stored.append(
@@ -139,6 +160,7 @@ def upload_images(ctx: WorkerContext, record: JobRecord, result: GenerationResul
                 "height": image.height,
                 "content_type": image.content_type,
                 "sha256": image.sha256,
+                "finish_reason": "stop",
             }
         )
     return stored
@@ -419,15 +441,29 @@ def _failure(job_id: str, exc: Exception) -> tuple[JobStatus, dict[str, Any]]:
 def _store_result(
     ctx: WorkerContext, record: JobRecord, result: GenerationResult
 ) -> tuple[JobStatus, dict[str, Any]]:
-    """Upload the images; the outcome fields of a success, or of the failed upload."""
+    """Classify, then upload the images; the outcome fields of a success, or of the failed check/upload.
+
+    A job whose images were all filtered still succeeds: the run finished, and each image says why it
+    has no URL (``finish_reason``); a warning says it too.
+    """
     try:
-        images = upload_images(ctx, record, result)
+        verdicts = check_images(ctx.image_classifier, record, result.images)
+        images = upload_images(ctx, record, result, verdicts)
     except Exception as exc:
         return _failure(record.id, exc)
-    metrics.IMAGES.inc(len(images))
+    withheld = sum(1 for image in images if image["finish_reason"] == "content_filtered")
+    metrics.IMAGES.inc(len(images) - withheld)
+    warnings = list(result.warnings)
+    if withheld:
+        metrics.IMAGES_FILTERED.inc(withheld)
+        log.info("images withheld by the content filter", job_id=record.id, withheld=withheld)
+        warnings.append(
+            f"{withheld} of {len(images)} images were withheld by the content filter "
+            "(finish_reason content_filtered)"
+        )
     return JobStatus.SUCCEEDED, {
         "images": images,
-        "warnings": result.warnings,
+        "warnings": warnings,
         "token_counts": result.token_counts,
         "timings": result.timings,
     }

@@ -31,6 +31,7 @@ from rq.serializers import JSONSerializer
 
 from services import metrics
 from services.clients import REDIS_UNAVAILABLE, build_clients, make_redis
+from services.content_safety import load_classifier
 from services.jobs import job_key, utcnow
 from services.queue import generation_queue, webhook_queue
 from services.recovery import recover_lost_jobs, release_interrupted_job
@@ -165,6 +166,8 @@ def run_worker(settings: Settings, *, burst: bool = False) -> int:
     )
     if settings.worker_metrics_port:
         start_http_server(settings.worker_metrics_port, addr="0.0.0.0")
+    # Before the model: a classifier that cannot be imported stops the worker at once, not after minutes.
+    classifier = load_classifier(settings.image_classifier) if settings.image_classifier else None
     model = load_pipeline(settings)
     engine = GenerationEngine(model)
     if settings.warmup:
@@ -182,6 +185,7 @@ def run_worker(settings: Settings, *, burst: bool = False) -> int:
         batch_linger=settings.batch_linger,
         batch_lookahead=settings.batch_lookahead,
         generation_queue=generation_queue(clients.redis, settings),
+        image_classifier=classifier,
     )
     tasks.install_context(context)
     metrics.WORKER_READY.set(1)

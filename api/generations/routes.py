@@ -44,6 +44,12 @@ _LOCATION = {"Location": {"description": "The job's URL.", "schema": {"type": "s
             },
         },
         202: {"headers": _LOCATION},
+        422: {
+            **PROBLEM_RESPONSES[422],
+            "description": "Validation error (`validation_error`, `malformed_json`), a rule violation, or "
+            "`content_filtered`: the prompt holds a term on the server's blocklist (the field is named, the "
+            "term is not echoed).",
+        },
     },
 )
 async def create_generation(
@@ -65,6 +71,9 @@ async def create_generation(
 
     ``Idempotency-Key``: the same key with the same body returns the same job; with another body, 422.
     ``Prefer: wait=N`` (N ≤ 60): answer 200 with the finished job if it ends within N seconds.
+    With a prompt blocklist configured, a prompt that holds a blocked term is refused with 422
+    ``content_filtered`` and nothing is queued; with an image classifier, each image the classifier
+    withholds is listed with ``finish_reason: content_filtered`` and no ``url``.
     """
     submission = await service.submit(state, principal, body, idempotency_key)
     headers = {"Location": f"/v1/generations/{submission.job_id}"}

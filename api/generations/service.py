@@ -19,6 +19,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from api.errors import ApiError, Conflict, NotFound, ServiceUnavailable, UnprocessableRequest
 from api.state import AppState
+from schemas.generation import GenerationRequest
 from schemas.images import vet_base64_image
 from schemas.jobs import CreateGeneration, Job, JobStatus
 from schemas.problems import FieldError
@@ -101,9 +102,28 @@ def _forget_init_image(state: AppState, key: str) -> None:
         log.warning("orphaned init image not deleted", key=key, error=str(exc))
 
 
+def check_prompt(state: AppState, request: GenerationRequest) -> None:
+    """Refuse a request whose prompt (or, if configured, negative prompt) holds a blocklisted term: 422
+    ``content_filtered`` naming the field. The matched term is logged, never echoed: the answer must not
+    let a client read the blocklist out one probe at a time."""
+    blocked = state.prompt_filter.check_request(request)
+    if blocked is None:
+        return
+    field, term = blocked
+    metrics.SUBMISSIONS.labels("content_filtered").inc()
+    log.info("submission refused by the prompt filter", field=field, term=term)
+    message = f"{field} contains a term this service does not accept"
+    raise UnprocessableRequest(
+        f"The request was refused by the content filter: {message}.",
+        code="content_filtered",
+        errors=[FieldError(field=field, message=message, type="content_filtered")],
+    )
+
+
 async def submit(
     state: AppState, principal: str, body: CreateGeneration, idempotency_key: str | None
 ) -> Submission:
+    check_prompt(state, body)  # before anything is stored, claimed or queued
     webhook = await run_in_threadpool(_check_webhook, state, body) if body.webhook_url else None
     job_id = new_job_id()
     claim = None
