@@ -373,6 +373,15 @@ function elapsed(job) {
 
 function showImages(job) {
   const items = job.images.map((image, index) => {
+    if (!image.url) {
+      // Withheld by the content filter: say so in the image's place, never show a broken or blank image.
+      const reason = image.filter_reason ? ` (${image.filter_reason})` : "";
+      return element("li", {}, [
+        element("figure", { className: "withheld" }, [
+          element("p", {}, [`Image ${index + 1}, seed ${image.seed}: withheld by the content filter${reason}.`]),
+        ]),
+      ]);
+    }
     const extension = image.content_type.split("/")[1].replace("jpeg", "jpg");
     const figure = element("figure", {}, [
       element("a", { href: image.url, target: "_blank", rel: "noopener" }, [
