@@ -14,18 +14,19 @@ from fastapi import FastAPI
 
 from api import files, health, openai_images
 from api.auth import ApiKeyMiddleware
+from api.batches.routes import router as batches_router
 from api.errors import install_error_handlers
 from api.generations.events import READ_TIMEOUT_S
 from api.generations.routes import router as generations_router
 from api.middleware import BodySizeLimitMiddleware, MetricsMiddleware, RequestContextMiddleware
 from api.playground import router as playground_router
 from api.state import AppState
-from services.admission import Admitter
+from services.admission import Admitter, BatchAdmitter
 from services.api_keys import KeyRing
 from services.clients import REDIS_CONNECT_TIMEOUT_S, build_clients
 from services.content_safety import PromptFilter
 from services.logging import configure_logging
-from services.queue import generation_queue, webhook_queue
+from services.queue import batch_queue, generation_queue, webhook_queue
 from services.rate_limit import RateLimit
 from services.settings import Settings, get_settings
 
@@ -65,6 +66,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             health_check_interval=30,
         )
         queue = generation_queue(clients.redis, resolved)
+        batches = batch_queue(clients.redis, resolved)
         rate_limit = (
             RateLimit(resolved.rate_limit_per_minute, resolved.rate_limit_burst)
             if resolved.rate_limit_per_minute
@@ -78,6 +80,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             webhook_queue=webhook_queue(clients.redis, resolved),
             keys=keys,
             admitter=Admitter(redis_async, queue, resolved, rate_limit),
+            batch_queue=batches,
+            batch_admitter=BatchAdmitter(redis_async, batches, resolved, rate_limit),
             prompt_filter=prompt_filter,
         )
         try:
@@ -94,6 +98,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     app.include_router(generations_router)
+    app.include_router(batches_router)
     app.include_router(openai_images.router)
     app.include_router(files.router)
     app.include_router(health.router)

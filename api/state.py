@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import redis.asyncio as aredis
 from rq import Queue
 
-from services.admission import Admitter
+from services.admission import Admitter, BatchAdmitter
 from services.api_keys import KeyRing
 from services.clients import ServiceClients
 from services.content_safety import PromptFilter
@@ -23,4 +23,6 @@ class AppState:
     webhook_queue: Queue
     keys: KeyRing | None  # None: authentication explicitly disabled (local development)
     admitter: Admitter  # submissions: idempotency, queue ceiling, rate limit and enqueue in one script
+    batch_queue: Queue  # batch items: served only when the generation queue is empty
+    batch_admitter: BatchAdmitter  # a batch and all of its items, or nothing, in one script
     prompt_filter: PromptFilter = field(default_factory=PromptFilter)  # the blocklist (empty: off)

@@ -130,3 +130,4 @@ class Job(BaseModel):
     token_counts: dict[str, dict[str, int | None]] | None = None
     error: JobError | None = None
     webhook: WebhookStatus | None = None
+    batch_id: str | None = Field(None, description="The batch this job is an item of (POST /v1/batches).")

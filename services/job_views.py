@@ -62,4 +62,5 @@ def render_job(
         token_counts=record.token_counts,
         error=JobError(**record.error) if record.error else None,
         webhook=webhook,
+        batch_id=record.batch_id,
     )

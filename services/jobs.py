@@ -10,6 +10,10 @@ Keys (all expire after ``job_retention``):
 - ``darkroom:job:{id}:events``    stream: {type: status|progress, data: JSON}
 - ``darkroom:job:{id}:webhooks``  hash: msg_id -> JSON delivery record (event, state, attempts)
 - ``darkroom:jobs:running``       set of job keys whose status is running (for lost-worker recovery)
+
+A job that belongs to a batch (``batch_id``, see ``services/batches.py``) counts itself into its batch in
+the same script when it reaches a terminal status, so the transition that ends a batch's last item — and
+only that one — learns it (``Transition.batch_done``), whoever made it: worker, cancel or recovery.
 """
 
 from __future__ import annotations
@@ -47,8 +51,32 @@ if ARGV[1] == 'running' then
 else
   redis.call('SREM', KEYS[3], KEYS[1])
 end
-return {1, current}
+-- A batch item reaching a terminal status counts into its batch; the last one marks the batch done.
+-- (The batch's key is derived here, not declared: like the whole design, this assumes one Redis.)
+local ended = ''
+local terminal = {succeeded = true, failed = true, canceled = true}
+if terminal[ARGV[1]] and not terminal[current] then
+  local batch_id = redis.call('HGET', KEYS[1], 'batch_id')
+  local batch_key = batch_id and ('darkroom:batch:' .. batch_id) or ''  -- BATCH_KEY_PREFIX
+  if batch_id and redis.call('EXISTS', batch_key) == 1 then
+    redis.call('HINCRBY', batch_key, ARGV[1], 1)
+    local done = redis.call('HINCRBY', batch_key, 'done', 1)
+    if done == tonumber(redis.call('HGET', batch_key, 'total')) then
+      local moment = cjson.decode(ARGV[3])['at']
+      redis.call('HSET', batch_key, 'completed_at', moment)
+      local retention = redis.call('HGET', batch_key, 'retention_s')
+      for _, key in ipairs({batch_key, batch_key .. ':items', batch_key .. ':webhooks'}) do
+        redis.call('EXPIRE', key, retention)
+      end
+      ended = batch_id
+    end
+  end
+end
+return {1, current, ended}
 """
+
+#: Batch records (``services/batches.py``); spelled out in ``_TRANSITION`` too.
+BATCH_KEY_PREFIX = "darkroom:batch:"
 
 
 def job_key(job_id: str) -> str:
@@ -94,6 +122,7 @@ class JobRecord:
     heartbeat_at: datetime | None = None
     attempt: int = 1
     owner: str = "anonymous"  # the API key name that created the job; other keys get 404 for it
+    batch_id: str | None = None  # the batch (POST /v1/batches) this job is an item of
 
     def creation_fields(self) -> dict[str, Any]:
         """What a new job's hash starts with (the store's ``create`` and the API's admission script)."""
@@ -104,6 +133,7 @@ class JobRecord:
             "owner": self.owner,
             **({"webhook": self.webhook} if self.webhook else {}),
             **({"init_image_key": self.init_image_key} if self.init_image_key else {}),
+            **({"batch_id": self.batch_id} if self.batch_id else {}),
         }
 
     @classmethod
@@ -136,6 +166,7 @@ class JobRecord:
             heartbeat_at=when("heartbeat_at"),
             attempt=int(data.get("attempt") or 1),
             owner=data.get("owner") or "anonymous",
+            batch_id=data.get("batch_id") or None,
         )
 
 
@@ -158,6 +189,8 @@ class Transition:
 
     applied: bool
     previous: JobStatus | None
+    #: The batch whose last unfinished item this transition ended (its ``batch.completed`` is due), if any.
+    batch_done: str | None = None
 
 
 class JobStore:
@@ -215,9 +248,10 @@ class JobStore:
         for name, value in encode_fields(fields or {}).items():
             args += [name, value]
         keys = [job_key(job_id), events_key(job_id), RUNNING_SET]
-        applied, previous = self._transition(keys=keys, args=args)
+        applied, previous, *rest = self._transition(keys=keys, args=args)
         previous_status = JobStatus(previous.decode()) if previous else None
-        return Transition(applied=bool(applied), previous=previous_status)
+        batch_done = rest[0].decode() if rest and rest[0] else None
+        return Transition(applied=bool(applied), previous=previous_status, batch_done=batch_done)
 
     def set_progress(self, job_id: str, step: int, total: int) -> None:
         progress = json.dumps({"step": step, "total": total})

@@ -18,10 +18,17 @@ from services.settings import Settings
 
 GENERATION_TASK = "worker.tasks.run_generation"
 WEBHOOK_TASK = "services.webhooks.tasks.deliver_webhook"
+BATCH_WEBHOOK_TASK = "services.webhooks.tasks.deliver_batch_webhook"
 
 
 def generation_queue(redis: Redis, settings: Settings) -> Queue:
     return Queue(settings.queue_name, connection=redis, serializer=JSONSerializer)
+
+
+def batch_queue(redis: Redis, settings: Settings) -> Queue:
+    """Batch items (``POST /v1/batches``): GPU workers listen on it after the generation queue, so RQ
+    hands them a batch item only when no interactive job is waiting."""
+    return Queue(settings.batch_queue_name, connection=redis, serializer=JSONSerializer)
 
 
 def webhook_queue(redis: Redis, settings: Settings) -> Queue:

@@ -7,6 +7,9 @@ than ``lost_after`` is requeued (atomically, guarded by the very heartbeat judge
 worker is never robbed twice), its dead execution is removed from RQ's started registry so RQ's own cleanup
 cannot later fail the re-run, and after ``max_attempts`` lost runs it fails as ``worker_lost`` instead of
 crashing workers forever.
+
+A job goes back onto the queue it came from (its RQ job's ``origin``): the generation queue, or the batch
+queue for a batch item (``POST /v1/batches``) — whichever queue the recovering worker was handed.
 """
 
 from __future__ import annotations
@@ -33,6 +36,18 @@ class Recovered:
     job_id: str
     action: str  # "requeued" | "failed" | "dropped"
     attempt: int
+    #: Failing this job ended the last unfinished item of this batch: its ``batch.completed`` is due.
+    batch_done: str | None = None
+
+
+def origin_queue(redis: Redis, queue: Queue, job_id: str) -> Queue:
+    """The queue the job was enqueued on (RQ's ``origin``), as a sibling of ``queue``; ``queue`` itself
+    when the RQ job is gone or names no other queue."""
+    origin = redis.hget(queue.job_class.key_for(job_id), "origin")
+    name = origin.decode() if isinstance(origin, bytes) else None
+    if not name or name == queue.name:
+        return queue
+    return Queue(name, connection=redis, serializer=queue.serializer)
 
 
 def _forget_executions(redis: Redis, queue: Queue, job_id: str) -> None:
@@ -64,19 +79,21 @@ def _requeue_or_fail(
     """Put a running job whose run was cut short back at the front of the queue (or fail it as
     ``worker_lost`` once it has used ``max_attempts`` runs); None if ``guard`` no longer holds."""
     redis, job_id = store.redis, record.id
+    queue = origin_queue(redis, queue, job_id)
     if record.attempt >= max_attempts:
         fields: dict[str, Any] = {
             "completed_at": moment,
             "error": {"type": "worker_lost", "message": f"{reason}; giving up after {max_attempts}"},
         }
-        if not store.transition(
+        failed = store.transition(
             job_id, JobStatus.FAILED, allowed_from=(JobStatus.RUNNING,), fields=fields, guard=guard
-        ).applied:
+        )
+        if not failed.applied:
             return None
         _forget_executions(redis, queue, job_id)
         store.touch_terminal(job_id)
         log.error("job failed: worker lost too often", job_id=job_id, attempts=record.attempt)
-        return Recovered(job_id, "failed", record.attempt)
+        return Recovered(job_id, "failed", record.attempt, batch_done=failed.batch_done)
     fields = {"attempt": record.attempt + 1, "worker": "", "progress": ""}
     if not store.transition(
         job_id, JobStatus.QUEUED, allowed_from=(JobStatus.RUNNING,), fields=fields, guard=guard
@@ -154,6 +171,8 @@ def release_interrupted_job(
             max_attempts=max_attempts,
             moment=now or utcnow(),
         )
+    if record.status is JobStatus.QUEUED:
+        queue = origin_queue(store.redis, queue, job_id)
     if record.status is JobStatus.QUEUED and queue_position(store.redis, queue, job_id) is None:
         _requeue_rq_job(store.redis, queue, job_id)
         log.warning("unclaimed job put back on the queue", job_id=job_id)

@@ -91,6 +91,10 @@ class Settings(BaseSettings):
     redis_url: str = "redis://127.0.0.1:6379/0"
     queue_name: str = "darkroom"
     webhook_queue_name: str = "darkroom-webhooks"
+    batch_queue_name: str = Field(
+        "darkroom-batch",
+        description="Queue of batch items; GPU workers serve it only when the main is empty.",
+    )
     job_timeout: timedelta = Field(timedelta(minutes=10), description="Longest a generation job may run.")
     result_ttl: timedelta = Field(timedelta(days=1), description="How long RQ keeps a finished job.")
     failure_ttl: timedelta = Field(timedelta(days=7), description="How long RQ keeps a failed job.")
@@ -102,6 +106,11 @@ class Settings(BaseSettings):
         10_000,
         ge=1,
         description="Queued jobs above which submissions get 503 + Retry-After (no unbounded backlog).",
+    )
+    max_batch_queue_depth: int = Field(
+        50_000,
+        ge=1,
+        description="Queued batch items above which a batch (all of its items) gets 503 + Retry-After.",
     )
     queue_full_retry_after: timedelta = Field(timedelta(seconds=10), description="Retry-After when full.")
     max_wait: timedelta = Field(timedelta(seconds=60), description="Largest accepted 'Prefer: wait=N'.")

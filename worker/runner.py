@@ -34,7 +34,7 @@ from services.content_safety import ImageClassifier, Verdict
 from services.jobs import JobRecord, JobStore, Transition, utcnow
 from services.storage import Storage, StorageError, StorageUnavailable
 from services.storage.keys import image_key
-from services.webhooks.events import schedule_webhook_event
+from services.webhooks.events import schedule_batch_event, schedule_webhook_event
 from worker import batching
 from worker.content_check import check_images
 from worker.engine import GenerationEngine, GenerationResult
@@ -65,6 +65,8 @@ class WorkerContext:
     batch_lookahead: int = 16
     #: The generation queue partners are taken from (on a connection with ordinary timeouts).
     generation_queue: Queue | None = None
+    #: The batch queue (``POST /v1/batches`` items): a batch item's partners come from it.
+    batch_queue: Queue | None = None
     #: ``DARKROOM_IMAGE_CLASSIFIER``, loaded: judges every image before it is stored (None: all pass).
     image_classifier: ImageClassifier | None = None
     _held: set[str] = field(default_factory=set, repr=False)
@@ -256,14 +258,23 @@ def _finish(
     metrics.JOBS.labels(status.value).inc()
     metrics.RUN_TIME.labels(status.value).observe(time.perf_counter() - clock)
     schedule_webhook_event(ctx.store, ctx.webhook_queue, job_id, "completed")
+    if finished.batch_done:  # this was the last unfinished item of its batch
+        schedule_batch_event(ctx.store.redis, ctx.webhook_queue, finished.batch_done)
     log.info("job finished", job_id=job_id, status=status.value, error=fields.get("error"))
     return status.value
+
+
+def partner_queue(ctx: WorkerContext, leader: JobRecord) -> Queue | None:
+    """Partners come from the queue the leader came from: batch items batch with batch items (they share
+    a size and steps more often than not), interactive jobs with interactive jobs — so a batch never
+    delays an interactive job, nor jumps the interactive queue."""
+    return ctx.batch_queue if leader.batch_id else ctx.generation_queue
 
 
 def _take_partners(ctx: WorkerContext, leader: JobRecord) -> list[JobRecord]:
     """Claim up to ``max_batch_size - 1`` waiting jobs that can share the leader's pipeline call (and at
     most ``max_batch_size`` images in all). Looks only at what is queued now, unless ``batch_linger``."""
-    queue = ctx.generation_queue
+    queue = partner_queue(ctx, leader)
     key = batching.record_batch_key(leader)
     room_jobs, room_images = ctx.max_batch_size - 1, ctx.max_batch_size - batching.record_images(leader)
     if queue is None or key is None or room_jobs < 1 or room_images < 1:
@@ -369,7 +380,7 @@ def _run_batch(ctx: WorkerContext, records: list[JobRecord]) -> dict[str, str]:
             done[record.id] = _finish(ctx, record, status, fields, clock)
     finally:
         metrics.JOBS_RUNNING.dec(len(records))
-    leader, queue = records[0].id, ctx.generation_queue
+    leader, queue = records[0].id, partner_queue(ctx, records[0])
     assert queue is not None  # partners come from it
     for record in records[1:]:  # RQ ran only the leader; the others' RQ jobs end here
         if not done[record.id].startswith("discarded"):

@@ -33,11 +33,12 @@ from services import metrics
 from services.clients import REDIS_UNAVAILABLE, build_clients, make_redis
 from services.content_safety import load_classifier
 from services.jobs import job_key, utcnow
-from services.queue import generation_queue, webhook_queue
-from services.recovery import recover_lost_jobs, release_interrupted_job
+from services.queue import batch_queue, generation_queue, webhook_queue
+from services.recovery import Recovered, recover_lost_jobs, release_interrupted_job
 from services.rq_workers import ResilientWorker
 from services.settings import Settings
 from services.storage import RetryPolicy
+from services.webhooks.events import schedule_batch_event
 from worker import tasks
 from worker.engine import GenerationEngine
 from worker.pipeline_loader import load_pipeline
@@ -112,12 +113,13 @@ class RecoveryLoop:
         try:
             if self._paused_after_outage():
                 return
-            recover_lost_jobs(
+            recovered = recover_lost_jobs(
                 self.store,
                 self.queue,
                 lost_after=self.settings.lost_after,
                 max_attempts=self.settings.max_attempts,
             )
+            announce_batches(self.store, self.settings, recovered)
         except REDIS_UNAVAILABLE as exc:
             self._outage = True
             log.warning("lost-job recovery pass skipped: redis unavailable", error=str(exc))
@@ -143,6 +145,13 @@ class RecoveryLoop:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+
+
+def announce_batches(store: Any, settings: Settings, recovered: list[Recovered]) -> None:
+    """Schedule ``batch.completed`` for batches whose last item recovery has just failed (worker_lost)."""
+    for outcome in recovered:
+        if outcome.batch_done:
+            schedule_batch_event(store.redis, webhook_queue(store.redis, settings), outcome.batch_done)
 
 
 def beat_jobs(store: Any, job_ids: set[str]) -> None:
@@ -185,6 +194,7 @@ def run_worker(settings: Settings, *, burst: bool = False) -> int:
         batch_linger=settings.batch_linger,
         batch_lookahead=settings.batch_lookahead,
         generation_queue=generation_queue(clients.redis, settings),
+        batch_queue=batch_queue(clients.redis, settings),
         image_classifier=classifier,
     )
     tasks.install_context(context)
@@ -196,7 +206,8 @@ def run_worker(settings: Settings, *, burst: bool = False) -> int:
     # which the job store's ordinary commands must not inherit.
     connection = make_redis(settings.redis_url, socket_timeout=None)
     worker = GenerationWorker(
-        [generation_queue(connection, settings)],
+        # In this order: RQ serves the first queue that has a job, so batch items wait for interactive ones.
+        [generation_queue(connection, settings), batch_queue(connection, settings)],
         connection=connection,
         serializer=JSONSerializer,
         name=name,
@@ -207,9 +218,10 @@ def run_worker(settings: Settings, *, burst: bool = False) -> int:
 
     def release(job_id: str) -> None:
         for held in sorted({job_id, *context.held_jobs()}):
-            release_interrupted_job(
+            released = release_interrupted_job(
                 clients.store, worker.queues[0], held, worker_name=name, max_attempts=settings.max_attempts
             )
+            announce_batches(clients.store, settings, [released] if released else [])
             context.let_go(held)
 
     worker.on_interrupted = release

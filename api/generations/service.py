@@ -31,7 +31,7 @@ from services.queue import remove_from_queue
 from services.rate_limit import retry_after_s
 from services.ssrf import UnsafeURLError, vet_url
 from services.storage import StorageError, init_image_key
-from services.webhooks.events import schedule_webhook_event
+from services.webhooks.events import schedule_batch_event, schedule_webhook_event
 
 log = structlog.get_logger(__name__)
 IDEMPOTENCY_PREFIX = "darkroom:idempotency:"
@@ -221,7 +221,8 @@ async def view(state: AppState, principal: str, job_id: str) -> Job:
     record = _owned(record, principal, job_id)
     position = None
     if record.status is JobStatus.QUEUED:
-        index = cast(int | None, await state.redis_async.lpos(state.queue.key, job_id))
+        queue = state.batch_queue if record.batch_id else state.queue  # batch items wait on their own
+        index = cast(int | None, await state.redis_async.lpos(queue.key, job_id))
         position = None if index is None else index + 1
     return render_job(
         record,
@@ -250,10 +251,13 @@ def _cancel(state: AppState, job_id: str) -> None:
             },
         )
         if done.applied:
-            remove_from_queue(state.clients.redis, state.queue, job_id)
+            queue = state.batch_queue if record.batch_id else state.queue
+            remove_from_queue(state.clients.redis, queue, job_id)
             store.touch_terminal(job_id)
             metrics.JOBS.labels(JobStatus.CANCELED.value).inc()
             schedule_webhook_event(store, state.webhook_queue, job_id, "completed")
+            if done.batch_done:  # the last unfinished item of its batch
+                schedule_batch_event(state.clients.redis, state.webhook_queue, done.batch_done)
             return
         if done.previous is not None and done.previous.is_terminal:
             raise Conflict(f"job {job_id} is already {done.previous.value}", code="job_already_finished")

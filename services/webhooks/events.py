@@ -16,11 +16,13 @@ from datetime import timedelta
 from typing import Any
 
 import structlog
+from redis import Redis
 from rq import Queue
 from rq.job import Job as RQJob
 
+from services.batches import BatchStore
 from services.jobs import JobStore, utcnow
-from services.queue import WEBHOOK_TASK
+from services.queue import BATCH_WEBHOOK_TASK, WEBHOOK_TASK
 from services.webhooks.delivery import new_msg_id
 
 log = structlog.get_logger(__name__)
@@ -44,6 +46,9 @@ SUBSCRIPTIONS: Mapping[str, str] = {
     "failed": COMPLETED,
     "canceled": COMPLETED,
 }
+
+#: The one event of a batch as a whole (``POST /v1/batches``), sent once when its last item ends.
+BATCH_COMPLETED = "batch.completed"
 
 #: RQ's outer bound on one delivery task when the caller knows no better (see ``task_timeout``).
 DEFAULT_TASK_TIMEOUT = timedelta(seconds=60)
@@ -75,12 +80,14 @@ def enqueue_attempt(
     *,
     delay: timedelta | None = None,
     timeout: timedelta = DEFAULT_TASK_TIMEOUT,
+    task: str = WEBHOOK_TASK,
 ) -> RQJob:
     """Put attempt number ``attempt`` of a message on the webhook queue, now or after ``delay``.
 
     A delayed attempt waits in RQ's scheduled registry until a worker started ``with_scheduler`` moves it
     to the queue (about one second of resolution). The arguments are plain JSON: the queue must use
-    ``JSONSerializer`` (``services.queue.webhook_queue``), never pickle.
+    ``JSONSerializer`` (``services.queue.webhook_queue``), never pickle. ``task``: ``BATCH_WEBHOOK_TASK``
+    for a batch's message (``job_id`` is then the batch id).
     """
     options: dict[str, Any] = {
         "job_id": task_job_id(msg_id, attempt),
@@ -90,8 +97,8 @@ def enqueue_attempt(
         "description": f"webhook {msg_id} attempt {attempt} for {job_id}",
     }
     if delay is not None and delay > timedelta(0):
-        return queue.enqueue_in(delay, WEBHOOK_TASK, job_id, msg_id, attempt, **options)
-    return queue.enqueue(WEBHOOK_TASK, job_id, msg_id, attempt, **options)
+        return queue.enqueue_in(delay, task, job_id, msg_id, attempt, **options)
+    return queue.enqueue(task, job_id, msg_id, attempt, **options)
 
 
 def new_delivery(event_type: str, msg_id: str) -> dict[str, Any]:
@@ -159,6 +166,38 @@ def schedule_webhook_event(
         enqueue_attempt(queue, job_id, msg_id, 1, delay=delay, timeout=timeout)
     except Exception:
         # Redis down, a corrupt record...: the generation itself must not fail because of a webhook.
+        bound.exception("webhook.schedule_failed")
+        return None
+    bound.info("webhook.scheduled", msg_id=msg_id)
+    return msg_id
+
+
+def schedule_batch_event(
+    redis: Redis, queue: Queue, batch_id: str, *, timeout: timedelta = DEFAULT_TASK_TIMEOUT
+) -> str | None:
+    """Schedule the batch's one ``batch.completed`` delivery; return its msg_id.
+
+    Called by whoever made the transition that ended the batch's last item (``Transition.batch_done``):
+    a GPU worker, a cancel, lost-job recovery. The batch's ``notified`` flag (HSETNX) makes it once only.
+    Like :func:`schedule_webhook_event` it never raises: None when there is nothing to send (no webhook,
+    not subscribed, already scheduled) or on Redis trouble (logged).
+    """
+    bound = log.bind(batch_id=batch_id, webhook_event=BATCH_COMPLETED)
+    batches = BatchStore(redis)
+    try:
+        record = batches.get(batch_id)
+        if record is None or record.completed_at is None:
+            bound.warning("webhook.schedule_skipped", reason="batch_missing_or_unfinished")
+            return None
+        if not record.webhook or BATCH_COMPLETED not in record.webhook.get("events", []):
+            return None
+        if not batches.claim_notification(batch_id):
+            bound.info("webhook.schedule_skipped", reason="already_scheduled")
+            return None
+        msg_id = new_msg_id()
+        batches.put_delivery(batch_id, msg_id, new_delivery(BATCH_COMPLETED, msg_id), record.retention_s)
+        enqueue_attempt(queue, batch_id, msg_id, 1, timeout=timeout, task=BATCH_WEBHOOK_TASK)
+    except Exception:
         bound.exception("webhook.schedule_failed")
         return None
     bound.info("webhook.scheduled", msg_id=msg_id)

@@ -10,6 +10,10 @@ calls ``run_delivery_attempt``, a plain function that tests drive directly with 
 Outcomes a receiver causes (errors, timeouts, 4xx/5xx, 410) are recorded on the delivery and end the task
 normally; an exception means trouble on our side (no signing secret, Redis down, a bug), so RQ keeps the
 task in its failed registry for an operator.
+
+A batch's ``batch.completed`` goes the same way (``deliver_batch_webhook``): only where the delivery
+record lives (on the batch) and what the payload carries (the batch, without its items) differ — the
+:class:`Subject` of the attempt.
 """
 
 from __future__ import annotations
@@ -25,11 +29,13 @@ import httpx
 import structlog
 from rq import Queue
 
+from services.batch_views import read_batch
+from services.batches import BatchStore
 from services.clients import ServiceClients, process_clients, retry_while_redis_down
 from services.job_views import render_job
 from services.jobs import JobRecord, JobStore
 from services.metrics import WEBHOOK_ATTEMPTS
-from services.queue import webhook_queue
+from services.queue import BATCH_WEBHOOK_TASK, WEBHOOK_TASK, webhook_queue
 from services.settings import Settings
 from services.ssrf import Resolver, resolve_host
 from services.storage import Storage
@@ -66,6 +72,7 @@ class DeliveryContext:
     allow_http: bool
     url_expiry: timedelta
     task_timeout: timedelta
+    batches: BatchStore | None = None  # for batch.completed messages
     clock: Callable[[], datetime] = utcnow
     rand: Callable[[], float] = random.random
     resolver: Resolver = resolve_host
@@ -84,6 +91,7 @@ class DeliveryContext:
             allow_http=s.webhook_allow_http,
             url_expiry=s.url_expiry,
             task_timeout=task_timeout(s.webhook_timeout),
+            batches=BatchStore(clients.redis),
         )
 
 
@@ -111,6 +119,33 @@ def deliver_webhook(job_id: str, msg_id: str, attempt: int) -> str:
     )
 
 
+def deliver_batch_webhook(batch_id: str, msg_id: str, attempt: int) -> str:
+    """RQ entry point (``services.queue.BATCH_WEBHOOK_TASK``): attempt ``attempt`` of a batch's message."""
+    clients = process_clients()
+    return retry_while_redis_down(
+        lambda: run_batch_delivery_attempt(DeliveryContext.from_clients(clients), batch_id, msg_id, attempt),
+        what="batch webhook delivery attempt",
+        deadline_s=clients.settings.redis_retry_deadline.total_seconds(),
+    )
+
+
+@dataclass(frozen=True)
+class Subject:
+    """What a message is about — a job or a batch: where its webhook goes and its delivery is kept, how
+    its payload reads, and which task makes the next attempt."""
+
+    id: str
+    url: str
+    payload: Callable[[str, str], bytes]  # (event type, timestamp) -> the bytes to sign and send
+    save: Callable[[str, dict[str, Any]], None]  # (msg_id, delivery record)
+    task: str
+
+
+def _payload(event_type: str, timestamp: str, data: dict[str, Any]) -> bytes:
+    body = {"type": event_type, "timestamp": timestamp, "data": data}
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+
+
 def build_payload(
     record: JobRecord, event_type: str, timestamp: str, storage: Storage, expiry: timedelta
 ) -> bytes:
@@ -120,12 +155,7 @@ def build_payload(
     every attempt, and would already be stale when the receiver reads it.
     """
     job = render_job(record, storage, expiry)
-    body = {
-        "type": event_type,
-        "timestamp": timestamp,
-        "data": job.model_dump(mode="json", exclude={"webhook": {"deliveries"}}),
-    }
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    return _payload(event_type, timestamp, job.model_dump(mode="json", exclude={"webhook": {"deliveries"}}))
 
 
 def run_delivery_attempt(ctx: DeliveryContext, job_id: str, msg_id: str, attempt: int) -> str:
@@ -140,6 +170,49 @@ def run_delivery_attempt(ctx: DeliveryContext, job_id: str, msg_id: str, attempt
     if delivery is None or record is None or not record.webhook:
         bound.info("webhook.skipped", reason="job_or_delivery_expired")
         return SKIPPED
+    job = record
+    subject = Subject(
+        id=job_id,
+        url=record.webhook["url"],
+        payload=lambda event_type, at: build_payload(job, event_type, at, ctx.storage, ctx.url_expiry),
+        save=lambda msg, entry: ctx.store.put_delivery(job_id, msg, entry),
+        task=WEBHOOK_TASK,
+    )
+    return _attempt(ctx, subject, delivery, attempt, bound)
+
+
+def run_batch_delivery_attempt(ctx: DeliveryContext, batch_id: str, msg_id: str, attempt: int) -> str:
+    """:func:`run_delivery_attempt` for a batch's ``batch.completed``: the payload's ``data`` is the batch
+    as ``GET /v1/batches/{id}`` returns it, less its items (read them there) and webhook deliveries."""
+    bound = log.bind(batch_id=batch_id, msg_id=msg_id, attempt=attempt)
+    batches = ctx.batches or BatchStore(ctx.store.redis)
+    delivery = batches.get_delivery(batch_id, msg_id)
+    record = batches.get(batch_id)
+    if delivery is None or record is None or not record.webhook:
+        bound.info("webhook.skipped", reason="batch_or_delivery_expired")
+        return SKIPPED
+    batch = record
+
+    def payload(event_type: str, at: str) -> bytes:
+        view = read_batch(batches, batch)
+        return _payload(
+            event_type, at, view.model_dump(mode="json", exclude={"items", "next_offset", "webhook"})
+        )
+
+    subject = Subject(
+        id=batch_id,
+        url=record.webhook["url"],
+        payload=payload,
+        save=lambda msg, entry: batches.put_delivery(batch_id, msg, entry, batch.retention_s),
+        task=BATCH_WEBHOOK_TASK,
+    )
+    return _attempt(ctx, subject, delivery, attempt, bound)
+
+
+def _attempt(
+    ctx: DeliveryContext, subject: Subject, delivery: dict[str, Any], attempt: int, bound: Any
+) -> str:
+    msg_id = delivery["msg_id"]
     if delivery.get("state") != "pending" or any(a["attempt"] >= attempt for a in delivery["attempts"]):
         bound.info("webhook.skipped", reason="already_done", state=delivery.get("state"))
         return SKIPPED
@@ -147,18 +220,18 @@ def run_delivery_attempt(ctx: DeliveryContext, job_id: str, msg_id: str, attempt
     event_type: str = delivery["event"]
     try:
         secret = _usable_secret(ctx.secret)
-        payload = build_payload(record, event_type, delivery["created_at"], ctx.storage, ctx.url_expiry)
+        payload = subject.payload(event_type, delivery["created_at"])
     except Exception as exc:
         # Our fault, not the receiver's: say so on the delivery (else it stays "pending" forever) and
         # let RQ keep the failed task for an operator.
         bound.exception("webhook.not_sent", event_type=event_type)
         try:
-            _save(ctx, job_id, delivery, _not_sent(ctx, attempt, exc), "failed")
+            _save(subject, delivery, _not_sent(ctx, attempt, exc), "failed")
         except Exception:
             bound.exception("webhook.record_failed")
         raise
 
-    message = WebhookMessage(url=record.webhook["url"], event_type=event_type, payload=payload, msg_id=msg_id)
+    message = WebhookMessage(url=subject.url, event_type=event_type, payload=payload, msg_id=msg_id)
     result = attempt_delivery(
         ctx.client,
         message,
@@ -171,7 +244,7 @@ def run_delivery_attempt(ctx: DeliveryContext, job_id: str, msg_id: str, attempt
     )
     delay = next_delay(attempt, result.outcome, ctx.policy, rand=ctx.rand, now=ctx.clock())
     state = _STATES[result.verdict] if delay is None else "pending"
-    _save(ctx, job_id, delivery, result.record, state)
+    _save(subject, delivery, result.record, state)
     WEBHOOK_ATTEMPTS.labels(outcome=result.verdict.value).inc()
     bound.info(
         "webhook.attempt",
@@ -184,7 +257,13 @@ def run_delivery_attempt(ctx: DeliveryContext, job_id: str, msg_id: str, attempt
     )
     if delay is not None:
         enqueue_attempt(
-            ctx.queue, job_id, msg_id, attempt + 1, delay=timedelta(seconds=delay), timeout=ctx.task_timeout
+            ctx.queue,
+            subject.id,
+            msg_id,
+            attempt + 1,
+            delay=timedelta(seconds=delay),
+            timeout=ctx.task_timeout,
+            task=subject.task,
         )
         return RETRYING
     return {"delivered": DELIVERED, "gone": GONE}.get(state, FAILED)
@@ -214,11 +293,9 @@ def _not_sent(ctx: DeliveryContext, attempt: int, exc: BaseException) -> Deliver
     )
 
 
-def _save(
-    ctx: DeliveryContext, job_id: str, delivery: dict[str, Any], entry: DeliveryAttempt, state: str
-) -> None:
+def _save(subject: Subject, delivery: dict[str, Any], entry: DeliveryAttempt, state: str) -> None:
     """Append ``entry`` and set ``state``. Read-modify-write is safe: a message's attempts run one after
     another (each task enqueues the next), never concurrently."""
     delivery["attempts"] = [*delivery["attempts"], entry.model_dump(mode="json")]
     delivery["state"] = state
-    ctx.store.put_delivery(job_id, delivery["msg_id"], delivery)
+    subject.save(delivery["msg_id"], delivery)

@@ -97,7 +97,7 @@ def test_every_operation_conforms_to_the_live_spec_and_never_answers_5xx(live_ur
             case.headers = {**(case.headers or {}), "Authorization": f"Bearer {data}"}
 
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) == 9, [op.label for op in operations]
+    assert len(operations) == 12, [op.label for op in operations]
     deadline = time.monotonic() + TIME_BUDGET_S
     counts: Counter[str] = Counter()
     statuses: Counter[tuple[str, int]] = Counter()
@@ -139,6 +139,13 @@ def test_every_operation_conforms_to_the_live_spec_and_never_answers_5xx(live_ur
         headers = {"Last-Event-ID": "0"} if operation_id == "streamGenerationEvents" else None
         strategy = operation.as_strategy(path_parameters={"job_id": job_id}, headers=headers)
         run_cases(strategy, checker(f"{operation.label} (existing job)", GenerationMode.POSITIVE), 20)
+    # An existing batch likewise: read (with generated offset/limit), canceled (200, then 409), read again.
+    with httpx.Client(base_url=live_url, headers=auth, timeout=10) as client:
+        batch_id = client.post("/v1/batches", json={"template": body, "count": 3}).json()["id"]
+    for operation_id in ("getBatch", "cancelBatch", "getBatch"):
+        operation = by_id[operation_id]
+        strategy = operation.as_strategy(path_parameters={"batch_id": batch_id})
+        run_cases(strategy, checker(f"{operation.label} (existing batch)", GenerationMode.POSITIVE), 20)
 
     total = sum(counts.values())
     summary = "\n".join(f"{label}: {count}" for label, count in sorted(counts.items()))
@@ -154,6 +161,9 @@ def test_every_operation_conforms_to_the_live_spec_and_never_answers_5xx(live_ur
         ("POST /v1/generations/{job_id}/cancel (existing job)", 200),
         ("POST /v1/generations/{job_id}/cancel (existing job)", 409),
         ("GET /v1/generations/{job_id}/events (existing job)", 200),
+        ("GET /v1/batches/{batch_id} (existing batch)", 200),
+        ("POST /v1/batches/{batch_id}/cancel (existing batch)", 200),
+        ("POST /v1/batches/{batch_id}/cancel (existing batch)", 409),
     ]:
         assert statuses[(label, status)], (label, status, statuses)
     print(f"schemathesis: {total} cases\n{summary}\n{sorted(statuses.items())}")

@@ -14,9 +14,10 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from schemas.jobs import JobStatus
-from services.admission import Admission, Admitter, IdempotencyClaim
+from services.admission import Admission, Admitter, BatchAdmitter, BatchClaim, IdempotencyClaim
+from services.batches import BatchRecord, new_batch_id
 from services.jobs import JobRecord, JobStore, new_job_id, utcnow
-from services.queue import GENERATION_TASK, generation_queue
+from services.queue import GENERATION_TASK, batch_queue, generation_queue
 from services.rate_limit import RateLimit, retry_after_s
 from services.settings import Settings
 
@@ -78,7 +79,9 @@ def test_an_admitted_job_is_recorded_and_queued_exactly_as_rq_would_enqueue_it(r
     assert rq_job.timeout == 600 and rq_job.enqueued_at is not None
     # What a worker dequeues is this job, whole.
     dequeued = Queue.dequeue_any([queue], None, connection=queue.connection, serializer=JSONSerializer)
-    assert dequeued is not None and dequeued[0].id == records[0].id and list(dequeued[0].args) == [records[0].id]
+    assert (
+        dequeued is not None and dequeued[0].id == records[0].id and list(dequeued[0].args) == [records[0].id]
+    )
 
 
 def test_a_used_idempotency_key_returns_the_first_job_and_writes_nothing(redis_url: str) -> None:
@@ -176,3 +179,74 @@ def test_rate_limits_must_be_positive() -> None:
         except ValueError:
             continue
         raise AssertionError(f"RateLimit({per_minute}, {burst}) was accepted")
+
+
+# --- batches ---------------------------------------------------------------------------------------------
+
+
+def _batch(n: int) -> tuple[BatchRecord, list[JobRecord]]:
+    batch = BatchRecord(
+        id=new_batch_id(), owner="alice", created_at=utcnow(), total=n, retention_s=3600, webhook=None
+    )
+    items = [
+        JobRecord(
+            id=new_job_id(),
+            status=JobStatus.QUEUED,
+            created_at=batch.created_at,
+            request={**REQUEST, "seed": i},
+            owner="alice",
+            batch_id=batch.id,
+        )
+        for i in range(n)
+    ]
+    return batch, items
+
+
+def test_a_batch_is_admitted_whole_or_not_at_all_with_one_token_and_replays(redis_url: str) -> None:
+    (first, first_items), (second, second_items), (third, third_items) = _batch(3), _batch(3), _batch(2)
+    settings = Settings(auth_disabled=True, max_batch_queue_depth=5)
+    queue = batch_queue(redis_lib.Redis.from_url(redis_url), settings)
+    rate = RateLimit(per_minute=60, burst=2)
+
+    def claim(batch: BatchRecord, fingerprint: str) -> BatchClaim:
+        return BatchClaim("darkroom:idempotency:batch:k", batch.id, fingerprint, timedelta(hours=1))
+
+    async def body(client: aredis.Redis) -> list[Admission]:
+        admitter = BatchAdmitter(client, queue, settings, rate)
+        return [
+            await admitter.admit(first, first_items, "alice", claim(first, "f1")),
+            await admitter.admit(second, second_items, "alice"),  # 3 + 3 > 5: refused whole
+            await admitter.admit(third, third_items, "alice", claim(third, "f1")),  # the key's batch
+            await admitter.admit(third, third_items, "alice"),  # fits; the second token of the burst
+        ]
+
+    admissions = _run(redis_url, body)
+    assert [(a.outcome, a.value) for a in admissions] == [
+        ("queued", 3),
+        ("queue_full", 3),
+        ("replay", 0),
+        ("queued", 5),
+    ]
+    assert admissions[2].existing == {"batch_id": first.id, "fingerprint": "f1"}
+    assert queue.job_ids == [item.id for item in first_items + third_items]
+    connection = queue.connection
+    assert not connection.exists(
+        f"darkroom:batch:{second.id}", *(f"darkroom:job:{i.id}" for i in second_items)
+    )
+    assert [raw.decode() for raw in connection.lrange(f"darkroom:batch:{first.id}:items", 0, -1)] == [
+        item.id for item in first_items
+    ]
+    store = JobStore(connection, timedelta(days=1))
+    stored = store.get(first_items[1].id)
+    assert stored is not None and stored.batch_id == first.id and stored.request["seed"] == 1
+    assert [event["data"]["status"] for _, event in store.events_since(first_items[1].id)] == ["queued"]
+    rq_job = Job.fetch(first_items[0].id, connection=connection, serializer=JSONSerializer)
+    assert rq_job.origin == "darkroom-batch" and list(rq_job.args) == [first_items[0].id]
+    # Items count into their batch as they end; the transition that ends the last one says so, once.
+    outcomes = [
+        store.transition(i.id, JobStatus.CANCELED, allowed_from=(JobStatus.QUEUED,)) for i in third_items
+    ]
+    assert [o.batch_done for o in outcomes] == [None, third.id]
+    assert connection.hget(f"darkroom:batch:{third.id}", "completed_at") is not None
+    again = store.transition(third_items[1].id, JobStatus.CANCELED, allowed_from=(JobStatus.QUEUED,))
+    assert not again.applied and again.batch_done is None

@@ -1,0 +1,1 @@
+"""``/v1/batches``: many generation jobs submitted, followed and canceled as one."""

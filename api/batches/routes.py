@@ -1,0 +1,93 @@
+"""``/v1/batches``: submit up to 1,000 generation jobs as one batch, follow it, cancel it."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Response
+
+from api.auth import PrincipalDep
+from api.batches import service
+from api.deps import StateDep
+from api.errors import PROBLEM_RESPONSES, problem_responses
+from schemas.batches import DEFAULT_PAGE, MAX_PAGE, Batch, CreateBatch
+
+router = APIRouter(prefix="/v1/batches", tags=["batches"], responses=PROBLEM_RESPONSES)
+
+_LOCATION = {"Location": {"description": "The batch's URL.", "schema": {"type": "string"}}}
+
+
+def _batch_response(batch: Batch, status_code: int, headers: dict[str, str] | None = None) -> Response:
+    return Response(batch.model_dump_json(), status_code, headers, media_type="application/json")
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=Batch,
+    summary="Submit a batch of generation jobs",
+    operation_id="createBatch",
+    response_description="Queued: every item is a generation job on the batch queue; follow it at Location.",
+    responses={202: {"headers": _LOCATION}},
+)
+async def create_batch(
+    body: CreateBatch,
+    state: StateDep,
+    principal: PrincipalDep,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            max_length=255,
+            description="Same key + same body → the same batch; same key + another body → 422.",
+        ),
+    ] = None,
+) -> Response:
+    """Validate every item, then queue them all (or none): 202 with the batch and its ``Location``.
+
+    ``requests`` (1..1,000 generation requests), or ``template`` with ``seeds`` (one item per seed) or
+    ``count``. Items wait on a lower-priority queue: a worker takes one only when no interactive job
+    waits. ``webhook_events``: ``batch.completed`` (once, after the last item), and per item
+    ``generation.started`` / ``generation.completed``. Each item is readable at
+    ``/v1/generations/{id}`` (it carries ``batch_id``).
+    """
+    submission = await service.submit(state, principal, body, idempotency_key)
+    headers = {"Location": f"/v1/batches/{submission.batch_id}"}
+    batch = submission.batch or await service.view(state, principal, submission.batch_id)
+    return _batch_response(batch, 202, headers)
+
+
+@router.get(
+    "/{batch_id}",
+    response_model=Batch,
+    summary="Read a batch",
+    operation_id="getBatch",
+    response_description="The batch: status, counts over all items, and one page of items.",
+)
+async def get_batch(
+    batch_id: str,
+    state: StateDep,
+    principal: PrincipalDep,
+    offset: Annotated[int, Query(ge=0, le=100_000, description="First item of the page (0-based).")] = 0,
+    limit: Annotated[int, Query(ge=0, le=MAX_PAGE, description="Items in the page.")] = DEFAULT_PAGE,
+) -> Response:
+    """Status and counts cover every item; ``items`` is the page ``offset``..``offset + limit`` in
+    submission order, with image URLs signed now; ``next_offset`` reads the next page (null at the end)."""
+    return _batch_response(await service.view(state, principal, batch_id, offset, limit), 200)
+
+
+@router.post(
+    "/{batch_id}/cancel",
+    response_model=Batch,
+    summary="Cancel a batch",
+    operation_id="cancelBatch",
+    response_description="Every item has ended.",
+    responses={
+        202: {"model": Batch, "description": "Running items stop at their next denoising step."},
+        **problem_responses(409),
+    },
+)
+async def cancel_batch(batch_id: str, state: StateDep, principal: PrincipalDep) -> Response:
+    """Queued items → canceled at once; running ones → stop at their next step (202 until they have).
+    A batch that has already ended → 409 ``batch_already_finished``."""
+    batch = await service.cancel(state, principal, batch_id)
+    return _batch_response(batch, 200 if batch.status.is_terminal else 202)

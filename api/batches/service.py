@@ -1,0 +1,280 @@
+"""Batches as the API manages them: submit (all items or none, idempotent), read with per-item states,
+cancel. The items are ordinary generation jobs (``api.generations``) on the batch queue; this module only
+adds the batch around them.
+
+Decisions, also in the README:
+- one rate-limit token per batch (a batch is one submission); the batch queue's own ceiling
+  (``DARKROOM_MAX_BATCH_QUEUE_DEPTH``) must hold all of its items, or the whole batch gets 503;
+- ``Idempotency-Key``\\s are scoped per API key *and* to this endpoint (a key used for a single job and
+  for a batch names two different things);
+- reads page through the items (``offset``/``limit``, 100 by default, at most 1,000); counts and status
+  always cover all of them;
+- cancel ends queued items at once and asks running ones to stop at their next step; the batch is
+  ``canceled`` once every item has ended.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, cast
+
+import structlog
+from fastapi.concurrency import run_in_threadpool
+
+from api.errors import ApiError, Conflict, NotFound, ServiceUnavailable, UnprocessableRequest
+from api.generations.service import check_prompt
+from api.state import AppState
+from schemas.batches import DEFAULT_PAGE, ITEM_SUBSCRIPTIONS, Batch, BatchItem, CreateBatch
+from schemas.jobs import JobStatus
+from schemas.problems import FieldError
+from services import metrics
+from services.admission import BatchClaim
+from services.batch_views import render_batch, render_item
+from services.batches import (
+    BatchRecord,
+    BatchStore,
+    batch_key,
+    batch_webhooks_key,
+    items_key,
+    new_batch_id,
+)
+from services.jobs import JobRecord, decode_deliveries, job_key, new_job_id, utcnow
+from services.rate_limit import retry_after_s
+from services.ssrf import UnsafeURLError, vet_url
+from services.webhooks.events import schedule_batch_event, schedule_webhook_event
+
+log = structlog.get_logger(__name__)
+IDEMPOTENCY_PREFIX = "darkroom:idempotency:batch:"
+
+
+@dataclass(frozen=True)
+class BatchSubmission:
+    batch_id: str
+    created: bool  # False when an Idempotency-Key replay returned an existing batch
+    batch: Batch | None = None  # the new batch as admitted (None for a replay: read it)
+
+
+def fingerprint(body: CreateBatch) -> str:
+    canonical = json.dumps(body.model_dump(mode="json", exclude_unset=True), sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _webhook_problem(code: str, message: str) -> UnprocessableRequest:
+    return UnprocessableRequest(
+        message, code=code, errors=[FieldError(field="webhook_url", message=message, type=code)]
+    )
+
+
+def _check_webhook(state: AppState, body: CreateBatch) -> dict[str, Any] | None:
+    """The batch's webhook after the SSRF check (resolves the host: run it off the event loop)."""
+    if body.webhook_url is None:
+        return None
+    settings = state.settings
+    if settings.webhook_secret is None:
+        raise _webhook_problem(
+            "webhooks_not_configured",
+            "this server has no DARKROOM_WEBHOOK_SECRET, so it cannot sign webhooks",
+        )
+    url = str(body.webhook_url)
+    try:
+        vet_url(url, allow_private=settings.webhook_allow_private, allow_http=settings.webhook_allow_http)
+    except UnsafeURLError as exc:
+        raise _webhook_problem("webhook_url_not_allowed", f"webhook_url refused: {exc}") from None
+    return {"url": url, "events": list(body.webhook_events)}
+
+
+def _claim(state: AppState, principal: str, key: str, body: CreateBatch, batch_id: str) -> BatchClaim:
+    scoped = hashlib.sha256(f"{principal}\x00{key}".encode()).hexdigest()
+    return BatchClaim(
+        key=IDEMPOTENCY_PREFIX + scoped,
+        batch_id=batch_id,
+        fingerprint=fingerprint(body),
+        ttl=state.settings.idempotency_ttl,
+    )
+
+
+def _records(
+    state: AppState, principal: str, body: CreateBatch, webhook: dict[str, Any] | None
+) -> tuple[BatchRecord, list[JobRecord]]:
+    created_at = utcnow()
+    batch = BatchRecord(
+        id=new_batch_id(),
+        owner=principal,
+        created_at=created_at,
+        total=0,
+        retention_s=max(1, int(state.settings.job_retention.total_seconds())),
+        webhook=webhook,
+    )
+    item_events = body.item_webhook_events()
+    item_webhook = {"url": webhook["url"], "events": item_events} if webhook and item_events else None
+    items = [
+        JobRecord(
+            id=new_job_id(),
+            status=JobStatus.QUEUED,
+            created_at=created_at,
+            request=request.normalized().model_dump(mode="json", exclude={"init_image"}),
+            webhook=item_webhook,
+            owner=principal,
+            batch_id=batch.id,
+        )
+        for request in body.item_requests()
+    ]
+    batch.total = len(items)
+    return batch, items
+
+
+def _check_prompts(state: AppState, body: CreateBatch) -> None:
+    """The prompt filter (``DARKROOM_PROMPT_BLOCKLIST``) over every item, as for a single job: 422
+    ``content_filtered`` naming the item's field (``requests.3.prompt``, ``template.prompt``)."""
+    if body.requests is not None:
+        listed = [(f"requests.{index}", item) for index, item in enumerate(body.requests)]
+    else:
+        listed = [("template", body.template)] if body.template is not None else []
+    for where, item in listed:
+        try:
+            check_prompt(state, item)
+        except UnprocessableRequest as exc:
+            exc.errors = [
+                error.model_copy(update={"field": f"{where}.{error.field}"}) for error in exc.errors or []
+            ]
+            raise
+
+
+async def submit(
+    state: AppState, principal: str, body: CreateBatch, idempotency_key: str | None
+) -> BatchSubmission:
+    _check_prompts(state, body)  # before anything is stored, claimed or queued
+    webhook = await run_in_threadpool(_check_webhook, state, body) if body.webhook_url else None
+    batch, items = _records(state, principal, body, webhook)
+    claim = _claim(state, principal, idempotency_key, body, batch.id) if idempotency_key else None
+    admission = await state.batch_admitter.admit(batch, items, principal, claim)
+    if admission.outcome == "replay":
+        existing = cast(dict[str, Any], admission.existing)
+        if claim is None or existing.get("fingerprint") != claim.fingerprint:
+            raise UnprocessableRequest(
+                "this Idempotency-Key was already used with a different request body",
+                code="idempotency_key_reused",
+            )
+        return BatchSubmission(batch_id=str(existing["batch_id"]), created=False)
+    if admission.outcome == "queue_full":
+        raise ServiceUnavailable(
+            f"the batch queue holds {admission.value} items and cannot take {len(items)} more; retry later",
+            code="queue_full",
+            retry_after=max(1, int(state.settings.queue_full_retry_after.total_seconds())),
+        )
+    if admission.outcome == "rate_limited":
+        wait_s = retry_after_s(admission.value)
+        raise ApiError(
+            f"too many submissions for this API key; retry in {wait_s} s",
+            status=429,
+            code="rate_limited",
+            headers={"Retry-After": str(wait_s)},
+        )
+    metrics.SUBMISSIONS.labels("accepted").inc(len(items))
+    structlog.contextvars.bind_contextvars(batch_id=batch.id)
+    log.debug("batch submitted", items=len(items))
+    page = [BatchItem(id=item.id, status=JobStatus.QUEUED) for item in items[:DEFAULT_PAGE]]
+    view = render_batch(
+        batch,
+        [JobStatus.QUEUED.value] * len(items),
+        items=page,
+        next_offset=len(page) if len(page) < len(items) else None,
+        deliveries=[] if webhook else None,
+    )
+    return BatchSubmission(batch_id=batch.id, created=True, batch=view)
+
+
+def _owned(record: BatchRecord | None, principal: str, batch_id: str) -> BatchRecord:
+    """The batch if it exists *and belongs to the caller*; both misses are the same 404."""
+    if record is None or record.owner != principal:
+        raise NotFound(f"no batch {batch_id!r}")
+    return record
+
+
+async def view(
+    state: AppState, principal: str, batch_id: str, offset: int = 0, limit: int = DEFAULT_PAGE
+) -> Batch:
+    """The batch, counts over all items, and items ``offset``..``offset + limit`` with fresh URLs."""
+    redis = state.redis_async
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.hgetall(batch_key(batch_id))
+        pipe.lrange(items_key(batch_id), 0, -1)
+        pipe.hgetall(batch_webhooks_key(batch_id))
+        raw_batch, raw_ids, raw_deliveries = await pipe.execute()
+    record = _owned(BatchRecord.from_hash(batch_id, raw_batch) if raw_batch else None, principal, batch_id)
+    ids = [raw.decode() for raw in raw_ids]
+    page_ids = ids[offset : offset + limit]
+    async with redis.pipeline(transaction=False) as pipe:
+        for job_id in ids:
+            pipe.hget(job_key(job_id), "status")
+        for job_id in page_ids:
+            pipe.hgetall(job_key(job_id))
+        replies = await pipe.execute()
+    statuses = [value.decode() if value else None for value in replies[: len(ids)]]
+    storage, expiry = state.clients.storage, state.settings.url_expiry
+    page = [
+        render_item(JobRecord.from_hash(job_id, raw), storage, expiry)
+        for job_id, raw in zip(page_ids, replies[len(ids) :], strict=True)
+        if raw
+    ]
+    end = offset + len(page_ids)
+    return render_batch(
+        record,
+        statuses,
+        items=page,
+        next_offset=end if end < len(ids) else None,
+        deliveries=decode_deliveries(raw_deliveries) if record.webhook else None,
+    )
+
+
+def _cancel(state: AppState, batch_id: str) -> None:
+    """Queued items: canceled now (and off the batch queue). Running ones: asked to stop at their next
+    step. Each item's transition counts into the batch, so the one that ends the last item schedules
+    ``batch.completed`` — here, or in the worker that stops the last running item."""
+    store, redis = state.clients.store, state.clients.redis
+    batches = BatchStore(redis)
+    if not batches.request_cancel(batch_id):
+        raise Conflict(f"batch {batch_id} has already ended", code="batch_already_finished")
+    record = batches.get(batch_id)
+    item_hooks = bool(record and record.webhook and set(record.webhook["events"]) & set(ITEM_SUBSCRIPTIONS))
+    ids = batches.item_ids(batch_id)
+    canceled: list[str] = []
+    for job_id, status in zip(ids, batches.item_statuses(ids), strict=True):
+        if status == JobStatus.QUEUED.value:
+            done = store.transition(
+                job_id,
+                JobStatus.CANCELED,
+                allowed_from=(JobStatus.QUEUED,),
+                fields={
+                    "completed_at": utcnow(),
+                    "error": {"type": "canceled", "message": "batch canceled while this item was queued"},
+                },
+            )
+            if done.applied:
+                canceled.append(job_id)
+                store.touch_terminal(job_id)
+                metrics.JOBS.labels(JobStatus.CANCELED.value).inc()
+                if item_hooks:  # per-item generation.* events were asked for
+                    schedule_webhook_event(store, state.webhook_queue, job_id, "completed")
+                if done.batch_done:
+                    schedule_batch_event(redis, state.webhook_queue, done.batch_done)
+                continue
+            status = done.previous.value if done.previous else None
+        if status == JobStatus.RUNNING.value:
+            store.request_cancel(job_id)  # the worker stops it at the next denoising step
+    with redis.pipeline(transaction=False) as pipe:
+        for job_id in canceled:
+            pipe.lrem(state.batch_queue.key, 1, job_id)
+        pipe.execute()
+    log.info("batch canceled", batch_id=batch_id, canceled_queued=len(canceled))
+
+
+async def cancel(state: AppState, principal: str, batch_id: str) -> Batch:
+    """Cancel what has not ended; 409 ``batch_already_finished`` if everything has."""
+    current = await view(state, principal, batch_id, limit=0)
+    if current.status.is_terminal:
+        raise Conflict(f"batch {batch_id} is already {current.status.value}", code="batch_already_finished")
+    await run_in_threadpool(_cancel, state, batch_id)
+    return await view(state, principal, batch_id)

@@ -1,0 +1,222 @@
+"""Batches: up to 1,000 generation requests submitted, followed and canceled as one.
+
+A batch is written either as a list of requests or as one request (``template``) repeated over ``seeds``
+(one item per seed) or ``count`` times. Each item becomes an ordinary generation job — readable at
+``/v1/generations/{id}``, with ``batch_id`` set — that waits on a lower-priority queue, so interactive
+jobs are served first. Errors name the offending item's field (``requests.17.width``), as the API's
+validation errors always do (dotted paths).
+
+Items are text-to-image: ``init_image`` is refused (a batch body of a thousand inline images would not fit
+the 15 MB body limit anyway).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AnyHttpUrl,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+)
+
+from schemas.generation import MAX_SEED, GenerationRequest, json_number
+from schemas.jobs import ImageResult, JobError, JobStatus, WebhookDelivery
+
+MAX_BATCH_ITEMS = 1000
+MAX_PAGE = 1000
+DEFAULT_PAGE = 100
+
+BatchWebhookEvent = Literal["batch.completed", "generation.started", "generation.completed"]
+#: Per-item subscriptions: a batch's ``generation.*`` events → the item job's own ``webhook_events``.
+ITEM_SUBSCRIPTIONS: dict[str, str] = {"generation.started": "started", "generation.completed": "completed"}
+
+
+Seed = Annotated[int, BeforeValidator(json_number), Field(ge=0, le=MAX_SEED)]
+
+
+class BatchItemRequest(GenerationRequest):
+    """One item of a batch: a generation request (text-to-image only: no ``init_image``)."""
+
+    @field_validator("init_image")
+    @classmethod
+    def _text_to_image_only(cls, value: str | None) -> str | None:
+        if value is not None:
+            raise ValueError("batch items are text-to-image only: init_image is not accepted")
+        return value
+
+
+class CreateBatch(BaseModel):
+    """The body of ``POST /v1/batches``: ``requests``, or ``template`` with ``seeds`` or ``count``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    requests: list[BatchItemRequest] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_BATCH_ITEMS,
+        description=f"1..{MAX_BATCH_ITEMS} generation requests, one item each (not with template).",
+    )
+    template: BatchItemRequest | None = Field(
+        None,
+        validate_default=True,
+        description="One generation request repeated for every seed in seeds, or count times.",
+    )
+    seeds: list[Seed] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_BATCH_ITEMS,
+        validate_default=True,
+        description="With template: one item per seed (each 0..4294967295).",
+    )
+    count: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_BATCH_ITEMS,
+        validate_default=True,
+        description="With template: this many items. Seeds are drawn per item, or, if the template has a "
+        "seed s, item i uses s + i * num_images (every image its own seed).",
+    )
+    webhook_url: AnyHttpUrl | None = Field(
+        None, description="Where to POST signed (Standard Webhooks) events about this batch."
+    )
+    webhook_events: list[BatchWebhookEvent] = Field(
+        default_factory=lambda: list[BatchWebhookEvent](["batch.completed"]),
+        min_length=1,
+        description="batch.completed (once, when the last item ends; the default), and per item "
+        "generation.started and generation.completed (generation.succeeded/failed/canceled).",
+    )
+
+    @field_validator("count", mode="before")
+    @classmethod
+    def _count_is_a_number(cls, value: Any) -> Any:
+        return json_number(value)
+
+    @field_validator("template")
+    @classmethod
+    def _one_way_to_list_items(
+        cls, template: BatchItemRequest | None, info: ValidationInfo
+    ) -> BatchItemRequest | None:
+        if "requests" not in info.data:  # requests itself failed; its own error says why
+            return template
+        requests = info.data["requests"]
+        if template is not None and requests is not None:
+            raise ValueError("give either requests or template (with seeds or count), not both")
+        if template is None and requests is None:
+            raise ValueError("give requests, or a template with seeds or count")
+        return template
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds_for_a_template(cls, seeds: list[int] | None, info: ValidationInfo) -> list[int] | None:
+        if seeds is None:
+            return seeds
+        template = info.data.get("template")
+        if "template" in info.data and template is None:
+            raise ValueError("seeds need a template (the request each seed is applied to)")
+        if template is not None and template.seed is not None:
+            raise ValueError("give the seeds in seeds or one seed in template, not both")
+        return seeds
+
+    @field_validator("count")
+    @classmethod
+    def _count_for_a_template(cls, count: int | None, info: ValidationInfo) -> int | None:
+        if "template" not in info.data or "seeds" not in info.data:
+            return count  # their own errors say what is wrong
+        template, seeds = info.data["template"], info.data["seeds"]
+        if count is not None and seeds is not None:
+            raise ValueError("give seeds or count, not both")
+        if count is not None and template is None:
+            raise ValueError("count needs a template (the request to repeat)")
+        if template is not None and count is None and seeds is None:
+            raise ValueError("a template needs seeds (one item each) or count")
+        return count
+
+    @field_validator("webhook_events")
+    @classmethod
+    def _unique_events(cls, events: list[BatchWebhookEvent]) -> list[BatchWebhookEvent]:
+        return sorted(set(events), key=events.index)
+
+    def item_requests(self) -> list[GenerationRequest]:
+        """The batch's items as plain generation requests, in order (not normalised yet)."""
+        if self.requests is not None:
+            return [_plain(item) for item in self.requests]
+        assert self.template is not None  # the validators guarantee one of the two
+        base = _plain(self.template)
+        if self.seeds is not None:
+            return [base.model_copy(update={"seed": seed}) for seed in self.seeds]
+        count = self.count or 0
+        if base.seed is None:
+            return [base.model_copy() for _ in range(count)]
+        step = base.num_images
+        return [
+            base.model_copy(update={"seed": (base.seed + i * step) % (MAX_SEED + 1)}) for i in range(count)
+        ]
+
+    def item_webhook_events(self) -> list[str]:
+        """The item jobs' own subscriptions (``started``, ``completed``) asked for by this batch."""
+        return [ITEM_SUBSCRIPTIONS[event] for event in self.webhook_events if event in ITEM_SUBSCRIPTIONS]
+
+
+def _plain(item: BatchItemRequest) -> GenerationRequest:
+    return GenerationRequest.model_validate(item.model_dump(exclude_unset=True))
+
+
+class BatchStatus(StrEnum):
+    QUEUED = "queued"  # no item has started yet
+    RUNNING = "running"  # some item started or ended, not all have ended
+    COMPLETED = "completed"  # every item ended (succeeded, failed or canceled)
+    CANCELED = "canceled"  # every item ended, after a cancel request
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (BatchStatus.COMPLETED, BatchStatus.CANCELED)
+
+
+class BatchCounts(BaseModel):
+    total: int
+    queued: int = 0
+    running: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    canceled: int = 0
+
+
+class BatchItem(BaseModel):
+    """One item, in brief; ``GET /v1/generations/{id}`` has the whole job."""
+
+    id: str
+    status: JobStatus
+    images: list[ImageResult] = Field(default_factory=list)
+    error: JobError | None = None
+
+
+class BatchWebhookStatus(BaseModel):
+    url: str
+    events: list[BatchWebhookEvent]
+    deliveries: list[WebhookDelivery] = Field(
+        default_factory=list, description="The batch.completed delivery (per-item ones are on each job)."
+    )
+
+
+class Batch(BaseModel):
+    id: str
+    status: BatchStatus
+    created_at: datetime
+    completed_at: datetime | None = None
+    cancel_requested: bool = False
+    counts: BatchCounts
+    items: list[BatchItem] | None = Field(
+        None,
+        description="This page of items in submission order (see offset and limit); absent in webhooks.",
+    )
+    next_offset: int | None = Field(
+        None, description="The offset of the next page of items; null at the end."
+    )
+    webhook: BatchWebhookStatus | None = None
