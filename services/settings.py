@@ -56,8 +56,11 @@ class Settings(BaseSettings):
         "auto", description="Channels-last memory format for the VAE's convolutions."
     )
     compile: bool | Literal["auto"] = Field(
-        "auto",
-        description="torch.compile the transformer (dynamic shapes: one graph for every size and batch).",
+        False,
+        description=(
+            "torch.compile the transformer (dynamic shapes: one graph for every size and batch). Opt-in "
+            "until measured on a GPU; 'auto' = on for CUDA."
+        ),
     )
     compile_vae: bool = Field(True, description="With compile on, compile the VAE decoder too.")
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
