@@ -10,6 +10,7 @@ import io
 import json
 import threading
 import time
+import zlib
 from typing import Any
 
 import httpx
@@ -214,6 +215,52 @@ def test_webhook_retried_until_delivered_and_verified_independently(
     assert delivery["state"] == "delivered"
     assert [a["status_code"] for a in delivery["attempts"]] == [500, 500, 200]
     assert delivery["event"] == "generation.succeeded"
+
+
+def _looks_pickled(value: bytes) -> bool:
+    """A pickle of protocol 2+ starts with PROTO (0x80) and its version; RQ's own pickles are protocol 4/5."""
+    return len(value) > 2 and value[0] == 0x80 and 2 <= value[1] <= 5
+
+
+def _stored_values(connection: Any, key: bytes) -> list[bytes]:
+    kind = connection.type(key)
+    if kind == b"string":
+        return [connection.get(key)]
+    if kind == b"hash":
+        values = list(connection.hgetall(key).values())
+        # RQ keeps call data, results and exception text zlib-compressed: look inside too.
+        return values + [zlib.decompress(v) for v in values if v[:1] == b"x" and _inflates(v)]
+    if kind == b"list":
+        return list(connection.lrange(key, 0, -1))
+    if kind == b"set":
+        return list(connection.smembers(key))
+    if kind == b"zset":
+        return [member for member, _ in connection.zrange(key, 0, -1, withscores=True)]
+    if kind == b"stream":
+        return [v for _, fields in connection.xrange(key) for v in fields.values()]
+    return []
+
+
+def _inflates(value: bytes) -> bool:
+    try:
+        zlib.decompress(value)
+    except zlib.error:
+        return False
+    return True
+
+
+def test_nothing_in_redis_is_a_pickle_after_a_job_with_a_webhook(
+    file_stack: Stack, webhook_receiver: HttpReceiver
+) -> None:
+    body = {**SMALL, "seed": 22, "webhook_url": webhook_receiver.url + "/hooks/pickle-check"}
+    job_id = submit(file_stack, body).json()["id"]
+    file_stack.wait_for(job_id, {"succeeded"})
+    webhook_receiver.wait_for(1, timeout=60)
+    with file_stack.redis() as connection:
+        keys = list(connection.scan_iter(count=1000))
+        assert any(job_id.encode() in key for key in keys)
+        pickled = [key for key in keys if any(_looks_pickled(v) for v in _stored_values(connection, key))]
+    assert not pickled, pickled
 
 
 @pytest.mark.parametrize(
