@@ -244,6 +244,7 @@ def test_compile_cache_dir_is_where_inductor_writes(tmp_path: Any, monkeypatch: 
 
 
 @pytest.mark.slow
+@pytest.mark.inductor
 def test_inductor_compiles_once_for_every_preset_and_batch(tmp_path: Any) -> None:
     """The real thing: inductor kernels, every preset at full size, 1..4 images, no recompiles after the
     warm-up (minutes on a small CPU)."""
