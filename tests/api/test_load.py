@@ -221,6 +221,7 @@ def report(name: str, result: Burst, drain_s: float | None, outcomes: Counter[st
 
 def run_burst_and_drain(stack: Stack, count: int, drain_budget_s: float) -> None:
     result = burst(stack.api_url, count)
+    report(f"burst-{count} (submitted)", result, None, None)  # the API's figures, even if the drain fails
     assert_refusals_are_as_designed(result, allowed=set())
     assert len(result.accepted) == count
     with stack.redis() as connection:
@@ -236,9 +237,10 @@ def test_a_burst_of_200_is_all_accepted_and_each_job_ends_exactly_once(stack: St
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1200)
+@pytest.mark.timeout(2100)
 def test_a_burst_of_2000_is_all_accepted_and_each_job_ends_exactly_once(stack: Stack) -> None:
-    run_burst_and_drain(stack, 2000, drain_budget_s=900)
+    # ~420 s on a quiet 2-core machine; 1,934 of 2,000 in 900 s while other suites shared it.
+    run_burst_and_drain(stack, 2000, drain_budget_s=1500)
 
 
 def test_tight_admission_limits_answer_429_and_503_as_designed(stack: Stack) -> None:
