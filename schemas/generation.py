@@ -152,13 +152,20 @@ class GenerationRequest(BaseModel):
     init_image: str | None = Field(
         None, description="Base64 (or data: URL) PNG/JPEG/WebP to start from: image-to-image."
     )
+    mask_image: str | None = Field(
+        None,
+        description="Inpainting: base64 (or data: URL) PNG/JPEG/WebP mask, exactly init_image's size. "
+        "White repaints, black keeps (grey: in between). Needs init_image. Outpainting: pad init_image "
+        "and paint the new border white.",
+    )
     strength: float | None = Field(
         None,
         gt=0,
         le=1,
         allow_inf_nan=False,
         validate_default=True,
-        description="How far image-to-image departs from init_image (default 0.6).",
+        description="How far image-to-image departs from init_image, or inpainting from the masked area "
+        "(default 0.6; 1.0 repaints the masked area from noise).",
     )
 
     @field_validator("prompt")
@@ -260,6 +267,26 @@ class GenerationRequest(BaseModel):
             vet_base64_image(value)
         return value
 
+    @field_validator("mask_image")
+    @classmethod
+    def _mask_fits_init_image(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return value
+        mask = vet_base64_image(value)
+        # A stored (normalised) request keeps both images in storage, not inline: nothing to compare.
+        if info.context == NORMALIZED_CONTEXT or "init_image" not in info.data:  # init_image's own error
+            return value
+        init_image = info.data["init_image"]
+        if init_image is None:
+            raise ValueError("mask_image applies to inpainting only: give init_image too")
+        init = vet_base64_image(init_image)
+        if (mask.width, mask.height) != (init.width, init.height):
+            raise ValueError(
+                f"mask_image is {mask.width}x{mask.height} but init_image is {init.width}x{init.height}: "
+                "they must be the same size"
+            )
+        return value
+
     @field_validator("strength")
     @classmethod
     def _strength_needs_image(cls, strength: float | None, info: ValidationInfo) -> float | None:
@@ -280,7 +307,12 @@ class GenerationRequest(BaseModel):
 
     @property
     def is_image_to_image(self) -> bool:
+        """True for image-to-image and for inpainting (which starts from an init image too)."""
         return self.init_image is not None
+
+    @property
+    def is_inpainting(self) -> bool:
+        return self.mask_image is not None
 
     def resolved_size(self) -> tuple[int, int]:
         """(width, height) this request will be generated at."""

@@ -121,10 +121,11 @@ class Job(BaseModel):
     started_at: datetime | None = None
     completed_at: datetime | None = None
     request: GenerationRequest = Field(
-        description="The normalised request, with the seed and size actually used. init_image is omitted; "
-        "see init_image_url."
+        description="The normalised request, with the seed and size actually used. init_image and "
+        "mask_image are omitted; see init_image_url and mask_image_url."
     )
     init_image_url: str | None = None
+    mask_image_url: str | None = Field(None, description="Inpainting: the mask as uploaded (signed URL).")
     images: list[ImageResult] = Field(default_factory=list)
     warnings: list[str] = Field(default_factory=list)
     token_counts: dict[str, dict[str, int | None]] | None = None

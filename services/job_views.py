@@ -57,6 +57,7 @@ def render_job(
         completed_at=record.completed_at,
         request=request or GenerationRequest.model_validate(record.request, context=NORMALIZED_CONTEXT),
         init_image_url=storage.url_for(record.init_image_key, url_expiry) if record.init_image_key else None,
+        mask_image_url=storage.url_for(record.mask_image_key, url_expiry) if record.mask_image_key else None,
         images=images,
         warnings=record.warnings,
         token_counts=record.token_counts,

@@ -116,6 +116,7 @@ class JobRecord:
     error: dict[str, str] | None = None
     webhook: dict[str, Any] | None = None
     init_image_key: str | None = None
+    mask_image_key: str | None = None  # inpainting: the uploaded mask, beside the init image
     cancel_requested: bool = False
     worker: str | None = None
     timings: dict[str, float] | None = None
@@ -133,6 +134,7 @@ class JobRecord:
             "owner": self.owner,
             **({"webhook": self.webhook} if self.webhook else {}),
             **({"init_image_key": self.init_image_key} if self.init_image_key else {}),
+            **({"mask_image_key": self.mask_image_key} if self.mask_image_key else {}),
             **({"batch_id": self.batch_id} if self.batch_id else {}),
         }
 
@@ -160,6 +162,7 @@ class JobRecord:
             error=loads("error"),
             webhook=loads("webhook"),
             init_image_key=data.get("init_image_key") or None,
+            mask_image_key=data.get("mask_image_key") or None,
             cancel_requested=data.get("cancel_requested") == "1",
             worker=data.get("worker") or None,
             timings=loads("timings"),

@@ -70,10 +70,13 @@ def a1111_parameters(request: GenerationRequest, seed: int, model: str) -> str:
 
 
 def darkroom_metadata(request: GenerationRequest, seed: int, index: int, model: str) -> dict[str, Any]:
-    """The full request as JSON; the init image is replaced by its sha256 (it can be megabytes)."""
-    payload = request.model_dump(mode="json", exclude={"init_image"})
+    """The full request as JSON; the init image and mask are replaced by their sha256 (they can be
+    megabytes)."""
+    payload = request.model_dump(mode="json", exclude={"init_image", "mask_image"})
     if request.init_image is not None:
         payload["init_image_sha256"] = hashlib.sha256(request.init_image.encode()).hexdigest()
+    if request.mask_image is not None:
+        payload["mask_image_sha256"] = hashlib.sha256(request.mask_image.encode()).hexdigest()
     return {"request": payload, "model": model, "seed": seed, "image_index": index}
 
 

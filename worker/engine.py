@@ -75,11 +75,11 @@ def image_generators(seeds: list[int]) -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
 
 
-def decode_init_image(value: str) -> Image.Image:
+def decode_init_image(value: str, mode: str = "RGB") -> Image.Image:
     from schemas.images import decode_base64_image
 
     with Image.open(io.BytesIO(decode_base64_image(value))) as image:
-        return image.convert("RGB")
+        return image.convert(mode)
 
 
 @dataclass(frozen=True)
@@ -186,7 +186,12 @@ class GenerationEngine:
         should_cancel: CancelCheck | None,
     ) -> GenerationResult:
         started = time.perf_counter()
-        pipeline = self.model.img2img() if request.is_image_to_image else self.model.pipeline
+        if request.is_inpainting:
+            pipeline = self.model.inpaint()
+        elif request.is_image_to_image:
+            pipeline = self.model.img2img()
+        else:
+            pipeline = self.model.pipeline
         token_counts, warnings = prompt_report(pipeline, request)
         seeds = request.image_seeds()
         kwargs = request.to_pipeline_kwargs()
@@ -195,6 +200,8 @@ class GenerationEngine:
         if request.is_image_to_image:
             assert request.init_image is not None
             kwargs["image"] = decode_init_image(request.init_image)
+        if request.mask_image is not None:  # white repaints, black keeps: diffusers' convention
+            kwargs["mask_image"] = decode_init_image(request.mask_image, "L")
         if should_cancel is not None and should_cancel():
             raise GenerationCanceled("canceled before the first denoising step")
 

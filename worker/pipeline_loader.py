@@ -30,7 +30,7 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 
 @dataclass
 class LoadedModel:
-    """The warm pipeline plus what it was loaded from; image-to-image shares its components."""
+    """The warm pipeline plus what it was loaded from; image-to-image and inpainting share its components."""
 
     pipeline: Any  # StableDiffusion3Pipeline; diffusers ships no type information
     model: str
@@ -42,6 +42,7 @@ class LoadedModel:
     #: What :func:`prepare_pipeline` applied (worker.optimizations), for logs and benchmarks.
     optimizations: dict[str, Any] = field(default_factory=dict, repr=False)
     _img2img: Any = field(default=None, repr=False)
+    _inpaint: Any = field(default=None, repr=False)
 
     def img2img(self) -> Any:
         """The image-to-image pipeline over the *same* modules (``from_pipe``): no second copy of weights."""
@@ -51,6 +52,15 @@ class LoadedModel:
             self._img2img = StableDiffusion3Img2ImgPipeline.from_pipe(self.pipeline)
             self._img2img.set_progress_bar_config(disable=True)
         return self._img2img
+
+    def inpaint(self) -> Any:
+        """The inpainting pipeline over the *same* modules (``from_pipe``), built on first use."""
+        if self._inpaint is None:
+            from diffusers import StableDiffusion3InpaintPipeline
+
+            self._inpaint = StableDiffusion3InpaintPipeline.from_pipe(self.pipeline)
+            self._inpaint.set_progress_bar_config(disable=True)
+        return self._inpaint
 
 
 def resolve_device(setting: str) -> torch.device:

@@ -129,6 +129,9 @@ def load_request(ctx: WorkerContext, record: JobRecord) -> GenerationRequest:
     if record.init_image_key:
         data = ctx.storage.read(record.init_image_key)
         request = request.model_copy(update={"init_image": base64.b64encode(data).decode("ascii")})
+    if record.mask_image_key:  # inpainting; read back like the init image (the storage retries reads)
+        data = ctx.storage.read(record.mask_image_key)
+        request = request.model_copy(update={"mask_image": base64.b64encode(data).decode("ascii")})
     return request
 
 

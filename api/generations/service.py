@@ -30,7 +30,7 @@ from services.jobs import JobRecord, decode_deliveries, job_key, new_job_id, utc
 from services.queue import remove_from_queue
 from services.rate_limit import retry_after_s
 from services.ssrf import UnsafeURLError, vet_url
-from services.storage import StorageError, init_image_key
+from services.storage import StorageError, init_image_key, mask_image_key
 from services.webhooks.events import schedule_batch_event, schedule_webhook_event
 
 log = structlog.get_logger(__name__)
@@ -87,19 +87,26 @@ def _idempotency_claim(
     )
 
 
-def _store_init_image(state: AppState, job_id: str, encoded: str, record_time: Any) -> str:
+def _store_init_image(
+    state: AppState, job_id: str, encoded: str, record_time: Any, *, mask: bool = False
+) -> str:
+    """Upload an init image (or, ``mask``, an inpainting mask) beside the job's outputs; its key."""
     vetted = vet_base64_image(encoded)
-    key = init_image_key(job_id, vetted.format.lower().replace("jpeg", "jpg"), record_time)
+    make_key = mask_image_key if mask else init_image_key
+    key = make_key(job_id, vetted.format.lower().replace("jpeg", "jpg"), record_time)
     state.clients.storage.put(key, vetted.data, f"image/{vetted.format.lower()}")
     return key
 
 
-def _forget_init_image(state: AppState, key: str) -> None:
-    """Best effort: an init image uploaded for a submission that was then refused or replayed."""
-    try:
-        state.clients.storage.delete(key)
-    except StorageError as exc:
-        log.warning("orphaned init image not deleted", key=key, error=str(exc))
+def _forget_init_image(state: AppState, *keys: str | None) -> None:
+    """Best effort: input images uploaded for a submission that was then refused or replayed."""
+    for key in keys:
+        if key is None:
+            continue
+        try:
+            state.clients.storage.delete(key)
+        except StorageError as exc:
+            log.warning("orphaned input image not deleted", key=key, error=str(exc))
 
 
 def check_prompt(state: AppState, request: GenerationRequest) -> None:
@@ -131,27 +138,36 @@ async def submit(
         claim = _idempotency_claim(state, principal, idempotency_key, body, job_id)
     request = body.generation_request().normalized()
     created_at = utcnow()
-    init_key = None
+    init_key = mask_key = None
     if request.init_image is not None:
         # Uploaded before the job exists: a worker may pick the job up the moment it is admitted.
         init_key = await run_in_threadpool(_store_init_image, state, job_id, request.init_image, created_at)
+    if request.mask_image is not None:
+        try:
+            mask_key = await run_in_threadpool(
+                _store_init_image, state, job_id, request.mask_image, created_at, mask=True
+            )
+        except BaseException:
+            await run_in_threadpool(_forget_init_image, state, init_key)
+            raise
     record = JobRecord(
         id=job_id,
         status=JobStatus.QUEUED,
         created_at=created_at,
-        request=request.model_dump(mode="json", exclude={"init_image"}),
+        request=request.model_dump(mode="json", exclude={"init_image", "mask_image"}),
         webhook=webhook,
         init_image_key=init_key,
+        mask_image_key=mask_key,
         owner=principal,
     )
     try:
         admission = await state.admitter.admit(record, principal, claim)
     except BaseException:
         if init_key is not None:
-            await run_in_threadpool(_forget_init_image, state, init_key)
+            await run_in_threadpool(_forget_init_image, state, init_key, mask_key)
         raise
     if admission.outcome != "queued" and init_key is not None:
-        await run_in_threadpool(_forget_init_image, state, init_key)
+        await run_in_threadpool(_forget_init_image, state, init_key, mask_key)
     if admission.outcome == "replay":
         existing = cast(dict[str, Any], admission.existing)
         if claim is None or existing.get("fingerprint") != claim.fingerprint:
@@ -186,7 +202,8 @@ async def submit(
         record,
         state.clients.storage,
         state.settings.url_expiry,
-        request=request if request.init_image is None else None,  # the view never echoes an init image
+        # The view never echoes an init image or mask (a mask needs an init image).
+        request=request if request.init_image is None else None,
         queue_position=admission.value,  # the queue's length right after our push: we are last in line
         deliveries=[] if webhook else None,
     )

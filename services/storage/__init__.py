@@ -9,7 +9,7 @@ storage.url_for(key, timedelta(hours=1))        # API, on every read: URLs expir
 from services.storage.base import MAX_URL_LIFETIME, Storage
 from services.storage.errors import InvalidKey, ObjectNotFound, StorageError, StorageUnavailable
 from services.storage.factory import storage_from_url
-from services.storage.keys import image_key, init_image_key, validate_key
+from services.storage.keys import image_key, init_image_key, mask_image_key, validate_key
 from services.storage.local import FileStorage
 from services.storage.retry import RetryingStorage, RetryPolicy, call_with_backoff
 from services.storage.s3 import S3Options, S3Storage
@@ -29,6 +29,7 @@ __all__ = [
     "call_with_backoff",
     "image_key",
     "init_image_key",
+    "mask_image_key",
     "storage_from_url",
     "validate_key",
 ]

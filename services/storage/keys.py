@@ -56,6 +56,11 @@ def init_image_key(job_id: str, extension: str, created_at: datetime) -> str:
     return image_key(job_id, 0, extension, created_at).rsplit("/", 1)[0] + f"/init.{extension}"
 
 
+def mask_image_key(job_id: str, extension: str, created_at: datetime) -> str:
+    """Key of a job's uploaded inpainting mask, beside its init image: `.../<job_id>/mask.<ext>`."""
+    return image_key(job_id, 0, extension, created_at).rsplit("/", 1)[0] + f"/mask.{extension}"
+
+
 def image_key(job_id: str, index: int, extension: str, created_at: datetime) -> str:
     """Key of one generated image: `generations/YYYY/MM/DD/<job_id>/<index>.<ext>`.
 

@@ -5,12 +5,14 @@ Every test talks HTTP to the running stack; jobs are small (512², a few steps) 
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import json
 import threading
 import time
 import zlib
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -191,6 +193,42 @@ def test_idempotency_key_same_body_same_job_different_body_422(file_stack: Stack
     replay = submit(file_stack, SMALL, **{"Idempotency-Key": "no-seed"})
     assert without_seed.json()["id"] == replay.json()["id"]
     assert without_seed.json()["request"]["seed"] == replay.json()["request"]["seed"]
+
+
+def test_inpainting_through_the_stack_stores_the_mask_beside_the_init_image(file_stack: Stack) -> None:
+    def encoded(image: Image.Image) -> str:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return base64.b64encode(buffer.getvalue()).decode()
+
+    mask = Image.new("L", (512, 512), 0)
+    mask.paste(255, (256, 0, 512, 512))  # repaint the right half
+    body = {
+        **SMALL,
+        "seed": 9,
+        "init_image": encoded(Image.new("RGB", (512, 512), (30, 120, 200))),
+        "mask_image": encoded(mask),
+        "strength": 0.5,
+    }
+    created = submit(file_stack, body, **{"Idempotency-Key": "inpaint-1"})
+    assert created.status_code == 202, created.text
+    job = file_stack.wait_for(created.json()["id"], {"succeeded", "failed"}, timeout=180)
+    assert job["status"] == "succeeded", job
+    assert (job["images"][0]["width"], job["images"][0]["height"]) == (512, 512)
+    assert job["progress"] == {"step": 2, "total": 2}  # strength 0.5 of 4 steps
+    assert job["request"].get("mask_image") is None and job["request"].get("init_image") is None
+    assert body["mask_image"] not in json.dumps(job)
+    assert download(job["mask_image_url"]) == base64.b64decode(body["mask_image"])
+    assert "/mask.png" in job["mask_image_url"] and "/init.png" in job["init_image_url"]
+    with Image.open(io.BytesIO(download(job["images"][0]["url"]))) as png:
+        recorded = json.loads(png.text["darkroom"])["request"]
+    assert recorded["mask_image_sha256"] == hashlib.sha256(body["mask_image"].encode()).hexdigest()
+
+    # A replay is answered with the first job; the images it uploaded on the way are deleted again.
+    replay = submit(file_stack, body, **{"Idempotency-Key": "inpaint-1"})
+    assert replay.json()["id"] == job["id"]
+    root = Path(file_stack.env["DARKROOM_STORAGE_URL"].removeprefix("file://"))
+    assert [path.parent.name for path in root.rglob("mask.png")] == [job["id"]]
 
 
 def test_webhook_retried_until_delivered_and_verified_independently(

@@ -197,6 +197,56 @@ class TestInitImage:
         assert "format GIF" in message
 
 
+class TestMaskImage:
+    def test_a_mask_of_the_init_images_size_makes_an_inpainting_request(self) -> None:
+        request = GenerationRequest(
+            prompt="x", init_image=png_base64(640, 480), mask_image=png_base64(640, 480, "WEBP")
+        ).normalized()
+        assert request.is_inpainting and request.is_image_to_image
+        assert (request.width, request.height, request.strength) == (640, 480, 0.6)
+        assert request.to_pipeline_kwargs()["strength"] == 0.6
+
+    def test_a_data_url_mask_is_accepted(self) -> None:
+        request = GenerationRequest(
+            prompt="x", init_image=png_base64(), mask_image="data:image/jpeg;base64," + png_base64(fmt="JPEG")
+        )
+        assert request.is_inpainting
+
+    def test_a_mask_without_an_init_image_is_refused_naming_mask_image(self) -> None:
+        [(loc, message)] = errors_of(prompt="x", mask_image=png_base64())
+        assert loc == ("mask_image",) and "init_image" in message
+
+    def test_a_mask_of_another_size_is_refused(self) -> None:
+        [(loc, message)] = errors_of(
+            prompt="x", init_image=png_base64(640, 480), mask_image=png_base64(640, 481)
+        )
+        assert loc == ("mask_image",)
+        assert "640x481" in message and "640x480" in message
+
+    @pytest.mark.parametrize(
+        ("value", "needle"),
+        [
+            ("not base64!!", "base64"),
+            (base64.b64encode(b"plain text, not an image").decode(), "decoded"),
+            (png_base64(fmt="GIF"), "format GIF"),
+        ],
+    )
+    def test_a_broken_mask_is_refused_like_a_broken_init_image(self, value: str, needle: str) -> None:
+        [(loc, message)] = errors_of(prompt="x", init_image=png_base64(), mask_image=value)
+        assert loc == ("mask_image",) and needle in message
+
+    def test_a_broken_init_image_is_reported_once_not_again_through_the_mask(self) -> None:
+        assert (
+            only_error_field(prompt="x", init_image="not base64!!", mask_image=png_base64()) == "init_image"
+        )
+
+    def test_the_worker_reads_a_stored_request_whose_images_are_in_storage(self) -> None:
+        stored = {"prompt": "x", "strength": 0.9, "width": 512, "height": 512, "seed": 1}
+        request = GenerationRequest.model_validate(stored, context=NORMALIZED_CONTEXT)
+        inpaint = request.model_copy(update={"init_image": png_base64(), "mask_image": png_base64()})
+        assert inpaint.is_inpainting and inpaint.to_pipeline_kwargs()["strength"] == 0.9
+
+
 class TestNormalization:
     def test_an_omitted_seed_is_drawn_server_side(self) -> None:
         seeds = {GenerationRequest(prompt="x").normalized().seed for _ in range(20)}
