@@ -28,7 +28,7 @@ def test_png_metadata_round_trips_through_pillow() -> None:
         sample_image(), req, seed=8, index=1, model="stabilityai/stable-diffusion-3.5-medium"
     )
     parameters, meta = read_png_metadata(encoded.data)
-    assert meta["request"] == req.model_dump(mode="json", exclude={"init_image"})
+    assert meta["request"] == req.model_dump(mode="json", exclude={"init_image", "mask_image"})
     assert (meta["seed"], meta["image_index"]) == (8, 1)
     assert meta["model"] == "stabilityai/stable-diffusion-3.5-medium"
     lines = parameters.split("\n")
