@@ -37,6 +37,10 @@ SD35_MEDIUM_NUM_LAYERS = 24
 # Validation context the worker uses to re-read a request the API already normalised: its init image is in
 # storage, not inline, so `strength` stands alone there. A client-sent body never carries this context.
 NORMALIZED_CONTEXT: dict[str, bool] = {"normalized": True}
+MAX_LORAS = 4
+MAX_LORA_SCALE = 2.0
+#: What a LoRA name may look like (the same rule as DARKROOM_LORAS names).
+LORA_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
 
 def json_number(value: Any) -> Any:
@@ -102,6 +106,28 @@ class SkipLayerGuidance(BaseModel):
         return self
 
 
+class LoraRequest(BaseModel):
+    """One LoRA adapter to apply, by the name the server lists it under (``DARKROOM_LORAS``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(
+        pattern=LORA_NAME_PATTERN, description="An adapter this server offers (its DARKROOM_LORAS names)."
+    )
+    scale: float = Field(
+        1.0,
+        ge=-MAX_LORA_SCALE,
+        le=MAX_LORA_SCALE,
+        allow_inf_nan=False,
+        description=f"Strength: 1 as trained, 0 off; -{MAX_LORA_SCALE:g}..{MAX_LORA_SCALE:g}.",
+    )
+
+    @field_validator("scale", mode="before")
+    @classmethod
+    def _numbers_only(cls, value: Any) -> Any:
+        return json_number(value)
+
+
 def _also_accepts_booleans(schema: dict[str, Any]) -> None:
     """Document the `true`/`false` shorthand the validator below accepts, for spec-generated clients."""
     schema["anyOf"].insert(0, {"type": "boolean"})
@@ -142,6 +168,11 @@ class GenerationRequest(BaseModel):
         json_schema_extra=_also_accepts_booleans,
         description="true for SD3.5-M's documented settings (layers 7,8,9, scale 2.8, 0.01..0.2), "
         "or an object.",
+    )
+    loras: list[LoraRequest] = Field(
+        default_factory=list,
+        max_length=MAX_LORAS,
+        description=f"LoRA adapters to apply (at most {MAX_LORAS}, each name once), from the server's list.",
     )
     num_images: int = Field(1, ge=1, le=8)
     output_format: OutputFormat = OutputFormat.PNG
@@ -187,6 +218,15 @@ class GenerationRequest(BaseModel):
         except UnicodeEncodeError:  # lone surrogates: would fail later, in a tokenizer or in Redis
             raise ValueError("must be valid Unicode text (no lone surrogates)") from None
         return text
+
+    @field_validator("loras")
+    @classmethod
+    def _unique_loras(cls, loras: list[LoraRequest]) -> list[LoraRequest]:
+        names = [lora.name for lora in loras]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"each LoRA may be listed once; repeated: {', '.join(repeated)}")
+        return loras
 
     @field_validator(
         "seed",
@@ -350,6 +390,11 @@ class GenerationRequest(BaseModel):
         if self.seed is None:
             raise ValueError("image_seeds() needs a normalized request (seed filled in)")
         return [(self.seed + i) % (MAX_SEED + 1) for i in range(self.num_images)]
+
+    def adapter_set(self) -> tuple[tuple[str, float], ...]:
+        """The LoRA adapters to activate as sorted (name, scale) pairs: the order a client lists them in
+        changes nothing, so two requests with the same set compare (and micro-batch) as equal."""
+        return tuple(sorted((lora.name, lora.scale) for lora in self.loras))
 
     def to_pipeline_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``StableDiffusion3Pipeline.__call__`` (generators and callbacks excluded)."""

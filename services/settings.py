@@ -7,16 +7,20 @@ name rather than deep inside a job. Read it through :func:`get_settings` (cached
 
 from __future__ import annotations
 
+import json
+import re
 from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-3.5-medium"
 TINY_MODEL = "tiny"
+#: A LoRA name in DARKROOM_LORAS (and in requests: schemas.generation.LORA_NAME_PATTERN).
+_LORA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 class Settings(BaseSettings):
@@ -72,6 +76,11 @@ class Settings(BaseSettings):
     )
     compile_warmup: bool = Field(
         True, description="With compile on, run every aspect-ratio preset once at start (2 steps)."
+    )
+    loras: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict,
+        description="LoRA adapters requests may name: a JSON object or 'name=source,...', each source a "
+        "local file/folder or a hub id ('owner/repo' or 'owner/repo/file.safetensors'). Transformer only.",
     )
     prompt_cache_size: int = Field(
         32, ge=0, description="Prompt embeddings kept for repeated (negative) prompts; 0 disables."
@@ -223,6 +232,45 @@ class Settings(BaseSettings):
     def _heartbeats_fit(self) -> Settings:
         if self.lost_after < 3 * self.heartbeat_interval:
             raise ValueError("DARKROOM_LOST_AFTER must be at least 3x DARKROOM_HEARTBEAT_INTERVAL")
+        return self
+
+    @field_validator("loras", mode="before")
+    @classmethod
+    def _lora_allow_list(cls, value: object) -> object:
+        """``{"name": "source"}`` as JSON, or ``name=source`` pairs separated by commas or newlines."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("{"):
+                value = json.loads(text)
+            else:
+                pairs = [item.strip() for item in re.split(r"[,\n]", text) if item.strip()]
+                if any("=" not in pair for pair in pairs):
+                    raise ValueError("DARKROOM_LORAS entries must look like 'name=path-or-hub-id'")
+                value = {name.strip(): source.strip() for name, source in (p.split("=", 1) for p in pairs)}
+        if isinstance(value, dict):
+            for name, source in value.items():
+                if not isinstance(name, str) or not _LORA_NAME.match(name):
+                    raise ValueError(f"LoRA name {name!r}: letters, digits, '_', '.', '-' (at most 64)")
+                if not isinstance(source, str) or not source.strip():
+                    raise ValueError(f"LoRA {name!r} needs a source (a local path or a hub id)")
+        return value
+
+    @model_validator(mode="after")
+    def _loras_fit_the_optimizations(self) -> Settings:
+        """Adapters wrap the transformer's q/k/v/out Linears: a fused, FP8 or compiled transformer would
+        bypass them (or recompile on every switch), so those switches cannot be forced on alongside."""
+        if self.loras:
+            forced = [
+                name
+                for name, on in (("FUSE_QKV", self.fuse_qkv), ("FP8", self.fp8), ("COMPILE", self.compile))
+                if on is True
+            ]
+            if forced:
+                raise ValueError(
+                    "DARKROOM_LORAS cannot be combined with "
+                    + ", ".join(f"DARKROOM_{name}=true" for name in forced)
+                    + " (LoRA layers apply to the unfused, uncompiled transformer)"
+                )
         return self
 
     @field_validator("webhook_secret")

@@ -8,9 +8,9 @@ and raises, which skips the VAE decode a bare ``interrupt`` would still run.
 A pipeline is not thread-safe: the engine serialises calls with a lock, and a worker process owns one engine.
 
 Micro-batching (:meth:`GenerationEngine.generate_batch`): requests with the same :func:`batch_key` (size,
-steps, guidance, skip-layer guidance, T5 length; text-to-image only) share one pipeline call. Each keeps
-its own prompt embeddings, seeds (one generator per image, so its noise is what it would be alone), output
-format and metadata, progress callback and cancel check. A request canceled mid-batch ends at once: its
+steps, guidance, skip-layer guidance, T5 length, LoRAs; text-to-image only) share one pipeline call. Each
+keeps its own prompt embeddings, seeds (one generator per image, so its noise is what it would be alone),
+output format and metadata, progress callback and cancel check. A request canceled mid-batch ends at once: its
 rows leave the latents and embeddings at the next step (``callback_on_step_end`` may replace them), so
 the others carry on with a smaller batch — except under skip-layer guidance, whose second set of
 embeddings the callback cannot reach: there its rows keep being computed and its images are dropped. A
@@ -39,6 +39,7 @@ from worker.errors import (
     GenerationOutOfMemory,
     InvalidGenerationRequest,
 )
+from worker.loras import activate_adapters
 from worker.pipeline_loader import LoadedModel
 from worker.prompt_cache import prompt_embeddings, with_prompt_embeddings
 from worker.prompt_tokens import prompt_report
@@ -94,8 +95,8 @@ class BatchKey:
     guidance_scale: float
     skip_layer_guidance: tuple[tuple[int, ...], float, float, float] | None
     max_sequence_length: int
-    #: The adapter set (name, weight) a request runs with, once requests can choose LoRAs: the weights
-    #: are patched into the shared transformer, so only requests with the same set can share a call.
+    #: The LoRA adapter set (sorted name, scale) a request runs with: adapters apply to the shared
+    #: transformer, so only requests with the same set can share a call.
     loras: tuple[tuple[str, float], ...] = ()
 
 
@@ -113,6 +114,7 @@ def batch_key(request: GenerationRequest) -> BatchKey | None:
         guidance_scale=request.guidance_scale,
         skip_layer_guidance=None if slg is None else (tuple(slg.layers), slg.scale, slg.start, slg.stop),
         max_sequence_length=request.max_sequence_length,
+        loras=request.adapter_set(),
     )
 
 
@@ -204,6 +206,8 @@ class GenerationEngine:
             kwargs["mask_image"] = decode_init_image(request.mask_image, "L")
         if should_cancel is not None and should_cancel():
             raise GenerationCanceled("canceled before the first denoising step")
+        # Exactly this request's adapters (none: all off), on the transformer every pipeline shares.
+        activate_adapters(self.model.loras, request.adapter_set())
 
         def on_step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
             if on_progress is not None:
@@ -311,6 +315,12 @@ class GenerationEngine:
                 self._run_alone(job)
             return
         pipeline = self.model.pipeline
+        try:  # one batch_key, so one adapter set for every request
+            activate_adapters(self.model.loras, live[0].request.adapter_set())
+        except EngineError as exc:
+            for job in live:
+                job.outcome = exc
+            return
         reports = [prompt_report(pipeline, job.request) for job in live]
         guided = live[0].request.guidance_scale > 1
         embeddings = [self._prompt_embeddings(pipeline, job.request) for job in live]

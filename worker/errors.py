@@ -41,3 +41,9 @@ class ContentCheckFailed(EngineError):
     """The image classifier raised or answered nonsense: the job fails rather than pass images unchecked."""
 
     code = "content_check_failed"
+
+
+class LoraUnavailable(EngineError):
+    """A requested LoRA adapter is not on this worker's list, or its weights could not be loaded."""
+
+    code = "lora_unavailable"

@@ -202,10 +202,12 @@ def fuse_transformer_qkv(transformer: Any) -> None:
             module.set_processor(FusedQKNormJointAttnProcessor())  # type: ignore[arg-type]
 
 
-def fuse_qkv(pipeline: Any) -> list[str]:
-    """Fuse the q/k/v projections of the transformer and the VAE; returns what was fused."""
+def fuse_qkv(pipeline: Any, *, transformer_too: bool = True) -> list[str]:
+    """Fuse the q/k/v projections of the transformer (unless ``transformer_too`` is False: LoRA adapters
+    wrap its separate q/k/v Linears, which a fused processor would bypass) and the VAE; returns what was
+    fused."""
     fused = []
-    transformer = getattr(pipeline, "transformer", None)
+    transformer = getattr(pipeline, "transformer", None) if transformer_too else None
     if transformer is not None and attention_processors(transformer):
         fuse_transformer_qkv(transformer)
         fused.append("transformer")
@@ -398,14 +400,16 @@ def apply_optimizations(
         applied["sdpa_backends"] = restrict_sdpa(settings.sdpa_backends)
     applied["attention"] = ensure_sdpa(pipeline)
     if switch_on(settings.fuse_qkv, device):
-        applied["fused_qkv"] = fuse_qkv(pipeline)
+        # With LoRAs configured (DARKROOM_LORAS) the transformer stays unfused and uncompiled: see
+        # worker/loras.py. Settings refuses forcing either on alongside; 'auto' gives way here.
+        applied["fused_qkv"] = fuse_qkv(pipeline, transformer_too=not settings.loras)
     if switch_on(settings.channels_last_vae, device):
         vae_channels_last(pipeline)
         applied["channels_last_vae"] = True
     if settings.fp8:
         quantize_fp8(pipeline.transformer, settings.fp8_recipe, device)
         applied["fp8"] = settings.fp8_recipe
-    if switch_on(settings.compile, device):
+    if switch_on(settings.compile, device) and not settings.loras:
         applied["compile_cache_dir"] = str(configure_compile_cache(settings.compile_cache_dir))
         applied["compiled"] = compile_pipeline(
             pipeline, mode=settings.compile_mode, vae=settings.compile_vae, backend=compile_backend

@@ -18,6 +18,7 @@ import torch
 
 from services.settings import TINY_MODEL, Settings
 from worker.errors import ModelUnavailableError
+from worker.loras import LoraAdapters
 from worker.prompt_cache import PromptEmbeddingCache
 from worker.tiny_model import ensure_tiny_model
 
@@ -37,6 +38,8 @@ class LoadedModel:
     source: ModelSource
     device: torch.device
     dtype: torch.dtype
+    #: The LoRA adapters of DARKROOM_LORAS (None: none configured), loaded on first use (worker.loras).
+    loras: LoraAdapters | None = field(default=None, repr=False)
     #: Text-encoder outputs of recent prompts (None: disabled); shared by both pipelines' encoders.
     prompt_cache: PromptEmbeddingCache | None = field(default=None, repr=False)
     #: What :func:`prepare_pipeline` applied (worker.optimizations), for logs and benchmarks.
@@ -137,6 +140,7 @@ def load_pipeline(settings: Settings) -> LoadedModel:
         source=source,
         device=device,
         dtype=dtype,
+        loras=LoraAdapters(pipeline, settings.loras) if settings.loras else None,
         prompt_cache=PromptEmbeddingCache.from_settings(settings),
         optimizations=getattr(pipeline, "_darkroom_optimizations", {}),
     )

@@ -191,3 +191,31 @@ def ensure_tiny_model(cache_dir: Path | None = None) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def save_tiny_lora(folder: Path, seed: int, *, model_dir: Path | None = None, rank: int = 4) -> Path:
+    """Write a random LoRA for the tiny model's transformer (attention q/k/v/out) into ``folder``, in the
+    layout ``StableDiffusion3Pipeline.save_lora_weights`` gives any trained SD3 LoRA; returns the file.
+
+    Both low-rank factors are random (a freshly initialised LoRA has B = 0 and changes nothing), so the
+    adapter visibly changes the tiny model's output — what the LoRA tests assert. Deterministic in ``seed``.
+    """
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    transformer: Any = SD3Transformer2DModel.from_pretrained(
+        ensure_tiny_model(model_dir), subfolder="transformer"
+    )
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer.add_adapter(config)
+        with torch.no_grad():
+            for name, parameter in transformer.named_parameters():
+                if "lora_B" in name:
+                    parameter.normal_(0.0, 0.5)
+    layers = get_peft_model_state_dict(transformer)
+    folder.mkdir(parents=True, exist_ok=True)
+    StableDiffusion3Pipeline.save_lora_weights(folder, transformer_lora_layers=layers)
+    return folder / "pytorch_lora_weights.safetensors"

@@ -24,7 +24,7 @@ import structlog
 from fastapi.concurrency import run_in_threadpool
 
 from api.errors import ApiError, Conflict, NotFound, ServiceUnavailable, UnprocessableRequest
-from api.generations.service import check_prompt
+from api.generations.service import check_loras, check_prompt
 from api.state import AppState
 from schemas.batches import DEFAULT_PAGE, ITEM_SUBSCRIPTIONS, Batch, BatchItem, CreateBatch
 from schemas.jobs import JobStatus
@@ -126,8 +126,8 @@ def _records(
 
 
 def _check_prompts(state: AppState, body: CreateBatch) -> None:
-    """The prompt filter (``DARKROOM_PROMPT_BLOCKLIST``) over every item, as for a single job: 422
-    ``content_filtered`` naming the item's field (``requests.3.prompt``, ``template.prompt``)."""
+    """The prompt filter (``DARKROOM_PROMPT_BLOCKLIST``) and the LoRA allow-list over every item, as for a
+    single job: 422 naming the item's field (``requests.3.prompt``, ``template.loras.0.name``)."""
     if body.requests is not None:
         listed = [(f"requests.{index}", item) for index, item in enumerate(body.requests)]
     else:
@@ -135,6 +135,7 @@ def _check_prompts(state: AppState, body: CreateBatch) -> None:
     for where, item in listed:
         try:
             check_prompt(state, item)
+            check_loras(state, item)
         except UnprocessableRequest as exc:
             exc.errors = [
                 error.model_copy(update={"field": f"{where}.{error.field}"}) for error in exc.errors or []

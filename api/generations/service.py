@@ -127,10 +127,28 @@ def check_prompt(state: AppState, request: GenerationRequest) -> None:
     )
 
 
+def check_loras(state: AppState, request: GenerationRequest) -> None:
+    """Refuse LoRA adapters this server does not offer (``DARKROOM_LORAS``): 422 ``lora_not_found``
+    naming each one's field (``loras.0.name``) and listing what is offered."""
+    offered = state.settings.loras
+    unknown = [(index, lora.name) for index, lora in enumerate(request.loras) if lora.name not in offered]
+    if not unknown:
+        return
+    choice = f"this server offers: {', '.join(sorted(offered))}" if offered else "this server offers none"
+    errors = [
+        FieldError(
+            field=f"loras.{index}.name", message=f"unknown LoRA {name!r}; {choice}", type="lora_not_found"
+        )
+        for index, name in unknown
+    ]
+    raise UnprocessableRequest(errors[0].message, code="lora_not_found", errors=errors)
+
+
 async def submit(
     state: AppState, principal: str, body: CreateGeneration, idempotency_key: str | None
 ) -> Submission:
     check_prompt(state, body)  # before anything is stored, claimed or queued
+    check_loras(state, body)
     webhook = await run_in_threadpool(_check_webhook, state, body) if body.webhook_url else None
     job_id = new_job_id()
     claim = None
