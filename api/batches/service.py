@@ -16,7 +16,6 @@ Decisions, also in the README:
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -26,9 +25,9 @@ from fastapi.concurrency import run_in_threadpool
 from api.errors import ApiError, Conflict, NotFound, ServiceUnavailable, UnprocessableRequest
 from api.generations.service import check_loras, check_prompt
 from api.state import AppState
+from api.submissions import fingerprint, vetted_webhook
 from schemas.batches import DEFAULT_PAGE, ITEM_SUBSCRIPTIONS, Batch, BatchItem, CreateBatch
 from schemas.jobs import JobStatus
-from schemas.problems import FieldError
 from services import metrics
 from services.admission import BatchClaim
 from services.batch_views import render_batch, render_item
@@ -42,7 +41,6 @@ from services.batches import (
 )
 from services.jobs import JobRecord, decode_deliveries, job_key, new_job_id, utcnow
 from services.rate_limit import retry_after_s
-from services.ssrf import UnsafeURLError, vet_url
 from services.webhooks.events import schedule_batch_event, schedule_webhook_event
 
 log = structlog.get_logger(__name__)
@@ -54,35 +52,6 @@ class BatchSubmission:
     batch_id: str
     created: bool  # False when an Idempotency-Key replay returned an existing batch
     batch: Batch | None = None  # the new batch as admitted (None for a replay: read it)
-
-
-def fingerprint(body: CreateBatch) -> str:
-    canonical = json.dumps(body.model_dump(mode="json", exclude_unset=True), sort_keys=True)
-    return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def _webhook_problem(code: str, message: str) -> UnprocessableRequest:
-    return UnprocessableRequest(
-        message, code=code, errors=[FieldError(field="webhook_url", message=message, type=code)]
-    )
-
-
-def _check_webhook(state: AppState, body: CreateBatch) -> dict[str, Any] | None:
-    """The batch's webhook after the SSRF check (resolves the host: run it off the event loop)."""
-    if body.webhook_url is None:
-        return None
-    settings = state.settings
-    if settings.webhook_secret is None:
-        raise _webhook_problem(
-            "webhooks_not_configured",
-            "this server has no DARKROOM_WEBHOOK_SECRET, so it cannot sign webhooks",
-        )
-    url = str(body.webhook_url)
-    try:
-        vet_url(url, allow_private=settings.webhook_allow_private, allow_http=settings.webhook_allow_http)
-    except UnsafeURLError as exc:
-        raise _webhook_problem("webhook_url_not_allowed", f"webhook_url refused: {exc}") from None
-    return {"url": url, "events": list(body.webhook_events)}
 
 
 def _claim(state: AppState, principal: str, key: str, body: CreateBatch, batch_id: str) -> BatchClaim:
@@ -147,7 +116,11 @@ async def submit(
     state: AppState, principal: str, body: CreateBatch, idempotency_key: str | None
 ) -> BatchSubmission:
     _check_prompts(state, body)  # before anything is stored, claimed or queued
-    webhook = await run_in_threadpool(_check_webhook, state, body) if body.webhook_url else None
+    webhook = None
+    if body.webhook_url is not None:  # the SSRF check resolves the host: off the event loop
+        webhook = await run_in_threadpool(
+            vetted_webhook, state.settings, body.webhook_url, body.webhook_events
+        )
     batch, items = _records(state, principal, body, webhook)
     claim = _claim(state, principal, idempotency_key, body, batch.id) if idempotency_key else None
     admission = await state.batch_admitter.admit(batch, items, principal, claim)

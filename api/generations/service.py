@@ -10,7 +10,6 @@ needs it.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -19,6 +18,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from api.errors import ApiError, Conflict, NotFound, ServiceUnavailable, UnprocessableRequest
 from api.state import AppState
+from api.submissions import fingerprint, vetted_webhook
 from schemas.generation import GenerationRequest
 from schemas.images import vet_base64_image
 from schemas.jobs import CreateGeneration, Job, JobStatus
@@ -29,7 +29,6 @@ from services.job_views import render_job
 from services.jobs import JobRecord, decode_deliveries, job_key, new_job_id, utcnow, webhooks_key
 from services.queue import remove_from_queue
 from services.rate_limit import retry_after_s
-from services.ssrf import UnsafeURLError, vet_url
 from services.storage import StorageError, init_image_key, mask_image_key
 from services.webhooks.events import schedule_batch_event, schedule_webhook_event
 
@@ -42,36 +41,6 @@ class Submission:
     job_id: str
     created: bool  # False when an Idempotency-Key replay returned an existing job
     job: Job | None = None  # the new job as admitted (None for a replay: read it)
-
-
-def fingerprint(body: CreateGeneration) -> str:
-    """Canonical hash of what the client sent (defaults not filled in), to compare idempotent replays."""
-    canonical = json.dumps(body.model_dump(mode="json", exclude_unset=True), sort_keys=True)
-    return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def _webhook_problem(code: str, message: str) -> UnprocessableRequest:
-    return UnprocessableRequest(
-        message, code=code, errors=[FieldError(field="webhook_url", message=message, type=code)]
-    )
-
-
-def _check_webhook(state: AppState, body: CreateGeneration) -> dict[str, object] | None:
-    """The webhook to store, after the SSRF check (which resolves the host: run it off the event loop)."""
-    if body.webhook_url is None:
-        return None
-    settings = state.settings
-    if settings.webhook_secret is None:
-        raise _webhook_problem(
-            "webhooks_not_configured",
-            "this server has no DARKROOM_WEBHOOK_SECRET, so it cannot sign webhooks",
-        )
-    url = str(body.webhook_url)
-    try:
-        vet_url(url, allow_private=settings.webhook_allow_private, allow_http=settings.webhook_allow_http)
-    except UnsafeURLError as exc:
-        raise _webhook_problem("webhook_url_not_allowed", f"webhook_url refused: {exc}") from None
-    return {"url": url, "events": list(body.webhook_events)}
 
 
 def _idempotency_claim(
@@ -149,7 +118,11 @@ async def submit(
 ) -> Submission:
     check_prompt(state, body)  # before anything is stored, claimed or queued
     check_loras(state, body)
-    webhook = await run_in_threadpool(_check_webhook, state, body) if body.webhook_url else None
+    webhook = None
+    if body.webhook_url is not None:  # the SSRF check resolves the host: off the event loop
+        webhook = await run_in_threadpool(
+            vetted_webhook, state.settings, body.webhook_url, body.webhook_events
+        )
     job_id = new_job_id()
     claim = None
     if idempotency_key is not None:

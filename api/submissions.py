@@ -1,0 +1,45 @@
+"""Checks every kind of submission makes the same way (single jobs and batches)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import BaseModel
+
+from api.errors import UnprocessableRequest
+from schemas.problems import FieldError
+from services.settings import Settings
+from services.ssrf import UnsafeURLError, vet_url
+
+
+def fingerprint(body: BaseModel) -> str:
+    """Canonical hash of what the client sent (defaults not filled in), to compare idempotent replays."""
+    canonical = json.dumps(body.model_dump(mode="json", exclude_unset=True), sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _webhook_problem(code: str, message: str) -> UnprocessableRequest:
+    return UnprocessableRequest(
+        message, code=code, errors=[FieldError(field="webhook_url", message=message, type=code)]
+    )
+
+
+def vetted_webhook(settings: Settings, url: Any, events: Sequence[str]) -> dict[str, Any] | None:
+    """The webhook to store, after the SSRF check — which resolves the host, so call it off the event
+    loop. ``None`` when the submission has no ``webhook_url``."""
+    if url is None:
+        return None
+    if settings.webhook_secret is None:
+        raise _webhook_problem(
+            "webhooks_not_configured",
+            "this server has no DARKROOM_WEBHOOK_SECRET, so it cannot sign webhooks",
+        )
+    target = str(url)
+    try:
+        vet_url(target, allow_private=settings.webhook_allow_private, allow_http=settings.webhook_allow_http)
+    except UnsafeURLError as exc:
+        raise _webhook_problem("webhook_url_not_allowed", f"webhook_url refused: {exc}") from None
+    return {"url": target, "events": list(events)}
