@@ -23,6 +23,7 @@ from darkroom_client import DarkroomClient
 from darkroom_client.cli import EXIT_INTERRUPTED, EXIT_JOB_FAILED, EXIT_UNAVAILABLE, EXIT_USAGE, main
 from services.net import free_port
 from tests.darkroom_client.conftest import SMALL, TERMINAL
+from tests.fixtures.signals import default_sigint
 from tests.fixtures.stack import ROOT, Stack
 
 CLI_TIMEOUT_S = 90.0
@@ -44,6 +45,7 @@ class CliRun:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            preexec_fn=default_sigint,  # the Ctrl-C test needs SIGINT to reach the CLI
         )
         self.stderr_lines: list[str] = []
         self._changed = threading.Condition()

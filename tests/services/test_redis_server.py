@@ -23,6 +23,7 @@ from services.redis_server import (
     find_redis_server_binary,
 )
 from tests.fixtures.redis import RedisServerFactory
+from tests.fixtures.signals import default_sigint
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -226,6 +227,7 @@ def _run_parent(script: str, tmp_path: Path, *, interrupt: bool) -> tuple[int, i
         stdout=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        preexec_fn=default_sigint,
     ) as child:
         assert child.stdout is not None
         line = child.stdout.readline()
