@@ -373,36 +373,35 @@ async def _http_exception_handler(request: Request, exc: Exception) -> Response:
     return problem_response(problem, headers)
 
 
-async def _redis_unavailable_handler(request: Request, exc: Exception) -> Response:
-    """Redis down, loading its dataset, or too slow: the job store is unreachable, not our bug.
-
-    503 with ``Retry-After`` tells clients and load balancers this is transient; the exception text
-    (host, port) goes to the log only.
-    """
-    log.warning("redis unavailable", error_type=type(exc).__name__, error=str(exc))
+def _dependency_unavailable(
+    request: Request, exc: Exception, *, code: str, what: str, retry_after_s: int
+) -> Response:
+    """503 with ``Retry-After`` for a dependency that is down: transient, not our bug. The exception text
+    (host, port) goes to the log only."""
+    log.warning(code.replace("_", " "), error_type=type(exc).__name__, error=str(exc))
     problem = Problem(
-        type=problem_type("redis_unavailable"),
+        type=problem_type(code),
         title=status_title(503),
         status=503,
-        detail="The job store is temporarily unreachable; retry shortly.",
+        detail=f"{what} is temporarily unreachable; retry shortly.",
         instance=request.url.path,
-        code="redis_unavailable",
+        code=code,
     )
-    return problem_response(problem, {"Retry-After": str(REDIS_RETRY_AFTER_S)})
+    return problem_response(problem, {"Retry-After": str(retry_after_s)})
+
+
+async def _redis_unavailable_handler(request: Request, exc: Exception) -> Response:
+    """Redis down, loading its dataset, or too slow: the job store is unreachable."""
+    return _dependency_unavailable(
+        request, exc, code="redis_unavailable", what="The job store", retry_after_s=REDIS_RETRY_AFTER_S
+    )
 
 
 async def _storage_unavailable_handler(request: Request, exc: Exception) -> Response:
     """The object store is unreachable (only an init image upload needs it on the request path)."""
-    log.warning("storage unavailable", error_type=type(exc).__name__, error=str(exc))
-    problem = Problem(
-        type=problem_type("storage_unavailable"),
-        title=status_title(503),
-        status=503,
-        detail="The image store is temporarily unreachable; retry shortly.",
-        instance=request.url.path,
-        code="storage_unavailable",
+    return _dependency_unavailable(
+        request, exc, code="storage_unavailable", what="The image store", retry_after_s=STORAGE_RETRY_AFTER_S
     )
-    return problem_response(problem, {"Retry-After": str(STORAGE_RETRY_AFTER_S)})
 
 
 async def _internal_error_handler(request: Request, exc: Exception) -> Response:

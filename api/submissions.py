@@ -21,6 +21,12 @@ def fingerprint(body: BaseModel) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def scoped_idempotency_key(prefix: str, principal: str, key: str) -> str:
+    """The Redis key for a client's Idempotency-Key, scoped to its API key: two clients may pick the same
+    Idempotency-Key independently."""
+    return prefix + hashlib.sha256(f"{principal}\x00{key}".encode()).hexdigest()
+
+
 def _webhook_problem(code: str, message: str) -> UnprocessableRequest:
     return UnprocessableRequest(
         message, code=code, errors=[FieldError(field="webhook_url", message=message, type=code)]

@@ -15,7 +15,6 @@ Decisions, also in the README:
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -25,7 +24,7 @@ from fastapi.concurrency import run_in_threadpool
 from api.errors import ApiError, Conflict, NotFound, ServiceUnavailable, UnprocessableRequest
 from api.generations.service import check_loras, check_prompt
 from api.state import AppState
-from api.submissions import fingerprint, vetted_webhook
+from api.submissions import fingerprint, scoped_idempotency_key, vetted_webhook
 from schemas.batches import DEFAULT_PAGE, ITEM_SUBSCRIPTIONS, Batch, BatchItem, CreateBatch
 from schemas.jobs import JobStatus
 from services import metrics
@@ -55,9 +54,8 @@ class BatchSubmission:
 
 
 def _claim(state: AppState, principal: str, key: str, body: CreateBatch, batch_id: str) -> BatchClaim:
-    scoped = hashlib.sha256(f"{principal}\x00{key}".encode()).hexdigest()
     return BatchClaim(
-        key=IDEMPOTENCY_PREFIX + scoped,
+        key=scoped_idempotency_key(IDEMPOTENCY_PREFIX, principal, key),
         batch_id=batch_id,
         fingerprint=fingerprint(body),
         ttl=state.settings.idempotency_ttl,

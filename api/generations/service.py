@@ -9,7 +9,6 @@ needs it.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -18,7 +17,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from api.errors import ApiError, Conflict, NotFound, ServiceUnavailable, UnprocessableRequest
 from api.state import AppState
-from api.submissions import fingerprint, vetted_webhook
+from api.submissions import fingerprint, scoped_idempotency_key, vetted_webhook
 from schemas.generation import GenerationRequest
 from schemas.images import vet_base64_image
 from schemas.jobs import CreateGeneration, Job, JobStatus
@@ -46,10 +45,8 @@ class Submission:
 def _idempotency_claim(
     state: AppState, principal: str, key: str, body: CreateGeneration, job_id: str
 ) -> IdempotencyClaim:
-    # Keys are scoped to their API key: two clients may pick the same Idempotency-Key independently.
-    scoped = hashlib.sha256(f"{principal}\x00{key}".encode()).hexdigest()
     return IdempotencyClaim(
-        key=IDEMPOTENCY_PREFIX + scoped,
+        key=scoped_idempotency_key(IDEMPOTENCY_PREFIX, principal, key),
         job_id=job_id,
         fingerprint=fingerprint(body),
         ttl=state.settings.idempotency_ttl,
