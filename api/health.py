@@ -49,8 +49,9 @@ async def readyz(state: StateDep) -> dict[str, str]:
 async def prometheus_metrics(state: StateDep) -> Response:
     def refresh_queue_depths() -> None:
         redis = state.clients.redis
-        for queue in (state.queue, state.webhook_queue):
-            metrics.QUEUE_DEPTH.labels(queue.name).set(int(redis.llen(queue.key)))
+        queues = [(q, line.model) for line in state.lines.values() for q in (line.queue, line.batch_queue)]
+        for queue, model in (*queues, (state.webhook_queue, "")):
+            metrics.QUEUE_DEPTH.labels(queue.name, model).set(int(redis.llen(queue.key)))
 
     try:
         await run_in_threadpool(refresh_queue_depths)

@@ -11,8 +11,9 @@ from contextlib import asynccontextmanager
 
 import redis.asyncio as aredis
 from fastapi import FastAPI
+from redis import Redis
 
-from api import files, health, openai_images
+from api import files, health, models, openai_images
 from api.auth import ApiKeyMiddleware
 from api.batches.routes import router as batches_router
 from api.errors import install_error_handlers
@@ -20,7 +21,7 @@ from api.generations.events import READ_TIMEOUT_S
 from api.generations.routes import router as generations_router
 from api.middleware import BodySizeLimitMiddleware, MetricsMiddleware, RequestContextMiddleware
 from api.playground import router as playground_router
-from api.state import AppState
+from api.state import AppState, ModelLine
 from services.admission import Admitter, BatchAdmitter
 from services.api_keys import KeyRing
 from services.clients import REDIS_CONNECT_TIMEOUT_S, build_clients
@@ -47,6 +48,26 @@ def load_keys(settings: Settings) -> KeyRing | None:
     return keys
 
 
+def model_line(
+    model: str,
+    redis: Redis,
+    redis_async: aredis.Redis,
+    settings: Settings,
+    rate_limit: RateLimit | None,
+) -> ModelLine:
+    """``model``'s queues and admission scripts. One rate limit for all of them: a key's budget is its
+    own, whichever model it asks for."""
+    queue = generation_queue(redis, settings, model)
+    batches = batch_queue(redis, settings, model)
+    return ModelLine(
+        model=model,
+        queue=queue,
+        batch_queue=batches,
+        admitter=Admitter(redis_async, queue, settings, rate_limit),
+        batch_admitter=BatchAdmitter(redis_async, batches, settings, rate_limit),
+    )
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; ``settings`` defaults to the environment (tests pass their own)."""
 
@@ -65,8 +86,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             socket_timeout=READ_TIMEOUT_S,
             health_check_interval=30,
         )
-        queue = generation_queue(clients.redis, resolved)
-        batches = batch_queue(clients.redis, resolved)
         rate_limit = (
             RateLimit(resolved.rate_limit_per_minute, resolved.rate_limit_burst)
             if resolved.rate_limit_per_minute
@@ -76,12 +95,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings=resolved,
             clients=clients,
             redis_async=redis_async,
-            queue=queue,
+            lines={
+                model: model_line(model, clients.redis, redis_async, resolved, rate_limit)
+                for model in resolved.accepted_models
+            },
             webhook_queue=webhook_queue(clients.redis, resolved),
             keys=keys,
-            admitter=Admitter(redis_async, queue, resolved, rate_limit),
-            batch_queue=batches,
-            batch_admitter=BatchAdmitter(redis_async, batches, resolved, rate_limit),
             prompt_filter=prompt_filter,
         )
         try:
@@ -100,6 +119,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(generations_router)
     app.include_router(batches_router)
     app.include_router(openai_images.router)
+    app.include_router(models.router)
     app.include_router(files.router)
     app.include_router(health.router)
     app.include_router(playground_router)

@@ -26,15 +26,17 @@ from api.deps import StateDep
 from api.errors import PROBLEM_RESPONSES, ApiError, UnprocessableRequest, problem_responses
 from api.generations import service
 from api.generations.events import wait_until_finished
+from api.state import AppState
+from api.submissions import model_not_found
 from schemas.jobs import Job, JobError, JobStatus
 from schemas.openai_images import (
+    SERVED_MODEL_ALIAS,
     ImageData,
     ImageGenerationRequest,
     ImagesResponse,
     openai_field_errors,
-    served_model_names,
+    served_model_name,
 )
-from schemas.problems import FieldError
 from services.jobs import JobRecord
 from services.storage import Storage
 
@@ -54,15 +56,14 @@ _ERRORS[504]["description"] = (
 _ERRORS[504]["headers"] = {"Location": {"description": "The job's URL.", "schema": {"type": "string"}}}
 
 
-def _check_model(model: str | None, configured_model: str) -> None:
-    names = served_model_names(configured_model)
-    if model is not None and model not in names:
-        message = f"model {model!r} is not served here; use {' or '.join(map(repr, names))}, or omit it"
-        raise UnprocessableRequest(
-            message,
-            code="model_not_found",
-            errors=[FieldError(field="model", message=message, type="model_not_found")],
-        )
+def _served_model(state: AppState, model: str | None) -> str | None:
+    """The served model ``model`` names (None: the default); 422 ``model_not_found`` otherwise."""
+    if model is None:
+        return None
+    name = served_model_name(model, tuple(state.lines))
+    if name is None:
+        raise model_not_found(state, model, default_alias=SERVED_MODEL_ALIAS)
+    return name
 
 
 def _check_succeeded(job: Job, waited_s: float) -> None:
@@ -136,9 +137,9 @@ async def create_image(
     ``num_inference_steps``, ``guidance_scale`` (``extra_body`` in the SDK). Errors are problem details that
     also carry OpenAI's ``error`` object (``message``, ``type``, ``param``, ``code``), which the SDKs read.
     """
-    _check_model(body.model, state.settings.model)
+    model = _served_model(state, body.model)
     try:
-        generation = body.generation()
+        generation = body.generation(model)
     except ValidationError as exc:
         raise RequestValidationError(openai_field_errors(exc)) from None
     submission = await service.submit(state, principal, generation, idempotency_key)

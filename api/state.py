@@ -14,15 +14,27 @@ from services.content_safety import PromptFilter
 from services.settings import Settings
 
 
+@dataclass(frozen=True)
+class ModelLine:
+    """One served model's way in: its two queues and the admission scripts that push onto them."""
+
+    model: str
+    queue: Queue  # interactive jobs
+    batch_queue: Queue  # batch items: served only when the generation queue is empty
+    admitter: Admitter  # submissions: idempotency, queue ceiling, rate limit and enqueue in one script
+    batch_admitter: BatchAdmitter  # a batch and all of its items, or nothing, in one script
+
+
 @dataclass
 class AppState:
     settings: Settings
     clients: ServiceClients  # sync Redis, job store, storage: used from the threadpool
     redis_async: aredis.Redis  # submissions, reads and event streams: no thread held while Redis answers
-    queue: Queue
+    lines: dict[str, ModelLine]  # every accepted model (DARKROOM_MODEL_NAME/MODEL, DARKROOM_MODELS)
     webhook_queue: Queue
     keys: KeyRing | None  # None: authentication explicitly disabled (local development)
-    admitter: Admitter  # submissions: idempotency, queue ceiling, rate limit and enqueue in one script
-    batch_queue: Queue  # batch items: served only when the generation queue is empty
-    batch_admitter: BatchAdmitter  # a batch and all of its items, or nothing, in one script
     prompt_filter: PromptFilter = field(default_factory=PromptFilter)  # the blocklist (empty: off)
+
+    def line(self, model: str | None) -> ModelLine:
+        """The line of ``model`` (None: the default model's); KeyError for one not served here."""
+        return self.lines[model or self.settings.served_model]

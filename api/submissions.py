@@ -10,6 +10,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from api.errors import UnprocessableRequest
+from api.state import AppState, ModelLine
 from schemas.problems import FieldError
 from services.settings import Settings
 from services.ssrf import UnsafeURLError, vet_url
@@ -25,6 +26,27 @@ def scoped_idempotency_key(prefix: str, principal: str, key: str) -> str:
     """The Redis key for a client's Idempotency-Key, scoped to its API key: two clients may pick the same
     Idempotency-Key independently."""
     return prefix + hashlib.sha256(f"{principal}\x00{key}".encode()).hexdigest()
+
+
+def model_not_found(
+    state: AppState, model: str, field: str = "model", default_alias: str | None = None
+) -> UnprocessableRequest:
+    served = ", ".join(map(repr, state.lines))
+    alias = f", or {default_alias!r} for the default" if default_alias else ""
+    message = f"model {model!r} is not served here; served: {served}{alias} (GET /v1/models), or omit it"
+    return UnprocessableRequest(
+        message,
+        code="model_not_found",
+        errors=[FieldError(field=field, message=message, type="model_not_found")],
+    )
+
+
+def served_line(state: AppState, model: str | None, field: str = "model") -> ModelLine:
+    """The queues of the model a submission names (None: the default model); 422 for one not served."""
+    try:
+        return state.line(model)
+    except KeyError:
+        raise model_not_found(state, str(model), field) from None
 
 
 def _webhook_problem(code: str, message: str) -> UnprocessableRequest:

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 from bench.common import CpuMeter
 from bench.http_load import build_request, closed_loop, open_loop, run
 from bench.redis_cost import delta, snapshot
-from bench.stack import BenchStack
+from bench.stack import TINY_QUEUE, BenchStack
 
 SUBMISSION: dict[str, Any] = {
     "prompt": "a lighthouse at dusk, volumetric fog, 35mm photo",
@@ -64,7 +64,7 @@ def measure_submissions(
     )
     used = meter.stop()
     after = snapshot(redis_client)
-    queued = int(redis_client.llen("rq:queue:darkroom"))
+    queued = int(redis_client.llen(TINY_QUEUE))
     redis_client.close()
     accepted = result.statuses.get(202, 0)
     report = result.report()
@@ -87,8 +87,8 @@ def measure_submissions(
 def trim_queue(stack: BenchStack, keep: int) -> list[str]:
     """Keep the first ``keep`` queued jobs (a bounded backlog); returns their ids, in queue order."""
     client = stack.redis()
-    client.ltrim("rq:queue:darkroom", 0, keep - 1)
-    members: list[bytes] = client.lrange("rq:queue:darkroom", 0, -1)  # type: ignore[assignment]
+    client.ltrim(TINY_QUEUE, 0, keep - 1)
+    members: list[bytes] = client.lrange(TINY_QUEUE, 0, -1)  # type: ignore[assignment]
     ids = [member.decode() for member in members]
     client.close()
     return ids

@@ -33,6 +33,9 @@ from services.redis_server import RedisServer
 START_TIMEOUT_S = 180.0
 API_KEYS = 8  # clients of the benchmark rotate over this many keys (each request checks the key ring)
 STOP_TIMEOUT_S = 30.0
+#: The tiny model's interactive queue and RQ's set of workers listening on it (DARKROOM_MODEL=tiny).
+TINY_QUEUE = "rq:queue:darkroom:tiny"
+TINY_WORKERS = "rq:workers:darkroom:tiny"
 BENCH_WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"darkroom-bench-webhook-secret-32").decode()
 
 
@@ -210,7 +213,7 @@ class BenchStack:
                     api_ready = httpx.get(f"{self.api_url}/readyz", timeout=2).status_code == 200
                 except httpx.HTTPError:
                     api_ready = False
-                worker_ready = not self.with_worker or bool(connection.smembers("rq:workers:darkroom"))
+                worker_ready = not self.with_worker or bool(connection.smembers(TINY_WORKERS))
                 if api_ready and worker_ready:
                     time.sleep(0.5 if self.api_workers > 1 else 0)  # let every uvicorn worker finish startup
                     return

@@ -207,6 +207,7 @@ class BatchWebhookStatus(BaseModel):
 
 class Batch(BaseModel):
     id: str
+    model: str | None = Field(None, description="The model every item is drawn by.")
     status: BatchStatus
     created_at: datetime
     completed_at: datetime | None = None

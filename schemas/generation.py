@@ -22,6 +22,7 @@ from pydantic import (
 )
 
 from schemas.images import vet_base64_image
+from schemas.models import MODEL_NAME_PATTERN
 from schemas.sizes import (
     ASPECT_RATIO_SIZES,
     DEFAULT_ASPECT_RATIO,
@@ -138,6 +139,11 @@ class GenerationRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
 
+    model: str | None = Field(
+        None,
+        pattern=MODEL_NAME_PATTERN,
+        description="Which served model draws it (GET /v1/models lists them); default: the server's default.",
+    )
     prompt: str = Field(
         min_length=1, max_length=MAX_PROMPT_CHARS, description="What to draw. Must contain non-blank text."
     )
@@ -363,8 +369,9 @@ class GenerationRequest(BaseModel):
             return fit_size(image.width, image.height)
         return ASPECT_RATIO_SIZES[self.aspect_ratio or DEFAULT_ASPECT_RATIO]
 
-    def normalized(self, seed: int | None = None) -> GenerationRequest:
-        """A copy with every server-side default made explicit: the seed actually used and the exact size.
+    def normalized(self, seed: int | None = None, model: str | None = None) -> GenerationRequest:
+        """A copy with every server-side default made explicit: the seed actually used, the exact size and
+        (given ``model``, the server's default) the model that draws it.
 
         This is what a job stores and returns, so a client can replay it and get the same images.
         """
@@ -379,6 +386,8 @@ class GenerationRequest(BaseModel):
             "height": height,
             "aspect_ratio": None,
         }
+        if self.model is None and model is not None:
+            updates["model"] = model
         if self.is_image_to_image and self.strength is None:
             updates["strength"] = 0.6
         if self.output_format is not OutputFormat.PNG and self.output_quality is None:

@@ -15,6 +15,7 @@ nothing new.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from annotated_types import Ge, Le
@@ -26,7 +27,7 @@ from schemas.problems import Problem
 from schemas.sizes import MAX_MEGAPIXELS, MAX_SIDE, MIN_MEGAPIXELS, MIN_SIDE, SIZE_MULTIPLE, size_problem
 
 SERVED_MODEL_ALIAS = "sd3.5-medium"
-"""Accepted as ``model`` whatever ``DARKROOM_MODEL`` is (which is accepted as well)."""
+"""Accepted as ``model`` for the server's default model, beside every served model's own name."""
 
 #: OpenAI's own sizes that SD3.5-Medium can draw as they are (256x256, at 0.07 MP, is too small for it).
 STANDARD_SIZES = ("1024x1024", "1536x1024", "1024x1536", "1792x1024", "1024x1792", "512x512")
@@ -77,7 +78,8 @@ class ImageGenerationRequest(BaseModel):
     model: str | None = Field(
         None,
         max_length=512,
-        description=f"'{SERVED_MODEL_ALIAS}' or the server's DARKROOM_MODEL; default: it.",
+        description=f"A served model (GET /v1/models) or '{SERVED_MODEL_ALIAS}' for the default one; "
+        "default: the default one.",
     )
     n: int | None = Field(None, **_limits("num_images"), description="Number of images (default 1).")
     size: str | None = Field(
@@ -212,7 +214,7 @@ class ImageGenerationRequest(BaseModel):
         match = _SIZE.fullmatch(self.size or "")
         return (int(match.group(1)), int(match.group(2))) if match else None
 
-    def generation(self) -> CreateGeneration:
+    def generation(self, model: str | None = None) -> CreateGeneration:
         """The equivalent ``POST /v1/generations`` body; only what the client chose is set, so defaults
         (and Idempotency-Key fingerprints) are the same as for a native request.
 
@@ -220,6 +222,8 @@ class ImageGenerationRequest(BaseModel):
         a negative prompt without guidance); :func:`openai_field_errors` renames its fields.
         """
         values: dict[str, Any] = {"prompt": self.prompt}
+        if model is not None:
+            values["model"] = model
         if self.n is not None:
             values["num_images"] = self.n
         if (dimensions := self.dimensions()) is not None:
@@ -247,9 +251,12 @@ def openai_field_errors(exc: ValidationError) -> list[dict[str, Any]]:
     return errors
 
 
-def served_model_names(configured_model: str) -> tuple[str, ...]:
-    """What ``model`` may be: our alias and the configured model (hub id, folder or ``tiny``)."""
-    return tuple(dict.fromkeys((SERVED_MODEL_ALIAS, configured_model)))
+def served_model_name(model: str, served: Sequence[str]) -> str | None:
+    """The served model an OpenAI ``model`` names — one of ``served`` (the default first), or our alias
+    for the default — or None when it names none of them."""
+    if model in served:
+        return model
+    return served[0] if model == SERVED_MODEL_ALIAS and served else None
 
 
 # --- responses ------------------------------------------------------------------------------------------

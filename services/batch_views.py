@@ -52,6 +52,7 @@ def render_batch(
         )
     return Batch(
         id=record.id,
+        model=record.model,
         status=batch_status(record, statuses),
         created_at=record.created_at,
         completed_at=record.completed_at,

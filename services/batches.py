@@ -64,10 +64,12 @@ class BatchRecord:
     cancel_requested: bool = False
     completed_at: datetime | None = None
     done: int = 0
+    model: str | None = None  # every item's model (one per batch); None only in pre-routing records
 
     def creation_fields(self) -> dict[str, str]:
         return encode_fields(
             {
+                **({"model": self.model} if self.model else {}),
                 "owner": self.owner,
                 "created_at": self.created_at,
                 "total": self.total,
@@ -90,6 +92,7 @@ class BatchRecord:
             cancel_requested=data.get("cancel_requested") == "1",
             completed_at=datetime.fromisoformat(data["completed_at"]) if data.get("completed_at") else None,
             done=int(data.get("done") or 0),
+            model=data.get("model") or None,
         )
 
 

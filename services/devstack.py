@@ -25,7 +25,9 @@ from types import FrameType
 
 import httpx
 
+from services.fleet import presence_key
 from services.redis_server import RedisServer
+from services.settings import DEFAULT_MODEL, Settings
 
 EXIT_MODEL_UNAVAILABLE = 3  # worker/__main__.py's exit code for "the model cannot be loaded"
 STOP_TIMEOUT_S = 30.0
@@ -83,6 +85,17 @@ class DevStack:
         self.processes[name] = subprocess.Popen([sys.executable, *args], env=env)
         self._write_pids()
 
+    def spawn_api(self) -> None:
+        args = ["-m", "uvicorn", "api.main:app", "--host", self.host, "--port", str(self.port)]
+        self.spawn("api", args, self.env)
+
+    def served_model(self) -> str:
+        """The model name the worker serves and the API defaults to (both run with ``self.env``)."""
+        return Settings(
+            model=self.env.get("DARKROOM_MODEL", DEFAULT_MODEL),
+            model_name=self.env.get("DARKROOM_MODEL_NAME"),
+        ).served_model
+
     def _write_pids(self) -> None:
         pids = {name: process.pid for name, process in self.processes.items() if process.poll() is None}
         if self.redis is not None and self.redis.is_running():
@@ -95,9 +108,7 @@ class DevStack:
         _say(f"redis on {self.redis.url} (data in {self.redis.data_dir})")
         env = self.environment(self.redis.url)
         self.env = env
-        self.spawn(
-            "api", ["-m", "uvicorn", "api.main:app", "--host", self.host, "--port", str(self.port)], env
-        )
+        self.spawn_api()
         self.spawn("webhooks", ["-m", "services.webhooks"], env)
         self.spawn("worker", ["-m", "worker"], env)
         model = env.get("DARKROOM_MODEL", "stabilityai/stable-diffusion-3.5-medium")
@@ -121,7 +132,13 @@ class DevStack:
                     )
                     _say("  then `huggingface-cli login` (or export HF_TOKEN) and run `make run` again.")
                     print(BANNER, file=sys.stderr, flush=True)
+                    # The API restarts too: its default model (and so the queue it fills) is the worker's.
                     self.env = {**self.env, "DARKROOM_MODEL": "tiny"}
+                    self.env.pop("DARKROOM_MODEL_NAME", None)
+                    api = self.processes["api"]
+                    api.send_signal(signal.SIGTERM)
+                    api.wait(timeout=STOP_TIMEOUT_S)
+                    self.spawn_api()
                     self.spawn("worker", ["-m", "worker"], self.env)
                     continue
                 _say(f"{name} exited with code {code}; stopping everything")
@@ -147,8 +164,10 @@ class DevStack:
         import redis
 
         connection = redis.Redis.from_url(self.redis.url)
-        try:
-            return api_ready and bool(connection.smembers("rq:workers:darkroom"))
+        try:  # a worker has loaded the model and announced itself (services/fleet.py)
+            return api_ready and bool(
+                connection.zcount(presence_key(self.served_model()), time.time(), "+inf")
+            )
         finally:
             connection.close()
 

@@ -49,9 +49,11 @@ IMAGES_FILTERED = Counter(
     "darkroom_generation_images_filtered_total",
     "Images the content classifier withheld (reported as content_filtered, never stored).",
 )
-QUEUE_DEPTH = Gauge("darkroom_queue_depth", "Jobs waiting in the queue.", ["queue"])
-JOBS_RUNNING = Gauge("darkroom_generation_jobs_running", "Jobs running in this worker process.")
-WORKER_READY = Gauge("darkroom_worker_ready", "1 once this worker's model is loaded and warm.")
+# ``model``: the served model a queue or worker belongs to ("" for the webhook queue), so each model's
+# workers scale on their own backlog (deploy/k8s/base/worker-scaledobject.yaml).
+QUEUE_DEPTH = Gauge("darkroom_queue_depth", "Jobs waiting in the queue.", ["queue", "model"])
+JOBS_RUNNING = Gauge("darkroom_generation_jobs_running", "Jobs running in this worker process.", ["model"])
+WORKER_READY = Gauge("darkroom_worker_ready", "1 once this worker's model is loaded and warm.", ["model"])
 WEBHOOK_ATTEMPTS = Counter(
     "darkroom_webhook_attempts_total",
     "Webhook delivery attempts, by outcome (delivered, retry, failed, gone).",

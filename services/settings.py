@@ -17,8 +17,11 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from schemas.models import MODEL_NAME_PATTERN
+
 DEFAULT_MODEL = "stabilityai/stable-diffusion-3.5-medium"
 TINY_MODEL = "tiny"
+_MODEL_NAME = re.compile(MODEL_NAME_PATTERN)
 #: A LoRA name in DARKROOM_LORAS (and in requests: schemas.generation.LORA_NAME_PATTERN).
 _LORA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -37,6 +40,18 @@ class Settings(BaseSettings):
     model: str = Field(
         DEFAULT_MODEL,
         description="Hub id, a local folder in diffusers layout, or 'tiny' (offline random test model).",
+    )
+    model_name: str | None = Field(
+        None,
+        pattern=MODEL_NAME_PATTERN,
+        description="The name the model is served under: requests' `model`, its queues, GET /v1/models. "
+        "Default: DARKROOM_MODEL (for a local folder, the folder's name). On the API: the default model.",
+    )
+    models: Annotated[tuple[str, ...], NoDecode] = Field(
+        (),
+        description="API only: further models the fleet serves (comma-separated names), accepted in "
+        "requests' `model` beside the default; each is served by workers whose DARKROOM_MODEL_NAME (or "
+        "DARKROOM_MODEL) is that name.",
     )
     device: str = Field("auto", description="'auto' (CUDA if present, else CPU), or a torch device string.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
@@ -101,11 +116,16 @@ class Settings(BaseSettings):
 
     # --- queue and job records ---------------------------------------------------------------------------
     redis_url: str = "redis://127.0.0.1:6379/0"
-    queue_name: str = "darkroom"
+    queue_name: str = Field(
+        "darkroom",
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="Prefix of each model's queue ('<prefix>:<model>').",
+    )
     webhook_queue_name: str = "darkroom-webhooks"
     batch_queue_name: str = Field(
         "darkroom-batch",
-        description="Queue of batch items; GPU workers serve it only when the main is empty.",
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="Prefix of each model's batch-item queue; its workers serve it when the main is empty.",
     )
     job_timeout: timedelta = Field(timedelta(minutes=10), description="Longest a generation job may run.")
     result_ttl: timedelta = Field(timedelta(days=1), description="How long RQ keeps a finished job.")
@@ -233,6 +253,42 @@ class Settings(BaseSettings):
         if self.lost_after < 3 * self.heartbeat_interval:
             raise ValueError("DARKROOM_LOST_AFTER must be at least 3x DARKROOM_HEARTBEAT_INTERVAL")
         return self
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _model_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = tuple(name.strip() for name in re.split(r"[,\n]", value) if name.strip())
+        if isinstance(value, list | tuple):
+            for name in value:
+                if not isinstance(name, str) or not _MODEL_NAME.match(name):
+                    raise ValueError(
+                        f"model name {name!r}: letters, digits, '.', '_', '-', '/' (at most 128)"
+                    )
+        return value
+
+    @model_validator(mode="after")
+    def _served_model_has_a_name(self) -> Settings:
+        if not _MODEL_NAME.match(self.served_model):
+            raise ValueError(
+                f"DARKROOM_MODEL={self.model!r} gives no usable model name ({self.served_model!r}): "
+                "set DARKROOM_MODEL_NAME (letters, digits, '.', '_', '-', '/')"
+            )
+        return self
+
+    @property
+    def served_model(self) -> str:
+        """The name of the model this process serves (worker) or defaults to (API)."""
+        if self.model_name:
+            return self.model_name
+        if self.model.startswith(("/", ".", "~")):  # a local folder: its own name, not its path
+            return Path(self.model).expanduser().resolve().name
+        return self.model
+
+    @property
+    def accepted_models(self) -> tuple[str, ...]:
+        """Every model requests may name, the default first."""
+        return tuple(dict.fromkeys((self.served_model, *self.models)))
 
     @field_validator("loras", mode="before")
     @classmethod

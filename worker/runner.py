@@ -69,6 +69,8 @@ class WorkerContext:
     batch_queue: Queue | None = None
     #: ``DARKROOM_IMAGE_CLASSIFIER``, loaded: judges every image before it is stored (None: all pass).
     image_classifier: ImageClassifier | None = None
+    #: The served model's name (``Settings.served_model``): the ``model`` label of this worker's metrics.
+    model: str = ""
     _held: set[str] = field(default_factory=set, repr=False)
     _held_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -201,12 +203,12 @@ def execute_generation(ctx: WorkerContext, job_id: str) -> str:
     partners = _take_partners(ctx, record)
     if partners:
         return _run_batch(ctx, [record, *partners])[job_id]
-    metrics.JOBS_RUNNING.inc()
+    metrics.JOBS_RUNNING.labels(ctx.model).inc()
     clock = time.perf_counter()
     try:
         status, fields = _generate_and_store(ctx, record)
     finally:
-        metrics.JOBS_RUNNING.dec()
+        metrics.JOBS_RUNNING.labels(ctx.model).dec()
     return _finish(ctx, record, status, fields, clock)
 
 
@@ -352,7 +354,7 @@ def _run_batch(ctx: WorkerContext, records: list[JobRecord]) -> dict[str, str]:
 
         return on_canceled
 
-    metrics.JOBS_RUNNING.inc(len(records))
+    metrics.JOBS_RUNNING.labels(ctx.model).inc(len(records))
     try:
         outcomes: list[GenerationResult | Exception]
         try:
@@ -382,7 +384,7 @@ def _run_batch(ctx: WorkerContext, records: list[JobRecord]) -> dict[str, str]:
             status, fields = pending[record.id]
             done[record.id] = _finish(ctx, record, status, fields, clock)
     finally:
-        metrics.JOBS_RUNNING.dec(len(records))
+        metrics.JOBS_RUNNING.labels(ctx.model).dec(len(records))
     leader, queue = records[0].id, partner_queue(ctx, records[0])
     assert queue is not None  # partners come from it
     for record in records[1:]:  # RQ ran only the leader; the others' RQ jobs end here

@@ -32,6 +32,7 @@ from rq.serializers import JSONSerializer
 from services import metrics
 from services.clients import REDIS_UNAVAILABLE, build_clients, make_redis
 from services.content_safety import load_classifier
+from services.fleet import Presence
 from services.jobs import job_key, utcnow
 from services.queue import batch_queue, generation_queue, webhook_queue
 from services.recovery import Recovered, recover_lost_jobs, release_interrupted_job
@@ -196,9 +197,11 @@ def run_worker(settings: Settings, *, burst: bool = False) -> int:
         generation_queue=generation_queue(clients.redis, settings),
         batch_queue=batch_queue(clients.redis, settings),
         image_classifier=classifier,
+        model=settings.served_model,
     )
     tasks.install_context(context)
-    metrics.WORKER_READY.set(1)
+    metrics.JOBS_RUNNING.labels(settings.served_model).set(0)  # the series exists before the first job
+    metrics.WORKER_READY.labels(settings.served_model).set(1)
     ready_file = Path(settings.ready_file) if settings.ready_file else None
     if ready_file is not None:
         ready_file.write_text(name)
@@ -228,12 +231,28 @@ def run_worker(settings: Settings, *, burst: bool = False) -> int:
     recovery = RecoveryLoop(clients.store, worker.queues[0], settings)
     recovery.run_once()  # before the first job: pick up what a previous incarnation of us left running
     recovery.start()
-    log.info("worker ready", model=settings.model, source=model.source, device=str(model.device), name=name)
+    presence = Presence(
+        clients.redis,
+        settings.served_model,
+        name,
+        interval_s=settings.heartbeat_interval.total_seconds(),
+        ttl_s=settings.lost_after.total_seconds(),
+    )
+    presence.start()
+    log.info(
+        "worker ready",
+        model=settings.served_model,
+        queues=[queue.name for queue in worker.queues],
+        source=model.source,
+        device=str(model.device),
+        name=name,
+    )
     try:
         worker.work(burst=burst, logging_level="INFO", with_scheduler=False)
     finally:
+        presence.stop()
         recovery.stop()
-        metrics.WORKER_READY.set(0)
+        metrics.WORKER_READY.labels(settings.served_model).set(0)
         if ready_file is not None:
             ready_file.unlink(missing_ok=True)
         tasks.install_context(None)

@@ -23,10 +23,11 @@ from fastapi.concurrency import run_in_threadpool
 
 from api.errors import ApiError, Conflict, NotFound, ServiceUnavailable, UnprocessableRequest
 from api.generations.service import check_loras, check_prompt
-from api.state import AppState
-from api.submissions import fingerprint, scoped_idempotency_key, vetted_webhook
+from api.state import AppState, ModelLine
+from api.submissions import fingerprint, scoped_idempotency_key, served_line, vetted_webhook
 from schemas.batches import DEFAULT_PAGE, ITEM_SUBSCRIPTIONS, Batch, BatchItem, CreateBatch
 from schemas.jobs import JobStatus
+from schemas.problems import FieldError
 from services import metrics
 from services.admission import BatchClaim
 from services.batch_views import render_batch, render_item
@@ -39,6 +40,7 @@ from services.batches import (
     new_batch_id,
 )
 from services.jobs import JobRecord, decode_deliveries, job_key, new_job_id, utcnow
+from services.queue import batch_queue
 from services.rate_limit import retry_after_s
 from services.webhooks.events import schedule_batch_event, schedule_webhook_event
 
@@ -62,8 +64,35 @@ def _claim(state: AppState, principal: str, key: str, body: CreateBatch, batch_i
     )
 
 
+def _batch_line(state: AppState, body: CreateBatch) -> ModelLine:
+    """The one model every item is drawn by: items may name it or not, but not two different ones
+    (one queue per model, and one batch is one admission onto one of them)."""
+    if body.template is not None:
+        return served_line(state, body.template.model, "template.model")
+    named = [(index, item.model) for index, item in enumerate(body.requests or []) if item.model]
+    line = served_line(
+        state, named[0][1] if named else None, f"requests.{named[0][0]}.model" if named else "model"
+    )
+    for index, model in named:
+        if model != line.model:
+            message = (
+                f"a batch is drawn by one model: item {named[0][0]} names {line.model!r}, "
+                f"item {index} {model!r} (submit a batch per model)"
+            )
+            raise UnprocessableRequest(
+                message,
+                code="mixed_models",
+                errors=[FieldError(field=f"requests.{index}.model", message=message, type="mixed_models")],
+            )
+    return line
+
+
 def _records(
-    state: AppState, principal: str, body: CreateBatch, webhook: dict[str, Any] | None
+    state: AppState,
+    principal: str,
+    body: CreateBatch,
+    webhook: dict[str, Any] | None,
+    model: str,
 ) -> tuple[BatchRecord, list[JobRecord]]:
     created_at = utcnow()
     batch = BatchRecord(
@@ -73,6 +102,7 @@ def _records(
         total=0,
         retention_s=max(1, int(state.settings.job_retention.total_seconds())),
         webhook=webhook,
+        model=model,
     )
     item_events = body.item_webhook_events()
     item_webhook = {"url": webhook["url"], "events": item_events} if webhook and item_events else None
@@ -81,7 +111,7 @@ def _records(
             id=new_job_id(),
             status=JobStatus.QUEUED,
             created_at=created_at,
-            request=request.normalized().model_dump(mode="json", exclude={"init_image"}),
+            request=request.normalized(model=model).model_dump(mode="json", exclude={"init_image"}),
             webhook=item_webhook,
             owner=principal,
             batch_id=batch.id,
@@ -113,15 +143,16 @@ def _check_prompts(state: AppState, body: CreateBatch) -> None:
 async def submit(
     state: AppState, principal: str, body: CreateBatch, idempotency_key: str | None
 ) -> BatchSubmission:
-    _check_prompts(state, body)  # before anything is stored, claimed or queued
+    line = _batch_line(state, body)  # before anything is stored, claimed or queued
+    _check_prompts(state, body)
     webhook = None
     if body.webhook_url is not None:  # the SSRF check resolves the host: off the event loop
         webhook = await run_in_threadpool(
             vetted_webhook, state.settings, body.webhook_url, body.webhook_events
         )
-    batch, items = _records(state, principal, body, webhook)
+    batch, items = _records(state, principal, body, webhook, line.model)
     claim = _claim(state, principal, idempotency_key, body, batch.id) if idempotency_key else None
-    admission = await state.batch_admitter.admit(batch, items, principal, claim)
+    admission = await line.batch_admitter.admit(batch, items, principal, claim)
     if admission.outcome == "replay":
         existing = cast(dict[str, Any], admission.existing)
         if claim is None or existing.get("fingerprint") != claim.fingerprint:
@@ -236,9 +267,10 @@ def _cancel(state: AppState, batch_id: str) -> None:
             status = done.previous.value if done.previous else None
         if status == JobStatus.RUNNING.value:
             store.request_cancel(job_id)  # the worker stops it at the next denoising step
+    queue = batch_queue(redis, state.settings, record.model if record else None)
     with redis.pipeline(transaction=False) as pipe:
         for job_id in canceled:
-            pipe.lrem(state.batch_queue.key, 1, job_id)
+            pipe.lrem(queue.key, 1, job_id)
         pipe.execute()
     log.info("batch canceled", batch_id=batch_id, canceled_queued=len(canceled))
 

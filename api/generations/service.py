@@ -17,7 +17,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from api.errors import ApiError, Conflict, NotFound, ServiceUnavailable, UnprocessableRequest
 from api.state import AppState
-from api.submissions import fingerprint, scoped_idempotency_key, vetted_webhook
+from api.submissions import fingerprint, scoped_idempotency_key, served_line, vetted_webhook
 from schemas.generation import GenerationRequest
 from schemas.images import vet_base64_image
 from schemas.jobs import CreateGeneration, Job, JobStatus
@@ -26,7 +26,7 @@ from services import metrics
 from services.admission import IdempotencyClaim
 from services.job_views import render_job
 from services.jobs import JobRecord, decode_deliveries, job_key, new_job_id, utcnow, webhooks_key
-from services.queue import remove_from_queue
+from services.queue import job_queue, remove_from_queue
 from services.rate_limit import retry_after_s
 from services.storage import StorageError, init_image_key, mask_image_key
 from services.webhooks.events import schedule_batch_event, schedule_webhook_event
@@ -113,7 +113,8 @@ def check_loras(state: AppState, request: GenerationRequest) -> None:
 async def submit(
     state: AppState, principal: str, body: CreateGeneration, idempotency_key: str | None
 ) -> Submission:
-    check_prompt(state, body)  # before anything is stored, claimed or queued
+    line = served_line(state, body.model)  # before anything is stored, claimed or queued
+    check_prompt(state, body)
     check_loras(state, body)
     webhook = None
     if body.webhook_url is not None:  # the SSRF check resolves the host: off the event loop
@@ -124,7 +125,7 @@ async def submit(
     claim = None
     if idempotency_key is not None:
         claim = _idempotency_claim(state, principal, idempotency_key, body, job_id)
-    request = body.generation_request().normalized()
+    request = body.generation_request().normalized(model=line.model)
     created_at = utcnow()
     init_key = mask_key = None
     if request.init_image is not None:
@@ -149,7 +150,7 @@ async def submit(
         owner=principal,
     )
     try:
-        admission = await state.admitter.admit(record, principal, claim)
+        admission = await line.admitter.admit(record, principal, claim)
     except BaseException:
         if init_key is not None:
             await run_in_threadpool(_forget_init_image, state, init_key, mask_key)
@@ -226,7 +227,7 @@ async def view(state: AppState, principal: str, job_id: str) -> Job:
     record = _owned(record, principal, job_id)
     position = None
     if record.status is JobStatus.QUEUED:
-        queue = state.batch_queue if record.batch_id else state.queue  # batch items wait on their own
+        queue = job_queue(state.clients.redis, state.settings, record)
         index = cast(int | None, await state.redis_async.lpos(queue.key, job_id))
         position = None if index is None else index + 1
     return render_job(
@@ -256,7 +257,7 @@ def _cancel(state: AppState, job_id: str) -> None:
             },
         )
         if done.applied:
-            queue = state.batch_queue if record.batch_id else state.queue
+            queue = job_queue(state.clients.redis, state.settings, record)
             remove_from_queue(state.clients.redis, queue, job_id)
             store.touch_terminal(job_id)
             metrics.JOBS.labels(JobStatus.CANCELED.value).inc()

@@ -19,7 +19,7 @@ from standardwebhooks.webhooks import Webhook
 
 from api.main import create_app
 from services.api_keys import hash_key, new_key
-from services.settings import Settings
+from services.settings import DEFAULT_MODEL, Settings
 from tests.api import serve
 from tests.fixtures.http_receiver import HttpReceiver
 from tests.fixtures.stack import ONE_THREAD, TEST_WEBHOOK_SECRET, Stack, start_stack
@@ -233,8 +233,8 @@ def test_a_batch_is_admitted_whole_or_not_at_all(api: str, redis_url: str) -> No
         full = alice.post("/v1/batches", json={"template": ITEM, "count": 2})
         assert full.status_code == 503 and full.json()["code"] == "queue_full"
         assert "retry-after" in full.headers
-        assert connection.llen("rq:queue:darkroom-batch") == 4
-        assert connection.llen("rq:queue:darkroom") == 0  # interactive jobs have their own queue
+        assert connection.llen(f"rq:queue:darkroom-batch:{DEFAULT_MODEL}") == 4  # the default model's
+        assert connection.llen(f"rq:queue:darkroom:{DEFAULT_MODEL}") == 0  # interactive jobs: their own
         assert alice.post("/v1/batches", json={"template": ITEM, "count": 1}).status_code == 202
     connection.close()
 

@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from services.jobs import job_key
-from tests.fixtures.stack import ONE_THREAD, Stack, start_stack
+from tests.fixtures.stack import ONE_THREAD, TINY_QUEUE, Stack, start_stack
 
 SMALL: dict[str, Any] = {"width": 512, "height": 512, "num_inference_steps": 2}
 BLOCKLIST = "nsfw, x rated, re:g[o0]re+"
@@ -109,7 +109,7 @@ def test_a_blocked_prompt_is_refused_and_nothing_is_queued(
     ]
     assert "nsfw" not in answer.text.lower() and "rated" not in answer.text.lower()  # the term is not echoed
     assert job_count(stack) == before
-    assert stack.redis().llen("rq:queue:darkroom") == 0
+    assert stack.redis().llen(TINY_QUEUE) == 0
 
 
 def test_an_allowed_prompt_runs_and_a_negative_prompt_may_name_blocked_terms(stack: Stack) -> None:

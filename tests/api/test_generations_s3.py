@@ -95,7 +95,8 @@ def test_the_worker_exports_its_own_metrics(s3_stack: Stack) -> None:
     assert 'darkroom_generation_jobs_total{outcome="succeeded"}' in text
     assert "darkroom_generation_step_seconds_bucket" in text
     assert "darkroom_generation_queue_wait_seconds_count" in text
-    assert "darkroom_worker_ready 1.0" in text
+    assert 'darkroom_worker_ready{model="tiny"} 1.0' in text
+    assert 'darkroom_generation_jobs_running{model="tiny"} 0.0' in text
 
 
 # Last in the module: it stops the module's worker.

@@ -13,6 +13,7 @@ from PIL import Image
 
 from api.main import create_app
 from services.net import free_port
+from services.queue import generation_queue
 from services.settings import Settings
 from tests.api import serve
 from tests.fixtures.s3 import FAKE_AWS_ENV
@@ -60,5 +61,5 @@ def test_an_unreachable_object_store_during_an_init_image_upload_is_a_503_and_qu
     assert refused.status_code == 503, refused.text
     assert refused.headers["content-type"].startswith("application/problem+json")
     assert refused.json()["code"] == "storage_unavailable" and int(refused.headers["retry-after"]) >= 1
-    assert redis_client.llen(f"rq:queue:{settings.queue_name}") == 0
+    assert redis_client.llen(generation_queue(redis_client, settings).key) == 0
     assert not list(redis_client.scan_iter("darkroom:job:*"))

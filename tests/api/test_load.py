@@ -35,7 +35,7 @@ from schemas.problems import PROBLEM_CONTENT_TYPE
 from services.jobs import events_key, job_key
 from services.settings import Settings
 from tests.api import serve
-from tests.fixtures.stack import ROOT, Stack, start_stack
+from tests.fixtures.stack import ROOT, TINY_QUEUE, TINY_WORKERS, Stack, start_stack
 
 # The least work a valid request can ask for: the smallest area, one step, no classifier-free guidance (one
 # transformer pass instead of two), the shortest T5 sequence, and a JPEG (encodes ~40x faster than PNG).
@@ -85,7 +85,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Ite
 def wait_for_workers(stack: Stack, count: int) -> None:
     deadline = time.monotonic() + WORKERS_READY_S
     with stack.redis() as connection:
-        while int(connection.scard("rq:workers:darkroom")) < count:
+        while int(connection.scard(TINY_WORKERS)) < count:
             for name, process in stack.processes.items():
                 assert process.poll() is None, f"{name} exited:\n{stack.logs(name)}"
             assert time.monotonic() < deadline, f"fewer than {count} workers after {WORKERS_READY_S}s"
@@ -200,7 +200,7 @@ def assert_exactly_one_terminal_state_each(connection: redis.Redis, job_ids: lis
         ]
         assert terminal == [status.decode()], (job_id, status, terminal)
         outcomes[status.decode()] += 1
-    assert connection.llen("rq:queue:darkroom") == 0
+    assert connection.llen(TINY_QUEUE) == 0
     assert connection.scard("darkroom:jobs:running") == 0
     return outcomes
 

@@ -23,7 +23,8 @@ from PIL import Image
 
 from api.main import create_app
 from services.api_keys import hash_key, new_key
-from services.settings import Settings
+from services.queue import generation_queue_name
+from services.settings import DEFAULT_MODEL, Settings
 from tests.api import serve
 from tests.fixtures.stack import ONE_THREAD, Stack, start_stack
 
@@ -184,7 +185,9 @@ def idle_api(redis_url: str, tmp_path: Path) -> Iterator[str]:
 
 def queued_jobs(redis_url: str) -> list[str]:
     with redis.Redis.from_url(redis_url) as connection:
-        return [job_id.decode() for job_id in connection.lrange("rq:queue:darkroom", 0, -1)]
+        # The in-process API serves the default model: its queue is that model's.
+        queue = generation_queue_name(Settings(model=DEFAULT_MODEL))
+        return [job_id.decode() for job_id in connection.lrange(f"rq:queue:{queue}", 0, -1)]
 
 
 def test_a_job_not_done_in_time_is_a_504_naming_it_and_the_sdk_does_not_resubmit(

@@ -346,13 +346,16 @@ def test_scaled_object_counts_queued_and_running_jobs(rendered: Rendered) -> Non
     assert problems(query) == [], problems(query)
     names = {s.name for s in selectors(query)}
     assert names == {"darkroom_queue_depth", "darkroom_generation_jobs_running"}
-    queue_selector = next(s for s in selectors(query) if s.name == "darkroom_queue_depth")
-    assert ("queue", "=", Settings().queue_name) in queue_selector.matchers
+    # Both sides count only the workers' own model (the configmap's DARKROOM_MODEL): with a deployment
+    # per model, each scales on its own backlog.
+    for selector in selectors(query):
+        assert ("model", "=", Settings().served_model) in selector.matchers, selector
     # Empty results read as 0 in KEDA: with no worker (scaled to zero) the running-jobs sum would be empty
     # and so would the whole sum, unless each side falls back to 0.
     assert query.count("or vector(0)") == 2, query
-    # All API replicas report the same queue length: never sum it over them.
-    assert "max(darkroom_queue_depth" in query.replace(" ", "")
+    # All API replicas report the same queue lengths: one per queue (interactive and batch), never their
+    # sum over replicas.
+    assert "sum(maxby(queue)(darkroom_queue_depth" in query.replace(" ", "")
     namespace = scaled["metadata"].get("namespace")
     if namespace:
         for selector in selectors(query):

@@ -14,7 +14,7 @@ from schemas.openai_images import (
     ImageGenerationRequest,
     openai_error,
     openai_field_errors,
-    served_model_names,
+    served_model_name,
 )
 from schemas.problems import FieldError, Problem
 from schemas.sizes import size_problem
@@ -149,12 +149,14 @@ def test_generation_errors_are_reported_under_the_openai_field_names() -> None:
     assert all("input" not in e for e in openai_field_errors(caught.value))
 
 
-def test_the_served_model_is_our_alias_or_the_configured_one() -> None:
-    assert served_model_names("stabilityai/stable-diffusion-3.5-medium") == (
-        "sd3.5-medium",
-        "stabilityai/stable-diffusion-3.5-medium",
-    )
-    assert served_model_names("sd3.5-medium") == ("sd3.5-medium",)
+def test_a_model_is_a_served_one_or_our_alias_for_the_default() -> None:
+    served = ("stabilityai/stable-diffusion-3.5-medium", "sd3.5-large")
+    assert served_model_name("sd3.5-large", served) == "sd3.5-large"
+    assert served_model_name("sd3.5-medium", served) == "stabilityai/stable-diffusion-3.5-medium"
+    assert served_model_name("stabilityai/stable-diffusion-3.5-medium", served) == served[0]
+    assert served_model_name("dall-e-3", served) is None
+    # A served model that happens to be called like the alias is itself, not the default.
+    assert served_model_name("sd3.5-medium", ("tiny", "sd3.5-medium")) == "sd3.5-medium"
 
 
 def test_the_openai_error_member_carries_the_whole_story() -> None:

@@ -241,7 +241,7 @@ def test_a_batch_is_admitted_whole_or_not_at_all_with_one_token_and_replays(redi
     assert stored is not None and stored.batch_id == first.id and stored.request["seed"] == 1
     assert [event["data"]["status"] for _, event in store.events_since(first_items[1].id)] == ["queued"]
     rq_job = Job.fetch(first_items[0].id, connection=connection, serializer=JSONSerializer)
-    assert rq_job.origin == "darkroom-batch" and list(rq_job.args) == [first_items[0].id]
+    assert rq_job.origin == queue.name and list(rq_job.args) == [first_items[0].id]
     # Items count into their batch as they end; the transition that ends the last one says so, once.
     outcomes = [
         store.transition(i.id, JobStatus.CANCELED, allowed_from=(JobStatus.QUEUED,)) for i in third_items

@@ -85,6 +85,8 @@ def test_run_command_serves_a_png_and_stops_cleanly(
 
             job = httpx.post(post[0], content=body, headers={"Prefer": "wait=60"}, timeout=90).json()
         assert job["status"] == "succeeded", job
+        # The fallback restarted the API too: the tiny model is its default, and the job says so.
+        assert job["request"]["model"] == "tiny", job
         png = tmp_path / "out.png"
         if curl:
             subprocess.run([curl, "-sS", "-o", str(png), job["images"][0]["url"]], timeout=30, check=True)
