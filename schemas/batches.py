@@ -215,9 +215,18 @@ class Batch(BaseModel):
     counts: BatchCounts
     items: list[BatchItem] | None = Field(
         None,
-        description="This page of items in submission order (see offset and limit); absent in webhooks.",
+        description="This page of items in submission order (see offset and limit); absent in webhooks "
+        "and lists.",
     )
     next_offset: int | None = Field(
         None, description="The offset of the next page of items; null at the end."
     )
     webhook: BatchWebhookStatus | None = None
+
+
+class BatchList(BaseModel):
+    """``GET /v1/batches``: the caller's batches, newest first, one page at a time."""
+
+    object: Literal["list"] = "list"
+    data: list[Batch] = Field(description="This page of batches (status and counts; no items: GET one).")
+    next_offset: int | None = Field(None, description="The offset of the next page; null at the end.")

@@ -34,7 +34,7 @@ import redis.asyncio as aredis
 from rq import Queue
 
 from schemas.jobs import JobStatus
-from services.batches import BatchRecord, batch_key, items_key
+from services.batches import BatchRecord, batch_key, items_key, owner_batches_key
 from services.jobs import EVENTS_MAXLEN, KEY_PREFIX, JobRecord, encode_fields, events_key, job_key
 from services.queue import generation_job_fields
 from services.rate_limit import TAKE_TOKEN_LUA, RateLimit
@@ -165,7 +165,8 @@ _ADMIT_BATCH = (
     TAKE_TOKEN_LUA
     + """
 -- KEYS: 1 batch hash, 2 batch items list, 3 RQ batch queue list, 4 RQ's set of queues,
---       5 Idempotency-Key (unused when ARGV[4] == ''), 6 rate bucket (unused when ARGV[2] == '')
+--       5 Idempotency-Key (unused when ARGV[4] == ''), 6 rate bucket (unused when ARGV[2] == ''),
+--       7 the owner's batches (sorted set of batch hash keys by creation time, for GET /v1/batches)
 -- ARGV: 1 queue ceiling, 2 bucket capacity or '', 3 tokens per ms, 4 Idempotency-Key value or '',
 --       5 its ttl s, 6 retention s, 7 events maxlen, 8 first event, 9 n items, 10 job key prefix,
 --       11 RQ job key prefix, 12 n batch fields, 13.. batch fields (name, value...), then per item:
@@ -185,6 +186,13 @@ end
 local nb = tonumber(ARGV[12])
 redis.call('HSET', KEYS[1], unpack(ARGV, 13, 12 + nb))
 redis.call('EXPIRE', KEYS[1], ARGV[6])
+-- The owner's index outlives any one batch (a batch's retention restarts when it completes): entries
+-- older than twice the retention go, and readers drop entries whose batch has expired.
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+redis.call('ZADD', KEYS[7], now_ms, KEYS[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', now_ms - 2000 * tonumber(ARGV[6]))
+redis.call('EXPIRE', KEYS[7], 2 * tonumber(ARGV[6]))
 redis.call('SADD', KEYS[4], KEYS[3])
 local i = 13 + nb
 local position = depth
@@ -257,6 +265,7 @@ class BatchAdmitter:
             self.queue.redis_queues_keys,
             idempotency.key if idempotency else batch_key(batch.id),
             rate.bucket_key(principal) if rate else batch_key(batch.id),
+            owner_batches_key(batch.owner),
         ]
         event = json.dumps({"status": JobStatus.QUEUED.value, "at": batch.created_at.isoformat()})
         args: list[str | bytes | int] = [

@@ -39,6 +39,11 @@ def batch_key(batch_id: str) -> str:
     return f"{BATCH_KEY_PREFIX}{batch_id}"
 
 
+def owner_batches_key(owner: str) -> str:
+    """Sorted set of an API key's batches (their hash keys by creation time), for ``GET /v1/batches``."""
+    return f"darkroom:batches-of:{owner}"
+
+
 def items_key(batch_id: str) -> str:
     return f"{BATCH_KEY_PREFIX}{batch_id}:items"
 

@@ -10,10 +10,11 @@ from api.auth import PrincipalDep
 from api.batches import service
 from api.deps import StateDep
 from api.errors import PROBLEM_RESPONSES, problem_responses
-from schemas.batches import DEFAULT_PAGE, MAX_PAGE, Batch, CreateBatch
+from schemas.batches import DEFAULT_PAGE, MAX_PAGE, Batch, BatchList, CreateBatch
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"], responses=PROBLEM_RESPONSES)
 
+MAX_LIST_PAGE = 100  # each listed batch reads all of its items' states
 _LOCATION = {"Location": {"description": "The batch's URL.", "schema": {"type": "string"}}}
 
 
@@ -54,6 +55,24 @@ async def create_batch(
     headers = {"Location": f"/v1/batches/{submission.batch_id}"}
     batch = submission.batch or await service.view(state, principal, submission.batch_id)
     return _batch_response(batch, 202, headers)
+
+
+@router.get(
+    "",
+    response_model=BatchList,
+    summary="List your batches",
+    operation_id="listBatches",
+)
+async def list_batches(
+    state: StateDep,
+    principal: PrincipalDep,
+    offset: Annotated[int, Query(ge=0, le=100_000, description="First batch of the page (0-based).")] = 0,
+    limit: Annotated[int, Query(ge=1, le=MAX_LIST_PAGE, description="Batches in the page.")] = 20,
+) -> Response:
+    """The batches this API key created and still retained, newest first, with status and counts (read
+    one for its items); ``next_offset`` reads the next page (null at the end)."""
+    page = await service.list_batches(state, principal, offset, limit)
+    return Response(page.model_dump_json(), 200, media_type="application/json")
 
 
 @router.get(

@@ -15,6 +15,7 @@ Decisions, also in the README:
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -25,7 +26,7 @@ from api.errors import ApiError, Conflict, NotFound, ServiceUnavailable, Unproce
 from api.generations.service import check_loras, check_prompt
 from api.state import AppState, ModelLine
 from api.submissions import fingerprint, scoped_idempotency_key, served_line, vetted_webhook
-from schemas.batches import DEFAULT_PAGE, ITEM_SUBSCRIPTIONS, Batch, BatchItem, CreateBatch
+from schemas.batches import DEFAULT_PAGE, ITEM_SUBSCRIPTIONS, Batch, BatchItem, BatchList, CreateBatch
 from schemas.jobs import JobStatus
 from schemas.problems import FieldError
 from services import metrics
@@ -38,6 +39,7 @@ from services.batches import (
     batch_webhooks_key,
     items_key,
     new_batch_id,
+    owner_batches_key,
 )
 from services.jobs import JobRecord, decode_deliveries, job_key, new_job_id, utcnow
 from services.queue import batch_queue
@@ -230,6 +232,33 @@ async def view(
         next_offset=end if end < len(ids) else None,
         deliveries=decode_deliveries(raw_deliveries) if record.webhook else None,
     )
+
+
+async def list_batches(state: AppState, principal: str, offset: int, limit: int) -> BatchList:
+    """The caller's batches, newest first: ``offset``..``offset + limit`` of its index, each with status
+    and counts over all of its items (no items: ``GET /v1/batches/{id}`` pages them). Index entries whose
+    batch has expired are dropped as they are met."""
+    index = owner_batches_key(principal)
+    raw_keys = cast(
+        list[bytes], await state.redis_async.zrevrange(index, offset, offset + limit)
+    )  # +1: more?
+    ids = [raw.decode().removeprefix(batch_key("")) for raw in raw_keys]
+    batches = await asyncio.gather(
+        *(view(state, principal, batch_id, limit=0) for batch_id in ids[:limit]), return_exceptions=True
+    )
+    page: list[Batch] = []
+    gone: list[str] = []
+    for batch_id, batch in zip(ids, batches, strict=False):
+        if isinstance(batch, NotFound):
+            gone.append(batch_key(batch_id))
+        elif isinstance(batch, BaseException):
+            raise batch
+        else:
+            page.append(batch.model_copy(update={"items": None, "next_offset": None}))
+    if gone:
+        await state.redis_async.zrem(index, *gone)
+    more = len(ids) > limit
+    return BatchList(data=page, next_offset=offset + limit if more else None)
 
 
 def _cancel(state: AppState, batch_id: str) -> None:

@@ -263,3 +263,29 @@ def test_bad_batches_are_422_problems_naming_the_field(api: str, body: dict[str,
     assert response.status_code == 422, response.text
     assert response.headers["content-type"].startswith("application/problem+json")
     assert field in [error["field"] for error in response.json()["errors"]]
+
+
+def test_a_key_lists_its_own_batches_newest_first_page_by_page(api: str, redis_url: str) -> None:
+    with _client(api, ALICE) as alice, _client(api, BOB) as bob:
+        mine = [alice.post("/v1/batches", json={"template": ITEM, "count": 1}).json()["id"] for _ in range(3)]
+        theirs = bob.post("/v1/batches", json={"template": ITEM, "count": 1}).json()["id"]
+        first = alice.get("/v1/batches", params={"limit": 2})
+        assert first.status_code == 200, first.text
+        assert first.json()["object"] == "list"
+        assert [b["id"] for b in first.json()["data"]] == [mine[2], mine[1]]
+        assert first.json()["next_offset"] == 2
+        listed = first.json()["data"][0]
+        assert listed["counts"]["total"] == 1 and listed["status"] == "queued" and listed["items"] is None
+        rest = alice.get("/v1/batches", params={"offset": 2, "limit": 2}).json()
+        assert [b["id"] for b in rest["data"]] == [mine[0]] and rest["next_offset"] is None
+        assert [b["id"] for b in bob.get("/v1/batches").json()["data"]] == [theirs]
+
+        # A batch whose record expired (retention) drops out of the list, and out of the index.
+        connection = redis_lib.Redis.from_url(redis_url)
+        connection.delete(f"darkroom:batch:{mine[1]}")
+        assert [b["id"] for b in alice.get("/v1/batches").json()["data"]] == [mine[2], mine[0]]
+        assert connection.zcard("darkroom:batches-of:alice") == 2
+
+        for bad in ({"limit": 0}, {"limit": 101}, {"offset": -1}):
+            refused = alice.get("/v1/batches", params=bad)
+            assert refused.status_code == 422 and refused.json()["code"] == "validation_error", bad
