@@ -21,7 +21,14 @@ from typing import Any, Literal
 from annotated_types import Ge, Le
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from schemas.generation import MAX_PROMPT_CHARS, GenerationRequest, OutputFormat, json_number
+from schemas.generation import (
+    MAX_LORAS,
+    MAX_PROMPT_CHARS,
+    GenerationRequest,
+    LoraRequest,
+    OutputFormat,
+    json_number,
+)
 from schemas.jobs import CreateGeneration
 from schemas.problems import Problem
 from schemas.sizes import MAX_MEGAPIXELS, MAX_SIDE, MIN_MEGAPIXELS, MIN_SIDE, SIZE_MULTIPLE, size_problem
@@ -136,6 +143,11 @@ class ImageGenerationRequest(BaseModel):
         allow_inf_nan=False,
         description="darkroom extension (default 4.5).",
     )
+    loras: list[LoraRequest] | None = Field(
+        None,
+        max_length=MAX_LORAS,
+        description="darkroom extension: LoRA adapters [{name, scale}] from the server's list.",
+    )
 
     @field_validator(
         "n",
@@ -237,6 +249,8 @@ class ImageGenerationRequest(BaseModel):
         for name in ("seed", "negative_prompt", "num_inference_steps", "guidance_scale"):
             if (value := getattr(self, name)) is not None:
                 values[name] = value
+        if self.loras is not None:
+            values["loras"] = [lora.model_dump() for lora in self.loras]
         return CreateGeneration.model_validate(values)
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import openai
 import pytest
 from PIL import Image
 
@@ -74,3 +75,19 @@ def test_an_unknown_lora_is_422_naming_its_field_and_listing_what_is_offered(lor
         assert problem["code"] == "lora_not_found"
         assert [error["field"] for error in problem["errors"]] == [field]
         assert "offers: ink, rust" in problem["errors"][0]["message"]
+
+
+def test_the_openai_endpoint_takes_loras_as_an_extension(lora_stack: Stack) -> None:
+    sdk = openai.OpenAI(base_url=f"{lora_stack.api_url}/v1", api_key="unused", timeout=60)
+    extra = {key: SMALL[key] for key in ("seed", "num_inference_steps", "guidance_scale")}
+    styled = sdk.images.generate(
+        prompt=SMALL["prompt"], size="512x512", extra_body={**extra, "loras": [{"name": "ink", "scale": 0.9}]}
+    )
+    with lora_stack.client() as client:
+        job = client.get(f"/v1/generations/{(styled.model_extra or {})['id']}").json()
+    assert job["request"]["loras"] == [{"name": "ink", "scale": 0.9}]
+    reference = run(lora_stack, {**SMALL, "loras": [{"name": "ink", "scale": 0.9}]})
+    assert job["images"][0]["sha256"] == reference["images"][0]["sha256"]
+    with pytest.raises(openai.UnprocessableEntityError) as refused:
+        sdk.images.generate(prompt="x", extra_body={**extra, "loras": [{"name": "sepia"}]})
+    assert (refused.value.code, refused.value.param) == ("lora_not_found", "loras.0.name")
