@@ -12,6 +12,7 @@ from pydantic import BaseModel
 from api.errors import UnprocessableRequest
 from api.state import AppState, ModelLine
 from schemas.problems import FieldError
+from services.admission import IdempotencyClaim
 from services.settings import Settings
 from services.ssrf import UnsafeURLError, vet_url
 
@@ -26,6 +27,19 @@ def scoped_idempotency_key(prefix: str, principal: str, key: str) -> str:
     """The Redis key for a client's Idempotency-Key, scoped to its API key: two clients may pick the same
     Idempotency-Key independently."""
     return prefix + hashlib.sha256(f"{principal}\x00{key}".encode()).hexdigest()
+
+
+def idempotency_claim(
+    state: AppState, prefix: str, principal: str, key: str, body: BaseModel, created: dict[str, str]
+) -> IdempotencyClaim:
+    """The claim the admission script stores for ``key`` if it is new: what it names (``created``) and
+    the body's fingerprint, so a replay with another body can be told apart."""
+    return IdempotencyClaim(
+        key=scoped_idempotency_key(prefix, principal, key),
+        created=created,
+        fingerprint=fingerprint(body),
+        ttl=state.settings.idempotency_ttl,
+    )
 
 
 def model_not_found(

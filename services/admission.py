@@ -86,15 +86,16 @@ class Admission:
 
 @dataclass(frozen=True)
 class IdempotencyClaim:
-    """Reserve ``key`` (already hashed and namespaced) for the new job, remembering the body's digest."""
+    """Reserve ``key`` (already hashed and namespaced) for what is being created — ``created`` is
+    ``{"job_id": ...}`` or ``{"batch_id": ...}`` — remembering the body's digest."""
 
     key: str
-    job_id: str
+    created: dict[str, str]
     fingerprint: str
     ttl: timedelta
 
     def stored_value(self) -> str:
-        return json.dumps({"job_id": self.job_id, "fingerprint": self.fingerprint})
+        return json.dumps({**self.created, "fingerprint": self.fingerprint})
 
 
 class Admitter:
@@ -218,19 +219,6 @@ return {'queued', position}
 )
 
 
-@dataclass(frozen=True)
-class BatchClaim:
-    """Reserve ``key`` (hashed and namespaced) for the new batch, remembering the body's digest."""
-
-    key: str
-    batch_id: str
-    fingerprint: str
-    ttl: timedelta
-
-    def stored_value(self) -> str:
-        return json.dumps({"batch_id": self.batch_id, "fingerprint": self.fingerprint})
-
-
 class BatchAdmitter:
     """Admits a batch and every one of its items, or nothing, in one script on the batch queue.
 
@@ -254,7 +242,7 @@ class BatchAdmitter:
         batch: BatchRecord,
         items: list[JobRecord],
         principal: str,
-        idempotency: BatchClaim | None = None,
+        idempotency: IdempotencyClaim | None = None,
     ) -> Admission:
         batch_fields = _flatten(batch.creation_fields())
         rate = self.rate_limit

@@ -23,14 +23,13 @@ import structlog
 from fastapi.concurrency import run_in_threadpool
 
 from api.errors import ApiError, Conflict, NotFound, ServiceUnavailable, UnprocessableRequest
-from api.generations.service import check_loras, check_prompt
+from api.generations.service import cancel_queued, check_loras, check_prompt
 from api.state import AppState, ModelLine
-from api.submissions import fingerprint, scoped_idempotency_key, served_line, vetted_webhook
+from api.submissions import idempotency_claim, served_line, vetted_webhook
 from schemas.batches import DEFAULT_PAGE, ITEM_SUBSCRIPTIONS, Batch, BatchItem, BatchList, CreateBatch
 from schemas.jobs import JobStatus
 from schemas.problems import FieldError
 from services import metrics
-from services.admission import BatchClaim
 from services.batch_views import render_batch, render_item
 from services.batches import (
     BatchRecord,
@@ -44,7 +43,6 @@ from services.batches import (
 from services.jobs import JobRecord, decode_deliveries, job_key, new_job_id, utcnow
 from services.queue import batch_queue
 from services.rate_limit import retry_after_s
-from services.webhooks.events import schedule_batch_event, schedule_webhook_event
 
 log = structlog.get_logger(__name__)
 IDEMPOTENCY_PREFIX = "darkroom:idempotency:batch:"
@@ -55,15 +53,6 @@ class BatchSubmission:
     batch_id: str
     created: bool  # False when an Idempotency-Key replay returned an existing batch
     batch: Batch | None = None  # the new batch as admitted (None for a replay: read it)
-
-
-def _claim(state: AppState, principal: str, key: str, body: CreateBatch, batch_id: str) -> BatchClaim:
-    return BatchClaim(
-        key=scoped_idempotency_key(IDEMPOTENCY_PREFIX, principal, key),
-        batch_id=batch_id,
-        fingerprint=fingerprint(body),
-        ttl=state.settings.idempotency_ttl,
-    )
 
 
 def _batch_line(state: AppState, body: CreateBatch) -> ModelLine:
@@ -153,7 +142,10 @@ async def submit(
             vetted_webhook, state.settings, body.webhook_url, body.webhook_events
         )
     batch, items = _records(state, principal, body, webhook, line.model)
-    claim = _claim(state, principal, idempotency_key, body, batch.id) if idempotency_key else None
+    claim = None
+    if idempotency_key is not None:
+        created = {"batch_id": batch.id}
+        claim = idempotency_claim(state, IDEMPOTENCY_PREFIX, principal, idempotency_key, body, created)
     admission = await line.batch_admitter.admit(batch, items, principal, claim)
     if admission.outcome == "replay":
         existing = cast(dict[str, Any], admission.existing)
@@ -275,23 +267,11 @@ def _cancel(state: AppState, batch_id: str) -> None:
     canceled: list[str] = []
     for job_id, status in zip(ids, batches.item_statuses(ids), strict=True):
         if status == JobStatus.QUEUED.value:
-            done = store.transition(
-                job_id,
-                JobStatus.CANCELED,
-                allowed_from=(JobStatus.QUEUED,),
-                fields={
-                    "completed_at": utcnow(),
-                    "error": {"type": "canceled", "message": "batch canceled while this item was queued"},
-                },
-            )
+            message = "batch canceled while this item was queued"
+            # Items have a webhook of their own only when per-item generation.* events were asked for.
+            done = cancel_queued(state, job_id, message, job_webhook=item_hooks)
             if done.applied:
                 canceled.append(job_id)
-                store.touch_terminal(job_id)
-                metrics.JOBS.labels(JobStatus.CANCELED.value).inc()
-                if item_hooks:  # per-item generation.* events were asked for
-                    schedule_webhook_event(store, state.webhook_queue, job_id, "completed")
-                if done.batch_done:
-                    schedule_batch_event(redis, state.webhook_queue, done.batch_done)
                 continue
             status = done.previous.value if done.previous else None
         if status == JobStatus.RUNNING.value:

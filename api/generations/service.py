@@ -17,15 +17,14 @@ from fastapi.concurrency import run_in_threadpool
 
 from api.errors import ApiError, Conflict, NotFound, ServiceUnavailable, UnprocessableRequest
 from api.state import AppState
-from api.submissions import fingerprint, scoped_idempotency_key, served_line, vetted_webhook
+from api.submissions import idempotency_claim, served_line, vetted_webhook
 from schemas.generation import GenerationRequest
 from schemas.images import vet_base64_image
 from schemas.jobs import CreateGeneration, Job, JobStatus
 from schemas.problems import FieldError
 from services import metrics
-from services.admission import IdempotencyClaim
 from services.job_views import render_job
-from services.jobs import JobRecord, decode_deliveries, job_key, new_job_id, utcnow, webhooks_key
+from services.jobs import JobRecord, Transition, decode_deliveries, job_key, new_job_id, utcnow, webhooks_key
 from services.queue import job_queue, remove_from_queue
 from services.rate_limit import retry_after_s
 from services.storage import StorageError, init_image_key, mask_image_key
@@ -40,17 +39,6 @@ class Submission:
     job_id: str
     created: bool  # False when an Idempotency-Key replay returned an existing job
     job: Job | None = None  # the new job as admitted (None for a replay: read it)
-
-
-def _idempotency_claim(
-    state: AppState, principal: str, key: str, body: CreateGeneration, job_id: str
-) -> IdempotencyClaim:
-    return IdempotencyClaim(
-        key=scoped_idempotency_key(IDEMPOTENCY_PREFIX, principal, key),
-        job_id=job_id,
-        fingerprint=fingerprint(body),
-        ttl=state.settings.idempotency_ttl,
-    )
 
 
 def _store_init_image(
@@ -124,7 +112,9 @@ async def submit(
     job_id = new_job_id()
     claim = None
     if idempotency_key is not None:
-        claim = _idempotency_claim(state, principal, idempotency_key, body, job_id)
+        claim = idempotency_claim(
+            state, IDEMPOTENCY_PREFIX, principal, idempotency_key, body, {"job_id": job_id}
+        )
     request = body.generation_request().normalized(model=line.model)
     created_at = utcnow()
     init_key = mask_key = None
@@ -239,6 +229,28 @@ async def view(state: AppState, principal: str, job_id: str) -> Job:
     )
 
 
+def cancel_queued(state: AppState, job_id: str, message: str, *, job_webhook: bool = True) -> Transition:
+    """End a job that is still queued as ``canceled`` (guarded: only from ``queued``), then what every ended
+    job gets: terminal retention, the outcome metric, its ``completed`` webhook (``job_webhook``: it may
+    have one) and, for the last unfinished item of a batch, ``batch.completed``. Taking it off its queue is
+    the caller's (one ``LREM``, or one pipeline for a whole batch)."""
+    store = state.clients.store
+    done = store.transition(
+        job_id,
+        JobStatus.CANCELED,
+        allowed_from=(JobStatus.QUEUED,),
+        fields={"completed_at": utcnow(), "error": {"type": "canceled", "message": message}},
+    )
+    if done.applied:
+        store.touch_terminal(job_id)
+        metrics.JOBS.labels(JobStatus.CANCELED.value).inc()
+        if job_webhook:
+            schedule_webhook_event(store, state.webhook_queue, job_id, "completed")
+        if done.batch_done:
+            schedule_batch_event(state.clients.redis, state.webhook_queue, done.batch_done)
+    return done
+
+
 def _cancel(state: AppState, job_id: str) -> None:
     store = state.clients.store
     record = store.get(job_id)
@@ -247,23 +259,11 @@ def _cancel(state: AppState, job_id: str) -> None:
     if record.status.is_terminal:
         raise Conflict(f"job {job_id} is already {record.status.value}", code="job_already_finished")
     if record.status is JobStatus.QUEUED:
-        done = store.transition(
-            job_id,
-            JobStatus.CANCELED,
-            allowed_from=(JobStatus.QUEUED,),
-            fields={
-                "completed_at": utcnow(),
-                "error": {"type": "canceled", "message": "canceled while queued"},
-            },
-        )
+        done = cancel_queued(state, job_id, "canceled while queued")
         if done.applied:
-            queue = job_queue(state.clients.redis, state.settings, record)
-            remove_from_queue(state.clients.redis, queue, job_id)
-            store.touch_terminal(job_id)
-            metrics.JOBS.labels(JobStatus.CANCELED.value).inc()
-            schedule_webhook_event(store, state.webhook_queue, job_id, "completed")
-            if done.batch_done:  # the last unfinished item of its batch
-                schedule_batch_event(state.clients.redis, state.webhook_queue, done.batch_done)
+            remove_from_queue(
+                state.clients.redis, job_queue(state.clients.redis, state.settings, record), job_id
+            )
             return
         if done.previous is not None and done.previous.is_terminal:
             raise Conflict(f"job {job_id} is already {done.previous.value}", code="job_already_finished")

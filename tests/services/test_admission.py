@@ -14,7 +14,7 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from schemas.jobs import JobStatus
-from services.admission import Admission, Admitter, BatchAdmitter, BatchClaim, IdempotencyClaim
+from services.admission import Admission, Admitter, BatchAdmitter, IdempotencyClaim
 from services.batches import BatchRecord, new_batch_id
 from services.jobs import JobRecord, JobStore, new_job_id, utcnow
 from services.queue import GENERATION_TASK, batch_queue, generation_queue
@@ -52,7 +52,10 @@ def _admitter(
 
 def _claim(job_id: str, fingerprint: str = "f1") -> IdempotencyClaim:
     return IdempotencyClaim(
-        key="darkroom:idempotency:k1", job_id=job_id, fingerprint=fingerprint, ttl=timedelta(hours=1)
+        key="darkroom:idempotency:k1",
+        created={"job_id": job_id},
+        fingerprint=fingerprint,
+        ttl=timedelta(hours=1),
     )
 
 
@@ -208,8 +211,9 @@ def test_a_batch_is_admitted_whole_or_not_at_all_with_one_token_and_replays(redi
     queue = batch_queue(redis_lib.Redis.from_url(redis_url), settings)
     rate = RateLimit(per_minute=60, burst=2)
 
-    def claim(batch: BatchRecord, fingerprint: str) -> BatchClaim:
-        return BatchClaim("darkroom:idempotency:batch:k", batch.id, fingerprint, timedelta(hours=1))
+    def claim(batch: BatchRecord, fingerprint: str) -> IdempotencyClaim:
+        key = "darkroom:idempotency:batch:k"
+        return IdempotencyClaim(key, {"batch_id": batch.id}, fingerprint, timedelta(hours=1))
 
     async def body(client: aredis.Redis) -> list[Admission]:
         admitter = BatchAdmitter(client, queue, settings, rate)
