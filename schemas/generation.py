@@ -8,6 +8,7 @@ field name a client can act on rather than the whole body.
 
 from __future__ import annotations
 
+import base64
 import secrets
 from enum import StrEnum
 from typing import Annotated, Any, Self
@@ -23,6 +24,7 @@ from pydantic import (
 
 from schemas.images import vet_base64_image
 from schemas.models import MODEL_NAME_PATTERN
+from schemas.outpaint import Outpaint, outpaint_canvas
 from schemas.sizes import (
     ASPECT_RATIO_SIZES,
     DEFAULT_ASPECT_RATIO,
@@ -195,6 +197,12 @@ class GenerationRequest(BaseModel):
         "White repaints, black keeps (grey: in between). Needs init_image. Outpainting: pad init_image "
         "and paint the new border white.",
     )
+    outpaint: Outpaint | None = Field(
+        None,
+        description="Outpainting: grow the canvas around init_image by {left, right, top, bottom} pixels "
+        "(each 0..1024) and paint only the new border (the server draws the mask; not with mask_image). "
+        "Default strength 1.0; the size follows the grown canvas.",
+    )
     strength: float | None = Field(
         None,
         gt=0,
@@ -333,6 +341,18 @@ class GenerationRequest(BaseModel):
             )
         return value
 
+    @field_validator("outpaint")
+    @classmethod
+    def _outpaint_grows_an_init_image(cls, value: Outpaint | None, info: ValidationInfo) -> Outpaint | None:
+        # A stored (normalised) request ran with the grown canvas and its mask, kept in storage.
+        if value is None or info.context == NORMALIZED_CONTEXT:
+            return value
+        if "init_image" in info.data and info.data["init_image"] is None:
+            raise ValueError("outpaint grows an init image: give init_image too")
+        if info.data.get("mask_image") is not None:
+            raise ValueError("give outpaint or mask_image, not both: outpaint draws its own mask")
+        return value
+
     @field_validator("strength")
     @classmethod
     def _strength_needs_image(cls, strength: float | None, info: ValidationInfo) -> float | None:
@@ -359,6 +379,20 @@ class GenerationRequest(BaseModel):
     @property
     def is_inpainting(self) -> bool:
         return self.mask_image is not None
+
+    def with_outpaint_canvas(self) -> GenerationRequest:
+        """For ``outpaint``: a copy whose init image is the grown canvas and whose mask is the server's
+        (an ordinary inpainting request from here on); otherwise ``self``. Decodes and re-encodes the
+        image: off the event loop."""
+        if self.outpaint is None or self.init_image is None or self.mask_image is not None:
+            return self
+        canvas, mask = outpaint_canvas(vet_base64_image(self.init_image).data, self.outpaint)
+        return self.model_copy(
+            update={
+                "init_image": base64.b64encode(canvas).decode("ascii"),
+                "mask_image": base64.b64encode(mask).decode("ascii"),
+            }
+        )
 
     def resolved_size(self) -> tuple[int, int]:
         """(width, height) this request will be generated at."""
@@ -388,7 +422,9 @@ class GenerationRequest(BaseModel):
         }
         if self.model is None and model is not None:
             updates["model"] = model
-        if self.is_image_to_image and self.strength is None:
+        if self.outpaint is not None and self.strength is None:
+            updates["strength"] = 1.0  # the new border has nothing to keep
+        elif self.is_image_to_image and self.strength is None:
             updates["strength"] = 0.6
         if self.output_format is not OutputFormat.PNG and self.output_quality is None:
             updates["output_quality"] = 90

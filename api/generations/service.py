@@ -115,7 +115,10 @@ async def submit(
         claim = idempotency_claim(
             state, IDEMPOTENCY_PREFIX, principal, idempotency_key, body, {"job_id": job_id}
         )
-    request = body.generation_request().normalized(model=line.model)
+    request = body.generation_request()
+    if request.outpaint is not None:  # the grown canvas and its mask: an inpainting job from here on
+        request = await run_in_threadpool(request.with_outpaint_canvas)
+    request = request.normalized(model=line.model)
     created_at = utcnow()
     init_key = mask_key = None
     if request.init_image is not None:

@@ -231,6 +231,34 @@ def test_inpainting_through_the_stack_stores_the_mask_beside_the_init_image(file
     assert [path.parent.name for path in root.rglob("mask.png")] == [job["id"]]
 
 
+def test_outpainting_grows_the_canvas_and_stores_the_mask_the_server_drew(file_stack: Stack) -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (512, 384), (30, 120, 200)).save(buffer, format="PNG")
+    outpaint = {"left": 128, "right": 128, "top": 64, "bottom": 64}
+    unsized = {key: value for key, value in SMALL.items() if key not in ("width", "height")}
+    body = {
+        **unsized,
+        "seed": 11,
+        "init_image": base64.b64encode(buffer.getvalue()).decode(),
+        "outpaint": outpaint,
+    }
+    created = submit(file_stack, body)
+    assert created.status_code == 202, created.text
+    job = file_stack.wait_for(created.json()["id"], {"succeeded", "failed"}, timeout=180)
+    assert job["status"] == "succeeded", job
+    assert (job["request"]["width"], job["request"]["height"]) == (768, 512)  # the grown canvas
+    assert job["request"]["strength"] == 1.0 and job["request"]["outpaint"]["feather"] == 16
+    assert (job["images"][0]["width"], job["images"][0]["height"]) == (768, 512)
+    with Image.open(io.BytesIO(download(job["mask_image_url"]))) as mask:
+        assert mask.size == (768, 512)
+        assert mask.getpixel((10, 10)) == 255 and mask.getpixel((384, 256)) == 0  # border / image
+    with Image.open(io.BytesIO(download(job["init_image_url"]))) as canvas:
+        assert canvas.size == (768, 512) and canvas.convert("RGB").getpixel((5, 5)) == (30, 120, 200)
+
+    refused = submit(file_stack, {**SMALL, "outpaint": outpaint})
+    assert refused.status_code == 422 and refused.json()["errors"][0]["field"] == "outpaint"
+
+
 def test_webhook_retried_until_delivered_and_verified_independently(
     file_stack: Stack, webhook_receiver: HttpReceiver
 ) -> None:
