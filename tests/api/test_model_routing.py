@@ -21,9 +21,13 @@ import httpx
 import numpy as np
 import openai
 import pytest
+import redis
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from api.main import create_app
+from services.settings import DEFAULT_MODEL, Settings
+from tests.api import serve
 from tests.fixtures.stack import ONE_THREAD, ROOT, Stack, start_stack, stop_process
 
 OTHER = "tiny-negated"
@@ -249,3 +253,18 @@ def test_jobs_for_a_model_without_workers_wait_for_one_and_no_other_model_takes_
         start_worker(stack, "worker-other-2", other_worker_env)
         wait_for_ready(client, OTHER, 1)
         assert stack.wait_for(waiting, {"succeeded", "failed"})["status"] == "succeeded"
+
+
+def test_hub_ids_work_as_model_names_in_paths_and_queues(redis_url: str, tmp_path: Path) -> None:
+    """The default model is a hub id ('owner/name'): its slash survives the path and the queue name."""
+    settings = Settings(redis_url=redis_url, storage_url=f"file://{tmp_path}", auth_disabled=True)
+    with serve(create_app(settings), lifespan="on") as url, httpx.Client(base_url=url, timeout=30) as client:
+        (entry,) = models(client).values()
+        assert (entry["id"], entry["owned_by"], entry["default"]) == (DEFAULT_MODEL, "stabilityai", True)
+        assert entry["ready_workers"] == 0 and entry["created"] == 0  # no worker has ever served it here
+        assert client.get(f"/v1/models/{DEFAULT_MODEL}").json() == entry
+        job = client.post("/v1/generations", json={**FAST, "model": DEFAULT_MODEL}).json()
+        assert job["request"]["model"] == DEFAULT_MODEL and job["queue_position"] == 1
+        assert models(client)[DEFAULT_MODEL]["queued"] == 1
+    with redis.Redis.from_url(redis_url) as connection:
+        assert connection.lrange(f"rq:queue:darkroom:{DEFAULT_MODEL}", 0, -1) == [job["id"].encode()]
