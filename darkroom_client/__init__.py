@@ -4,10 +4,25 @@ Light on purpose — httpx plus the service's torch-free ``schemas`` — so it i
 ask for images, not only where the service runs.
 """
 
-from darkroom_client.client import DEFAULT_URL, DarkroomClient, ProgressCallback, RequestBody
-from darkroom_client.errors import ChecksumMismatch, DarkroomError, WaitTimeout
+from darkroom_client.client import (
+    DEFAULT_URL,
+    BatchBody,
+    BatchProgressCallback,
+    DarkroomClient,
+    ProgressCallback,
+    RequestBody,
+)
+from darkroom_client.errors import BatchWaitTimeout, ChecksumMismatch, DarkroomError, WaitTimeout
 from darkroom_client.events import Event
-from schemas.generation import GenerationRequest, OutputFormat, SkipLayerGuidance
+from schemas.batches import (
+    Batch,
+    BatchCounts,
+    BatchItem,
+    BatchItemRequest,
+    BatchStatus,
+    CreateBatch,
+)
+from schemas.generation import GenerationRequest, LoraRequest, OutputFormat, SkipLayerGuidance
 from schemas.jobs import CreateGeneration, ImageResult, Job, JobStatus, Progress
 from schemas.problems import FieldError, Problem
 from schemas.sizes import AspectRatio
@@ -15,7 +30,16 @@ from schemas.sizes import AspectRatio
 __all__ = [
     "DEFAULT_URL",
     "AspectRatio",
+    "Batch",
+    "BatchBody",
+    "BatchCounts",
+    "BatchItem",
+    "BatchItemRequest",
+    "BatchProgressCallback",
+    "BatchStatus",
+    "BatchWaitTimeout",
     "ChecksumMismatch",
+    "CreateBatch",
     "CreateGeneration",
     "DarkroomClient",
     "DarkroomError",
@@ -25,6 +49,7 @@ __all__ = [
     "ImageResult",
     "Job",
     "JobStatus",
+    "LoraRequest",
     "OutputFormat",
     "Problem",
     "Progress",

@@ -1,9 +1,9 @@
 """A thin, typed client for the darkroom API, on httpx and the service's own pydantic models.
 
-Hand-written rather than generated: the API is five calls, and the parts a generator gets wrong are exactly
-the ones worth care here — problem+json errors, ``Prefer: wait``, resuming an SSE stream, and downloading
-images with their checksum verified. Requests and jobs are the ``schemas`` models the server itself uses,
-so a request that validates here is one the server accepts.
+Hand-written rather than generated: the API is a handful of calls, and the parts a generator gets wrong are
+exactly the ones worth care here — problem+json errors, ``Prefer: wait``, resuming an SSE stream, paging a
+batch's items, and downloading images with their checksum verified. Requests, jobs and batches are the
+``schemas`` models the server itself uses, so a request that validates here is one the server accepts.
 """
 
 from __future__ import annotations
@@ -17,14 +17,15 @@ from collections.abc import Callable, Generator, Iterator, Mapping
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import httpx
 from pydantic import BaseModel
 
-from darkroom_client.errors import ChecksumMismatch, DarkroomError, WaitTimeout
+from darkroom_client.errors import BatchWaitTimeout, ChecksumMismatch, DarkroomError, WaitTimeout
 from darkroom_client.events import Event, SSEDecoder
+from schemas.batches import MAX_PAGE, Batch, CreateBatch
 from schemas.generation import NORMALIZED_CONTEXT, GenerationRequest
 from schemas.jobs import CreateGeneration, ImageResult, Job, JobStatus
 from schemas.problems import PROBLEM_TYPE_BASE, Problem
@@ -40,8 +41,12 @@ OUTAGE_TOLERANCE_S = 60.0
 
 RequestBody = CreateGeneration | GenerationRequest | Mapping[str, Any]
 """A model is sent with only the fields that were set; a mapping is sent as-is (validated by the server)."""
+BatchBody = CreateBatch | Mapping[str, Any]
+"""``POST /v1/batches``'s body: as for :data:`RequestBody`, a model sends only the fields that were set."""
 ProgressCallback = Callable[[Job], None]
+BatchProgressCallback = Callable[[Batch], None]
 Origin = tuple[str, str, int | None]
+_T = TypeVar("_T")
 
 
 def _version() -> str:
@@ -72,7 +77,7 @@ class _BearerAuth(httpx.Auth):
         yield request
 
 
-def _body(request: RequestBody) -> dict[str, Any]:
+def _body(request: BaseModel | Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(request, BaseModel):
         # Unset fields stay unset: the server fills defaults (and a new server may have better ones), and the
         # Idempotency-Key fingerprint is taken over what the client actually sent.
@@ -82,6 +87,20 @@ def _body(request: RequestBody) -> dict[str, Any]:
 
 def _job_path(job_id: str, suffix: str = "") -> str:
     return f"/v1/generations/{quote(job_id, safe='')}{suffix}"
+
+
+def _batch_path(batch_id: str, suffix: str = "") -> str:
+    return f"/v1/batches/{quote(batch_id, safe='')}{suffix}"
+
+
+def _idempotency(key: str | None) -> dict[str, str]:
+    return {} if key is None else {"Idempotency-Key": key}
+
+
+def _parse_batch(response: httpx.Response) -> Batch:
+    if response.is_error:
+        raise DarkroomError.from_response(response)
+    return Batch.model_validate_json(response.content)
 
 
 def _parse_job(response: httpx.Response) -> Job:
@@ -149,10 +168,8 @@ class DarkroomClient:
         ``idempotency_key`` makes retries safe: the same key and body return the same job instead of a
         second one. ``wait`` sends ``Prefer: wait=N``; the server caps N (60 s by default).
         """
-        headers: dict[str, str] = {}
+        headers = _idempotency(idempotency_key)
         timeout: httpx.Timeout | float = self.timeout
-        if idempotency_key is not None:
-            headers["Idempotency-Key"] = idempotency_key
         if wait is not None and wait > 0:
             seconds = math.ceil(wait)
             headers["Prefer"] = f"wait={seconds}"
@@ -238,6 +255,62 @@ class DarkroomClient:
             partial.unlink(missing_ok=True)
         return target
 
+    # --- batches -----------------------------------------------------------------------------------------
+
+    def create_batch(self, batch: BatchBody, *, idempotency_key: str | None = None) -> Batch:
+        """Submit a batch (``requests``, or a ``template`` with ``seeds`` or ``count``): all items or none.
+
+        Returns it queued (202), with the first page of its items. ``idempotency_key`` works as for
+        :meth:`generate`: the same key and body return the same batch, so a retried submission never
+        queues a thousand images twice.
+        """
+        response = self._http.post("/v1/batches", json=_body(batch), headers=_idempotency(idempotency_key))
+        return _parse_batch(response)
+
+    def get_batch(self, batch_id: str, *, offset: int = 0, limit: int | None = None) -> Batch:
+        """The batch now: ``status`` and ``counts`` over all items, and items with freshly signed URLs.
+
+        ``limit=None`` returns every item from ``offset`` on (following ``next_offset`` page by page, so
+        ``next_offset`` is None); an int returns that one page as the server answers it (``limit=0``: no
+        items, the cheap read for checking on a batch).
+        """
+        if limit is not None:
+            return self._batch_page(batch_id, offset, limit)
+        page = self._batch_page(batch_id, offset, MAX_PAGE)
+        items = list(page.items or [])
+        while page.next_offset is not None:
+            page = self._batch_page(batch_id, page.next_offset, MAX_PAGE)
+            items.extend(page.items or [])
+        return page.model_copy(update={"items": items, "next_offset": None})
+
+    def cancel_batch(self, batch_id: str) -> Batch:
+        """Queued items end at once, running ones at their next denoising step; the batch says
+        ``canceled`` once all have. An ended batch raises ``batch_already_finished`` (409)."""
+        return _parse_batch(self._http.post(_batch_path(batch_id, "/cancel")))
+
+    def wait_batch(
+        self,
+        batch: Batch | str,
+        timeout: float | None = None,
+        on_progress: BatchProgressCallback | None = None,
+        *,
+        poll_interval: float = 1.0,
+    ) -> Batch:
+        """Block until every item has ended (``completed`` or ``canceled``); returns it with all its items.
+
+        Polls the batch without its items (the cheap read) every ``poll_interval`` seconds: a batch has no
+        event stream, and its items' own streams would be one connection each. ``on_progress`` gets the
+        batch whenever its status or counts change. Short outages (503, refused) are ridden out as in
+        :meth:`wait`. Raises :class:`BatchWaitTimeout` (the items go on) after ``timeout`` seconds.
+        """
+        current = batch if isinstance(batch, Batch) else self._batch_page(batch, 0, 0)
+        _BatchWaiter(self, current, timeout, on_progress, poll_interval).run()
+        return self.get_batch(current.id)
+
+    def _batch_page(self, batch_id: str, offset: int, limit: int) -> Batch:
+        params = {"offset": offset, "limit": limit}
+        return _parse_batch(self._http.get(_batch_path(batch_id), params=params))
+
     # --- plumbing ----------------------------------------------------------------------------------------
 
     @contextmanager
@@ -301,7 +374,7 @@ class _Waiter:
         self.stream_failures = 0
         self.finished_unseen = False  # a terminal status arrived but its job event did not
         self.left_queue = False
-        self.outage_since: float | None = None
+        self.outage = _Outage(poll_interval)
         self._seen: tuple[object, ...] | None = None
 
     def run(self) -> Job:
@@ -371,22 +444,10 @@ class _Waiter:
 
     def _read_job(self, pause: float) -> Job | None:
         """Sleep ``pause``, then read the job; None while riding out a short outage (503, refused)."""
-        if self.outage_since is not None:
-            pause = max(pause, min(5.0, 2 * self.poll_interval))
+        pause = self.outage.pause(pause)
         remaining = self._remaining()
         time.sleep(pause if remaining is None else max(0.0, min(pause, remaining)))
-        try:
-            job = self.client.get(self.job.id)
-        except (httpx.TransportError, DarkroomError) as exc:
-            if isinstance(exc, DarkroomError) and not exc.retryable:
-                raise
-            now = time.monotonic()
-            self.outage_since = self.outage_since or now
-            if now - self.outage_since > OUTAGE_TOLERANCE_S:
-                raise
-            return None
-        self.outage_since = None
-        return job
+        return self.outage.read(lambda: self.client.get(self.job.id))
 
     def _adopt(self, job: Job | None) -> None:
         if job is not None:
@@ -410,3 +471,73 @@ class _Waiter:
     def _check_deadline(self) -> None:
         if self.timeout is not None and (remaining := self._remaining()) is not None and remaining <= 0:
             raise WaitTimeout(self.job, self.timeout)
+
+
+class _Outage:
+    """Riding out a server that answers 503 (or another retryable status) or cannot be reached: a read
+    that fails so is skipped (None) for up to ``OUTAGE_TOLERANCE_S``, then the error is raised."""
+
+    def __init__(self, poll_interval: float) -> None:
+        self.poll_interval = poll_interval
+        self.since: float | None = None
+
+    def pause(self, pause: float) -> float:
+        """During an outage, no faster than every two poll intervals (at most 5 s): no hammering."""
+        return pause if self.since is None else max(pause, min(5.0, 2 * self.poll_interval))
+
+    def read(self, fetch: Callable[[], _T]) -> _T | None:
+        try:
+            value = fetch()
+        except (httpx.TransportError, DarkroomError) as exc:
+            if isinstance(exc, DarkroomError) and not exc.retryable:
+                raise
+            now = time.monotonic()
+            self.since = self.since or now
+            if now - self.since > OUTAGE_TOLERANCE_S:
+                raise
+            return None
+        self.since = None
+        return value
+
+
+class _BatchWaiter:
+    """One :meth:`DarkroomClient.wait_batch`: poll the item-less view until every item has ended."""
+
+    def __init__(
+        self,
+        client: DarkroomClient,
+        batch: Batch,
+        timeout: float | None,
+        on_progress: BatchProgressCallback | None,
+        poll_interval: float,
+    ) -> None:
+        self.client = client
+        self.batch = batch
+        self.timeout = timeout
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.on_progress = on_progress
+        self.poll_interval = poll_interval
+        self.outage = _Outage(poll_interval)
+        self._seen: tuple[object, ...] | None = None
+
+    def run(self) -> Batch:
+        self._notify()
+        while not self.batch.status.is_terminal:
+            if self.deadline is not None and self.timeout is not None:
+                remaining = self.deadline - time.monotonic()
+                if remaining <= 0:
+                    raise BatchWaitTimeout(self.batch, self.timeout)
+                time.sleep(min(self.outage.pause(self.poll_interval), remaining))
+            else:
+                time.sleep(self.outage.pause(self.poll_interval))
+            read = self.outage.read(lambda: self.client._batch_page(self.batch.id, 0, 0))
+            if read is not None:
+                self.batch = read
+                self._notify()
+        return self.batch
+
+    def _notify(self) -> None:
+        seen = (self.batch.status, self.batch.counts)
+        if self.on_progress is not None and seen != self._seen:
+            self._seen = seen
+            self.on_progress(self.batch)

@@ -13,6 +13,7 @@ from http import HTTPStatus
 import httpx
 from pydantic import ValidationError
 
+from schemas.batches import Batch
 from schemas.jobs import Job
 from schemas.problems import PROBLEM_TYPE_BASE, FieldError, Problem
 
@@ -107,6 +108,22 @@ class WaitTimeout(TimeoutError):
         self.job = job
         self.timeout = timeout
         super().__init__(f"job {job.id} still {job.status.value} after {timeout:g}s")
+
+
+class BatchWaitTimeout(TimeoutError):
+    """The batch did not finish in time. Its items go on running: ``batch`` is the last view seen.
+
+    A ``TimeoutError`` like :class:`WaitTimeout`, so one ``except TimeoutError`` covers both waits.
+    """
+
+    def __init__(self, batch: Batch, timeout: float) -> None:
+        self.batch = batch
+        self.timeout = timeout
+        counts = batch.counts
+        ended = counts.succeeded + counts.failed + counts.canceled
+        super().__init__(
+            f"batch {batch.id} still {batch.status.value} after {timeout:g}s ({ended}/{counts.total} ended)"
+        )
 
 
 class ChecksumMismatch(Exception):

@@ -1,15 +1,18 @@
 """One running stack for the client and CLI tests, and a job that keeps the single worker busy.
 
-Package-scoped so ``test_client.py`` and ``test_cli.py`` share one Redis + API + worker + webhook worker
-(starting them is most of the suite's time). Tests leave the queue empty behind them.
+Package-scoped so every module here shares one Redis + API + worker + webhook worker (starting them is most
+of the suite's time). The stack offers the tiny model's two test LoRAs (``ink``, ``rust``), so ``--lora``
+runs end to end. Tests leave the queue empty behind them.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from darkroom_client import DarkroomClient, DarkroomError, JobStatus
@@ -22,13 +25,19 @@ SMALL: dict[str, Any] = {
     "num_inference_steps": 4,
 }
 LONG: dict[str, Any] = {**SMALL, "prompt": "a very long exposure", "num_inference_steps": 100}
+#: The cheapest request the API takes (512x512 is the smallest square: 0.25 megapixels) at two steps, for
+#: tests about what the client sends rather than about the images.
+TINY: dict[str, Any] = {**SMALL, "num_inference_steps": 2}
 TERMINAL = {status.value for status in JobStatus if status.is_terminal}
 
 
 @pytest.fixture(scope="package")
-def client_stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Stack]:
+def client_stack(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, tiny_loras: dict[str, str]
+) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("client-stack")
-    yield from start_stack(tmp, f"file://{tmp / 'outputs'}", tiny_model_dir)
+    env = {"DARKROOM_LORAS": json.dumps(tiny_loras)}  # the same list for the API and the worker
+    yield from start_stack(tmp, f"file://{tmp / 'outputs'}", tiny_model_dir, env)
 
 
 @pytest.fixture
@@ -48,3 +57,22 @@ def blocker(client_stack: Stack, client: DarkroomClient) -> Iterator[str]:
     except DarkroomError as exc:
         assert exc.code == "job_already_finished"
     client_stack.wait_for(job.id, TERMINAL)
+
+
+class RecordingTransport(httpx.HTTPTransport):
+    """The real transport, noting each request; optionally answers event-stream requests with HTML instead,
+    as a buffering proxy that does not understand SSE would."""
+
+    def __init__(self, break_event_streams: bool = False) -> None:
+        super().__init__()
+        self.requests: list[str] = []
+        self.break_event_streams = break_event_streams
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(f"{request.method} {request.url.path}")
+        if self.break_event_streams and request.url.path.endswith("/events"):
+            return httpx.Response(200, html="<html>proxy says hi</html>")
+        return super().handle_request(request)
+
+    def count(self, suffix: str) -> int:
+        return sum(1 for line in self.requests if line.endswith(suffix))

@@ -1,6 +1,7 @@
 """``DarkroomClient`` against the running stack: errors as problems, waiting by stream or polling, downloads.
 
-A recording transport (the real one underneath) shows *how* the client waited, not just that it did.
+A recording transport (conftest's; the real one underneath) shows *how* the client waited, not just that
+it did.
 Bearer scoping and non-problem error pages need no server: httpx's ``MockTransport`` answers those.
 """
 
@@ -23,7 +24,7 @@ from darkroom_client import (
     WaitTimeout,
 )
 from darkroom_client.client import STREAM_FAILURES_BEFORE_POLLING
-from tests.darkroom_client.conftest import SMALL
+from tests.darkroom_client.conftest import SMALL, RecordingTransport
 from tests.fixtures.stack import Stack
 
 UNAUTHORIZED = {
@@ -32,25 +33,6 @@ UNAUTHORIZED = {
     "status": 401,
     "code": "unauthorized",
 }
-
-
-class RecordingTransport(httpx.HTTPTransport):
-    """The real transport, noting each request; optionally answers event-stream requests with HTML instead,
-    as a buffering proxy that does not understand SSE would."""
-
-    def __init__(self, break_event_streams: bool = False) -> None:
-        super().__init__()
-        self.requests: list[str] = []
-        self.break_event_streams = break_event_streams
-
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        self.requests.append(f"{request.method} {request.url.path}")
-        if self.break_event_streams and request.url.path.endswith("/events"):
-            return httpx.Response(200, html="<html>proxy says hi</html>")
-        return super().handle_request(request)
-
-    def count(self, suffix: str) -> int:
-        return sum(1 for line in self.requests if line.endswith(suffix))
 
 
 def test_problem_details_become_darkroom_errors(client: DarkroomClient) -> None:
