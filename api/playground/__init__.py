@@ -1,15 +1,19 @@
 """The playground: a browser page for trying the service, served by the API itself at ``/playground``.
 
-What a Gradio demo gives people — prompt, size, seed, steps, image-to-image, live progress, the images —
-without a second process, a build step or a CDN: one HTML page, one vanilla JS module and one stylesheet
-that ship inside the package and talk to the public ``/v1/generations`` API like any other client. It adds
-no API endpoint of its own, so it cannot drift from the contract, and it is left out of the OpenAPI schema.
+What a Gradio demo gives people — model, prompt, size, seed, steps, LoRA adapters, image-to-image and
+inpainting, live progress, the images — without a second process, a build step or a CDN: one HTML page, one
+vanilla JS module and one stylesheet that ship inside the package and talk to the public ``/v1/models`` and
+``/v1/generations`` API like any other client. It adds no API endpoint of its own, so it cannot drift from
+the contract, and it is left out of the OpenAPI schema.
 
-The page's size presets and numeric limits are filled in from ``schemas/`` when the page is first served,
-so they follow the request model rather than repeating it. Whether the server wants an API key is filled in
-too (a yes or no, nothing about the keys): the page shows its "API key" field only then. The key a person
-types stays in the tab's ``sessionStorage`` and travels only as an ``Authorization`` header, which is also
-why the page follows jobs with a fetch-based SSE reader rather than ``EventSource`` (it cannot send one).
+The page's size presets and numeric limits (LoRA count and scales included) are filled in from
+``schemas/`` when the page is first served, so they follow the request model rather than repeating it. The
+models come from ``GET /v1/models`` when the page loads (with their ready workers); the LoRA names have no
+listing, so the page takes whatever is typed and shows the server's ``lora_not_found`` answer, which names
+the ones on offer. Whether the server wants an API key is filled in too (a yes or no, nothing about the
+keys): the page shows its "API key" field only then. The key a person types stays in the tab's
+``sessionStorage`` and travels only as an ``Authorization`` header, which is also why the page follows jobs
+with a fetch-based SSE reader rather than ``EventSource`` (it cannot send one).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 
 from api.errors import NotFound
-from schemas.generation import MAX_SEED, GenerationRequest
+from schemas.generation import MAX_LORA_SCALE, MAX_LORAS, MAX_SEED, GenerationRequest, LoraRequest
 from schemas.sizes import ASPECT_RATIO_SIZES, DEFAULT_ASPECT_RATIO
 
 PAGE_PATH = "/playground"
@@ -105,6 +109,10 @@ def page_values(*, auth_required: bool) -> dict[str, str]:
         "images_default": str(fields["num_images"].default),
         "images_min": str(_bound("num_images", "ge")),
         "images_max": str(_bound("num_images", "le")),
+        "loras_max": str(MAX_LORAS),
+        "lora_scale_min": f"{-MAX_LORA_SCALE:g}",
+        "lora_scale_max": f"{MAX_LORA_SCALE:g}",
+        "lora_scale_default": f"{LoraRequest.model_fields['scale'].default:g}",
     }
 
 

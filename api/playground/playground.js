@@ -1,6 +1,7 @@
 // The darkroom playground: a plain client of the public API, nothing more.
-// POST /v1/generations, follow GET /v1/generations/{id}/events (status, progress, then the final job),
-// show the images. The server is the only validator: its problem+json errors go next to their fields.
+// GET /v1/models for the model menu, POST /v1/generations, follow GET /v1/generations/{id}/events (status,
+// progress, then the final job), show the images. The server is the only validator: its problem+json errors
+// go next to their fields (a LoRA name it does not offer too: no endpoint lists them, its answer does).
 // With API keys on, every call carries `Authorization: Bearer <key>` — which `EventSource` cannot send, so
 // the event stream is read with fetch and parsed here (see EventStreamParser).
 
@@ -22,6 +23,9 @@ const FIELD_ALIASES = { width: "aspect_ratio", height: "aspect_ratio" };
 const KEY_STORAGE = "darkroom.apiKey";
 
 let initImage = null; // data: URL of the chosen input image
+let maskImage = null; // data: URL of the chosen inpainting mask (only ever with an input image)
+let sentLoraRows = []; // the LoRA rows the last request sent, in order: `loras.1.name` is the second
+let modelsLoad = null; // AbortController of the GET /v1/models in flight
 let aspectBeforeImage = null; // the preset chosen before "match the input image" took over
 let current = null; // { id, controller, poll } of the job being followed
 
@@ -46,6 +50,7 @@ function storeKey(key) {
 
 fields.api_key.value = storedKey();
 fields.api_key.addEventListener("input", () => storeKey(fields.api_key.value.trim()));
+fields.api_key.addEventListener("change", () => loadModels()); // the model list needs the key too
 
 // fetch() for an API path, with the API key (if one was entered) as a bearer token.
 function api(path, { headers = {}, ...options } = {}) {
@@ -89,11 +94,29 @@ function requestBody() {
   if (fields.negative_prompt.value.trim()) body.negative_prompt = fields.negative_prompt.value;
   if (fields.aspect_ratio.value) body.aspect_ratio = fields.aspect_ratio.value;
   if (fields.seed_locked.checked) body.seed = numberField("seed");
+  if (!byId("model-field").hidden && fields.model.value) body.model = fields.model.value;
+  const loras = loraRequest();
+  if (loras.length) body.loras = loras;
   if (initImage) {
     body.init_image = initImage;
     body.strength = numberField("strength");
+    if (maskImage) body.mask_image = maskImage;
   }
   return body;
+}
+
+// The filled-in LoRA rows as `loras` (a row without a name is left out); remembers which rows went.
+function loraRequest() {
+  sentLoraRows = [];
+  const loras = [];
+  for (const row of byId("lora-rows").children) {
+    const name = row.querySelector(".lora-name").value.trim();
+    if (!name) continue;
+    const scale = row.querySelector(".lora-scale").value.trim();
+    loras.push(scale === "" ? { name } : { name, scale: Number(scale) }); // empty: the server's default
+    sentLoraRows.push(row);
+  }
+  return loras;
 }
 
 form.addEventListener("submit", async (event) => {
@@ -338,6 +361,7 @@ function showJobStatus(job) {
 function finish(job) {
   stopFollowing();
   setBusy(false);
+  loadModels(); // the ready-worker counts may have moved on since the page loaded
   showList("warnings", job.warnings ?? []);
   if (job.status === "succeeded") {
     if (job.progress) showProgress(job.progress);
@@ -436,7 +460,9 @@ function showProblem(problem, response) {
   }
   for (const { field, message } of errors) {
     const name = field.split(".")[0];
-    if (!placeFieldError(FIELD_ALIASES[name] ?? name, message)) {
+    if (name === "loras") {
+      placeLoraError(field, message);
+    } else if (!placeFieldError(FIELD_ALIASES[name] ?? name, message)) {
       elsewhere.push(field === "body" ? message : `${field}: ${message}`);
     }
   }
@@ -447,11 +473,21 @@ function showProblem(problem, response) {
 
 function placeFieldError(name, message) {
   const slot = byId(`${name}-error`);
-  if (!slot) return false;
+  if (!slot || slot.parentElement.closest("[hidden]")) return false; // no control shown for it here
   slot.textContent = slot.hidden ? message : `${slot.textContent} ${message}`;
   slot.hidden = false;
   fields[name]?.setAttribute("aria-invalid", "true");
   return true;
+}
+
+// `loras.1.name` (e.g. lora_not_found, which lists the names on offer): the message under the adapters,
+// and the row's own input marked.
+function placeLoraError(field, message) {
+  placeFieldError("loras", message);
+  const [, index, part] = field.split(".");
+  const row = sentLoraRows[Number(index)];
+  const control = row?.querySelector(part === "scale" ? ".lora-scale" : ".lora-name");
+  control?.setAttribute("aria-invalid", "true");
 }
 
 function clearErrors() {
@@ -527,18 +563,23 @@ function syncSeed() {
 fields.seed_locked.addEventListener("change", syncSeed);
 syncSeed();
 
-fields.init_image.addEventListener("change", async () => {
-  const [file] = fields.init_image.files;
-  if (!file) return clearImage();
-  initImage = await new Promise((resolve, reject) => {
+function readDataUrl(file) {
+  return new Promise((resolve, reject) => {
     const reader = new FileReader();
     reader.onload = () => resolve(reader.result);
     reader.onerror = () => reject(reader.error);
     reader.readAsDataURL(file);
   });
+}
+
+fields.init_image.addEventListener("change", async () => {
+  const [file] = fields.init_image.files;
+  if (!file) return clearImage();
+  initImage = await readDataUrl(file);
   byId("init-preview-image").src = initImage;
   byId("init-preview").hidden = false;
   fields.strength.disabled = false;
+  fields.mask_image.disabled = false;
   byId("match-image").disabled = false;
   if (fields.aspect_ratio.value) aspectBeforeImage = fields.aspect_ratio.value;
   fields.aspect_ratio.value = ""; // the API's default for image-to-image: keep the input image's shape
@@ -549,6 +590,8 @@ function clearImage() {
   fields.init_image.value = "";
   byId("init-preview").hidden = true;
   byId("init-preview-image").removeAttribute("src");
+  clearMask(); // a mask applies to its input image only
+  fields.mask_image.disabled = true;
   fields.strength.disabled = true;
   byId("match-image").disabled = true;
   if (!fields.aspect_ratio.value) fields.aspect_ratio.value = aspectBeforeImage ?? "1:1";
@@ -558,3 +601,112 @@ byId("clear-image").addEventListener("click", clearImage);
 fields.strength.addEventListener("input", () => {
   byId("strength-value").value = fields.strength.value;
 });
+
+// --- inpainting ------------------------------------------------------------------------------------------
+
+fields.mask_image.addEventListener("change", async () => {
+  const [file] = fields.mask_image.files;
+  if (!file) return clearMask();
+  maskImage = await readDataUrl(file);
+  byId("mask-preview-image").src = maskImage;
+  byId("mask-preview").hidden = false;
+  syncStrengthHint();
+});
+
+function clearMask() {
+  maskImage = null;
+  fields.mask_image.value = "";
+  byId("mask-preview").hidden = true;
+  byId("mask-preview-image").removeAttribute("src");
+  syncStrengthHint();
+}
+
+function syncStrengthHint() {
+  byId("strength-hint").textContent = maskImage
+    ? "How far to repaint the masked area (1 = from noise)."
+    : "How far to move away from the input image (1 = ignore it).";
+}
+
+byId("clear-mask").addEventListener("click", clearMask);
+
+// --- LoRA adapters ---------------------------------------------------------------------------------------
+
+function addLoraRow() {
+  const row = byId("lora-row").content.firstElementChild.cloneNode(true);
+  row.querySelector(".remove-lora").addEventListener("click", () => {
+    row.remove();
+    syncLoraRows();
+    byId("add-lora").focus();
+  });
+  byId("lora-rows").append(row);
+  syncLoraRows();
+  row.querySelector(".lora-name").focus();
+}
+
+// Numbers the rows' labels ("LoRA 2 scale") and stops adding at the request's limit.
+function syncLoraRows() {
+  const list = byId("lora-rows");
+  [...list.children].forEach((row, index) => {
+    row.querySelector(".lora-name").setAttribute("aria-label", `LoRA ${index + 1} name`);
+    row.querySelector(".lora-scale").setAttribute("aria-label", `LoRA ${index + 1} scale`);
+    row.querySelector(".remove-lora").setAttribute("aria-label", `Remove LoRA ${index + 1}`);
+  });
+  byId("add-lora").disabled = list.children.length >= Number(list.dataset.max);
+}
+
+byId("add-lora").addEventListener("click", addLoraRow);
+
+// --- models ----------------------------------------------------------------------------------------------
+
+// Fills the model menu from GET /v1/models (with the key, when there is one). The menu shows only when the
+// server accepts more than one model; until then (no key yet, one model) requests name none: the default.
+// A failed reload keeps the menu as it was, so a passing fault never drops the model chosen.
+async function loadModels() {
+  modelsLoad?.abort();
+  const load = new AbortController();
+  modelsLoad = load;
+  let models = null;
+  try {
+    const response = await api("v1/models", { headers: { Accept: "application/json" }, signal: load.signal });
+    const list = response.ok ? await response.json() : null;
+    if (Array.isArray(list?.data)) models = list.data;
+  } catch {
+    // aborted by a newer load, or the server cannot be reached: a generation request will say so
+  }
+  if (modelsLoad !== load) return;
+  modelsLoad = null;
+  if (models) showModels(models);
+}
+
+function showModels(models) {
+  const select = fields.model;
+  const chosen = select.value;
+  select.replaceChildren(
+    ...models.map((model) => {
+      const option = element("option", { value: model.id }, [modelLabel(model)]);
+      option.dataset.ready = String(model.ready_workers ?? "");
+      return option;
+    }),
+  );
+  const keep = models.find((model) => model.id === chosen) ?? models.find((model) => model.default);
+  if (keep) select.value = keep.id;
+  byId("model-field").hidden = models.length < 2;
+  syncModelHint();
+}
+
+function modelLabel(model) {
+  const ready = model.ready_workers;
+  const parts = [`${ready} worker${ready === 1 ? "" : "s"} ready`];
+  if (model.queued) parts.push(`${model.queued} queued`);
+  return `${model.id}${model.default ? " (default)" : ""} — ${parts.join(", ")}`;
+}
+
+function syncModelHint() {
+  const hint = byId("model-hint");
+  const option = fields.model.selectedOptions[0];
+  hint.hidden = option?.dataset.ready !== "0";
+  hint.textContent = "No worker holds this model right now: its jobs wait until one starts.";
+}
+
+fields.model.addEventListener("change", syncModelHint);
+loadModels();

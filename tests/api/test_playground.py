@@ -1,10 +1,12 @@
 """The playground in a real headless Chromium, driven by Playwright, against the real running stack.
 
-Redis, the API under uvicorn, a tiny-model worker and the webhook worker run as processes (``file_stack``);
-the browser talks to them exactly as a person would: it fills the form, clicks, and watches the page. A
-screenshot of the finished page is saved under ``test-output/playground/`` (ignored by git). The stack's API
-runs with auth off; a second API process with API keys on (``keyed_url``) shares its Redis, storage and
-worker, for the page's API key field and its fetch-based event stream reader.
+Redis, the API under uvicorn, a tiny-model worker and the webhook worker run as processes
+(``playground_stack``); the browser talks to them exactly as a person would: it fills the form, clicks, and
+watches the page. A screenshot of the finished page is saved under ``test-output/playground/`` (ignored by
+git). The stack's API runs with auth off, accepts a second model no worker serves (so the page's model menu
+has two entries, one with no worker ready) and offers the two tiny LoRAs; a second API process with API
+keys on (``keyed_url``) shares its Redis, storage and worker, for the page's API key field and its
+fetch-based event stream reader.
 
 Chromium is a system package (Debian's ``chromium``, installed by ``make browser``), not a Playwright
 download: this suite fails, rather than skips, when it is missing, so a green run always means the page
@@ -13,7 +15,10 @@ really worked in a browser.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import io
+import json
 import os
 import re
 import subprocess
@@ -41,7 +46,7 @@ from api.playground import CONTENT_SECURITY_POLICY
 from schemas.sizes import ASPECT_RATIO_SIZES
 from services.api_keys import hash_key, new_key
 from services.net import free_port
-from tests.fixtures.stack import ROOT, Stack, stop_process
+from tests.fixtures.stack import ROOT, Stack, start_stack, stop_process
 
 CHROMIUM = Path(os.environ.get("DARKROOM_CHROMIUM", "/usr/bin/chromium"))
 # No GPU, no network beyond loopback: without these Chromium floods the log with refused connections.
@@ -62,27 +67,38 @@ START_TIMEOUT_S = 60.0
 API_KEY = new_key()
 KEY_STORAGE = "darkroom.apiKey"  # the page's sessionStorage entry
 EVENTS_URL = re.compile(r"/v1/generations/[^/]+/events$")
+OTHER_MODEL = "tiny-b"  # accepted by the API, held by no worker: listed with none ready
 
 
 @pytest.fixture(scope="module")
-def playground_url(file_stack: Stack) -> str:
+def playground_stack(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, tiny_loras: dict[str, str]
+) -> Iterator[Stack]:
+    """The tiny model by default, a second model nobody serves, and the tiny LoRAs (ink, rust) on offer."""
+    tmp = tmp_path_factory.mktemp("stack-playground")
+    env = {"DARKROOM_MODELS": OTHER_MODEL, "DARKROOM_LORAS": json.dumps(tiny_loras)}
+    yield from start_stack(tmp, f"file://{tmp / 'outputs'}", tiny_model_dir, env)
+
+
+@pytest.fixture(scope="module")
+def playground_url(playground_stack: Stack) -> str:
     """The stack's own API serves the page."""
-    return file_stack.api_url
+    return playground_stack.api_url
 
 
 @pytest.fixture(scope="module")
-def keyed_url(file_stack: Stack) -> Iterator[str]:
+def keyed_url(playground_stack: Stack) -> Iterator[str]:
     """A second API process, with API keys on, beside the stack's: same Redis, storage and worker."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {
-        **file_stack.env,
+        **playground_stack.env,
         "DARKROOM_AUTH_DISABLED": "false",
         "DARKROOM_API_KEYS": f"playground:sha256:{hash_key(API_KEY)}",
         "DARKROOM_PUBLIC_URL": url,  # its image URLs point at itself, not at the stack's API
     }
     command = [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port)]
-    log_path = file_stack.log_dir / "api-keyed.log"
+    log_path = playground_stack.log_dir / "api-keyed.log"
     with log_path.open("ab") as log:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -210,6 +226,15 @@ def png_bytes(width: int, height: int) -> bytes:
     return buffer.getvalue()
 
 
+def mask_bytes(width: int, height: int) -> bytes:
+    """An inpainting mask that repaints the right half (white) and keeps the left (black)."""
+    mask = Image.new("L", (width, height), 0)
+    mask.paste(255, (width // 2, 0, width, height))
+    buffer = io.BytesIO()
+    mask.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 # --- the page and its assets ---------------------------------------------------------------------------
 
 
@@ -269,15 +294,15 @@ def test_server_validation_errors_are_shown_next_to_their_fields(
 
 
 def test_generate_with_queue_position_live_progress_and_reuse_seed(
-    page: Page, playground_url: str, file_stack: Stack, capsys: pytest.CaptureFixture[str]
+    page: Page, playground_url: str, playground_stack: Stack, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Keep the worker busy first, so the page's job has to wait its turn and shows its queue position.
-    with file_stack.client() as client:
+    with playground_stack.client() as client:
         blocker = client.post(
             "/v1/generations",
             json={"prompt": "busy", "aspect_ratio": "1:1", "num_inference_steps": 100},
         ).json()
-    file_stack.wait_for(blocker["id"], {"running"})
+    playground_stack.wait_for(blocker["id"], {"running"})
 
     page.goto(f"{playground_url}/playground")
     record_status_texts(page)
@@ -293,7 +318,7 @@ def test_generate_with_queue_position_live_progress_and_reuse_seed(
     status = page.locator("#status")
     expect(status).to_have_text("Queued — position 1")
     expect(page.get_by_role("button", name="Cancel")).to_be_visible()
-    with file_stack.client() as client:
+    with playground_stack.client() as client:
         assert client.post(f"/v1/generations/{blocker['id']}/cancel").status_code in (200, 202)
 
     expect(status).to_have_text(re.compile(r"^Done: 1 image in \d+\.\d s\.$"), timeout=JOB_TIMEOUT_MS)
@@ -379,12 +404,13 @@ def test_with_a_key_every_call_carries_it_and_a_dropped_event_stream_resumes(
     expect(key_field).to_have_attribute("type", "password")
     expect(key_field).to_have_attribute("autocomplete", "off")
     key_field.fill(API_KEY)
-    page.reload()
-    expect(key_field).to_have_value(API_KEY)  # remembered for this tab, in sessionStorage only
-    record_status_texts(page)
-
     requested: list[Request] = []
     page.on("request", lambda request: requested.append(request))
+    page.reload()
+    expect(key_field).to_have_value(API_KEY)  # remembered for this tab, in sessionStorage only
+    # The model menu's list is read with the key too (without it, the menu stays hidden).
+    expect(page.get_by_label("Model", exact=True)).to_be_visible()
+    record_status_texts(page)
     connections: list[dict[str, Any]] = []
 
     def drop_the_first_stream(route: Route) -> None:
@@ -418,8 +444,9 @@ def test_with_a_key_every_call_carries_it_and_a_dropped_event_stream_resumes(
     assert "last-event-id" not in first["headers"]
     assert second["headers"]["last-event-id"] == first["last_id"]
     assert second["at"] - first["dropped_at"] < 1.5  # the stream's retry: 50, not the default 2 s
-    api_calls = [request for request in requested if "/v1/generations" in request.url]
+    api_calls = [request for request in requested if re.search(r"/v1/(generations|models)", request.url)]
     assert {request.method for request in api_calls} >= {"GET", "POST"}
+    assert [request for request in api_calls if request.url.endswith("/v1/models")]
     for request in api_calls:
         assert request.all_headers().get("authorization") == f"Bearer {API_KEY}", request.url
     assert not [url for url in [page.url, *(request.url for request in requested)] if API_KEY in url]
@@ -465,3 +492,106 @@ def test_a_wrong_key_is_shown_at_the_key_field_and_polling_and_cancel_send_the_k
     assert cancel.value.all_headers()["authorization"] == f"Bearer {API_KEY}"
     expect(status).to_have_text("Canceled.", timeout=JOB_TIMEOUT_MS)
     assert page.evaluate("() => JSON.stringify({...localStorage})") == "{}"
+
+
+# --- models, LoRA adapters, inpainting ------------------------------------------------------------------
+
+
+def test_the_model_menu_lists_served_models_and_an_unknown_lora_is_shown_at_the_adapters(
+    page: Page, playground_url: str
+) -> None:
+    page.goto(f"{playground_url}/playground")
+    model = page.get_by_label("Model", exact=True)
+    expect(model.locator("option")).to_have_text(
+        ["tiny (default) — 1 worker ready", f"{OTHER_MODEL} — 0 workers ready"]
+    )
+    expect(model).to_have_value("tiny")
+    hint = page.locator("#model-hint")
+    expect(hint).to_be_hidden()
+    model.select_option(OTHER_MODEL)
+    expect(hint).to_have_text("No worker holds this model right now: its jobs wait until one starts.")
+
+    add = page.get_by_role("button", name="Add LoRA")
+    for _ in range(4):
+        add.click()
+    expect(add).to_be_disabled()  # as many rows as a request may name adapters, no more
+    page.get_by_role("button", name="Remove LoRA 2").click()
+    expect(add).to_be_enabled()
+    expect(page.get_by_label("LoRA 4 name", exact=True)).to_have_count(0)  # the rest renumbered
+    page.get_by_label("LoRA 1 name", exact=True).fill("ink")
+    page.get_by_label("LoRA 2 name", exact=True).fill("sepia")
+    page.get_by_label("LoRA 2 scale", exact=True).fill("0.5")
+    # LoRA 3 stays blank: a row without a name is not sent.
+    page.get_by_label("Prompt", exact=True).fill("a fox in ink")
+    page.get_by_label("Steps").fill("2")
+    with page.expect_response(f"{playground_url}/v1/generations") as answered:
+        page.get_by_role("button", name="Generate").click()
+    body = answered.value.request.post_data_json
+    assert isinstance(body, dict)
+    assert body["model"] == OTHER_MODEL
+    assert body["loras"] == [{"name": "ink", "scale": 1}, {"name": "sepia", "scale": 0.5}]
+    assert answered.value.status == 422
+    problem = answered.value.json()
+    assert problem["code"] == "lora_not_found"
+    assert [error["field"] for error in problem["errors"]] == ["loras.1.name"]
+    message = problem["errors"][0]["message"]
+    assert "offers: ink, rust" in message  # the names there are: no endpoint lists them
+
+    expect(page.locator("#loras-error")).to_have_text(message)
+    wrong = page.get_by_label("LoRA 2 name", exact=True)
+    expect(wrong).to_have_attribute("aria-invalid", "true")
+    expect(wrong).to_have_accessible_description(message)
+    expect(wrong).to_be_focused()
+    expect(page.get_by_label("LoRA 1 name", exact=True)).not_to_have_attribute("aria-invalid", "true")
+    expect(page.locator("#status")).to_have_text("Not submitted: fix the marked fields.")
+    # Refused at submission: nothing waits for the model no worker holds.
+    listed = httpx.get(f"{playground_url}/v1/models", timeout=10).json()["data"]
+    assert [(entry["id"], entry["queued"]) for entry in listed] == [("tiny", 0), (OTHER_MODEL, 0)]
+
+
+def test_inpainting_with_a_mask_and_an_offered_lora_reaches_succeeded(
+    page: Page, playground_url: str, playground_stack: Stack, capsys: pytest.CaptureFixture[str]
+) -> None:
+    page.goto(f"{playground_url}/playground")
+    mask_field = page.get_by_label(re.compile("^Inpainting mask"))
+    expect(mask_field).to_be_disabled()  # a mask belongs to a start image
+    expect(mask_field).to_have_accessible_description(re.compile("^White repaints, black keeps"))
+    fill_small_request(page, "a red boat in the harbour", steps=2)
+    expect(mask_field).to_be_enabled()
+    mask = mask_bytes(512, 512)
+    mask_field.set_input_files({"name": "mask.png", "mimeType": "image/png", "buffer": mask})
+    expect(page.get_by_role("img", name="The chosen mask")).to_be_visible()
+    expect(page.locator("#strength-hint")).to_have_text(
+        "How far to repaint the masked area (1 = from noise)."
+    )
+    page.get_by_role("button", name="Add LoRA").click()
+    page.get_by_label("LoRA 1 name", exact=True).fill("ink")
+    page.get_by_label("LoRA 1 scale", exact=True).fill("0.8")
+
+    with page.expect_response(f"{playground_url}/v1/generations") as submitted:
+        page.get_by_role("button", name="Generate").click()
+    body = submitted.value.request.post_data_json
+    assert isinstance(body, dict)
+    assert body["mask_image"] == "data:image/png;base64," + base64.b64encode(mask).decode()
+    assert body["init_image"].startswith("data:image/png;base64,") and body["strength"] == 1
+    assert body["loras"] == [{"name": "ink", "scale": 0.8}] and body["model"] == "tiny"
+    assert submitted.value.status == 202, submitted.value.text()
+    expect(page.locator("#status")).to_have_text(re.compile(r"^Done: 1 image"), timeout=JOB_TIMEOUT_MS)
+    expect(page.get_by_role("img", name=re.compile(r"^Image 1 of 1"))).to_have_js_property(
+        "naturalWidth", 512
+    )
+    save_screenshot(page, "playground-inpainting.png", capsys)
+
+    job = playground_stack.wait_for(submitted.value.json()["id"], {"succeeded", "failed", "canceled"})
+    assert job["status"] == "succeeded", job
+    assert job["request"]["loras"] == [{"name": "ink", "scale": 0.8}]
+    assert httpx.get(job["mask_image_url"], timeout=10).content == mask  # stored as uploaded
+    with Image.open(io.BytesIO(httpx.get(job["images"][0]["url"], timeout=10).content)) as png:
+        recorded = json.loads(png.text["darkroom"])["request"]
+    # The worker reads the stored mask back as base64: its hash is of that, the data: prefix aside.
+    assert recorded["mask_image_sha256"] == hashlib.sha256(base64.b64encode(mask)).hexdigest()
+
+    page.get_by_role("button", name="Remove image").click()  # the mask goes with its image
+    expect(mask_field).to_be_disabled()
+    expect(page.get_by_role("img", name="The chosen mask")).to_be_hidden()
+    expect(page.locator("#strength-hint")).to_have_text(re.compile("^How far to move away"))
