@@ -8,90 +8,19 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
 import signal
-import subprocess
-import sys
-import threading
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from darkroom_client import DarkroomClient
+from darkroom_client import DarkroomClient, LoraRequest
 from darkroom_client.cli import EXIT_INTERRUPTED, EXIT_JOB_FAILED, EXIT_UNAVAILABLE, EXIT_USAGE, main
 from services.net import free_port
-from tests.darkroom_client.conftest import SMALL, TERMINAL
-from tests.fixtures.signals import default_sigint
-from tests.fixtures.stack import ROOT, Stack
-
-CLI_TIMEOUT_S = 90.0
-
-
-def _env() -> dict[str, str]:
-    # The test decides the server; a developer's own DARKROOM_URL / DARKROOM_API_KEY must not leak in.
-    return {k: v for k, v in os.environ.items() if k not in ("DARKROOM_URL", "DARKROOM_API_KEY")}
-
-
-class CliRun:
-    """A running ``darkroom`` process whose stderr can be awaited line by line (no sleeping, no polling)."""
-
-    def __init__(self, stack: Stack, *args: str) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "darkroom_client", *args, "--server", stack.api_url],
-            cwd=ROOT,
-            env=_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            preexec_fn=default_sigint,  # the Ctrl-C test needs SIGINT to reach the CLI
-        )
-        self.stderr_lines: list[str] = []
-        self._changed = threading.Condition()
-        self._reader = threading.Thread(target=self._read_stderr, daemon=True)
-        self._reader.start()
-
-    def _read_stderr(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            with self._changed:
-                self.stderr_lines.append(line)
-                self._changed.notify_all()
-        with self._changed:
-            self.stderr_lines.append("")  # EOF marker
-            self._changed.notify_all()
-
-    @property
-    def stderr(self) -> str:
-        return "".join(self.stderr_lines)
-
-    def wait_for_stderr(self, text: str, timeout: float = CLI_TIMEOUT_S) -> None:
-        def seen() -> bool:
-            return text in self.stderr or (bool(self.stderr_lines) and self.stderr_lines[-1] == "")
-
-        with self._changed:
-            self._changed.wait_for(seen, timeout=timeout)
-        assert text in self.stderr, f"{text!r} never appeared on stderr:\n{self.stderr}"
-
-    def finish(self, timeout: float = CLI_TIMEOUT_S) -> tuple[int, str, str]:
-        assert self.process.stdout is not None
-        stdout = self.process.stdout.read()
-        returncode = self.process.wait(timeout=timeout)
-        self._reader.join(timeout=10)
-        return returncode, stdout, self.stderr
-
-
-def darkroom(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "darkroom_client", *args, "--server", stack.api_url],
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=CLI_TIMEOUT_S,
-        check=False,
-    )
+from tests.darkroom_client.cli_process import CliRun, darkroom
+from tests.darkroom_client.conftest import SMALL, TERMINAL, TINY
+from tests.fixtures.stack import Stack
 
 
 def test_generate_shows_queue_position_then_steps_and_saves_verified_images(
@@ -188,6 +117,85 @@ def test_a_failed_job_exits_1_with_its_error(
     assert summary["error"] == {"type": "canceled", "message": "canceled while queued"}
 
 
+def tiny_args(seed: int) -> list[str]:
+    return [
+        "--width",
+        str(TINY["width"]),
+        "--height",
+        str(TINY["height"]),
+        "--steps",
+        "2",
+        "--seed",
+        str(seed),
+    ]
+
+
+def test_generate_with_loras_sends_them_and_an_unknown_one_is_refused_by_the_server(
+    client_stack: Stack, client: DarkroomClient, tmp_path: Path
+) -> None:
+    done = darkroom(
+        client_stack,
+        *("generate", "a fox", *tiny_args(5), "--lora", "ink:0.5", "--lora", "rust"),
+        *("-o", str(tmp_path / "fox.png")),
+    )
+    assert done.returncode == 0, done.stderr
+    job = client.get(json.loads(done.stdout)["id"])
+    assert job.request.loras == [LoraRequest(name="ink", scale=0.5), LoraRequest(name="rust", scale=1.0)]
+    assert (tmp_path / "fox.png").is_file()
+
+    unknown = darkroom(client_stack, "generate", "a fox", *tiny_args(5), "--lora", "sepia")
+    assert unknown.returncode == EXIT_USAGE and unknown.stdout == ""
+    assert "422 lora_not_found" in unknown.stderr
+    assert "loras.0.name:" in unknown.stderr and "offers: ink, rust" in unknown.stderr
+
+
+def write_png(path: Path, size: tuple[int, int], *, right_half: bool = False) -> Path:
+    """A grey image, or (``right_half``) a mask repainting the right half: white repaints, black keeps."""
+    image = Image.new("L", size, 0 if right_half else 128)
+    if right_half:
+        image.paste(255, (size[0] // 2, 0, size[0], size[1]))
+    image.save(path)
+    return path
+
+
+def test_generate_with_a_mask_inpaints_the_init_image(
+    client_stack: Stack, client: DarkroomClient, tmp_path: Path
+) -> None:
+    init = write_png(tmp_path / "init.png", (512, 512))
+    mask = write_png(tmp_path / "mask.png", (512, 512), right_half=True)
+    done = darkroom(
+        client_stack,
+        *("generate", "a red boat", *tiny_args(3), "--strength", "1.0"),
+        *("--init-image", str(init), "--mask", str(mask), "-o", str(tmp_path / "boat.png")),
+    )
+    assert done.returncode == 0, done.stderr
+    job = client.get(json.loads(done.stdout)["id"])
+    assert job.mask_image_url is not None and job.init_image_url is not None  # sent, stored, inpainted
+    assert (job.request.width, job.request.height, job.request.strength) == (512, 512, 1.0)
+    with Image.open(tmp_path / "boat.png") as boat:
+        assert boat.size == (512, 512)
+
+
+def test_mask_errors_name_the_flag_before_anything_is_sent(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    init = write_png(tmp_path / "init.png", (512, 512))
+    small_mask = write_png(tmp_path / "mask.png", (256, 256), right_half=True)
+    server = f"http://127.0.0.1:{free_port()}"  # nobody listens: exit 2 proves nothing was sent
+    cases = [
+        (["--mask", str(small_mask)], "--mask needs --init-image"),
+        (["--init-image", str(init), "--mask", str(tmp_path / "missing.png")], "--mask: No such file"),
+        (
+            ["--init-image", str(init), "--mask", str(small_mask)],
+            "mask_image (--mask): mask_image is 256x256 but init_image is 512x512",
+        ),
+    ]
+    for args, message in cases:
+        assert main(["generate", "a boat", *args, "--server", server]) == EXIT_USAGE, args
+        captured = capsys.readouterr()
+        assert message in captured.err and captured.out == "", (args, captured.err)
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -196,6 +204,15 @@ def test_a_failed_job_exits_1_with_its_error(
         (["--format", "jpeg", "-o", "fox.png"], "-o fox.png does not match --format jpeg"),
         (["--init-image", "/nonexistent/fox.png"], "--init-image: No such file or directory"),
         (["--strength", "0.5"], "strength (--strength): strength applies to image-to-image only"),
+        (["--lora", "ink:strong"], "--lora 'ink:strong': SCALE 'strong' is not a number (NAME[:SCALE]"),
+        (["--lora", ":0.5"], "--lora ':0.5': the adapter name is missing"),
+        (["--lora", "my ink"], "--lora 'my ink': 'my ink' is not an adapter name"),
+        (["--lora", "ink:inf"], "--lora 'ink:inf': SCALE must be a finite number"),
+        (["--lora", "ink:3"], "loras.0.scale (--lora): Input should be less than or equal to 2"),
+        (
+            ["--lora", "ink", "--lora", "ink:0.5"],
+            "loras (--lora): each LoRA may be listed once; repeated: ink",
+        ),
     ],
 )
 def test_bad_arguments_exit_2_before_anything_is_sent(

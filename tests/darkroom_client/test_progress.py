@@ -1,11 +1,13 @@
-"""The CLI's progress lines: rewritten in place on a terminal, sparse and line by line into a pipe."""
+"""The CLI's progress lines, for jobs and batches: rewritten in place on a terminal, sparse and line by
+line into a pipe."""
 
 from __future__ import annotations
 
 import io
 from datetime import UTC, datetime
 
-from darkroom_client.progress import ProgressDisplay, step_bar
+from darkroom_client.progress import BatchProgressDisplay, ProgressDisplay, describe_batch, step_bar
+from schemas.batches import Batch, BatchCounts, BatchStatus
 from schemas.generation import GenerationRequest
 from schemas.jobs import Job, JobStatus, Progress
 
@@ -66,3 +68,38 @@ def test_step_bar() -> None:
     assert step_bar(0, 8, width=8) == "[--------] 0/8 steps"
     assert step_bar(3, 8, width=8) == "[###-----] 3/8 steps"
     assert step_bar(8, 8, width=8) == "[########] 8/8 steps"
+
+
+def batch_updates(total: int) -> list[Batch]:
+    """A batch as polled: queued, then items ending one by one (the last one failing), then completed."""
+    queued = Batch(
+        id="batch_1", status=BatchStatus.QUEUED, created_at=datetime.now(UTC), counts=BatchCounts(total=total)
+    )
+    views = [queued]
+    for ended in range(total):
+        succeeded, failed = min(ended, total - 1), max(0, ended - (total - 1))
+        counts = BatchCounts(
+            total=total, succeeded=succeeded, failed=failed, running=1, queued=total - ended - 1
+        )
+        views.append(queued.model_copy(update={"status": BatchStatus.RUNNING, "counts": counts}))
+    final = BatchCounts(total=total, succeeded=total - 1, failed=1)
+    return [*views, queued.model_copy(update={"status": BatchStatus.COMPLETED, "counts": final})]
+
+
+def test_a_batch_in_a_pipe_gets_about_ten_lines_whatever_its_size() -> None:
+    out = io.StringIO()
+    display = BatchProgressDisplay(out)
+    for batch in batch_updates(total=200):
+        display(batch)
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "batch_1 queued, 200 items"
+    assert lines[1] == f"batch_1 {step_bar(0, 200, unit='items')}; 1 running"
+    assert f"batch_1 {step_bar(100, 200, unit='items')}: 100 succeeded; 1 running" in lines
+    assert lines[-1] == "batch_1 completed: 199 succeeded, 1 failed"
+    assert len(lines) == 1 + 10 + 1  # queued, one per tenth of the items, the end
+
+
+def test_a_canceled_batch_says_how_its_items_ended() -> None:
+    counts = BatchCounts(total=4, succeeded=1, canceled=3)
+    batch = batch_updates(total=4)[0].model_copy(update={"status": BatchStatus.CANCELED, "counts": counts})
+    assert describe_batch(batch)[0] == "batch_1 canceled: 1 succeeded, 3 canceled"
