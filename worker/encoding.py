@@ -18,6 +18,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from schemas.generation import GenerationRequest, OutputFormat
+from schemas.images import decode_base64_image
 
 PARAMETERS_KEY = "parameters"
 DARKROOM_KEY = "darkroom"
@@ -70,13 +71,14 @@ def a1111_parameters(request: GenerationRequest, seed: int, model: str) -> str:
 
 
 def darkroom_metadata(request: GenerationRequest, seed: int, index: int, model: str) -> dict[str, Any]:
-    """The full request as JSON; the init image and mask are replaced by their sha256 (they can be
-    megabytes)."""
+    """The full request as JSON; the init image and mask are replaced by the sha256 of their image files
+    (they can be megabytes): the files as the client sent them and as ``init_image_url`` /
+    ``mask_image_url`` serve them, however the base64 was wrapped or prefixed."""
     payload = request.model_dump(mode="json", exclude={"init_image", "mask_image"})
     if request.init_image is not None:
-        payload["init_image_sha256"] = hashlib.sha256(request.init_image.encode()).hexdigest()
+        payload["init_image_sha256"] = hashlib.sha256(decode_base64_image(request.init_image)).hexdigest()
     if request.mask_image is not None:
-        payload["mask_image_sha256"] = hashlib.sha256(request.mask_image.encode()).hexdigest()
+        payload["mask_image_sha256"] = hashlib.sha256(decode_base64_image(request.mask_image)).hexdigest()
     return {"request": payload, "model": model, "seed": seed, "image_index": index}
 
 

@@ -222,7 +222,8 @@ def test_inpainting_through_the_stack_stores_the_mask_beside_the_init_image(file
     assert "/mask.png" in job["mask_image_url"] and "/init.png" in job["init_image_url"]
     with Image.open(io.BytesIO(download(job["images"][0]["url"]))) as png:
         recorded = json.loads(png.text["darkroom"])["request"]
-    assert recorded["mask_image_sha256"] == hashlib.sha256(body["mask_image"].encode()).hexdigest()
+    # The hash of the mask file itself: what was sent, and what mask_image_url serves.
+    assert recorded["mask_image_sha256"] == hashlib.sha256(download(job["mask_image_url"])).hexdigest()
 
     # A replay is answered with the first job; the images it uploaded on the way are deleted again.
     replay = submit(file_stack, body, **{"Idempotency-Key": "inpaint-1"})

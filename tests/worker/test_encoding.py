@@ -74,6 +74,6 @@ def test_image_to_image_metadata_names_the_init_image_by_hash_not_by_content() -
     req = request(init_image=init, strength=0.4)
     parameters, meta = read_png_metadata(encode_image(sample_image(), req, 7, 0, "tiny").data)
     assert "init_image" not in meta["request"]
-    assert meta["request"]["init_image_sha256"] == hashlib.sha256(init.encode()).hexdigest()
+    assert meta["request"]["init_image_sha256"] == hashlib.sha256(base64.b64decode(init)).hexdigest()
     assert parameters == a1111_parameters(req, 7, "tiny")
     assert "Denoising strength: 0.4" in parameters

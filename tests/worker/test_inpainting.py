@@ -137,6 +137,6 @@ def test_the_png_records_the_masks_hash_and_inpainting_never_batches(tiny_engine
     with Image.open(io.BytesIO(image.data)) as png:
         metadata = json.loads(png.text["darkroom"])["request"]
     assert request.mask_image is not None and request.init_image is not None
-    assert metadata["mask_image_sha256"] == hashlib.sha256(request.mask_image.encode()).hexdigest()
-    assert metadata["init_image_sha256"] == hashlib.sha256(request.init_image.encode()).hexdigest()
+    assert metadata["mask_image_sha256"] == hashlib.sha256(base64.b64decode(request.mask_image)).hexdigest()
+    assert metadata["init_image_sha256"] == hashlib.sha256(base64.b64decode(request.init_image)).hexdigest()
     assert "mask_image" not in metadata and "init_image" not in metadata
