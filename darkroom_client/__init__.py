@@ -19,11 +19,14 @@ from schemas.batches import (
     BatchCounts,
     BatchItem,
     BatchItemRequest,
+    BatchList,
     BatchStatus,
     CreateBatch,
 )
 from schemas.generation import GenerationRequest, LoraRequest, OutputFormat, SkipLayerGuidance
 from schemas.jobs import CreateGeneration, ImageResult, Job, JobStatus, Progress
+from schemas.models import ServedModel
+from schemas.outpaint import Outpaint
 from schemas.problems import FieldError, Problem
 from schemas.sizes import AspectRatio
 
@@ -35,6 +38,7 @@ __all__ = [
     "BatchCounts",
     "BatchItem",
     "BatchItemRequest",
+    "BatchList",
     "BatchProgressCallback",
     "BatchStatus",
     "BatchWaitTimeout",
@@ -50,11 +54,13 @@ __all__ = [
     "Job",
     "JobStatus",
     "LoraRequest",
+    "Outpaint",
     "OutputFormat",
     "Problem",
     "Progress",
     "ProgressCallback",
     "RequestBody",
+    "ServedModel",
     "SkipLayerGuidance",
     "WaitTimeout",
 ]

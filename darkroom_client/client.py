@@ -25,9 +25,10 @@ from pydantic import BaseModel
 
 from darkroom_client.errors import BatchWaitTimeout, ChecksumMismatch, DarkroomError, WaitTimeout
 from darkroom_client.events import Event, SSEDecoder
-from schemas.batches import MAX_PAGE, Batch, CreateBatch
+from schemas.batches import MAX_PAGE, Batch, BatchList, CreateBatch
 from schemas.generation import NORMALIZED_CONTEXT, GenerationRequest
 from schemas.jobs import CreateGeneration, ImageResult, Job, JobStatus
+from schemas.models import ModelList, ServedModel
 from schemas.problems import PROBLEM_TYPE_BASE, Problem
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -38,6 +39,9 @@ SSE_READ_TIMEOUT_S = 30.0
 STREAM_FAILURES_BEFORE_POLLING = 3
 # How long wait() rides out a server that answers 503 or cannot be reached before giving up.
 OUTAGE_TOLERANCE_S = 60.0
+# GET /v1/batches' page: 20 batches unless asked, at most 100 (each listed batch reads its items' states).
+DEFAULT_BATCH_LIST_PAGE = 20
+MAX_BATCH_LIST_PAGE = 100
 
 RequestBody = CreateGeneration | GenerationRequest | Mapping[str, Any]
 """A model is sent with only the fields that were set; a mapping is sent as-is (validated by the server)."""
@@ -255,6 +259,16 @@ class DarkroomClient:
             partial.unlink(missing_ok=True)
         return target
 
+    # --- models ------------------------------------------------------------------------------------------
+
+    def list_models(self) -> list[ServedModel]:
+        """The models requests may name as ``model``, the server's default first, each with its ready
+        workers and waiting jobs (``ready_workers == 0``: its jobs wait until a worker for it starts)."""
+        response = self._http.get("/v1/models")
+        if response.is_error:
+            raise DarkroomError.from_response(response)
+        return ModelList.model_validate_json(response.content).data
+
     # --- batches -----------------------------------------------------------------------------------------
 
     def create_batch(self, batch: BatchBody, *, idempotency_key: str | None = None) -> Batch:
@@ -301,11 +315,22 @@ class DarkroomClient:
         Polls the batch without its items (the cheap read) every ``poll_interval`` seconds: a batch has no
         event stream, and its items' own streams would be one connection each. ``on_progress`` gets the
         batch whenever its status or counts change. Short outages (503, refused) are ridden out as in
-        :meth:`wait`. Raises :class:`BatchWaitTimeout` (the items go on) after ``timeout`` seconds.
+        :meth:`wait`, the final read of every item included. Raises :class:`BatchWaitTimeout` (the items
+        go on) after ``timeout`` seconds.
         """
         current = batch if isinstance(batch, Batch) else self._batch_page(batch, 0, 0)
-        _BatchWaiter(self, current, timeout, on_progress, poll_interval).run()
-        return self.get_batch(current.id)
+        waiter = _BatchWaiter(self, current, timeout, on_progress, poll_interval)
+        waiter.run()
+        return waiter.read_all()
+
+    def list_batches(self, offset: int = 0, limit: int = DEFAULT_BATCH_LIST_PAGE) -> BatchList:
+        """This API key's batches, newest first: one page (``limit`` 1..100) of their status and counts,
+        without items (:meth:`get_batch` one for those); ``next_offset`` is the next page's, None at the end.
+        """
+        response = self._http.get("/v1/batches", params={"offset": offset, "limit": limit})
+        if response.is_error:
+            raise DarkroomError.from_response(response)
+        return BatchList.model_validate_json(response.content)
 
     def _batch_page(self, batch_id: str, offset: int, limit: int) -> Batch:
         params = {"offset": offset, "limit": limit}
@@ -535,6 +560,19 @@ class _BatchWaiter:
                 self.batch = read
                 self._notify()
         return self.batch
+
+    def read_all(self) -> Batch:
+        """The ended batch with every item, riding out an outage as the polls do. Past the deadline it
+        tries once more and lets that error through: the caller's timeout still bounds the wait."""
+        while True:
+            remaining = None if self.deadline is None else self.deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return self.client.get_batch(self.batch.id)
+            read = self.outage.read(lambda: self.client.get_batch(self.batch.id))
+            if read is not None:
+                return read
+            pause = self.outage.pause(self.poll_interval)
+            time.sleep(pause if remaining is None else min(pause, remaining))
 
     def _notify(self) -> None:
         seen = (self.batch.status, self.batch.counts)

@@ -2,7 +2,9 @@
 
 Package-scoped so every module here shares one Redis + API + worker + webhook worker (starting them is most
 of the suite's time). The stack offers the tiny model's two test LoRAs (``ink``, ``rust``), so ``--lora``
-runs end to end. Tests leave the queue empty behind them.
+runs end to end, and a second model, ``tiny-b``, that no worker serves: its jobs and batch items stay
+queued (never wait on them), which makes them cheap subjects for listing and ``--model``. Tests leave the
+queues empty behind them.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ LONG: dict[str, Any] = {**SMALL, "prompt": "a very long exposure", "num_inferenc
 #: tests about what the client sends rather than about the images.
 TINY: dict[str, Any] = {**SMALL, "num_inference_steps": 2}
 TERMINAL = {status.value for status in JobStatus if status.is_terminal}
+#: A model the API accepts (DARKROOM_MODELS) but no worker serves: 0 ready workers, its jobs wait.
+UNSERVED_MODEL = "tiny-b"
 
 
 @pytest.fixture(scope="package")
@@ -36,7 +40,10 @@ def client_stack(
     tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, tiny_loras: dict[str, str]
 ) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("client-stack")
-    env = {"DARKROOM_LORAS": json.dumps(tiny_loras)}  # the same list for the API and the worker
+    env = {  # the same lists for the API and the worker
+        "DARKROOM_LORAS": json.dumps(tiny_loras),
+        "DARKROOM_MODELS": UNSERVED_MODEL,
+    }
     yield from start_stack(tmp, f"file://{tmp / 'outputs'}", tiny_model_dir, env)
 
 

@@ -1,13 +1,15 @@
-"""``DarkroomClient``'s batch calls against the running stack: create (idempotent), read page by page, wait,
-cancel, and errors as problems.
+"""``DarkroomClient``'s batch calls against the running stack: create (idempotent), read page by page, wait
+(riding out a 503 on its final read), cancel, list, and errors as problems.
 
-A recording transport (the real one underneath) shows how many pages a full read took.
+A recording transport (the real one underneath) shows how many pages a full read took; a subclass answers
+the first full reads with the API's own 503 problem, as it does while Redis is down.
 """
 
 from __future__ import annotations
 
 import time
 
+import httpx
 import pytest
 
 from darkroom_client import (
@@ -20,7 +22,7 @@ from darkroom_client import (
     DarkroomError,
     JobStatus,
 )
-from tests.darkroom_client.conftest import TINY, RecordingTransport
+from tests.darkroom_client.conftest import TINY, UNSERVED_MODEL, RecordingTransport
 from tests.fixtures.stack import Stack
 
 
@@ -75,6 +77,72 @@ def test_cancel_a_waiting_batch_after_wait_batch_gives_up(client: DarkroomClient
     with pytest.raises(DarkroomError) as again:
         client.cancel_batch(batch.id)
     assert (again.value.status, again.value.code) == (409, "batch_already_finished")
+
+
+class UnavailableFullReads(RecordingTransport):
+    """The first ``failures`` full reads of a batch (``limit`` other than 0: what wait_batch ends with)
+    get the 503 ``redis_unavailable`` problem the API sends while Redis is down; the rest reach the stack.
+    (Stopping the package's shared Redis at that moment would work too, but puts every later test at risk.)
+    """
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        full_read = request.url.path.startswith("/v1/batches/") and request.url.params.get("limit") != "0"
+        if request.method == "GET" and full_read and self.failures:
+            self.failures -= 1
+            self.requests.append(f"503 {request.url.path}")
+            problem = {
+                "type": "urn:darkroom:problem:redis_unavailable",
+                "title": "Service Unavailable",
+                "status": 503,
+                "detail": "The job store is temporarily unreachable; retry shortly.",
+                "code": "redis_unavailable",
+            }
+            headers = {"Content-Type": "application/problem+json", "Retry-After": "1"}
+            return httpx.Response(503, json=problem, headers=headers)
+        return super().handle_request(request)
+
+
+def test_wait_batch_rides_out_an_outage_on_its_final_read(client_stack: Stack) -> None:
+    transport = UnavailableFullReads(failures=2)
+    with DarkroomClient(client_stack.api_url, transport=transport) as client:
+        batch = client.create_batch(tiny_batch([61]))
+        done = client.wait_batch(batch, timeout=60, poll_interval=0.1)
+    assert done.status is BatchStatus.COMPLETED and [item.status for item in done.items or []] == [
+        JobStatus.SUCCEEDED
+    ]
+    assert transport.failures == 0 and transport.count(f"503 /v1/batches/{batch.id}") == 2
+
+
+def test_list_batches_newest_first_page_by_page(client: DarkroomClient) -> None:
+    # Batches for the model no worker serves stay queued: listing subjects that cost no GPU time.
+    unserved = BatchItemRequest(**TINY, model=UNSERVED_MODEL)
+    first = client.create_batch(CreateBatch(template=unserved, seeds=[1]))
+    second = client.create_batch(CreateBatch(template=unserved, count=2))
+    try:
+        newest = client.list_batches()  # the default page: up to 20, newest first, no items
+        assert [batch.id for batch in newest.data[:2]] == [second.id, first.id] and len(newest.data) <= 20
+        assert [(batch.status, batch.counts.total, batch.counts.queued) for batch in newest.data[:2]] == [
+            (BatchStatus.QUEUED, 2, 2),
+            (BatchStatus.QUEUED, 1, 1),
+        ]
+        assert all(batch.items is None for batch in newest.data)
+        assert newest.data[0].model == UNSERVED_MODEL
+
+        page = client.list_batches(limit=1)
+        assert [batch.id for batch in page.data] == [second.id] and page.next_offset == 1
+        assert [batch.id for batch in client.list_batches(offset=1, limit=1).data] == [first.id]
+
+        with pytest.raises(DarkroomError) as too_many:
+            client.list_batches(limit=101)
+        assert (too_many.value.status, too_many.value.code) == (422, "validation_error")
+        assert [error.field for error in too_many.value.errors] == ["query.limit"]
+    finally:
+        for batch in (first, second):
+            client.cancel_batch(batch.id)
 
 
 def test_batch_errors_are_problems(client: DarkroomClient) -> None:

@@ -24,7 +24,7 @@ from darkroom_client import (
     WaitTimeout,
 )
 from darkroom_client.client import STREAM_FAILURES_BEFORE_POLLING
-from tests.darkroom_client.conftest import SMALL, RecordingTransport
+from tests.darkroom_client.conftest import SMALL, TINY, UNSERVED_MODEL, RecordingTransport
 from tests.fixtures.stack import Stack
 
 UNAUTHORIZED = {
@@ -120,6 +120,27 @@ def test_wait_gives_up_at_its_timeout_and_the_job_goes_on(client: DarkroomClient
     assert 1.0 <= time.monotonic() - started < 5.0
     assert timed_out.value.job.id == job.id and timed_out.value.job.status is JobStatus.QUEUED
     assert client.cancel(job.id).status is JobStatus.CANCELED
+
+
+def test_list_models_shows_the_default_and_an_unserved_model_with_its_waiting_job(
+    client: DarkroomClient,
+) -> None:
+    before = client.list_models()
+    assert [(model.id, model.default) for model in before] == [("tiny", True), (UNSERVED_MODEL, False)]
+    assert [model.ready_workers for model in before] == [1, 0]
+    assert before[0].created > 0 and before[1].created == 0  # no worker has ever served tiny-b here
+
+    waiting = client.generate({**TINY, "model": UNSERVED_MODEL})  # nobody serves it: it stays queued
+    try:
+        assert waiting.request.model == UNSERVED_MODEL
+        counts = {model.id: (model.queued, model.batch_queued) for model in client.list_models()}
+        assert counts[UNSERVED_MODEL] == (1, 0)
+    finally:
+        assert client.cancel(waiting.id).status is JobStatus.CANCELED
+    with pytest.raises(DarkroomError) as unknown:
+        client.generate(CreateGeneration(**TINY, model="sd-nope"))
+    assert (unknown.value.status, unknown.value.code) == (422, "model_not_found")
+    assert [error.field for error in unknown.value.errors] == ["model"]
 
 
 # --- without a server ---------------------------------------------------------------------------------------
