@@ -3,6 +3,7 @@
     darkroom generate "a red fox in the snow" --aspect-ratio 16:9 --seed 42 -o fox.png
     darkroom status gen_…      darkroom cancel gen_…
     darkroom batch create --prompt "a red fox" --seeds 1-8 --wait -o foxes/
+    darkroom models            darkroom batch list
 
 Progress goes to stderr and the result (a JSON summary, or the job) to stdout, so scripts can pipe it to
 ``jq``. Exit codes: 0 done; 1 the job (or an item of the batch) failed or was canceled; 2 bad arguments or a
@@ -41,6 +42,7 @@ from darkroom_client.errors import ChecksumMismatch, DarkroomError, WaitTimeout
 from darkroom_client.progress import ProgressDisplay
 from darkroom_client.request_options import add_request_options, describe_validation, request_fields
 from schemas.jobs import CreateGeneration, Job, JobStatus
+from schemas.models import ServedModel
 
 __all__ = [
     "EXIT_INTERRUPTED",
@@ -91,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     cancel = commands.add_parser("cancel", parents=[common], help="cancel a job; prints it as JSON")
     cancel.set_defaults(run=run_cancel)
     cancel.add_argument("job_id")
+    models = commands.add_parser(
+        "models", parents=[common], help="the models requests may name, with their ready workers"
+    )
+    models.set_defaults(run=run_models)
+    models.add_argument("--json", action="store_true", help="print the list as JSON")
     add_batch_commands(commands, common)
     return parser
 
@@ -234,4 +241,28 @@ def run_cancel(args: argparse.Namespace) -> int:
     if not job.status.is_terminal:
         say(f"cancel requested: {job.id} stops at its next denoising step")
     print_json(job.model_dump(mode="json"))
+    return EXIT_OK
+
+
+# --- models ------------------------------------------------------------------------------------------------
+
+
+def model_line(model: ServedModel, id_width: int) -> str:
+    """``tiny    default  1 ready, 0 queued, 0 batch queued``: one model, columns aligned over the list."""
+    marker = "default" if model.default else ""
+    return (
+        f"{model.id:<{id_width}}  {marker:<7}  {model.ready_workers} ready, {model.queued} queued, "
+        f"{model.batch_queued} batch queued"
+    )
+
+
+def run_models(args: argparse.Namespace) -> int:
+    with open_client(args) as client:
+        models = client.list_models()
+    if args.json:
+        print_json([model.model_dump(mode="json") for model in models])
+        return EXIT_OK
+    id_width = max((len(model.id) for model in models), default=0)
+    for model in models:
+        print(model_line(model, id_width), flush=True)
     return EXIT_OK

@@ -4,6 +4,7 @@
     darkroom batch create --file prompts.jsonl            # prints the batch; follow it later:
     darkroom batch wait batch_… -o foxes/                 # waits, then downloads every image
     darkroom batch get batch_…      darkroom batch cancel batch_…
+    darkroom batch list                                   # your batches, newest first
 
 The items are one request repeated over ``--seeds`` or ``--count`` (the generation flags of ``generate``),
 or read from ``--file``. Downloads are named by the item's place in the batch, so a folder lists in
@@ -34,7 +35,7 @@ from darkroom_client.cli_support import (
     print_json,
     say,
 )
-from darkroom_client.client import DarkroomClient
+from darkroom_client.client import DEFAULT_BATCH_LIST_PAGE, MAX_BATCH_LIST_PAGE, DarkroomClient
 from darkroom_client.errors import BatchWaitTimeout, ChecksumMismatch, DarkroomError
 from darkroom_client.progress import BatchProgressDisplay
 from darkroom_client.request_options import (
@@ -54,7 +55,7 @@ _SEED_SPAN = re.compile(r"(\d+)(?:-(\d+))?")
 def add_batch_commands(
     commands: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
 ) -> None:
-    batch = commands.add_parser("batch", help="many images as one batch: create, get, wait, cancel")
+    batch = commands.add_parser("batch", help="many images as one batch: create, get, wait, cancel, list")
     actions = batch.add_subparsers(dest="batch_command", required=True)
 
     create = actions.add_parser(
@@ -95,6 +96,22 @@ def add_batch_commands(
     cancel = actions.add_parser("cancel", parents=[common], help="cancel a batch; prints it as JSON")
     cancel.set_defaults(run=run_batch_cancel)
     cancel.add_argument("batch_id")
+
+    listing = actions.add_parser(
+        "list", parents=[common], help="your batches, newest first: one line each (status, counts)"
+    )
+    listing.set_defaults(run=run_batch_list)
+    listing.add_argument(
+        "--limit",
+        type=int,
+        default=DEFAULT_BATCH_LIST_PAGE,
+        metavar="N",
+        help=f"batches to list, 1..{MAX_BATCH_LIST_PAGE} (default %(default)s)",
+    )
+    listing.add_argument(
+        "--offset", type=int, default=0, metavar="N", help="skip the N newest (the next page's offset)"
+    )
+    listing.add_argument("--json", action="store_true", help="print the page as JSON (with next_offset)")
 
 
 def _add_wait_options(parser: argparse.ArgumentParser) -> None:
@@ -238,6 +255,42 @@ def run_batch_get(args: argparse.Namespace) -> int:
     with open_client(args) as client:
         print_json(client.get_batch(args.batch_id).model_dump(mode="json"))
     return EXIT_OK
+
+
+def run_batch_list(args: argparse.Namespace) -> int:
+    if not 1 <= args.limit <= MAX_BATCH_LIST_PAGE:
+        raise UsageError(f"--limit {args.limit}: a page lists 1..{MAX_BATCH_LIST_PAGE} batches")
+    if args.offset < 0:
+        raise UsageError(f"--offset {args.offset}: must be 0 or more")
+    with open_client(args) as client:
+        page = client.list_batches(offset=args.offset, limit=args.limit)
+    if args.json:
+        print_json(page.model_dump(mode="json"))
+        return EXIT_OK
+    for batch in page.data:
+        print(batch_line(batch), flush=True)
+    if page.next_offset is not None:
+        say(f"more: darkroom batch list --offset {page.next_offset} --limit {args.limit}")
+    return EXIT_OK
+
+
+def batch_line(batch: Batch) -> str:
+    """``batch_…  completed  2026-11-22T10:00:00+00:00  3 items: 2 succeeded, 1 failed`` (the one column
+    of varying width last, so the others line up)."""
+    counts = batch.counts
+    states = ", ".join(
+        f"{number} {name}"
+        for number, name in (
+            (counts.succeeded, "succeeded"),
+            (counts.failed, "failed"),
+            (counts.canceled, "canceled"),
+            (counts.running, "running"),
+            (counts.queued, "queued"),
+        )
+        if number
+    )
+    items = f"{counts.total} item{'' if counts.total == 1 else 's'}" + (f": {states}" if states else "")
+    return f"{batch.id}  {batch.status.value:<9}  {batch.created_at.isoformat(timespec='seconds')}  {items}"
 
 
 def run_batch_cancel(args: argparse.Namespace) -> int:

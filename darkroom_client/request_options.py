@@ -19,9 +19,10 @@ from darkroom_client.cli_support import UsageError
 from schemas.generation import LORA_NAME_PATTERN, OutputFormat
 from schemas.sizes import AspectRatio
 
-# Request field -> the flag that sets it. The fields read from flags as they are come first; loras and the
-# images are parsed or read from files below.
+# Request field -> the flag that sets it. The fields read from flags as they are come first; loras, outpaint
+# and the images are parsed or read from files below.
 FLAGS = {
+    "model": "--model",
     "negative_prompt": "--negative-prompt",
     "aspect_ratio": "--aspect-ratio",
     "width": "--width",
@@ -38,14 +39,25 @@ FLAGS = {
     "loras": "--lora",
     "init_image": "--init-image",
     "mask_image": "--mask",
+    "outpaint": "--outpaint",
 }
-_PLAIN_FIELDS = tuple(name for name in FLAGS if name not in ("loras", "init_image", "mask_image"))
+_PARSED_FIELDS = ("loras", "init_image", "mask_image", "outpaint")
+_PLAIN_FIELDS = tuple(name for name in FLAGS if name not in _PARSED_FIELDS)
 LORA_FORMAT = "NAME[:SCALE], e.g. ink or ink:0.8"
+OUTPAINT_SIDES = ("left", "right", "top", "bottom", "feather")
+OUTPAINT_FORMAT = (
+    "SIDE=PX pairs, e.g. right=256 or left=128,right=128,feather=24; or LEFT,RIGHT,TOP,BOTTOM[,FEATHER]"
+)
 
 
 def add_request_options(parser: argparse.ArgumentParser, *, image_inputs: bool) -> None:
-    """Every generation flag but the prompt; ``image_inputs`` adds --init-image, --mask and --strength
-    (batch items are text-to-image only, so ``batch create`` goes without)."""
+    """Every generation flag but the prompt; ``image_inputs`` adds --init-image, --mask, --outpaint and
+    --strength (batch items are text-to-image only, so ``batch create`` goes without)."""
+    parser.add_argument(
+        "--model",
+        metavar="NAME",
+        help="a model the server serves (`darkroom models` lists them); default: the server's default",
+    )
     parser.add_argument("--negative-prompt")
     parser.add_argument("--aspect-ratio", choices=[ratio.value for ratio in AspectRatio])
     parser.add_argument("--width", type=int, metavar="PX")
@@ -90,6 +102,13 @@ def add_request_options(parser: argparse.ArgumentParser, *, image_inputs: bool) 
             help="inpainting: mask of --init-image's size, white repaints, black keeps",
         )
         parser.add_argument(
+            "--outpaint",
+            metavar="SIDE=PX,...",
+            help="outpainting: grow --init-image's canvas and paint the new border, e.g. right=256 or "
+            "left=128,right=128,feather=24 (sides 0..1024 px, feather 0..128, default 16); also "
+            "LEFT,RIGHT,TOP,BOTTOM[,FEATHER]",
+        )
+        parser.add_argument(
             "--strength", type=float, metavar="S", help="how far to depart from --init-image (0..1]"
         )
 
@@ -103,6 +122,13 @@ def request_fields(args: argparse.Namespace) -> dict[str, Any]:
         fields["loras"] = [parse_lora(text) for text in args.loras]
     init_image: Path | None = getattr(args, "init_image", None)
     mask_image: Path | None = getattr(args, "mask_image", None)
+    outpaint: str | None = getattr(args, "outpaint", None)
+    if outpaint is not None:
+        if mask_image is not None:
+            raise UsageError("--outpaint cannot be combined with --mask: outpainting draws its own mask")
+        if init_image is None:
+            raise UsageError("--outpaint needs --init-image: it grows that image's canvas")
+        fields["outpaint"] = parse_outpaint(outpaint)
     if mask_image is not None and init_image is None:
         raise UsageError("--mask needs --init-image: the mask marks which part of that image to repaint")
     if init_image is not None:
@@ -140,6 +166,49 @@ def parse_lora(text: str) -> dict[str, Any]:
     if not math.isfinite(value):
         raise UsageError(f"--lora {text!r}: SCALE must be a finite number ({LORA_FORMAT})")
     return {"name": name, "scale": value}
+
+
+def parse_outpaint(text: str) -> dict[str, int]:
+    """``right=256`` / ``left=128,right=128,feather=24`` (named: any sides, any order), or
+    ``128,128,0,0[,24]`` (all four sides in the API's order, left right top bottom) → the ``outpaint``
+    object, with only what was given (the server's feather default stays the server's).
+
+    Named sides are the form to prefer: most outpainting grows one or two sides, and a bare list of four
+    numbers is easy to misorder (CSS lists top right bottom left). Ranges are the request model's business.
+    """
+    parts = [part.strip() for part in text.split(",")]
+    named = ["=" in part for part in parts]
+    if all(named):
+        fields: dict[str, int] = {}
+        for part in parts:
+            name, _, value = part.partition("=")
+            side = name.strip().lower()
+            if side not in OUTPAINT_SIDES:
+                raise UsageError(
+                    f"--outpaint {text!r}: {name.strip()!r} is not one of {', '.join(OUTPAINT_SIDES)} "
+                    f"({OUTPAINT_FORMAT})"
+                )
+            if side in fields:
+                raise UsageError(f"--outpaint {text!r}: {side} is given twice")
+            fields[side] = _pixels(text, side, value.strip())
+        return fields
+    if any(named):
+        raise UsageError(f"--outpaint {text!r}: name every side or none ({OUTPAINT_FORMAT})")
+    if len(parts) not in (4, 5):
+        raise UsageError(
+            f"--outpaint {text!r}: {len(parts)} value{'s' if len(parts) != 1 else ''}, but the list form "
+            f"takes LEFT,RIGHT,TOP,BOTTOM and optionally FEATHER ({OUTPAINT_FORMAT})"
+        )
+    return {side: _pixels(text, side, value) for side, value in zip(OUTPAINT_SIDES, parts, strict=False)}
+
+
+def _pixels(text: str, side: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise UsageError(
+            f"--outpaint {text!r}: {side} {value!r} is not a whole number of pixels ({OUTPAINT_FORMAT})"
+        ) from None
 
 
 def read_image(path: Path, flag: str) -> str:

@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from darkroom_client import DarkroomClient, LoraRequest
+from darkroom_client import DarkroomClient, JobStatus, LoraRequest, Outpaint
 from darkroom_client.cli import EXIT_INTERRUPTED, EXIT_JOB_FAILED, EXIT_UNAVAILABLE, EXIT_USAGE, main
+from darkroom_client.request_options import parse_outpaint
 from services.net import free_port
 from tests.darkroom_client.cli_process import CliRun, darkroom
-from tests.darkroom_client.conftest import SMALL, TERMINAL, TINY
+from tests.darkroom_client.conftest import SMALL, TERMINAL, TINY, UNSERVED_MODEL
 from tests.fixtures.stack import Stack
 
 
@@ -196,10 +197,103 @@ def test_mask_errors_name_the_flag_before_anything_is_sent(
         assert message in captured.err and captured.out == "", (args, captured.err)
 
 
+def test_generate_with_outpaint_grows_the_init_image_and_the_server_draws_the_mask(
+    client_stack: Stack, client: DarkroomClient, tmp_path: Path
+) -> None:
+    init = write_png(tmp_path / "init.png", (256, 512))  # + 128 px each side: a 512x512 canvas
+    done = darkroom(
+        client_stack,
+        *("generate", "a harbour, wide shot", "--steps", "2", "--seed", "9", "--init-image", str(init)),
+        *("--outpaint", "left=128,right=128,feather=8", "-o", str(tmp_path / "wide.png")),
+    )
+    assert done.returncode == 0, done.stderr
+    job = client.get(json.loads(done.stdout)["id"])
+    assert job.request.outpaint == Outpaint(left=128, right=128, feather=8)
+    assert (job.request.width, job.request.height, job.request.strength) == (512, 512, 1.0)
+    with Image.open(tmp_path / "wide.png") as wide:
+        assert wide.size == (512, 512)
+    assert job.mask_image_url is not None
+    mask_path = client.download(job.mask_image_url, tmp_path / "mask.png")
+    with Image.open(mask_path) as mask:
+        # White over the new border, black over the image, fading over 8 px inside each grown side.
+        row = [mask.convert("L").getpixel((x, 256)) for x in (0, 127, 128, 136, 256, 375, 383, 384, 511)]
+    assert row[:2] == [255, 255] and row[3:6] == [0, 0, 0] and row[7:] == [255, 255]
+    assert 0 < row[2] < 255 and 0 < row[6] < 255
+
+
+def test_outpaint_values_by_name_or_in_order() -> None:
+    assert parse_outpaint("right=256") == {"right": 256}
+    assert parse_outpaint("Left=128, right=128,feather=24") == {"left": 128, "right": 128, "feather": 24}
+    assert parse_outpaint("128,128,0,0") == {"left": 128, "right": 128, "top": 0, "bottom": 0}
+    assert parse_outpaint("0,0,64,32,4") == {"left": 0, "right": 0, "top": 64, "bottom": 32, "feather": 4}
+
+
+def test_outpaint_errors_name_the_flag_before_anything_is_sent(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    init = str(write_png(tmp_path / "init.png", (512, 512)))
+    mask = str(write_png(tmp_path / "mask.png", (512, 512), right_half=True))
+    server = f"http://127.0.0.1:{free_port()}"  # nobody listens: exit 2 proves nothing was sent
+    given = ["--init-image", init]
+    cases = [
+        (["--outpaint", "left=128"], "--outpaint needs --init-image: it grows that image's canvas"),
+        (
+            [*given, "--mask", mask, "--outpaint", "left=128"],
+            "--outpaint cannot be combined with --mask: outpainting draws its own mask",
+        ),
+        ([*given, "--outpaint", "wide=128"], "'wide' is not one of left, right, top, bottom, feather"),
+        ([*given, "--outpaint", "left=big"], "--outpaint 'left=big': left 'big' is not a whole number"),
+        ([*given, "--outpaint", "left=1,left=2"], "--outpaint 'left=1,left=2': left is given twice"),
+        ([*given, "--outpaint", "left=1,2"], "--outpaint 'left=1,2': name every side or none"),
+        ([*given, "--outpaint", "128,128"], "2 values, but the list form takes LEFT,RIGHT,TOP,BOTTOM"),
+        (
+            [*given, "--outpaint", "left=2000"],
+            "outpaint.left (--outpaint): Input should be less than or equal to 1024",
+        ),
+        ([*given, "--outpaint", "0,0,0,0"], "outpaint (--outpaint): outpaint needs at least one of left"),
+    ]
+    for args, message in cases:
+        assert main(["generate", "a harbour", *args, "--server", server]) == EXIT_USAGE, args
+        captured = capsys.readouterr()
+        assert message in captured.err and captured.out == "", (args, captured.err)
+
+
+def test_models_command_and_generate_with_a_model(client_stack: Stack, client: DarkroomClient) -> None:
+    listed = darkroom(client_stack, "models")
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.splitlines() == [
+        "tiny    default  1 ready, 0 queued, 0 batch queued",
+        "tiny-b           0 ready, 0 queued, 0 batch queued",
+    ]
+    as_json = darkroom(client_stack, "models", "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    models = json.loads(as_json.stdout)
+    assert [(m["id"], m["default"], m["ready_workers"]) for m in models] == [
+        ("tiny", True, 1),
+        (UNSERVED_MODEL, False, 0),
+    ]
+
+    # No worker serves tiny-b: the job waits, so the CLI gives up at --timeout and the job is still there.
+    waiting = darkroom(
+        client_stack, "generate", "a fox", *tiny_args(1), "--model", UNSERVED_MODEL, "--timeout", "0.5"
+    )
+    assert waiting.returncode == EXIT_UNAVAILABLE, waiting.stderr
+    match = re.search(r"gen_[0-9a-f]+", waiting.stderr)
+    assert match, waiting.stderr
+    job = client.get(match.group(0))
+    assert (job.status, job.request.model) == (JobStatus.QUEUED, UNSERVED_MODEL)
+    assert client.cancel(job.id).status is JobStatus.CANCELED
+
+    unknown = darkroom(client_stack, "generate", "a fox", *tiny_args(1), "--model", "sd-nope")
+    assert unknown.returncode == EXIT_USAGE and unknown.stdout == ""
+    assert "422 model_not_found" in unknown.stderr and "model:" in unknown.stderr
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (["--width", "500", "--height", "512"], "width (--width): width 500 is not a multiple of 16"),
+        (["--model", "my model"], "model (--model): String should match pattern"),
         (["--width", "512"], "width and height must be given together"),
         (["--format", "jpeg", "-o", "fox.png"], "-o fox.png does not match --format jpeg"),
         (["--init-image", "/nonexistent/fox.png"], "--init-image: No such file or directory"),

@@ -15,12 +15,12 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from darkroom_client import BatchStatus, DarkroomClient, JobStatus, LoraRequest
+from darkroom_client import BatchItemRequest, BatchStatus, CreateBatch, DarkroomClient, JobStatus, LoraRequest
 from darkroom_client.cli import EXIT_INTERRUPTED, EXIT_JOB_FAILED, EXIT_UNAVAILABLE, EXIT_USAGE, main
 from darkroom_client.cli_batch import read_batch_file
 from services.net import free_port
 from tests.darkroom_client.cli_process import CliRun, darkroom
-from tests.darkroom_client.conftest import TINY
+from tests.darkroom_client.conftest import TINY, UNSERVED_MODEL
 from tests.fixtures.stack import Stack
 
 TINY_FLAGS = ["--width", "512", "--height", "512", "--steps", "2"]
@@ -147,7 +147,60 @@ def test_timeout_and_ctrl_c_leave_a_watched_batch_running_but_cancel_one_the_com
     assert not list(tmp_path.iterdir())
 
 
+def test_batch_create_with_a_model_then_batch_list_and_models_show_it(
+    client_stack: Stack, client: DarkroomClient
+) -> None:
+    """Batches for the model no worker serves stay queued: listing subjects that cost no GPU time."""
+    older = client.create_batch(CreateBatch(template=BatchItemRequest(**TINY, model=UNSERVED_MODEL), count=1))
+    created = darkroom(
+        client_stack,
+        *("batch", "create", "--prompt", "a fox", "--count", "2", *TINY_FLAGS, "--model", UNSERVED_MODEL),
+    )
+    assert created.returncode == 0, created.stderr
+    newer = json.loads(created.stdout)
+    try:
+        assert (newer["model"], newer["status"]) == (UNSERVED_MODEL, "queued")
+        assert {client.get(item["id"]).request.model for item in newer["items"]} == {UNSERVED_MODEL}
+
+        listed = darkroom(client_stack, "batch", "list", "--limit", "1")
+        assert listed.returncode == 0, listed.stderr
+        created_at = client.get_batch(newer["id"], limit=0).created_at.isoformat(timespec="seconds")
+        assert listed.stdout.splitlines() == [f"{newer['id']}  queued     {created_at}  2 items: 2 queued"]
+        assert "more: darkroom batch list --offset 1 --limit 1" in listed.stderr
+
+        page = darkroom(client_stack, "batch", "list", "--offset", "1", "--limit", "1", "--json")
+        assert page.returncode == 0, page.stderr
+        shown = json.loads(page.stdout)
+        assert [batch["id"] for batch in shown["data"]] == [older.id] and shown["data"][0]["items"] is None
+        assert shown["data"][0]["counts"]["queued"] == 1
+
+        models = darkroom(client_stack, "models")
+        assert models.returncode == 0, models.stderr
+        assert "tiny-b           0 ready, 0 queued, 3 batch queued" in models.stdout.splitlines()
+    finally:
+        for batch_id in (older.id, newer["id"]):
+            client.cancel_batch(batch_id)
+    ended = darkroom(client_stack, "batch", "list", "--limit", "2")
+    assert [line.split()[:2] for line in ended.stdout.splitlines()] == [
+        [newer["id"], "canceled"],
+        [older.id, "canceled"],
+    ]
+    assert ended.stdout.splitlines()[0].endswith("2 items: 2 canceled")
+
+
 # --- without a server ---------------------------------------------------------------------------------------
+
+
+def test_batch_list_arguments_are_checked_before_anything_is_sent(capsys: pytest.CaptureFixture[str]) -> None:
+    server = f"http://127.0.0.1:{free_port()}"
+    for args, message in [
+        (["--limit", "0"], "--limit 0: a page lists 1..100 batches"),
+        (["--limit", "101"], "--limit 101: a page lists 1..100 batches"),
+        (["--offset", "-1"], "--offset -1: must be 0 or more"),
+    ]:
+        assert main(["batch", "list", *args, "--server", server]) == EXIT_USAGE, args
+        captured = capsys.readouterr()
+        assert message in captured.err and captured.out == "", (args, captured.err)
 
 
 def write(path: Path, text: str) -> str:
@@ -176,6 +229,10 @@ def run_offline(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
             "4294967296 seeds, but a batch holds at most 1000",
         ),
         (["--prompt", "a fox", "--seeds", "1-2", "--seed", "1"], "give the seeds in seeds or one seed in"),
+        (
+            ["--prompt", "a fox", "--count", "2", "--model", "my model"],
+            "template.model (--model): String should match pattern",
+        ),
         (
             ["--prompt", "a fox", "--count", "2", "--width", "500", "--height", "512"],
             "template.width (--width)",
