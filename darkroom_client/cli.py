@@ -32,6 +32,7 @@ from darkroom_client.cli_support import (
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
     UsageError,
+    cancel_after_interrupt,
     connection_options,
     image_entry,
     open_client,
@@ -183,7 +184,9 @@ def run_generate(args: argparse.Namespace) -> int:
             if display is not None:
                 display.finish()
             if job is not None and not job.status.is_terminal:
-                _cancel_after_interrupt(args, job.id)
+                cancel_after_interrupt(
+                    args, job.id, lambda client: client.cancel(job.id).status is JobStatus.CANCELED
+                )
             else:
                 say("interrupted")
             return EXIT_INTERRUPTED
@@ -211,19 +214,6 @@ def run_generate(args: argparse.Namespace) -> int:
         say(f"warning: {warning}")
     print_json(summary(job, paths, time.monotonic() - started))
     return EXIT_OK
-
-
-def _cancel_after_interrupt(args: argparse.Namespace, job_id: str) -> None:
-    """Ctrl-C means "I no longer want this": free the GPU rather than leave an orphan job running."""
-    try:
-        with open_client(args, timeout=5.0) as client:
-            job = client.cancel(job_id)
-        state = "canceled" if job.status is JobStatus.CANCELED else "cancel requested"
-        say(f"interrupted; {state}: {job_id}")
-    except DarkroomError as exc:
-        say(f"interrupted; could not cancel {job_id}: {exc.code}")
-    except (httpx.HTTPError, KeyboardInterrupt):
-        say(f"interrupted; could not reach the server to cancel {job_id}")
 
 
 # --- status, cancel ----------------------------------------------------------------------------------------

@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 from pydantic import ValidationError
 
 from darkroom_client.cli_support import (
@@ -30,13 +29,14 @@ from darkroom_client.cli_support import (
     EXIT_OK,
     EXIT_UNAVAILABLE,
     UsageError,
+    cancel_after_interrupt,
     image_entry,
     open_client,
     print_json,
     say,
 )
 from darkroom_client.client import DEFAULT_BATCH_LIST_PAGE, MAX_BATCH_LIST_PAGE, DarkroomClient
-from darkroom_client.errors import BatchWaitTimeout, ChecksumMismatch, DarkroomError
+from darkroom_client.errors import BatchWaitTimeout, ChecksumMismatch
 from darkroom_client.progress import BatchProgressDisplay
 from darkroom_client.request_options import (
     add_request_options,
@@ -321,7 +321,10 @@ def _wait_and_download(
     except KeyboardInterrupt:
         _finish(display)
         if cancel_on_interrupt:
-            _cancel_after_interrupt(args, batch.id)
+            batch_id = batch.id
+            cancel_after_interrupt(
+                args, batch_id, lambda client: client.cancel_batch(batch_id).status is BatchStatus.CANCELED
+            )
         else:
             say(f"interrupted; the batch goes on: {batch.id}")
         return EXIT_INTERRUPTED
@@ -400,16 +403,3 @@ def batch_summary(batch: Batch, directory: Path, paths: list[list[Path]], elapse
         ],
         "elapsed_s": round(elapsed_s, 3),
     }
-
-
-def _cancel_after_interrupt(args: argparse.Namespace, batch_id: str) -> None:
-    """Ctrl-C on the command that submitted the batch means "I no longer want it": free the GPUs."""
-    try:
-        with open_client(args, timeout=5.0) as client:
-            batch = client.cancel_batch(batch_id)
-        state = "canceled" if batch.status is BatchStatus.CANCELED else "cancel requested"
-        say(f"interrupted; {state}: {batch_id}")
-    except DarkroomError as exc:
-        say(f"interrupted; could not cancel {batch_id}: {exc.code}")
-    except (httpx.HTTPError, KeyboardInterrupt):
-        say(f"interrupted; could not reach the server to cancel {batch_id}")

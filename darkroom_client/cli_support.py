@@ -10,10 +10,14 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from darkroom_client.client import DEFAULT_URL, DarkroomClient
+from darkroom_client.errors import DarkroomError
 from schemas.jobs import ImageResult
 
 EXIT_OK = 0
@@ -77,3 +81,19 @@ def image_entry(image: ImageResult, path: Path) -> dict[str, Any]:
         "sha256": image.sha256,
         "sha256_verified": True,  # download() refuses a file whose hash differs
     }
+
+
+def cancel_after_interrupt(
+    args: argparse.Namespace, target_id: str, cancel: Callable[[DarkroomClient], bool]
+) -> None:
+    """Ctrl-C on the command that submitted a job or batch means "I no longer want it": free the GPUs
+    rather than leave orphan work running. ``cancel`` asks for it and says whether it has ended already
+    (else it stops at its next step)."""
+    try:
+        with open_client(args, timeout=5.0) as client:
+            ended = cancel(client)
+        say(f"interrupted; {'canceled' if ended else 'cancel requested'}: {target_id}")
+    except DarkroomError as exc:
+        say(f"interrupted; could not cancel {target_id}: {exc.code}")
+    except (httpx.HTTPError, KeyboardInterrupt):
+        say(f"interrupted; could not reach the server to cancel {target_id}")
