@@ -47,7 +47,8 @@ def settings_from(environment: dict[str, Any]) -> Settings:
         for key, value in environment.items()
         if key.startswith("DARKROOM_") and value is not None
     }
-    return Settings(**values)
+    # An empty variable reads as unset in the container (Settings' env_ignore_empty).
+    return Settings(**{key: value for key, value in values.items() if value != ""})
 
 
 def interpolate_defaults(value: str) -> str:
@@ -103,9 +104,13 @@ def test_darkroom_services_share_one_environment(services: dict[str, Any]) -> No
             "DARKROOM_STORAGE_URL",
             "DARKROOM_S3_ENDPOINT_URL",
             "DARKROOM_JOB_TIMEOUT",
+            # The worker's model name is the API's default model: the queue jobs go to by default.
+            "DARKROOM_MODEL",
+            "DARKROOM_MODEL_NAME",
         ):
             assert environment[key] == shared[key], f"{name}: {key} differs from the API's"
         settings = settings_from(environment)
+        assert settings.served_model == "stabilityai/stable-diffusion-3.5-medium"
         assert settings.redis_url == "redis://redis:6379/0"
         assert settings.storage_url.startswith("s3://")
         assert environment["AWS_ACCESS_KEY_ID"] and environment["AWS_SECRET_ACCESS_KEY"]
