@@ -109,8 +109,11 @@ class RedisServer:
     """One ``redis-server`` process that we own: started, probed, stopped and cleaned up by us.
 
     Use it as a context manager (``with RedisServer(tmp_dir) as server: ... server.url``). ``kill()`` and
-    ``restart()`` exist for crash-recovery tests: with ``appendonly=True`` every acknowledged write is in
-    the AOF before the reply is sent, so it survives SIGKILL of the server (not of the whole machine).
+    ``restart()`` exist for crash-recovery tests: with ``appendonly=True`` an acknowledged write is
+    normally in the AOF before the reply is sent, so it survives SIGKILL of the server (not of the whole
+    machine). Not always: with ``appendfsync everysec``, while a background fsync is slow (a busy disk)
+    Redis holds new writes in its AOF buffer for up to 2 s and replies anyway. A test that must not lose
+    them waits for ``aof_buffer_length`` (``INFO persistence``) to reach 0 before the kill.
     """
 
     def __init__(

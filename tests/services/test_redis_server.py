@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -119,6 +120,13 @@ def test_aof_data_survives_kill_and_restart(fresh_redis_server: RedisServerFacto
     with redis.Redis.from_url(server.url) as client:
         client.set("job:1", b"queued")
         client.rpush("queue", b"a", b"b")
+        # With appendfsync everysec a slow background fsync (a busy disk) lets Redis hold writes in its
+        # AOF buffer for up to 2 s after replying: wait until they are in the file, as a real crash
+        # would not (that window is everysec's documented loss).
+        deadline = time.monotonic() + 5
+        while int(client.info("persistence")["aof_buffer_length"]):
+            assert time.monotonic() < deadline, "AOF buffer not written within 5 s"
+            time.sleep(0.01)
 
     server.kill()
     assert not pid_exists(old_pid)
