@@ -231,6 +231,7 @@ def run_burst_and_drain(stack: Stack, count: int, drain_budget_s: float) -> None
     report(f"burst-{count}", result, drain_s, outcomes)
 
 
+@pytest.mark.slow  # ~40 s; CI runs it in `make test-slow`, beside the 2,000-job burst
 @pytest.mark.timeout(600)
 def test_a_burst_of_200_is_all_accepted_and_each_job_ends_exactly_once(stack: Stack) -> None:
     run_burst_and_drain(stack, 200, drain_budget_s=240)

@@ -167,6 +167,7 @@ def test_fp8_is_refused_clearly_without_cuda() -> None:
 # --- torch.compile: dynamic shapes, no recompiles -----------------------------------------------------------
 
 
+@pytest.mark.slow  # ~30 s of tracing on 2 cores; CI runs it in `make test-slow`
 def test_one_graph_serves_every_preset_batch_and_text_length() -> None:
     """After the warm-up shapes (batch 2 and 1), every preset at 1..4 images, guided or not, at every text
     length, runs without compiling again (``error_on_recompile``). On the meta device: shapes, dtypes and
