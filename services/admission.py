@@ -132,11 +132,7 @@ class Admitter:
             rate.bucket_key(principal) if rate else job_key(record.id),
         ]
         args: list[str | bytes | int] = [
-            self.settings.max_queue_depth,
-            rate.capacity if rate else "",
-            repr(rate.per_ms) if rate else "",
-            idempotency.stored_value() if idempotency else "",
-            max(1, int(idempotency.ttl.total_seconds())) if idempotency else 0,
+            *_check_args(self.settings.max_queue_depth, rate, idempotency),
             self.retention_s,
             EVENTS_MAXLEN,
             event,
@@ -145,11 +141,29 @@ class Admitter:
             *job_fields,
             *rq_fields,
         ]
-        raw_outcome, value = await self._script(keys=keys, args=args)
-        outcome = cast(Outcome, raw_outcome.decode() if isinstance(raw_outcome, bytes) else raw_outcome)
-        if outcome == "replay":
-            return Admission("replay", existing=json.loads(value))
-        return Admission(outcome, value=int(value))
+        return _admission(*await self._script(keys=keys, args=args))
+
+
+def _check_args(
+    ceiling: int, rate: RateLimit | None, idempotency: IdempotencyClaim | None
+) -> list[str | bytes | int]:
+    """ARGV 1..5 of both scripts, for their shared checks: the queue ceiling, the rate bucket (capacity,
+    tokens per ms; '' when off), the Idempotency-Key entry to store and its ttl ('' / 0 without a key)."""
+    return [
+        ceiling,
+        rate.capacity if rate else "",
+        repr(rate.per_ms) if rate else "",
+        idempotency.stored_value() if idempotency else "",
+        max(1, int(idempotency.ttl.total_seconds())) if idempotency else 0,
+    ]
+
+
+def _admission(raw_outcome: bytes | str, value: Any) -> Admission:
+    """What a script answered: ``{outcome, value}``, the value an Idempotency-Key entry for a replay."""
+    outcome = cast(Outcome, raw_outcome.decode() if isinstance(raw_outcome, bytes) else raw_outcome)
+    if outcome == "replay":
+        return Admission("replay", existing=json.loads(value))
+    return Admission(outcome, value=int(value))
 
 
 def _flatten(fields: dict[str, Any]) -> list[str | bytes]:
@@ -257,11 +271,7 @@ class BatchAdmitter:
         ]
         event = json.dumps({"status": JobStatus.QUEUED.value, "at": batch.created_at.isoformat()})
         args: list[str | bytes | int] = [
-            self.settings.max_batch_queue_depth,
-            rate.capacity if rate else "",
-            repr(rate.per_ms) if rate else "",
-            idempotency.stored_value() if idempotency else "",
-            max(1, int(idempotency.ttl.total_seconds())) if idempotency else 0,
+            *_check_args(self.settings.max_batch_queue_depth, rate, idempotency),
             batch.retention_s,
             EVENTS_MAXLEN,
             event,
@@ -276,11 +286,7 @@ class BatchAdmitter:
             args += await asyncio.to_thread(self._item_args, items)
         else:
             args += self._item_args(items)
-        raw_outcome, value = await self._script(keys=keys, args=args)
-        outcome = cast(Outcome, raw_outcome.decode() if isinstance(raw_outcome, bytes) else raw_outcome)
-        if outcome == "replay":
-            return Admission("replay", existing=json.loads(value))
-        return Admission(outcome, value=int(value))
+        return _admission(*await self._script(keys=keys, args=args))
 
     def _item_args(self, items: list[JobRecord]) -> list[str | bytes | int]:
         args: list[str | bytes | int] = []
