@@ -5,14 +5,15 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from pydantic import BaseModel
 
-from api.errors import UnprocessableRequest
+from api.errors import ApiError, ServiceUnavailable, UnprocessableRequest
 from api.state import AppState, ModelLine
 from schemas.problems import FieldError
-from services.admission import IdempotencyClaim
+from services.admission import Admission, IdempotencyClaim
+from services.rate_limit import retry_after_s
 from services.settings import Settings
 from services.ssrf import UnsafeURLError, vet_url
 
@@ -85,3 +86,33 @@ def vetted_webhook(settings: Settings, url: Any, events: Sequence[str]) -> dict[
     except UnsafeURLError as exc:
         raise _webhook_problem("webhook_url_not_allowed", f"webhook_url refused: {exc}") from None
     return {"url": target, "events": list(events)}
+
+
+def replayed(admission: Admission, claim: IdempotencyClaim | None) -> dict[str, Any]:
+    """The entry a replayed Idempotency-Key points at (``{"job_id"}`` or ``{"batch_id"}``); 422
+    ``idempotency_key_reused`` when the key was used with another body."""
+    existing = cast(dict[str, Any], admission.existing)
+    if claim is None or existing.get("fingerprint") != claim.fingerprint:
+        raise UnprocessableRequest(
+            "this Idempotency-Key was already used with a different request body",
+            code="idempotency_key_reused",
+        )
+    return existing
+
+
+def refusal(settings: Settings, admission: Admission, queue_full_detail: str) -> ApiError:
+    """The answer to a refused admission: 503 ``queue_full`` (``queue_full_detail`` says which queue and
+    why) or 429 ``rate_limited``, each with its ``Retry-After``."""
+    if admission.outcome == "queue_full":
+        return ServiceUnavailable(
+            queue_full_detail,
+            code="queue_full",
+            retry_after=max(1, int(settings.queue_full_retry_after.total_seconds())),
+        )
+    wait_s = retry_after_s(admission.value)
+    return ApiError(
+        f"too many submissions for this API key; retry in {wait_s} s",
+        status=429,
+        code="rate_limited",
+        headers={"Retry-After": str(wait_s)},
+    )

@@ -22,10 +22,10 @@ from typing import Any, cast
 import structlog
 from fastapi.concurrency import run_in_threadpool
 
-from api.errors import ApiError, Conflict, NotFound, ServiceUnavailable, UnprocessableRequest
+from api.errors import Conflict, NotFound, UnprocessableRequest
 from api.generations.service import cancel_queued, check_loras, check_prompt
 from api.state import AppState, ModelLine
-from api.submissions import idempotency_claim, served_line, vetted_webhook
+from api.submissions import idempotency_claim, refusal, replayed, served_line, vetted_webhook
 from schemas.batches import DEFAULT_PAGE, ITEM_SUBSCRIPTIONS, Batch, BatchItem, BatchList, CreateBatch
 from schemas.jobs import JobStatus
 from schemas.problems import FieldError
@@ -42,7 +42,6 @@ from services.batches import (
 )
 from services.jobs import JobRecord, decode_deliveries, job_key, new_job_id, utcnow
 from services.queue import batch_queue
-from services.rate_limit import retry_after_s
 
 log = structlog.get_logger(__name__)
 IDEMPOTENCY_PREFIX = "darkroom:idempotency:batch:"
@@ -148,27 +147,13 @@ async def submit(
         claim = idempotency_claim(state, IDEMPOTENCY_PREFIX, principal, idempotency_key, body, created)
     admission = await line.batch_admitter.admit(batch, items, principal, claim)
     if admission.outcome == "replay":
-        existing = cast(dict[str, Any], admission.existing)
-        if claim is None or existing.get("fingerprint") != claim.fingerprint:
-            raise UnprocessableRequest(
-                "this Idempotency-Key was already used with a different request body",
-                code="idempotency_key_reused",
-            )
+        existing = replayed(admission, claim)
         return BatchSubmission(batch_id=str(existing["batch_id"]), created=False)
-    if admission.outcome == "queue_full":
-        raise ServiceUnavailable(
-            f"the batch queue holds {admission.value} items and cannot take {len(items)} more; retry later",
-            code="queue_full",
-            retry_after=max(1, int(state.settings.queue_full_retry_after.total_seconds())),
+    if admission.outcome != "queued":
+        detail = (
+            f"the batch queue holds {admission.value} items and cannot take {len(items)} more; retry later"
         )
-    if admission.outcome == "rate_limited":
-        wait_s = retry_after_s(admission.value)
-        raise ApiError(
-            f"too many submissions for this API key; retry in {wait_s} s",
-            status=429,
-            code="rate_limited",
-            headers={"Retry-After": str(wait_s)},
-        )
+        raise refusal(state.settings, admission, detail)
     metrics.SUBMISSIONS.labels("accepted").inc(len(items))
     structlog.contextvars.bind_contextvars(batch_id=batch.id)
     log.debug("batch submitted", items=len(items))

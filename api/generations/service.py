@@ -15,9 +15,9 @@ from typing import Any, cast
 import structlog
 from fastapi.concurrency import run_in_threadpool
 
-from api.errors import ApiError, Conflict, NotFound, ServiceUnavailable, UnprocessableRequest
+from api.errors import Conflict, NotFound, UnprocessableRequest
 from api.state import AppState
-from api.submissions import idempotency_claim, served_line, vetted_webhook
+from api.submissions import idempotency_claim, refusal, replayed, served_line, vetted_webhook
 from schemas.generation import GenerationRequest
 from schemas.images import vet_base64_image
 from schemas.jobs import CreateGeneration, Job, JobStatus
@@ -26,7 +26,6 @@ from services import metrics
 from services.job_views import render_job
 from services.jobs import JobRecord, Transition, decode_deliveries, job_key, new_job_id, utcnow, webhooks_key
 from services.queue import job_queue, remove_from_queue
-from services.rate_limit import retry_after_s
 from services.storage import StorageError, init_image_key, mask_image_key
 from services.webhooks.events import schedule_batch_event, schedule_webhook_event
 
@@ -151,30 +150,13 @@ async def submit(
     if admission.outcome != "queued" and init_key is not None:
         await run_in_threadpool(_forget_init_image, state, init_key, mask_key)
     if admission.outcome == "replay":
-        existing = cast(dict[str, Any], admission.existing)
-        if claim is None or existing.get("fingerprint") != claim.fingerprint:
-            raise UnprocessableRequest(
-                "this Idempotency-Key was already used with a different request body",
-                code="idempotency_key_reused",
-            )
+        existing = replayed(admission, claim)
         metrics.SUBMISSIONS.labels("idempotent_replay").inc()
         return Submission(job_id=str(existing["job_id"]), created=False)
-    if admission.outcome == "queue_full":
-        metrics.SUBMISSIONS.labels("queue_full").inc()
-        raise ServiceUnavailable(
-            f"the queue holds {admission.value} jobs, its limit; retry later",
-            code="queue_full",
-            retry_after=max(1, int(state.settings.queue_full_retry_after.total_seconds())),
-        )
-    if admission.outcome == "rate_limited":
-        metrics.SUBMISSIONS.labels("rate_limited").inc()
-        wait_s = retry_after_s(admission.value)
-        raise ApiError(
-            f"too many submissions for this API key; retry in {wait_s} s",
-            status=429,
-            code="rate_limited",
-            headers={"Retry-After": str(wait_s)},
-        )
+    if admission.outcome != "queued":
+        metrics.SUBMISSIONS.labels(admission.outcome).inc()
+        detail = f"the queue holds {admission.value} jobs, its limit; retry later"
+        raise refusal(state.settings, admission, detail)
     metrics.SUBMISSIONS.labels("accepted").inc()
     # The request's access line carries the job id; a second INFO line per submission would double the
     # logging cost of the API's hottest path.
