@@ -1,4 +1,4 @@
-"""Typed dependencies: routes ask for ``StateDep`` / ``SettingsDep`` instead of reaching into globals.
+"""Typed dependencies: routes ask for ``StateDep`` instead of reaching into globals.
 
 Coroutines on purpose: FastAPI runs a plain ``def`` dependency in the threadpool, a thread hop (and GIL
 hand-off) per dependency per request for what is an attribute read.
@@ -11,7 +11,6 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from api.state import AppState
-from services.settings import Settings
 
 
 def app_state(request: Request) -> AppState:
@@ -23,9 +22,4 @@ async def get_state(request: Request) -> AppState:
     return app_state(request)
 
 
-async def get_app_settings(request: Request) -> Settings:
-    return app_state(request).settings
-
-
 StateDep = Annotated[AppState, Depends(get_state)]
-SettingsDep = Annotated[Settings, Depends(get_app_settings)]

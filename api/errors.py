@@ -134,14 +134,6 @@ class ApiError(Exception):
         )
 
 
-class BadRequest(ApiError):
-    """400: the request is unusable for a reason that is not a field's value (e.g. a bad header)."""
-
-    status = 400
-    code = "bad_request"
-    title = "Bad Request"
-
-
 class Unauthorized(ApiError):
     """401: no or wrong credentials. Carries ``WWW-Authenticate: Bearer`` as RFC 9110 requires."""
 

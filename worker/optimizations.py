@@ -8,7 +8,7 @@ Applied once per worker process by :func:`worker.pipeline_loader.prepare_pipelin
 - fused q/k/v projections (one matmul instead of three) in the transformer and the VAE;
 - channels-last memory format for the VAE's convolutions;
 - FP8 Linear layers in the transformer (opt-in, torchao, CUDA sm_89+): a *fast mode* whose difference is
-  measured (``bench/gpu_switches.py``), never on by default;
+  measured (``bench/gpu.py``: latent agreement beside the speed), never on by default;
 - ``torch.compile`` of the transformer and the VAE decoder with dynamic shapes (below), compiled kernels
   kept on disk (``DARKROOM_COMPILE_CACHE_DIR``), every aspect-ratio preset run once at start.
 
