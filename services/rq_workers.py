@@ -14,6 +14,10 @@ whose loop survives Redis errors too. Tasks must tolerate being run again (ours 
 
 from __future__ import annotations
 
+import ctypes
+import os
+import signal
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -28,17 +32,39 @@ from rq.worker import WorkerStatus
 from services.clients import REDIS_UNAVAILABLE, retry_while_redis_down
 
 T = TypeVar("T")
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 log = structlog.get_logger(__name__)
 
 
 class ResilientScheduler(RQScheduler):
     """RQ's scheduler (a forked process that moves due delayed jobs to their queue), minus dying on the
-    first Redis error."""
+    first Redis error — and minus outliving its worker.
+
+    The fork inherits the worker's Redis sockets. If the worker is killed (SIGKILL, the OOM killer) while
+    it waits in its blocking dequeue, an orphaned scheduler keeps that socket open: Redis still sees the
+    dequeue waiting and hands it the next job, which nobody will ever read — it sits in RQ's intermediate
+    list until a maintenance pass, minutes later. So the scheduler asks the kernel to stop it with its
+    parent (Linux ``PR_SET_PDEATHSIG``; SIGTERM, so that it still releases its lock).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._parent_pid = os.getpid()  # built in the worker, before the fork
 
     def work(self) -> None:
+        _die_with(self._parent_pid)
         retry_while_redis_down(
             super().work, what="rq scheduler loop", should_stop=lambda: bool(self._stop_requested)
         )
+
+
+def _die_with(parent_pid: int) -> None:
+    """In a forked child: get SIGTERM when ``parent_pid`` dies; exit now if it already has."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent_pid:  # died before the request took effect
+        os._exit(0)
 
 
 class ResilientWorker(SimpleWorker):
