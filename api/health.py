@@ -11,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from api.deps import StateDep
 from api.errors import PROBLEM_RESPONSES, ServiceUnavailable
 from services import metrics
+from services.jobs import outbox
 
 router = APIRouter(tags=["health"])
 _READY_TIMEOUT_S = 2.0
@@ -52,6 +53,8 @@ async def prometheus_metrics(state: StateDep) -> Response:
         queues = [(q, line.model) for line in state.lines.values() for q in (line.queue, line.batch_queue)]
         for queue, model in (*queues, (state.webhook_queue, "")):
             metrics.QUEUE_DEPTH.labels(queue.name, model).set(int(redis.llen(queue.key)))
+        waiting, _ = outbox.backlog(redis)
+        metrics.OUTBOX_BACKLOG.set(waiting)
 
     try:
         await run_in_threadpool(refresh_queue_depths)

@@ -6,8 +6,9 @@ For each image size (1024 and 512 by default; 40 steps, CFG 4.5, no skip-layer g
 - darkroom: ``GenerationEngine.generate`` (token report, pipeline call with progress and cancel callbacks,
   PNG encoding) on the same pipeline object, wrapped the way the worker wraps it;
 each at batch 1 (one image per call, ``--repeats`` calls) and on the batched path (``--batch`` different
-prompts in one call: a prompt list for plain diffusers; ``GenerationEngine.generate_batch`` for darkroom
-when the engine has it, else one request with ``num_images=--batch``, reported as such).
+prompts in one call: a prompt list for plain diffusers; for darkroom ``GenerationEngine.generate_group``,
+the call a worker makes for jobs it coalesces (``DARKROOM_COALESCE_MAX``), when the engine has it, else one
+request with ``num_images=--batch``, reported as such).
 
 Reported: s/image and images/min, peak device memory, the transformer's achieved TFLOP/s (analytic FLOPs,
 ``bench.sd35_arch.transformer_flops``, over the time spent inside ``transformer.forward``) against a
@@ -299,16 +300,16 @@ def darkroom_call(engine: Any, plan: GpuPlan, size: int, prompts: list[str], see
     if len(prompts) == 1:
         engine.generate(_request(plan, size, prompts[0], seeds[0]))
         return "generate"
-    batch = getattr(engine, "generate_batch", None)
-    if batch is not None:
-        # Separate compatible jobs, as a worker batches them: one request (prompt, seed) each.
-        outcomes = batch([_request(plan, size, p, s) for p, s in zip(prompts, seeds, strict=True)])
+    group = getattr(engine, "generate_group", None)
+    if group is not None:
+        # Separate compatible jobs, as a worker coalesces them: one request (prompt, seed) each.
+        outcomes = group([_request(plan, size, p, s) for p, s in zip(prompts, seeds, strict=True)])
         failed = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
         if failed:
             raise RuntimeError(
-                f"generate_batch: {len(failed)} of {len(outcomes)} requests failed"
+                f"generate_group: {len(failed)} of {len(outcomes)} requests failed"
             ) from failed[0]
-        return "generate_batch"
+        return "generate_group"
     # No multi-job path: one request with num_images (same prompt, seeds seed..seed+n-1).
     engine.generate(_request(plan, size, prompts[0], seeds[0], num_images=len(prompts)))
     return "generate(num_images)"
@@ -492,7 +493,7 @@ def agreement(runs: dict[str, dict[str, Measured]], plan: GpuPlan) -> dict[str, 
         distances = [relative_l2(d[0], p[0]) for d, p in zip(dark.latents, plain.latents, strict=True)]
         entry: dict[str, Any] = {"batch1_rel_l2": [round(x, 6) for x in distances]}
         plain_b, dark_b = runs["plain"][f"{size}/{plan.batch}"], runs["darkroom"][f"{size}/{plan.batch}"]
-        if dark_b.path == "generate_batch" and plain_b.latents and dark_b.latents:
+        if dark_b.path == "generate_group" and plain_b.latents and dark_b.latents:
             entry["batched_rel_l2"] = [
                 round(relative_l2(d, p), 6)
                 for d, p in zip(dark_b.latents[0], plain_b.latents[0], strict=True)
@@ -537,14 +538,14 @@ def bars(results: dict[str, Any], plan: GpuPlan) -> list[Bar]:
     dark_s = runs["darkroom"][f"{small}/1"]
     found.append(
         Bar(
-            f"{small}x{small} {plan.batch} compatible jobs batched over one by one (darkroom, "
+            f"{small}x{small} {plan.batch} compatible jobs coalesced over one by one (darkroom, "
             f"path: {dark_b['path']})",
             dark_b["images_per_min"] / dark_s["images_per_min"],
             ">=",
             TARGET_BATCH_GAIN,
             "x",
             note,
-            applies=applies and small == 512 and dark_b["path"] == "generate_batch",
+            applies=applies and small == 512 and dark_b["path"] == "generate_group",
         )
     )
     return found

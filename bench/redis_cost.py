@@ -399,8 +399,8 @@ def recovery_pass_cost(
     from rq import Queue
     from rq.serializers import JSONSerializer
 
-    from services.jobs import RUNNING_SET, JobStore, job_key, utcnow
-    from services.recovery import recover_lost_jobs
+    from services.jobs import RUNNING_SET, JobStore, Lifecycle, job_key, utcnow
+    from services.jobs.recovery import recover_lost_jobs
 
     client = redis.Redis.from_url(redis_url)
     client.flushall()
@@ -413,12 +413,13 @@ def recovery_pass_cost(
             pipe.sadd(RUNNING_SET, key)
         pipe.execute()
     store = JobStore(client, timedelta(days=7))
+    lifecycle = Lifecycle(client, timedelta(days=7))
     queue = Queue("darkroom", connection=client, serializer=JSONSerializer)
-    recover_lost_jobs(store, queue, lost_after=timedelta(seconds=20), max_attempts=3)  # warm up
+    recover_lost_jobs(store, lifecycle, queue, lost_after=timedelta(seconds=20), max_attempts=3)  # warm up
     before = snapshot(client)
     started = time.perf_counter()
     for _ in range(passes):
-        recover_lost_jobs(store, queue, lost_after=timedelta(hours=1), max_attempts=3)
+        recover_lost_jobs(store, lifecycle, queue, lost_after=timedelta(hours=1), max_attempts=3)
     wall = time.perf_counter() - started
     after = snapshot(client)
     client.flushall()

@@ -34,10 +34,12 @@ import redis.asyncio as aredis
 from rq import Queue
 
 from schemas.jobs import JobStatus
-from services.batches import BatchRecord, batch_key, items_key, owner_batches_key
-from services.jobs import EVENTS_MAXLEN, KEY_PREFIX, JobRecord, encode_fields, events_key, job_key
-from services.queue import generation_job_fields
+from services.jobs.batches import BatchRecord
+from services.jobs.keys import JOB_PREFIX, batch_key, events_key, items_key, job_key, owner_batches_key
+from services.jobs.lifecycle import EVENTS_MAXLEN
+from services.jobs.records import JobRecord, encode_fields
 from services.rate_limit import TAKE_TOKEN_LUA, RateLimit
+from services.rq_records import generation_job_fields, job_hash_key, job_hash_prefix, queues_set_key
 from services.settings import Settings
 
 _ADMIT = (
@@ -125,9 +127,9 @@ class Admitter:
         keys = [
             job_key(record.id),
             events_key(record.id),
-            self.queue.job_class.key_for(record.id),
+            job_hash_key(record.id),
             self.queue.key,
-            self.queue.redis_queues_keys,
+            queues_set_key(self.queue),
             idempotency.key if idempotency else job_key(record.id),
             rate.bucket_key(principal) if rate else job_key(record.id),
         ]
@@ -264,7 +266,7 @@ class BatchAdmitter:
             batch_key(batch.id),
             items_key(batch.id),
             self.queue.key,
-            self.queue.redis_queues_keys,
+            queues_set_key(self.queue),
             idempotency.key if idempotency else batch_key(batch.id),
             rate.bucket_key(principal) if rate else batch_key(batch.id),
             owner_batches_key(batch.owner),
@@ -276,8 +278,8 @@ class BatchAdmitter:
             EVENTS_MAXLEN,
             event,
             len(items),
-            KEY_PREFIX,
-            self.queue.job_class.redis_job_namespace_prefix,
+            JOB_PREFIX,
+            job_hash_prefix(),
             len(batch_fields),
             *batch_fields,
         ]

@@ -10,9 +10,9 @@ from typing import Any
 
 from schemas.batches import Batch, BatchCounts, BatchItem, BatchStatus, BatchWebhookStatus
 from schemas.jobs import JobStatus, WebhookDelivery
-from services.batches import BatchRecord, BatchStore
 from services.job_views import render_job
 from services.jobs import JobRecord
+from services.jobs.batches import BatchRecord, BatchStore
 from services.storage import Storage
 
 

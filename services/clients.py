@@ -30,7 +30,8 @@ from redis import Redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from services.jobs import JobStore
+from services.jobs.lifecycle import Lifecycle
+from services.jobs.store import JobStore
 from services.settings import Settings, get_settings
 from services.storage import RetryPolicy, Storage, storage_from_url
 from services.webhooks.delivery import make_webhook_client
@@ -160,6 +161,11 @@ class ServiceClients:
         return self._get("store", lambda: JobStore(self.redis, self.settings.job_retention))
 
     @property
+    def lifecycle(self) -> Lifecycle:
+        """Every status change of a job goes through it (``services.jobs.lifecycle``)."""
+        return self._get("lifecycle", lambda: Lifecycle(self.redis, self.settings.job_retention))
+
+    @property
     def storage(self) -> Storage:
         return self._get("storage", self._build_storage)
 
@@ -190,9 +196,9 @@ class ServiceClients:
             self._closed = True
             built, self._built = self._built, {}
         errors: list[BaseException] = []
-        for name in ("webhook_client", "storage", "store", "redis"):
+        for name in ("webhook_client", "storage", "redis"):  # the store and lifecycle borrow Redis
             client = built.get(name)
-            if client is None or name == "store":  # the store only borrows the Redis client
+            if client is None:
                 continue
             try:
                 client.close()

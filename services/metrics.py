@@ -59,3 +59,7 @@ WEBHOOK_ATTEMPTS = Counter(
     "Webhook delivery attempts, by outcome (delivered, retry, failed, gone).",
     ["outcome"],
 )
+OUTBOX_BACKLOG = Gauge(
+    "darkroom_outbox_backlog",
+    "Webhook events written by status changes and not yet turned into deliveries by a webhook process.",
+)

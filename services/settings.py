@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from schemas.models import MODEL_NAME_PATTERN
@@ -29,7 +29,11 @@ _LORA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 class Settings(BaseSettings):
     # env_ignore_empty: `DARKROOM_URL_SIGNING_KEY=` must mean "unset", never an empty (forgeable) key.
     model_config = SettingsConfigDict(
-        env_prefix="DARKROOM_", extra="ignore", protected_namespaces=(), env_ignore_empty=True
+        env_prefix="DARKROOM_",
+        extra="ignore",
+        protected_namespaces=(),
+        env_ignore_empty=True,
+        populate_by_name=True,  # fields with an old env name as alias are still set by name in code
     )
 
     environment: Literal["development", "production"] = Field(
@@ -165,20 +169,32 @@ class Settings(BaseSettings):
         timedelta(seconds=60),
         description="How long a worker retries recording a job's start or end while Redis is unreachable.",
     )
-    max_batch_size: int = Field(
-        4,
+    # Coalescing: a GPU worker may run several compatible waiting jobs in one pipeline call. Off by default:
+    # a coalesced job's pixels can differ by a level or two from the same request run alone (batched
+    # kernels round differently), and published figures for this model family show ~no throughput gain
+    # at 1024². docs/architecture.md says where it pays and what it trades. The old DARKROOM_MAX_BATCH_SIZE
+    # / _BATCH_LINGER / _BATCH_LOOKAHEAD names are still read (deprecated).
+    coalesce_max: int = Field(
+        1,
         ge=1,
         le=64,
-        description="Compatible queued jobs (and images) a GPU worker runs in one pipeline call; 1 disables.",
+        validation_alias=AliasChoices("DARKROOM_COALESCE_MAX", "DARKROOM_MAX_BATCH_SIZE"),
+        description="Compatible queued jobs (and images) a GPU worker runs in one pipeline call; 1 (the "
+        "default) runs every job alone.",
     )
-    batch_linger: timedelta = Field(
+    coalesce_linger: timedelta = Field(
         timedelta(0),
         ge=timedelta(0),
         le=timedelta(seconds=5),
-        description="How long a worker waits for batch partners not queued yet (0: only what is waiting).",
+        validation_alias=AliasChoices("DARKROOM_COALESCE_LINGER", "DARKROOM_BATCH_LINGER"),
+        description="How long a worker waits for partners not queued yet (0: only what is waiting).",
     )
-    batch_lookahead: int = Field(
-        16, ge=1, le=1000, description="Waiting jobs, from the front of the queue, looked at for partners."
+    coalesce_lookahead: int = Field(
+        16,
+        ge=1,
+        le=1000,
+        validation_alias=AliasChoices("DARKROOM_COALESCE_LOOKAHEAD", "DARKROOM_BATCH_LOOKAHEAD"),
+        description="Waiting jobs, from the front of the queue, looked at for partners.",
     )
 
     # --- storage -----------------------------------------------------------------------------------------
@@ -210,6 +226,12 @@ class Settings(BaseSettings):
     webhook_max_attempts: int = Field(8, ge=1, le=50)
     webhook_backoff_base: timedelta = Field(timedelta(seconds=2))
     webhook_backoff_max: timedelta = Field(timedelta(minutes=10))
+    outbox_claim_idle: timedelta = Field(
+        timedelta(seconds=30),
+        gt=timedelta(0),
+        description="A webhook event a webhook process read but did not finish scheduling (it died) is "
+        "taken over by another after this long.",
+    )
 
     # --- content safety (services/content_safety.py) -----------------------------------------------------
     prompt_blocklist: str | None = Field(

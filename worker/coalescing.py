@@ -1,36 +1,53 @@
-"""Finding batch partners for a job a worker has just claimed, and keeping RQ's books on the ones it takes.
+"""Coalescing: which waiting jobs a worker takes along into the pipeline call of a job it just claimed.
 
-A worker that dequeued a text-to-image job looks at the first ``lookahead`` jobs still waiting on the RQ
-queue and takes those with the same :func:`worker.engine.batch_key` (see ``worker.runner``), without
-waiting for more. What makes a job ours is the job store's atomic QUEUED -> RUNNING claim, the same one
-every run goes through: if another worker dequeues a job we claimed a moment before, its claim fails and
-it skips the job. After the claim the job is taken off the RQ list (``LREM``) and its RQ job marked
-started, then finished with the batch, so RQ never shows it as queued, nor keeps its id on the list.
+With ``DARKROOM_COALESCE_MAX`` above 1, a worker that claimed a text-to-image job looks at the first
+``lookahead`` jobs still waiting on the same queue and claims those with the same
+:func:`worker.engine.coalesce_key`, up to ``coalesce_max`` jobs and images in all, without waiting for
+more (unless ``linger``). Partners come from the leader's own queue: batch items with batch items (they
+share a size and steps more often than not), interactive jobs with interactive jobs — so a batch never
+delays an interactive job, nor jumps the interactive queue.
+
+What makes a job ours is the lifecycle's atomic QUEUED -> RUNNING claim, the same one every run goes
+through; for a partner it also takes the id off RQ's list and marks RQ's job started, in the same step
+(``rq_records.taken_by``), so RQ never shows it queued. A worker that dequeues an id we claimed a moment
+before finds it running and skips it.
 
 Partners are not in RQ's started registry (only the job RQ itself dequeued is): lost-job recovery works
-from the job store's running set and heartbeats, and re-enqueues a lost partner's RQ job like any other.
+from the running set and heartbeats, and puts a lost partner back like any other job.
 """
 
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, cast
 
-import structlog
 from pydantic import ValidationError
 from rq import Queue
-from rq.job import Job, JobStatus
-from rq.registry import FinishedJobRegistry
-from rq.results import Result
-from rq.utils import now
 
 from schemas.generation import NORMALIZED_CONTEXT, GenerationRequest
+from schemas.jobs import JobStatus
+from services import rq_records
+from services.clients import REDIS_UNAVAILABLE
 from services.jobs import JobRecord, JobStore, job_key
-from worker.engine import BatchKey, batch_key
+from worker.engine import CoalesceKey, coalesce_key
 
-log = structlog.get_logger(__name__)
-DEFAULT_RESULT_TTL_S = 500  # RQ's own default, for an RQ job enqueued without result_ttl
+
+@dataclass(frozen=True)
+class Coalescing:
+    """How a worker coalesces: ``max_jobs`` 1 turns it off."""
+
+    max_jobs: int = 1
+    linger: timedelta = timedelta(0)
+    lookahead: int = 16
+    generation_queue: Queue | None = None
+    batch_queue: Queue | None = None  # batch items' partners come from it
+
+    def queue_of(self, leader: JobRecord) -> Queue | None:
+        return self.batch_queue if leader.batch_id else self.generation_queue
 
 
 @dataclass(frozen=True)
@@ -38,33 +55,28 @@ class Candidate:
     """A job waiting on the queue, as far as choosing partners needs to know it."""
 
     job_id: str
-    key: BatchKey | None
+    key: CoalesceKey | None
     num_images: int
 
 
-def request_batch_key(request: dict[str, Any] | None, init_image_key: str | None) -> BatchKey | None:
-    """The batch key of a stored (normalised) request; None if it must run alone or cannot be read."""
+def request_coalesce_key(request: dict[str, Any] | None, init_image_key: str | None) -> CoalesceKey | None:
+    """The coalesce key of a stored (normalised) request; None if it must run alone or cannot be read."""
     if init_image_key or not request:
         return None
     try:
         parsed = GenerationRequest.model_validate(request, context=NORMALIZED_CONTEXT)
     except ValidationError:
         return None  # the run itself reports what is wrong with it
-    return batch_key(parsed)
+    return coalesce_key(parsed)
 
 
-def record_batch_key(record: JobRecord) -> BatchKey | None:
-    return request_batch_key(record.request, record.init_image_key)
-
-
-def record_images(record: JobRecord) -> int:
+def images_of(record: JobRecord) -> int:
     return int(record.request.get("num_images", 1))
 
 
-def queued_candidates(store: JobStore, queue: Queue, lookahead: int) -> list[Candidate]:
+def waiting_candidates(store: JobStore, queue: Queue, lookahead: int) -> list[Candidate]:
     """The first ``lookahead`` jobs on the queue that are still ``queued``: two round trips in all."""
-    raw_ids = cast(list[bytes], store.redis.lrange(queue.key, 0, lookahead - 1))
-    job_ids = [raw.decode() for raw in raw_ids]
+    job_ids = rq_records.waiting_ids(store.redis, queue, lookahead)
     with store.redis.pipeline(transaction=False) as pipe:
         for job_id in job_ids:
             pipe.hmget(job_key(job_id), ["status", "request", "init_image_key"])
@@ -74,35 +86,49 @@ def queued_candidates(store: JobStore, queue: Queue, lookahead: int) -> list[Can
         if status != b"queued" or request is None:
             continue
         parsed = json.loads(request)
-        key = request_batch_key(parsed, init_image_key.decode() if init_image_key else None)
+        key = request_coalesce_key(parsed, init_image_key.decode() if init_image_key else None)
         found.append(Candidate(job_id, key, int(parsed.get("num_images", 1))))
     return found
 
 
-def take_off_queue(queue: Queue, job_id: str, worker_name: str) -> None:
-    """After our claim: off the RQ list (no worker need dequeue it just to skip it) and marked started."""
-    connection = queue.connection
-    connection.lrem(queue.key, 1, job_id)
-    if connection.exists(Job.key_for(job_id)):
-        connection.hset(
-            Job.key_for(job_id),
-            mapping={"status": JobStatus.STARTED.value, "worker_name": worker_name},
-        )
-
-
-def finish_rq_job(queue: Queue, job_id: str, result: str, worker_name: str) -> None:
-    """Record the end of a partner's run on its RQ job as RQ does for the job it ran itself: finished, a
-    result, in the finished registry, expiring after its ``result_ttl``."""
-    job = Job.fetch(job_id, connection=queue.connection, serializer=queue.serializer)
-    ttl = job.get_result_ttl(DEFAULT_RESULT_TTL_S)
-    job.ended_at = now()
-    with queue.connection.pipeline() as pipe:
-        job.set_status(JobStatus.FINISHED, pipeline=pipe)
-        job.save(pipeline=pipe, include_meta=False, include_result=False)
-        Result.create(
-            job, Result.Type.SUCCESSFUL, ttl, return_value=result, worker_name=worker_name, pipeline=pipe
-        )
-        if ttl != 0:
-            FinishedJobRegistry(queue=queue).add(job, ttl, pipe)
-        job.cleanup(ttl, pipeline=pipe, remove_from_queue=False)
-        pipe.execute()
+def take_partners(
+    store: JobStore,
+    coalescing: Coalescing,
+    leader: JobRecord,
+    claim: Callable[[JobRecord, Queue], bool],
+) -> list[JobRecord]:
+    """Claim (``claim(record, queue)``: True if it became ours) up to ``max_jobs - 1`` waiting jobs that
+    can share the leader's pipeline call, and at most ``max_jobs`` images in all. Looks only at what is
+    queued now, unless ``linger``."""
+    queue = coalescing.queue_of(leader)
+    key = request_coalesce_key(leader.request, leader.init_image_key)
+    room_jobs, room_images = coalescing.max_jobs - 1, coalescing.max_jobs - images_of(leader)
+    if queue is None or key is None or room_jobs < 1 or room_images < 1:
+        return []
+    linger_until = time.monotonic() + coalescing.linger.total_seconds()
+    seen: set[str] = {leader.id}
+    partners: list[JobRecord] = []
+    while True:
+        try:
+            candidates = waiting_candidates(store, queue, coalescing.lookahead)
+        except REDIS_UNAVAILABLE:
+            return partners
+        for candidate in candidates:
+            if candidate.job_id in seen or candidate.key != key or candidate.num_images > room_images:
+                continue
+            seen.add(candidate.job_id)
+            try:
+                record = store.get(candidate.job_id)
+            except REDIS_UNAVAILABLE:
+                continue
+            if record is None or record.status is not JobStatus.QUEUED or not claim(record, queue):
+                continue  # canceled, or another worker's now
+            partners.append(record)
+            room_jobs -= 1
+            room_images -= images_of(record)
+            if room_jobs < 1 or room_images < 1:
+                return partners
+        remaining = linger_until - time.monotonic()
+        if remaining <= 0:
+            return partners
+        time.sleep(min(0.02, remaining))

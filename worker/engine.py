@@ -1,20 +1,22 @@
 """The generation engine: one warm pipeline that turns a normalised request into encoded, reproducible images.
 
 Reproducibility is the contract: image ``i`` of a request is drawn from its own CPU ``torch.Generator`` seeded
-``seed + i``, so it can be regenerated alone, in any batch, on any device (CPU generators give the same noise
+``seed + i``, so it can be regenerated alone, on any device (CPU generators give the same noise
 everywhere). Progress is reported after every denoising step; cancellation is checked at the same point
 and raises, which skips the VAE decode a bare ``interrupt`` would still run.
 
 A pipeline is not thread-safe: the engine serialises calls with a lock, and a worker process owns one engine.
 
-Micro-batching (:meth:`GenerationEngine.generate_batch`): requests with the same :func:`batch_key` (size,
-steps, guidance, skip-layer guidance, T5 length, LoRAs; text-to-image only) share one pipeline call. Each
-keeps its own prompt embeddings, seeds (one generator per image, so its noise is what it would be alone),
-output format and metadata, progress callback and cancel check. A request canceled mid-batch ends at once: its
-rows leave the latents and embeddings at the next step (``callback_on_step_end`` may replace them), so
-the others carry on with a smaller batch — except under skip-layer guidance, whose second set of
+Coalescing (:meth:`GenerationEngine.generate_group`): requests with the same :func:`coalesce_key` (size,
+steps, guidance, skip-layer guidance, T5 length, LoRAs; text-to-image only) can share one pipeline call.
+Each keeps its own prompt embeddings, seeds (one generator per image, so its noise is what it would be
+alone), output format and metadata, progress callback and cancel check. A request canceled mid-call ends
+at once: its rows leave the latents and embeddings at the next step (``callback_on_step_end`` may replace
+them), so the others carry on with fewer rows — except under skip-layer guidance, whose second set of
 embeddings the callback cannot reach: there its rows keep being computed and its images are dropped. A
-batch that runs out of memory (or that the pipeline refuses) is retried one request at a time.
+coalesced call that runs out of memory (or that the pipeline refuses) is retried one request at a time.
+The pixels of a coalesced request can differ slightly (a level or two) from the same request run alone:
+batched kernels round differently, so "same request + same seed → same bytes" holds only alone.
 """
 
 from __future__ import annotations
@@ -67,7 +69,8 @@ def _out_of_memory_errors() -> tuple[type[BaseException], ...]:
 
 
 OUT_OF_MEMORY_ERRORS = _out_of_memory_errors()
-#: A batch that fails with one of these is run again one request at a time (each then fails, or not, alone).
+#: A coalesced call that fails with one of these is run again one request at a time (each then fails, or
+#: not, alone).
 RETRY_ALONE_ERRORS: tuple[type[BaseException], ...] = (*OUT_OF_MEMORY_ERRORS, ValueError)
 
 
@@ -84,7 +87,7 @@ def decode_init_image(value: str, mode: str = "RGB") -> Image.Image:
 
 
 @dataclass(frozen=True)
-class BatchKey:
+class CoalesceKey:
     """What requests must share to run in one pipeline call: everything that shapes the latents, the text
     embeddings, the timestep schedule or the guidance arithmetic. Prompts, seeds, image counts, output
     format and quality may differ."""
@@ -100,14 +103,14 @@ class BatchKey:
     loras: tuple[tuple[str, float], ...] = ()
 
 
-def batch_key(request: GenerationRequest) -> BatchKey | None:
-    """The request's :class:`BatchKey`, or None if it always runs alone (image-to-image: its schedule
+def coalesce_key(request: GenerationRequest) -> CoalesceKey | None:
+    """The request's :class:`CoalesceKey`, or None if it always runs alone (image-to-image: its schedule
     depends on ``strength`` and its latents on its own init image)."""
     if request.is_image_to_image:
         return None
     width, height = request.resolved_size()
     slg = request.skip_layer_guidance
-    return BatchKey(
+    return CoalesceKey(
         width=width,
         height=height,
         num_inference_steps=request.num_inference_steps,
@@ -118,13 +121,13 @@ def batch_key(request: GenerationRequest) -> BatchKey | None:
     )
 
 
-class _BatchCanceled(Exception):
-    """Every request of a batch was canceled: raised from the step callback to stop the pipeline."""
+class _AllCanceled(Exception):
+    """Every request of a coalesced call was canceled: raised from the step callback to stop the pipeline."""
 
 
 @dataclass
-class _BatchJob:
-    """One request of a batch, its callbacks, and its outcome once known."""
+class _Member:
+    """One request of a group, its callbacks, and its outcome once known."""
 
     request: GenerationRequest
     on_progress: ProgressCallback | None = None
@@ -247,7 +250,7 @@ class GenerationEngine:
             timings={"generate_s": denoised - started, "encode_s": finished - denoised},
         )
 
-    def generate_batch(
+    def generate_group(
         self,
         requests: Sequence[GenerationRequest],
         *,
@@ -255,34 +258,40 @@ class GenerationEngine:
         should_cancel: Sequence[CancelCheck | None] | None = None,
         on_canceled: Sequence[CanceledCallback | None] | None = None,
     ) -> list[GenerationResult | EngineError]:
-        """Generate several compatible requests (one :func:`batch_key`) in one pipeline call.
+        """Generate a group of N >= 1 requests: one alone (any kind), or several with one
+        :func:`coalesce_key` in one pipeline call.
 
         The callbacks are per request (same order as ``requests``). Returns one outcome per request: its
         result, or the :class:`EngineError` that ended it (canceled, out of memory, invalid) — one
         request's failure is not the others'. ``on_canceled[i]`` is called as soon as request ``i`` is
         known to be canceled (before the first step, or after the step its cancel check said so), while
-        the others go on. Anything else raised (a bug) propagates and concerns the whole batch.
+        the others go on. Anything else raised (a bug) propagates and concerns the whole group.
         """
         normalized = [r if r.seed is not None and r.width is not None else r.normalized() for r in requests]
-        keys = {batch_key(request) for request in normalized}
-        if None in keys or len(keys) != 1:
-            raise ValueError("generate_batch needs text-to-image requests with one batch_key")
+        if not normalized:
+            raise ValueError("generate_group needs at least one request")
+        keys = {coalesce_key(request) for request in normalized}
+        if len(normalized) > 1 and (None in keys or len(keys) != 1):
+            raise ValueError("a group of several requests needs text-to-image requests with one coalesce_key")
         count = len(normalized)
         progress = list(on_progress) if on_progress is not None else [None] * count
         cancels = list(should_cancel) if should_cancel is not None else [None] * count
         canceled = list(on_canceled) if on_canceled is not None else [None] * count
         if not len(progress) == len(cancels) == len(canceled) == count:
             raise ValueError("one callback (or None) per request")
-        jobs = [
-            _BatchJob(request, progress[i], cancels[i], canceled[i]) for i, request in enumerate(normalized)
+        members = [
+            _Member(request, progress[i], cancels[i], canceled[i]) for i, request in enumerate(normalized)
         ]
         with self._lock:
-            self._generate_batch(jobs)
-        outcomes = [job.outcome for job in jobs]
+            if count == 1:
+                self._run_alone(members[0])
+            else:
+                self._generate_coalesced(members)
+        outcomes = [member.outcome for member in members]
         assert all(outcome is not None for outcome in outcomes)
         return [outcome for outcome in outcomes if outcome is not None]
 
-    def _run_alone(self, job: _BatchJob) -> None:
+    def _run_alone(self, job: _Member) -> None:
         try:
             job.outcome = self._generate(job.request, job.on_progress, job.should_cancel)
         except GenerationCanceled as exc:
@@ -303,7 +312,7 @@ class GenerationEngine:
             max_sequence_length=request.max_sequence_length,
         )
 
-    def _generate_batch(self, jobs: list[_BatchJob]) -> None:
+    def _generate_coalesced(self, jobs: list[_Member]) -> None:
         """Fill in every job's outcome (the lock is held)."""
         started = time.perf_counter()
         for job in jobs:
@@ -315,7 +324,7 @@ class GenerationEngine:
                 self._run_alone(job)
             return
         pipeline = self.model.pipeline
-        try:  # one batch_key, so one adapter set for every request
+        try:  # one coalesce_key, so one adapter set for every request
             activate_adapters(self.model.loras, live[0].request.adapter_set())
         except EngineError as exc:
             for job in live:
@@ -349,7 +358,7 @@ class GenerationEngine:
                 return tensors
             if len(stopping) == len(running):
                 pipe._interrupt = True
-                raise _BatchCanceled
+                raise _AllCanceled
             if not shrinkable:  # the canceled rows ride along to the end; their images are dropped
                 return tensors
             keep = [index for index, job in enumerate(rows) if job.outcome is None]
@@ -367,19 +376,21 @@ class GenerationEngine:
                     callback_on_step_end_tensor_inputs=["latents", "prompt_embeds", "pooled_prompt_embeds"],
                     output_type="pil",
                 )
-        except _BatchCanceled:
+        except _AllCanceled:
             return
         except RETRY_ALONE_ERRORS as exc:
             # Out of memory (or a request the pipeline refuses): one at a time, each on its own terms.
             self._free_device_memory()
             pending = [job for job in live if job.outcome is None]
-            log.warning("batch of %d failed (%s); running them one by one", len(pending), type(exc).__name__)
+            log.warning(
+                "coalesced call of %d failed (%s); running them one by one", len(pending), type(exc).__name__
+            )
             for job in pending:
                 self._run_alone(job)
             return
         denoised = time.perf_counter()
         for job, (token_counts, warnings) in zip(live, reports, strict=True):
-            if job.outcome is not None:  # canceled mid-batch (under skip-layer guidance: rows rode along)
+            if job.outcome is not None:  # canceled mid-call (under skip-layer guidance: rows rode along)
                 continue
             encode_started = time.perf_counter()
             mine = [image for image, owner in zip(output.images, rows, strict=True) if owner is job]
@@ -395,7 +406,7 @@ class GenerationEngine:
                 timings={
                     "generate_s": denoised - started,
                     "encode_s": time.perf_counter() - encode_started,
-                    "batch_size": float(len(live)),
+                    "coalesced": float(len(live)),
                 },
             )
 

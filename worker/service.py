@@ -1,10 +1,10 @@
-"""The GPU worker process: load the model, then serve the queue one job (or one batch) at a time.
+"""The GPU worker process: load the model, then serve the queue one job (or one coalesced group) at a time.
 
 Order matters: the pipeline is loaded and warmed *before* the worker registers with RQ, so a worker that is
 listed as alive can take a job at once, and a model that cannot load fails the process instead of jobs.
 RQ's ``SimpleWorker`` runs jobs in this process (CUDA state does not survive ``fork``); because a job then
 blocks RQ's own loop, :class:`GenerationWorker` keeps heartbeats going from a side thread while it runs —
-for the job RQ dequeued and for every batch partner the run took with it (``worker.runner``).
+for the job RQ dequeued and for every coalesced partner the run took with it (``worker.runner``).
 SIGTERM is RQ's warm shutdown: the current job finishes, then the process exits 0.
 
 Redis restarts are ridden out rather than fatal (see ``services/rq_workers.py``): the worker waits for
@@ -33,14 +33,14 @@ from services import metrics
 from services.clients import REDIS_UNAVAILABLE, build_clients, make_redis
 from services.content_safety import load_classifier
 from services.fleet import Presence
-from services.jobs import job_key, utcnow
-from services.queue import batch_queue, generation_queue, webhook_queue
-from services.recovery import Recovered, recover_lost_jobs, release_interrupted_job
+from services.jobs import JobStore, Lifecycle
+from services.jobs.recovery import recover_lost_jobs, release_interrupted_job
+from services.queue import batch_queue, generation_queue
 from services.rq_workers import ResilientWorker
 from services.settings import Settings
 from services.storage import RetryPolicy
-from services.webhooks.events import schedule_batch_event
 from worker import tasks
+from worker.coalescing import Coalescing
 from worker.engine import GenerationEngine
 from worker.pipeline_loader import load_pipeline
 from worker.runner import WorkerContext
@@ -103,8 +103,8 @@ class RecoveryLoop:
     to beat again — instead of taking over (and redoing) jobs that are about to finish.
     """
 
-    def __init__(self, store: Any, queue: Queue, settings: Settings) -> None:
-        self.store, self.queue, self.settings = store, queue, settings
+    def __init__(self, store: JobStore, lifecycle: Lifecycle, queue: Queue, settings: Settings) -> None:
+        self.store, self.lifecycle, self.queue, self.settings = store, lifecycle, queue, settings
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="lost-job-recovery", daemon=True)
         self._outage = False
@@ -114,13 +114,13 @@ class RecoveryLoop:
         try:
             if self._paused_after_outage():
                 return
-            recovered = recover_lost_jobs(
+            recover_lost_jobs(
                 self.store,
+                self.lifecycle,
                 self.queue,
                 lost_after=self.settings.lost_after,
                 max_attempts=self.settings.max_attempts,
             )
-            announce_batches(self.store, self.settings, recovered)
         except REDIS_UNAVAILABLE as exc:
             self._outage = True
             log.warning("lost-job recovery pass skipped: redis unavailable", error=str(exc))
@@ -148,22 +148,6 @@ class RecoveryLoop:
         self._thread.join(timeout=5)
 
 
-def announce_batches(store: Any, settings: Settings, recovered: list[Recovered]) -> None:
-    """Schedule ``batch.completed`` for batches whose last item recovery has just failed (worker_lost)."""
-    for outcome in recovered:
-        if outcome.batch_done:
-            schedule_batch_event(store.redis, webhook_queue(store.redis, settings), outcome.batch_done)
-
-
-def beat_jobs(store: Any, job_ids: set[str]) -> None:
-    """Write a heartbeat on each job record, in one round trip."""
-    beat = {"heartbeat_at": utcnow().isoformat()}
-    with store.redis.pipeline(transaction=False) as pipe:
-        for job_id in sorted(job_ids):
-            pipe.hset(job_key(job_id), mapping=beat)
-        pipe.execute()
-
-
 def worker_name() -> str:
     """Unique per incarnation: a restarted container keeps hostname and often pid (1), but not this."""
     return f"darkroom-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
@@ -186,16 +170,18 @@ def run_worker(settings: Settings, *, burst: bool = False) -> int:
     context = WorkerContext(
         engine=engine,
         store=clients.store,
+        lifecycle=clients.lifecycle,
         storage=clients.storage,
-        webhook_queue=webhook_queue(clients.redis, settings),
         worker_name=name,
         progress_interval=settings.progress_interval,
         redis_retry_deadline=settings.redis_retry_deadline,
-        max_batch_size=settings.max_batch_size,
-        batch_linger=settings.batch_linger,
-        batch_lookahead=settings.batch_lookahead,
-        generation_queue=generation_queue(clients.redis, settings),
-        batch_queue=batch_queue(clients.redis, settings),
+        coalescing=Coalescing(
+            max_jobs=settings.coalesce_max,
+            linger=settings.coalesce_linger,
+            lookahead=settings.coalesce_lookahead,
+            generation_queue=generation_queue(clients.redis, settings),
+            batch_queue=batch_queue(clients.redis, settings),
+        ),
         image_classifier=classifier,
         model=settings.served_model,
     )
@@ -216,19 +202,23 @@ def run_worker(settings: Settings, *, burst: bool = False) -> int:
         name=name,
     )
     worker.heartbeat_interval_s = settings.heartbeat_interval.total_seconds()
-    # Every job the run holds gets a beat (and a release): the one RQ dequeued and its batch partners.
-    worker.on_heartbeat = lambda job_id: beat_jobs(clients.store, {job_id, *context.held_jobs()})
+    # Every job the run holds gets a beat (and a release): the one RQ dequeued and its coalesced partners.
+    worker.on_heartbeat = lambda job_id: clients.lifecycle.beat({job_id, *context.held_jobs()}, name)
 
     def release(job_id: str) -> None:
         for held in sorted({job_id, *context.held_jobs()}):
-            released = release_interrupted_job(
-                clients.store, worker.queues[0], held, worker_name=name, max_attempts=settings.max_attempts
+            release_interrupted_job(
+                clients.store,
+                clients.lifecycle,
+                worker.queues[0],
+                held,
+                worker_name=name,
+                max_attempts=settings.max_attempts,
             )
-            announce_batches(clients.store, settings, [released] if released else [])
             context.let_go(held)
 
     worker.on_interrupted = release
-    recovery = RecoveryLoop(clients.store, worker.queues[0], settings)
+    recovery = RecoveryLoop(clients.store, clients.lifecycle, worker.queues[0], settings)
     recovery.run_once()  # before the first job: pick up what a previous incarnation of us left running
     recovery.start()
     presence = Presence(

@@ -23,24 +23,17 @@ import structlog
 from fastapi.concurrency import run_in_threadpool
 
 from api.errors import Conflict, NotFound, UnprocessableRequest
-from api.generations.service import cancel_queued, check_loras, check_prompt
+from api.generations.service import check_loras, check_prompt
 from api.state import AppState, ModelLine
 from api.submissions import idempotency_claim, refusal, replayed, served_line, vetted_webhook
-from schemas.batches import DEFAULT_PAGE, ITEM_SUBSCRIPTIONS, Batch, BatchItem, BatchList, CreateBatch
+from schemas.batches import DEFAULT_PAGE, Batch, BatchItem, BatchList, CreateBatch
 from schemas.jobs import JobStatus
 from schemas.problems import FieldError
 from services import metrics
 from services.batch_views import render_batch, render_item
-from services.batches import (
-    BatchRecord,
-    BatchStore,
-    batch_key,
-    batch_webhooks_key,
-    items_key,
-    new_batch_id,
-    owner_batches_key,
-)
 from services.jobs import JobRecord, decode_deliveries, job_key, new_job_id, utcnow
+from services.jobs.batches import BatchRecord, new_batch_id
+from services.jobs.keys import batch_key, batch_webhooks_key, items_key, owner_batches_key
 from services.queue import batch_queue
 
 log = structlog.get_logger(__name__)
@@ -238,35 +231,12 @@ async def list_batches(state: AppState, principal: str, offset: int, limit: int)
     return BatchList(data=page, next_offset=offset + limit if more else None)
 
 
-def _cancel(state: AppState, batch_id: str) -> None:
+def _cancel(state: AppState, batch_id: str, model: str | None) -> None:
     """Queued items: canceled now (and off the batch queue). Running ones: asked to stop at their next
-    step. Each item's transition counts into the batch, so the one that ends the last item schedules
-    ``batch.completed`` — here, or in the worker that stops the last running item."""
-    store, redis = state.clients.store, state.clients.redis
-    batches = BatchStore(redis)
-    if not batches.request_cancel(batch_id):
+    step (``Lifecycle.cancel_batch``)."""
+    queue = batch_queue(state.clients.redis, state.settings, model)
+    if state.clients.lifecycle.cancel_batch(batch_id, queue) is None:
         raise Conflict(f"batch {batch_id} has already ended", code="batch_already_finished")
-    record = batches.get(batch_id)
-    item_hooks = bool(record and record.webhook and set(record.webhook["events"]) & set(ITEM_SUBSCRIPTIONS))
-    ids = batches.item_ids(batch_id)
-    canceled: list[str] = []
-    for job_id, status in zip(ids, batches.item_statuses(ids), strict=True):
-        if status == JobStatus.QUEUED.value:
-            message = "batch canceled while this item was queued"
-            # Items have a webhook of their own only when per-item generation.* events were asked for.
-            done = cancel_queued(state, job_id, message, job_webhook=item_hooks)
-            if done.applied:
-                canceled.append(job_id)
-                continue
-            status = done.previous.value if done.previous else None
-        if status == JobStatus.RUNNING.value:
-            store.request_cancel(job_id)  # the worker stops it at the next denoising step
-    queue = batch_queue(redis, state.settings, record.model if record else None)
-    with redis.pipeline(transaction=False) as pipe:
-        for job_id in canceled:
-            pipe.lrem(queue.key, 1, job_id)
-        pipe.execute()
-    log.info("batch canceled", batch_id=batch_id, canceled_queued=len(canceled))
 
 
 async def cancel(state: AppState, principal: str, batch_id: str) -> Batch:
@@ -274,5 +244,5 @@ async def cancel(state: AppState, principal: str, batch_id: str) -> Batch:
     current = await view(state, principal, batch_id, limit=0)
     if current.status.is_terminal:
         raise Conflict(f"batch {batch_id} is already {current.status.value}", code="batch_already_finished")
-    await run_in_threadpool(_cancel, state, batch_id)
+    await run_in_threadpool(_cancel, state, batch_id, current.model)
     return await view(state, principal, batch_id)

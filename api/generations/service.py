@@ -24,10 +24,10 @@ from schemas.jobs import CreateGeneration, Job, JobStatus
 from schemas.problems import FieldError
 from services import metrics
 from services.job_views import render_job
-from services.jobs import JobRecord, Transition, decode_deliveries, job_key, new_job_id, utcnow, webhooks_key
-from services.queue import job_queue, remove_from_queue
+from services.jobs import JobRecord, decode_deliveries, job_key, new_job_id, utcnow, webhooks_key
+from services.queue import job_queue
+from services.rq_records import queue_position_async, remove_from_queue
 from services.storage import StorageError, init_image_key, mask_image_key
-from services.webhooks.events import schedule_batch_event, schedule_webhook_event
 
 log = structlog.get_logger(__name__)
 IDEMPOTENCY_PREFIX = "darkroom:idempotency:"
@@ -203,8 +203,7 @@ async def view(state: AppState, principal: str, job_id: str) -> Job:
     position = None
     if record.status is JobStatus.QUEUED:
         queue = job_queue(state.clients.redis, state.settings, record)
-        index = cast(int | None, await state.redis_async.lpos(queue.key, job_id))
-        position = None if index is None else index + 1
+        position = await queue_position_async(state.redis_async, queue, job_id)
     return render_job(
         record,
         state.clients.storage,
@@ -214,49 +213,17 @@ async def view(state: AppState, principal: str, job_id: str) -> Job:
     )
 
 
-def cancel_queued(state: AppState, job_id: str, message: str, *, job_webhook: bool = True) -> Transition:
-    """End a job that is still queued as ``canceled`` (guarded: only from ``queued``), then what every ended
-    job gets: terminal retention, the outcome metric, its ``completed`` webhook (``job_webhook``: it may
-    have one) and, for the last unfinished item of a batch, ``batch.completed``. Taking it off its queue is
-    the caller's (one ``LREM``, or one pipeline for a whole batch)."""
-    store = state.clients.store
-    done = store.transition(
-        job_id,
-        JobStatus.CANCELED,
-        allowed_from=(JobStatus.QUEUED,),
-        fields={"completed_at": utcnow(), "error": {"type": "canceled", "message": message}},
-    )
-    if done.applied:
-        store.touch_terminal(job_id)
-        metrics.JOBS.labels(JobStatus.CANCELED.value).inc()
-        if job_webhook:
-            schedule_webhook_event(store, state.webhook_queue, job_id, "completed")
-        if done.batch_done:
-            schedule_batch_event(state.clients.redis, state.webhook_queue, done.batch_done)
-    return done
-
-
-def _cancel(state: AppState, job_id: str) -> None:
-    store = state.clients.store
-    record = store.get(job_id)
-    if record is None:
-        raise NotFound(f"no generation job {job_id!r}")
-    if record.status.is_terminal:
-        raise Conflict(f"job {job_id} is already {record.status.value}", code="job_already_finished")
-    if record.status is JobStatus.QUEUED:
-        done = cancel_queued(state, job_id, "canceled while queued")
-        if done.applied:
-            remove_from_queue(
-                state.clients.redis, job_queue(state.clients.redis, state.settings, record), job_id
-            )
-            return
-        if done.previous is not None and done.previous.is_terminal:
-            raise Conflict(f"job {job_id} is already {done.previous.value}", code="job_already_finished")
-    store.request_cancel(job_id)  # running (or just started): the worker stops at the next step
+def _cancel(state: AppState, record: JobRecord) -> None:
+    queue = job_queue(state.clients.redis, state.settings, record)
+    previous = state.clients.lifecycle.cancel(record.id, "canceled while queued", rq=remove_from_queue(queue))
+    if previous is None:
+        raise NotFound(f"no generation job {record.id!r}")
+    if previous.is_terminal:
+        raise Conflict(f"job {record.id} is already {previous.value}", code="job_already_finished")
 
 
 async def cancel(state: AppState, principal: str, job_id: str) -> Job:
     """Queued: canceled at once. Running: interrupted at the next denoising step. Finished: 409."""
-    await load(state, principal, job_id)
-    await run_in_threadpool(_cancel, state, job_id)
+    record = await load(state, principal, job_id)
+    await run_in_threadpool(_cancel, state, record)
     return await view(state, principal, job_id)

@@ -1,18 +1,14 @@
-"""The batch store: one Redis hash per batch, the list of its items beside it.
+"""The batch store: one Redis hash per batch, the list of its items beside it (keys: ``services.jobs.keys``).
 
 A batch (``POST /v1/batches``) is a set of ordinary generation jobs, each carrying ``batch_id``. The API
 admits the batch and all of its items in one script (``services.admission.BatchAdmitter``); from then on
-the items live their own lives, and the batch hash only *counts* them: the job store's transition script
+the items live their own lives, and the batch hash only *counts* them: the lifecycle's transition script
 increments ``done`` (and the per-status counter) when an item reaches a terminal status, and the
-transition that ends the last item stamps ``completed_at`` and says so to its caller (``Transition.
-batch_done``), who schedules the one ``batch.completed`` webhook (``schedule_batch_event``; a ``notified``
-flag set with HSETNX keeps it to one even if two callers tried).
+transition that ends the last item stamps ``completed_at`` and appends the batch's one ``batch.completed``
+event to the outbox in the same step — whoever made it: worker, cancel or recovery.
 
-Keys (all expire after ``job_retention``, restarted when the batch completes):
-- ``darkroom:batch:{id}``           hash: owner, created_at, total, done, succeeded/failed/canceled,
-                                    retention_s, webhook (JSON), cancel_requested, completed_at, notified
-- ``darkroom:batch:{id}:items``     list: item job ids, in submission order
-- ``darkroom:batch:{id}:webhooks``  hash: msg_id -> JSON delivery record of ``batch.completed``
+Batch hash fields: owner, created_at, total, done, succeeded/failed/canceled, retention_s, webhook (JSON),
+cancel_requested, completed_at, model.
 """
 
 from __future__ import annotations
@@ -26,30 +22,14 @@ from typing import Any, cast
 
 from redis import Redis
 
-from services.jobs import BATCH_KEY_PREFIX, decode_deliveries, encode_fields, job_key
+from services.jobs.keys import batch_key, batch_webhooks_key, items_key, job_key
+from services.jobs.records import decode_deliveries, encode_fields
 
 _REQUEST_CANCEL = """
 if redis.call('EXISTS', KEYS[1]) == 0 or redis.call('HEXISTS', KEYS[1], 'completed_at') == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'cancel_requested', '1')
 return 1
 """
-
-
-def batch_key(batch_id: str) -> str:
-    return f"{BATCH_KEY_PREFIX}{batch_id}"
-
-
-def owner_batches_key(owner: str) -> str:
-    """Sorted set of an API key's batches (their hash keys by creation time), for ``GET /v1/batches``."""
-    return f"darkroom:batches-of:{owner}"
-
-
-def items_key(batch_id: str) -> str:
-    return f"{BATCH_KEY_PREFIX}{batch_id}:items"
-
-
-def batch_webhooks_key(batch_id: str) -> str:
-    return f"{BATCH_KEY_PREFIX}{batch_id}:webhooks"
 
 
 def new_batch_id() -> str:
@@ -122,9 +102,13 @@ class BatchStore:
         transition that ends its last item, so a batch that completed is never relabelled canceled."""
         return bool(self.redis.eval(_REQUEST_CANCEL, 1, batch_key(batch_id)))
 
-    def claim_notification(self, batch_id: str) -> bool:
-        """True for the one caller that gets to schedule the batch's ``batch.completed`` webhook."""
-        return bool(self.redis.hsetnx(batch_key(batch_id), "notified", "1"))
+    def add_delivery(self, batch_id: str, msg_id: str, delivery: Mapping[str, Any], ttl_s: int) -> bool:
+        """Record a new delivery unless one with this ``msg_id`` exists; True if this call added it."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hsetnx(batch_webhooks_key(batch_id), msg_id, json.dumps(delivery, default=str))
+            pipe.expire(batch_webhooks_key(batch_id), max(1, ttl_s))
+            added, _ = pipe.execute()
+        return bool(added)
 
     def put_delivery(self, batch_id: str, msg_id: str, delivery: Mapping[str, Any], ttl_s: int) -> None:
         with self.redis.pipeline(transaction=False) as pipe:

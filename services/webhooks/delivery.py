@@ -15,7 +15,6 @@ from __future__ import annotations
 import random
 import ssl
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -24,6 +23,7 @@ from http.cookiejar import CookieJar, DefaultCookiePolicy
 import httpx
 from pydantic import BaseModel, ConfigDict
 
+from services.jobs.outbox import new_msg_id
 from services.ssrf import Resolver, UnsafeURLError, build_pinned_request, resolve_host, vet_url
 from services.webhooks.retry import RetryPolicy, Verdict, classify, next_delay
 from services.webhooks.signing import webhook_headers
@@ -35,11 +35,6 @@ _MAX_ERROR_CHARS = 500
 def utcnow() -> datetime:
     """Default clock: aware UTC ``datetime`` (signatures use its whole seconds)."""
     return datetime.now(UTC)
-
-
-def new_msg_id() -> str:
-    """A fresh message id in the Standard Webhooks ``msg_...`` style."""
-    return f"msg_{uuid.uuid4().hex}"
 
 
 class DeliveryAttempt(BaseModel):

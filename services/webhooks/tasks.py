@@ -30,18 +30,18 @@ import structlog
 from rq import Queue
 
 from services.batch_views import read_batch
-from services.batches import BatchStore
 from services.clients import ServiceClients, process_clients, retry_while_redis_down
 from services.job_views import render_job
 from services.jobs import JobRecord, JobStore
+from services.jobs.batches import BatchStore
 from services.metrics import WEBHOOK_ATTEMPTS
 from services.queue import BATCH_WEBHOOK_TASK, WEBHOOK_TASK, webhook_queue
 from services.settings import Settings
 from services.ssrf import Resolver, resolve_host
 from services.storage import Storage
 from services.webhooks.delivery import DeliveryAttempt, WebhookMessage, attempt_delivery, utcnow
-from services.webhooks.events import enqueue_attempt, task_timeout
 from services.webhooks.retry import RetryPolicy, Verdict, next_delay
+from services.webhooks.scheduling import enqueue_attempt, task_timeout
 from services.webhooks.signing import decode_secret
 
 log = structlog.get_logger(__name__)

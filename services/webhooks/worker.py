@@ -1,4 +1,5 @@
-"""The webhook worker process: an RQ worker on the webhook queue, with the scheduler that fires retries.
+"""The webhook worker process: an RQ worker on the webhook queue, with the scheduler that fires retries,
+and the outbox dispatcher (a side thread) that turns the events of status changes into first attempts.
 
 Why ``SimpleWorker`` (tasks run in the worker process) rather than RQ's forking ``Worker``: a delivery
 attempt is a few milliseconds of our work around one bounded HTTP call, so a fork per task would cost more
@@ -28,6 +29,8 @@ from services.logging import configure_logging
 from services.queue import webhook_queue
 from services.rq_workers import ResilientWorker
 from services.settings import Settings
+from services.webhooks.dispatcher import OutboxDispatcher
+from services.webhooks.scheduling import task_timeout
 
 log = structlog.get_logger(__name__)
 
@@ -54,12 +57,27 @@ def run_worker(settings: Settings, *, burst: bool = False) -> int:
     # RQ gets its own connection: it raises the socket timeout for its blocking dequeue, which our store's
     # ordinary commands should not inherit.
     connection = make_redis(settings.redis_url, socket_timeout=None)
+    # The outbox dispatcher feeds the queue this worker serves: each event a status change appended
+    # becomes a delivery record and a first attempt. Its blocking reads get a connection of their own.
+    dispatcher = OutboxDispatcher(
+        redis=make_redis(settings.redis_url),
+        store=clients.store,
+        queue=webhook_queue(clients.redis, settings),
+        task_timeout=task_timeout(settings.webhook_timeout),
+        claim_idle=settings.outbox_claim_idle,
+    )
+    if burst:  # what is in the outbox now becomes attempts, then the worker drains them
+        dispatcher.drain()
+    else:
+        dispatcher.start()
     try:
         worker = ResilientWorker(
             [webhook_queue(connection, settings)], connection=connection, serializer=JSONSerializer
         )
         worker.work(burst=burst, with_scheduler=True, logging_level="INFO")
     finally:
+        dispatcher.stop()
+        dispatcher.redis.close()
         connection.close()
         close_process_clients()
     if not burst and not worker.stopped_on_request:

@@ -63,8 +63,11 @@ def test_gpu_harness_runs_on_cpu_at_tiny_size(tmp_path: Path) -> None:
             assert entry["s_per_image"] > 0 and entry["images_per_min"] > 0
             assert entry["transformer_tflops"] > 0
     assert runs["darkroom"]["512/1"]["path"] == "generate"
+    assert runs["darkroom"]["512/2"]["path"] == "generate_group"  # the worker's coalesced call
     agreement = results["agreement"]["512"]
     assert agreement["finite"]
     assert max(agreement["batch1_rel_l2"]) < 1e-4  # same weights, same CPU kernels: the same latents
+    # The coalesced call against plain diffusers' prompt list, image by image: the same latents too.
+    assert len(agreement["batched_rel_l2"]) == 2 and max(agreement["batched_rel_l2"]) < 1e-4
     bars = gpu.bars(results, plan)
     assert [bar.status for bar in bars] == ["INFO", "INFO", "INFO"]

@@ -15,10 +15,11 @@ from rq.serializers import JSONSerializer
 
 from schemas.jobs import JobStatus
 from services.admission import Admission, Admitter, BatchAdmitter, IdempotencyClaim
-from services.batches import BatchRecord, new_batch_id
-from services.jobs import JobRecord, JobStore, new_job_id, utcnow
-from services.queue import GENERATION_TASK, batch_queue, generation_queue
+from services.jobs import JobRecord, JobStore, Lifecycle, new_job_id, utcnow
+from services.jobs.batches import BatchRecord, new_batch_id
+from services.queue import batch_queue, generation_queue
 from services.rate_limit import RateLimit, retry_after_s
+from services.rq_records import GENERATION_TASK
 from services.settings import Settings
 
 T = TypeVar("T")
@@ -247,10 +248,9 @@ def test_a_batch_is_admitted_whole_or_not_at_all_with_one_token_and_replays(redi
     rq_job = Job.fetch(first_items[0].id, connection=connection, serializer=JSONSerializer)
     assert rq_job.origin == queue.name and list(rq_job.args) == [first_items[0].id]
     # Items count into their batch as they end; the transition that ends the last one says so, once.
-    outcomes = [
-        store.transition(i.id, JobStatus.CANCELED, allowed_from=(JobStatus.QUEUED,)) for i in third_items
-    ]
+    lifecycle = Lifecycle(connection, timedelta(days=1))
+    outcomes = [lifecycle.cancel_queued(i.id, "canceled") for i in third_items]
     assert [o.batch_done for o in outcomes] == [None, third.id]
     assert connection.hget(f"darkroom:batch:{third.id}", "completed_at") is not None
-    again = store.transition(third_items[1].id, JobStatus.CANCELED, allowed_from=(JobStatus.QUEUED,))
+    again = lifecycle.cancel_queued(third_items[1].id, "canceled")
     assert not again.applied and again.batch_done is None

@@ -1,17 +1,15 @@
-"""Scheduling webhook events and running single delivery attempts, in-process, against real Redis and a
-real loopback receiver.
+"""Single delivery attempts, in-process, against real Redis and a real loopback receiver.
 
-``run_delivery_attempt`` is called directly (no RQ worker): each test drives one attempt at a time and
-looks at what it left behind — the delivery record on the job, the next attempt in RQ's scheduled
-registry, the requests the receiver saw. ``test_webhook_worker.py`` runs the same flow through a real
-``python -m services.webhooks`` process.
+Each job is moved to its state through the real lifecycle (which appends its events to the outbox) and
+its first attempt scheduled by the real outbox dispatcher; then ``run_delivery_attempt`` is called
+directly (no RQ worker): each test drives one attempt at a time and looks at what it left behind — the
+delivery record on the job, the next attempt in RQ's scheduled registry, the requests the receiver saw.
+``test_webhook_worker.py`` runs the same flow through a real ``python -m services.webhooks`` process.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import zlib
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,32 +17,24 @@ from typing import Any
 
 import pytest
 from prometheus_client import REGISTRY
-from redis import Redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 from rq import Queue
 from rq.job import Job as RQJob
 from rq.registry import ScheduledJobRegistry
 from rq.serializers import JSONSerializer
 from standardwebhooks.webhooks import Webhook
 
-from schemas.generation import GenerationRequest
-from schemas.jobs import JobStatus, WebhookDelivery
+from schemas.jobs import JobErrorCode, JobStatus
 from services.clients import ServiceClients, build_clients
-from services.jobs import JobRecord, JobStore, new_job_id
-from services.net import free_port
-from services.queue import WEBHOOK_TASK, webhook_queue
+from services.jobs.outcome import Failed, Succeeded
+from services.queue import webhook_queue
 from services.settings import Settings
 from services.storage import FileStorage, image_key
-from services.webhooks.events import (
-    DEFAULT_TASK_TIMEOUT,
-    EVENT_TYPES,
-    schedule_webhook_event,
-    task_job_id,
-)
+from services.webhooks.dispatcher import OutboxDispatcher
+from services.webhooks.scheduling import DEFAULT_TASK_TIMEOUT, task_job_id
 from services.webhooks.signing import generate_secret
 from services.webhooks.tasks import DeliveryContext, WebhookConfigError, run_delivery_attempt
 from tests.fixtures.http_receiver import HttpReceiver, RecordedRequest, Reply
+from tests.fixtures.jobs import queued_job
 
 SECRET = generate_secret()
 PUBLIC_URL = "http://darkroom.test"
@@ -68,34 +58,61 @@ def make_settings(redis_url: str, tmp_path: Path, **overrides: Any) -> Settings:
 
 
 def create_job(
-    store: JobStore,
+    clients: ServiceClients,
     storage: FileStorage | None,
     webhook_url: str | None,
     *,
     events: Sequence[str] = ("completed",),
     status: JobStatus = JobStatus.SUCCEEDED,
 ) -> str:
-    """A job as the API and GPU worker would leave it; succeeded jobs get one stored image."""
-    now = datetime.now(UTC)
-    request = (
-        GenerationRequest(prompt="x", seed=1).normalized().model_dump(mode="json", exclude={"init_image"})
-    )
-    job_id = new_job_id()
+    """A job moved to ``status`` by the real lifecycle, as the API and a GPU worker would (its events are
+    in the outbox); a succeeded job gets one stored image."""
     webhook = {"url": webhook_url, "events": list(events)} if webhook_url else None
-    store.create(JobRecord(id=job_id, status=status, created_at=now, request=request, webhook=webhook))
+    record = queued_job(clients.redis, webhook=webhook)
+    lifecycle = clients.lifecycle
+    if status is JobStatus.CANCELED:
+        assert lifecycle.cancel_queued(record.id, "canceled while queued").applied
+        return record.id
+    if status is JobStatus.QUEUED:
+        return record.id
+    assert lifecycle.claim(record, "worker-a").applied
+    images = []
     if status is JobStatus.SUCCEEDED and storage is not None:
-        key = image_key(job_id, 0, "png", now)
+        key = image_key(record.id, 0, "png", record.created_at)
         storage.put(key, b"\x89PNG fake", "image/png")
-        image = {
-            "key": key,
-            "seed": 1,
-            "width": 1024,
-            "height": 1024,
-            "content_type": "image/png",
-            "sha256": "0",
-        }
-        store.set_fields(job_id, {"images": [image], "started_at": now, "completed_at": now})
-    return job_id
+        image = {"key": key, "seed": 1, "width": 1024, "height": 1024, "content_type": "image/png"}
+        images = [{**image, "sha256": "0", "finish_reason": "stop"}]
+    outcome = {
+        JobStatus.SUCCEEDED: Succeeded(images=images),
+        JobStatus.FAILED: Failed(JobErrorCode.OUT_OF_MEMORY, "out of memory"),
+    }.get(status)
+    if outcome is not None:
+        assert lifecycle.finish(record, "worker-a", outcome).applied
+    return record.id
+
+
+def dispatch(clients: ServiceClients, queue: Queue) -> list[str]:
+    """What the webhook process's outbox dispatcher does with what is in the outbox now: each event's
+    delivery recorded and its first attempt queued. Returns the msg_ids of the deliveries it scheduled."""
+    dispatcher = OutboxDispatcher(
+        redis=clients.redis,
+        store=clients.store,
+        queue=queue,
+        task_timeout=DEFAULT_TASK_TIMEOUT,
+        claim_idle=timedelta(seconds=30),
+    )
+    before = set(queue.job_ids)
+    dispatcher.drain()
+    return [
+        job_id.removeprefix("webhook-").rsplit("-", 1)[0] for job_id in queue.job_ids if job_id not in before
+    ]
+
+
+def schedule(clients: ServiceClients, queue: Queue, job_id: str) -> str:
+    """The one delivery the job's events led to: its msg_id."""
+    [msg_id] = dispatch(clients, queue)
+    assert clients.store.get_delivery(job_id, msg_id) is not None
+    return msg_id
 
 
 def verified(request: RecordedRequest) -> dict[str, Any]:
@@ -143,113 +160,14 @@ def ctx(clients: ServiceClients) -> DeliveryContext:
     return dataclasses.replace(DeliveryContext.from_clients(clients), rand=lambda: 1.0)
 
 
-# --- scheduling -----------------------------------------------------------------------------------------
-
-
-def test_schedule_records_a_pending_delivery_and_enqueues_attempt_one(
-    clients: ServiceClients, queue: Queue, storage: FileStorage, redis_client: Redis
-) -> None:
-    job_id = create_job(clients.store, storage, "http://127.0.0.1:9/hook")
-
-    msg_id = schedule_webhook_event(clients.store, queue, job_id, "completed")
-
-    assert msg_id is not None and msg_id.startswith("msg_")
-    [delivery] = clients.store.deliveries(job_id)
-    assert WebhookDelivery.model_validate(delivery).state == "pending"
-    assert delivery["event"] == "generation.succeeded" and delivery["msg_id"] == msg_id
-    assert delivery["attempts"] == []
-    job = RQJob.fetch(task_job_id(msg_id, 1), connection=redis_client, serializer=JSONSerializer)
-    assert job.func_name == WEBHOOK_TASK
-    assert list(job.args) == [job_id, msg_id, 1]
-    assert job.timeout == int(DEFAULT_TASK_TIMEOUT.total_seconds())
-    assert queue.job_ids == [task_job_id(msg_id, 1)]
-    # JSON in Redis, never a pickle: decode RQ's stored call data with nothing but zlib and json.
-    raw = redis_client.hget(job.key, "data")
-    assert isinstance(raw, bytes)
-    assert json.loads(zlib.decompress(raw))[0] == WEBHOOK_TASK
-
-
-@pytest.mark.parametrize("status", [JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED])
-def test_completed_covers_every_terminal_status(
-    clients: ServiceClients, queue: Queue, storage: FileStorage, status: JobStatus
-) -> None:
-    via_completed = create_job(clients.store, storage, "http://127.0.0.1:9/hook", status=status)
-    via_status = create_job(clients.store, storage, "http://127.0.0.1:9/hook", status=status)
-
-    assert schedule_webhook_event(clients.store, queue, via_completed, "completed") is not None
-    assert schedule_webhook_event(clients.store, queue, via_status, status) is not None
-
-    expected = EVENT_TYPES[status.value]
-    assert expected == f"generation.{status.value}"
-    assert [d["event"] for d in clients.store.deliveries(via_completed)] == [expected]
-    assert [d["event"] for d in clients.store.deliveries(via_status)] == [expected]
-
-
-@pytest.mark.parametrize(
-    ("events", "event", "subscribed"),
-    [
-        (["completed"], "started", False),
-        (["completed"], "progress", False),
-        (["started"], "completed", False),
-        (["started"], "started", True),
-        (["progress"], "progress", True),
-        (["started", "completed"], "failed", True),
-    ],
-)
-def test_only_subscribed_events_are_scheduled(
-    clients: ServiceClients,
-    queue: Queue,
-    storage: FileStorage,
-    events: list[str],
-    event: str,
-    subscribed: bool,
-) -> None:
-    status = JobStatus.FAILED if event in ("completed", "failed") else JobStatus.RUNNING
-    job_id = create_job(clients.store, storage, "http://127.0.0.1:9/hook", events=events, status=status)
-
-    msg_id = schedule_webhook_event(clients.store, queue, job_id, event)
-
-    assert (msg_id is not None) is subscribed
-    assert len(clients.store.deliveries(job_id)) == int(subscribed)
-    assert queue.count == int(subscribed)
-
-
-def test_nothing_is_scheduled_without_a_webhook_a_job_or_a_finished_job(
-    clients: ServiceClients, queue: Queue, storage: FileStorage
-) -> None:
-    no_webhook = create_job(clients.store, storage, None)
-    running = create_job(clients.store, storage, "http://127.0.0.1:9/hook", status=JobStatus.RUNNING)
-
-    assert schedule_webhook_event(clients.store, queue, no_webhook, "completed") is None
-    assert schedule_webhook_event(clients.store, queue, "gen_missing", "completed") is None
-    assert schedule_webhook_event(clients.store, queue, running, "completed") is None
-    assert queue.count == 0
-
-
-def test_an_unknown_event_is_a_programming_error(clients: ServiceClients, queue: Queue) -> None:
-    with pytest.raises(ValueError, match="unknown webhook event"):
-        schedule_webhook_event(clients.store, queue, "gen_x", "finished")
-
-
-def test_schedule_swallows_redis_trouble(settings: Settings) -> None:
-    """The GPU worker calls this after generating: a Redis outage must not turn into a failed job."""
-    dead = Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", retry=Retry(NoBackoff(), 0))
-    try:
-        store = JobStore(dead, timedelta(hours=1))
-        assert schedule_webhook_event(store, webhook_queue(dead, settings), "gen_x", "completed") is None
-    finally:
-        dead.close()
-
-
 # --- one attempt at a time --------------------------------------------------------------------------------
 
 
 def test_delivered_payload_is_signed_and_carries_the_job_with_fresh_urls(
     ctx: DeliveryContext, clients: ServiceClients, storage: FileStorage, webhook_receiver: HttpReceiver
 ) -> None:
-    job_id = create_job(clients.store, storage, webhook_receiver.url)
-    msg_id = schedule_webhook_event(clients.store, ctx.queue, job_id, "completed")
-    assert msg_id is not None
+    job_id = create_job(clients, storage, webhook_receiver.url)
+    msg_id = schedule(clients, ctx.queue, job_id)
     before = counter("delivered")
 
     assert run_delivery_attempt(ctx, job_id, msg_id, 1) == "delivered"
@@ -284,9 +202,8 @@ def test_retryable_failure_schedules_the_next_attempt_with_the_same_msg_id(
     ctx: DeliveryContext, clients: ServiceClients, storage: FileStorage, webhook_receiver: HttpReceiver
 ) -> None:
     webhook_receiver.script([500, 200])
-    job_id = create_job(clients.store, storage, webhook_receiver.url)
-    msg_id = schedule_webhook_event(clients.store, ctx.queue, job_id, "completed")
-    assert msg_id is not None
+    job_id = create_job(clients, storage, webhook_receiver.url)
+    msg_id = schedule(clients, ctx.queue, job_id)
     before = counter("retry")
 
     assert run_delivery_attempt(ctx, job_id, msg_id, 1) == "retrying"
@@ -316,9 +233,8 @@ def test_retry_after_from_the_receiver_sets_the_delay(
     ctx: DeliveryContext, clients: ServiceClients, storage: FileStorage, webhook_receiver: HttpReceiver
 ) -> None:
     webhook_receiver.script([Reply(503, headers={"Retry-After": "30"})])
-    job_id = create_job(clients.store, storage, webhook_receiver.url)
-    msg_id = schedule_webhook_event(clients.store, ctx.queue, job_id, "completed")
-    assert msg_id is not None
+    job_id = create_job(clients, storage, webhook_receiver.url)
+    msg_id = schedule(clients, ctx.queue, job_id)
 
     assert run_delivery_attempt(ctx, job_id, msg_id, 1) == "retrying"
 
@@ -331,9 +247,8 @@ def test_out_of_attempts_the_delivery_fails(
 ) -> None:
     webhook_receiver.script([500, 502])
     ctx = dataclasses.replace(ctx, policy=dataclasses.replace(ctx.policy, max_attempts=2))
-    job_id = create_job(clients.store, storage, webhook_receiver.url)
-    msg_id = schedule_webhook_event(clients.store, ctx.queue, job_id, "completed")
-    assert msg_id is not None
+    job_id = create_job(clients, storage, webhook_receiver.url)
+    msg_id = schedule(clients, ctx.queue, job_id)
 
     assert run_delivery_attempt(ctx, job_id, msg_id, 1) == "retrying"
     assert run_delivery_attempt(ctx, job_id, msg_id, 2) == "failed"
@@ -356,9 +271,8 @@ def test_permanent_answers_stop_at_once(
     webhook_receiver.script(
         [Reply(status, headers={"Location": "http://127.0.0.1:9/"} if status == 302 else {})]
     )
-    job_id = create_job(clients.store, storage, webhook_receiver.url)
-    msg_id = schedule_webhook_event(clients.store, ctx.queue, job_id, "completed")
-    assert msg_id is not None
+    job_id = create_job(clients, storage, webhook_receiver.url)
+    msg_id = schedule(clients, ctx.queue, job_id)
 
     assert run_delivery_attempt(ctx, job_id, msg_id, 1) == state
 
@@ -372,12 +286,16 @@ def test_after_410_no_further_event_of_the_job_is_scheduled(
     ctx: DeliveryContext, clients: ServiceClients, storage: FileStorage, webhook_receiver: HttpReceiver
 ) -> None:
     webhook_receiver.script([410])
-    job_id = create_job(clients.store, storage, webhook_receiver.url, events=["started", "completed"])
-    msg_id = schedule_webhook_event(clients.store, ctx.queue, job_id, "started")
-    assert msg_id is not None
+    job_id = create_job(
+        clients, storage, webhook_receiver.url, events=["started", "completed"], status=JobStatus.RUNNING
+    )
+    msg_id = schedule(clients, ctx.queue, job_id)  # generation.started
     assert run_delivery_attempt(ctx, job_id, msg_id, 1) == "gone"
 
-    assert schedule_webhook_event(clients.store, ctx.queue, job_id, "completed") is None
+    record = clients.store.get(job_id)
+    assert record is not None
+    assert clients.lifecycle.finish(record, "worker-a", Succeeded(images=[])).applied
+    assert dispatch(clients, ctx.queue) == []  # generation.succeeded was in the outbox, and was dropped
     assert len(clients.store.deliveries(job_id)) == 1
 
 
@@ -385,9 +303,8 @@ def test_an_unsafe_target_fails_without_sending(
     ctx: DeliveryContext, clients: ServiceClients, storage: FileStorage, webhook_receiver: HttpReceiver
 ) -> None:
     ctx = dataclasses.replace(ctx, allow_private=False)
-    job_id = create_job(clients.store, storage, webhook_receiver.url)
-    msg_id = schedule_webhook_event(clients.store, ctx.queue, job_id, "completed")
-    assert msg_id is not None
+    job_id = create_job(clients, storage, webhook_receiver.url)
+    msg_id = schedule(clients, ctx.queue, job_id)
 
     assert run_delivery_attempt(ctx, job_id, msg_id, 1) == "failed"
 
@@ -399,9 +316,8 @@ def test_an_unsafe_target_fails_without_sending(
 def test_a_repeated_or_stale_attempt_sends_nothing(
     ctx: DeliveryContext, clients: ServiceClients, storage: FileStorage, webhook_receiver: HttpReceiver
 ) -> None:
-    job_id = create_job(clients.store, storage, webhook_receiver.url)
-    msg_id = schedule_webhook_event(clients.store, ctx.queue, job_id, "completed")
-    assert msg_id is not None
+    job_id = create_job(clients, storage, webhook_receiver.url)
+    msg_id = schedule(clients, ctx.queue, job_id)
     assert run_delivery_attempt(ctx, job_id, msg_id, 1) == "delivered"
 
     assert run_delivery_attempt(ctx, job_id, msg_id, 1) == "skipped"  # RQ ran the task twice
@@ -415,9 +331,8 @@ def test_without_a_signing_secret_the_delivery_fails_loudly(
     ctx: DeliveryContext, clients: ServiceClients, storage: FileStorage, webhook_receiver: HttpReceiver
 ) -> None:
     ctx = dataclasses.replace(ctx, secret=None)
-    job_id = create_job(clients.store, storage, webhook_receiver.url)
-    msg_id = schedule_webhook_event(clients.store, ctx.queue, job_id, "completed")
-    assert msg_id is not None
+    job_id = create_job(clients, storage, webhook_receiver.url)
+    msg_id = schedule(clients, ctx.queue, job_id)
 
     with pytest.raises(WebhookConfigError):
         run_delivery_attempt(ctx, job_id, msg_id, 1)

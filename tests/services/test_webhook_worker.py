@@ -26,11 +26,11 @@ import pytest
 from rq.registry import ScheduledJobRegistry
 
 from services.clients import ServiceClients, build_clients
+from services.jobs.keys import OUTBOX
 from services.net import free_port
 from services.queue import webhook_queue
 from services.settings import Settings
 from services.storage import FileStorage
-from services.webhooks.events import schedule_webhook_event
 from tests.fixtures.http_receiver import HttpReceiver, Reply
 from tests.services.test_webhook_tasks import SECRET, create_job, make_settings, verified
 
@@ -148,16 +148,13 @@ def test_retries_until_delivered_then_exits_0_on_sigterm(
     tmp_path: Path,
 ) -> None:
     webhook_receiver.script([500, 500, 200])
-    job_id = create_job(clients.store, storage, webhook_receiver.url)
-    msg_id = schedule_webhook_event(
-        clients.store, webhook_queue(clients.redis, settings), job_id, "completed"
-    )
-    assert msg_id is not None
+    job_id = create_job(clients, storage, webhook_receiver.url)  # its generation.succeeded: in the outbox
     metrics_port = free_port()
 
     worker = start_worker(env=worker_env(settings, DARKROOM_WORKER_METRICS_PORT=str(metrics_port)))
 
     requests = webhook_receiver.wait_for(3, timeout=PROCESS_TIMEOUT_S)
+    [msg_id] = [d["msg_id"] for d in clients.store.deliveries(job_id)]
     assert [r.headers["webhook-id"] for r in requests] == [msg_id] * 3  # one id: receivers can dedupe
     assert {verified(r)["type"] for r in requests} == {"generation.succeeded"}
     delivery = wait_until(delivery_state(clients, job_id, "delivered"), what="delivered state")
@@ -185,12 +182,10 @@ def test_410_and_400_stop_at_once_and_burst_mode_exits_when_done(
     with HttpReceiver() as other_receiver:
         webhook_receiver.script([410])
         other_receiver.script([400])
-        gone_job = create_job(clients.store, storage, webhook_receiver.url)
-        bad_job = create_job(clients.store, storage, other_receiver.url)
-        assert schedule_webhook_event(clients.store, queue, gone_job, "completed") is not None
-        assert schedule_webhook_event(clients.store, queue, bad_job, "completed") is not None
-        # Not subscribed (only "completed" is): nothing to send.
-        assert schedule_webhook_event(clients.store, queue, bad_job, "started") is None
+        gone_job = create_job(clients, storage, webhook_receiver.url)
+        bad_job = create_job(clients, storage, other_receiver.url)
+        # One event each: their generation.succeeded (generation.started was not subscribed to).
+        assert clients.redis.xlen(OUTBOX) == 2
 
         worker = start_worker("--burst")
 
@@ -212,8 +207,7 @@ def test_sigterm_during_an_attempt_finishes_and_records_it(
     start_worker: StartWorker,
 ) -> None:
     webhook_receiver.script([Reply(200, delay_s=1.0)])
-    job_id = create_job(clients.store, storage, webhook_receiver.url)
-    assert schedule_webhook_event(clients.store, webhook_queue(clients.redis, settings), job_id, "completed")
+    job_id = create_job(clients, storage, webhook_receiver.url)
     worker = start_worker()
     webhook_receiver.wait_for(1, timeout=PROCESS_TIMEOUT_S)  # the attempt is now in flight
 

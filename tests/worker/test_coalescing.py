@@ -1,14 +1,14 @@
-"""Micro-batching on the real stack: Redis, the API, a tiny-model GPU worker, the webhook worker.
+"""Coalescing on the real stack: Redis, the API, a tiny-model GPU worker, the webhook worker.
 
-Jobs queued while the worker is busy run as one batch once it is free, and each still has its own
-progress, webhooks, cancel and outcome. The worker is kept busy by a long job that the test cancels once
-everything is queued, so the batch forms however slow the machine is.
+With ``DARKROOM_COALESCE_MAX`` above 1 (it is 1, off, by default), compatible jobs queued while the worker
+is busy run in one pipeline call once it is free, and each still has its own progress, webhooks, cancel and
+outcome. The worker is kept busy by a long job that the test cancels once everything is queued, so the
+group forms however slow the machine is.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -22,7 +22,7 @@ from PIL import Image
 from standardwebhooks.webhooks import Webhook
 
 from schemas.generation import GenerationRequest
-from services.jobs import JobStore, job_key
+from services.jobs import JobStore
 from tests.fixtures.http_receiver import HttpReceiver
 from tests.fixtures.stack import ONE_THREAD, TEST_WEBHOOK_SECRET, Stack, start_stack
 from worker.engine import GenerationEngine
@@ -41,12 +41,12 @@ SMALL: dict[str, Any] = {"width": 512, "height": 512, "num_inference_steps": 2, 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Stack]:
-    tmp = tmp_path_factory.mktemp("stack-batching")
+    tmp = tmp_path_factory.mktemp("stack-coalescing")
     yield from start_stack(
         tmp,
         f"file://{tmp / 'outputs'}",
         tiny_model_dir,
-        extra_env={"DARKROOM_MAX_BATCH_SIZE": "4"},
+        extra_env={"DARKROOM_COALESCE_MAX": "4"},
         process_env=ONE_THREAD,
     )
 
@@ -69,9 +69,11 @@ def started(job: dict[str, Any]) -> bool:
     return job["progress"] is not None or job["status"] in TERMINAL
 
 
-def batch_of(stack: Stack, job_id: str) -> dict[str, Any] | None:
-    raw = stack.redis().hget(job_key(job_id), "batch")
-    return json.loads(raw) if raw else None
+def coalesced_with(stack: Stack, job_id: str) -> float | None:
+    """How many jobs shared the job's pipeline call, as its stored timings say (None: it ran alone)."""
+    record = JobStore(stack.redis(), timedelta(days=1)).get(job_id)
+    assert record is not None and record.timings is not None, record
+    return record.timings.get("coalesced")
 
 
 def pixels(data: bytes) -> np.ndarray:
@@ -89,11 +91,11 @@ def queue_behind_busy_worker(client: httpx.Client, bodies: list[dict[str, Any]])
     return job_ids
 
 
-def test_compatible_queued_jobs_run_as_one_batch_each_on_its_own_terms(
+def test_compatible_queued_jobs_run_in_one_call_each_on_its_own_terms(
     stack: Stack, webhook_receiver: HttpReceiver, tiny_engine: GenerationEngine
 ) -> None:
     hook = {"webhook_url": webhook_receiver.url + "/hook", "webhook_events": ["started", "completed"]}
-    batched = [
+    coalesced = [
         {**SMALL, **hook, "prompt": "a red fox", "seed": 10},
         {**SMALL, **hook, "prompt": "a lighthouse", "seed": 11, "output_format": "webp"},
         {**SMALL, **hook, "prompt": "a bowl of ramen", "seed": 12},
@@ -101,18 +103,17 @@ def test_compatible_queued_jobs_run_as_one_batch_each_on_its_own_terms(
     ]
     incompatible = {**SMALL, "prompt": "three steps", "num_inference_steps": 3, "seed": 14}
     with stack.client() as client:
-        ids = queue_behind_busy_worker(client, [*batched[:2], incompatible, *batched[2:]])
+        ids = queue_behind_busy_worker(client, [*coalesced[:2], incompatible, *coalesced[2:]])
         other = ids.pop(2)
         jobs = [wait_until(client, job_id, lambda j: j["status"] in TERMINAL) for job_id in ids]
         alone = wait_until(client, other, lambda j: j["status"] in TERMINAL)
 
-    batch = batch_of(stack, ids[0])
-    assert batch is not None and batch["size"] == 4 and batch["jobs"] == ids, batch
-    assert alone["status"] == "succeeded" and batch_of(stack, other) is None  # not grouped
+    # The four compatible jobs (and only they: nothing else was queued) shared one call.
+    assert [coalesced_with(stack, job_id) for job_id in ids] == [4, 4, 4, 4]
+    assert alone["status"] == "succeeded" and coalesced_with(stack, other) is None  # not grouped
     store = JobStore(stack.redis(), timedelta(days=1))
-    for job, body in zip(jobs, batched, strict=True):
+    for job, body in zip(jobs, coalesced, strict=True):
         assert job["status"] == "succeeded", job
-        assert batch_of(stack, job["id"]) == batch
         events = [event for _, event in store.events_since(job["id"])]
         assert [e["data"]["status"] for e in events if e["type"] == "status"] == [
             "queued",
@@ -138,7 +139,7 @@ def test_compatible_queued_jobs_run_as_one_batch_each_on_its_own_terms(
     }
 
 
-def test_a_job_canceled_in_a_batch_ends_at_once_and_the_others_finish(stack: Stack) -> None:
+def test_a_job_canceled_in_a_group_ends_at_once_and_the_others_finish(stack: Stack) -> None:
     bodies = [{**SMALL, "prompt": f"job {i}", "seed": 20 + i, "num_inference_steps": 8} for i in range(3)]
     with stack.client() as client:
         ids = queue_behind_busy_worker(client, bodies)
@@ -150,8 +151,7 @@ def test_a_job_canceled_in_a_batch_ends_at_once_and_the_others_finish(stack: Sta
 
     assert canceled["status"] == "canceled", canceled
     assert canceled["progress"]["step"] < 8
-    assert meanwhile == ["running", "running"]  # the batch went on without it
+    assert meanwhile == ["running", "running"]  # the call went on without it
     assert [job["status"] for job in others] == ["succeeded", "succeeded"]
-    batch = batch_of(stack, ids[0])
-    assert batch is not None and batch["jobs"] == ids
-    assert all(batch_of(stack, job_id) == batch for job_id in ids)
+    # The three started in one call (the canceled one left it mid-way: it has no timings).
+    assert [coalesced_with(stack, ids[i]) for i in (0, 2)] == [3, 3]

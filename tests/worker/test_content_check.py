@@ -1,9 +1,10 @@
-"""The image-classifier hook inside the runner, for jobs run alone and in a micro-batch (real Redis, file
+"""The image-classifier hook inside the runner, for jobs run alone and coalesced (real Redis, file
 storage, a stand-in engine that draws real PNGs): each job's images are judged on their pixels, filtered
 ones are listed but never stored, and a classifier that fails or answers nonsense fails the job."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +19,14 @@ from worker.encoding import encode_image
 from worker.engine import GenerationResult
 from worker.runner import WorkerContext, execute_generation
 
-from .test_runner_batch import StandInEngine, dequeue, submit
-from .test_runner_batch import setup as setup  # noqa: F401  (the fixture, re-exported)
+from .test_runner_coalescing import StandInEngine, dequeue, submit
+from .test_runner_coalescing import setup as setup  # noqa: F401  (the fixture, re-exported)
 
 
 class DrawingEngine(StandInEngine):
     """Real PNGs: bright for even seeds, dark for odd ones, so a pixel rule can tell them apart."""
 
-    def _result(self, request: GenerationRequest) -> GenerationResult:
+    def _result(self, request: GenerationRequest, coalesced: int) -> GenerationResult:
         images = [
             encode_image(
                 Image.new("RGB", (512, 512), (250,) * 3 if seed % 2 == 0 else (5,) * 3), request, seed, i, "t"
@@ -58,7 +59,7 @@ def ctx(setup: tuple[WorkerContext, Queue, StandInEngine]) -> tuple[WorkerContex
     return context, queue
 
 
-def test_each_job_of_a_batch_has_its_images_judged(ctx: tuple[WorkerContext, Queue]) -> None:
+def test_each_job_of_a_coalesced_group_has_its_images_judged(ctx: tuple[WorkerContext, Queue]) -> None:
     context, queue = ctx
     classifier = TooBright()
     context.image_classifier = classifier
@@ -102,7 +103,7 @@ def test_a_classifier_that_fails_fails_the_job_and_stores_nothing(
     ctx: tuple[WorkerContext, Queue], classifier: Any, message: str
 ) -> None:
     context, queue = ctx
-    context.max_batch_size = 1
+    context.coalescing = replace(context.coalescing, max_jobs=1)  # run alone
     context.image_classifier = classifier
     job_id = submit(context, queue, "a fox", seed=1)
     dequeue(queue)

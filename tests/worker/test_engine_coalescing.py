@@ -1,4 +1,4 @@
-"""Micro-batching in the engine: ``generate_batch`` gives each request what it would get alone.
+"""Coalescing in the engine: ``generate_group`` gives each request what it would get alone.
 
 Small on purpose (512x512, 2-3 steps): the tiny model's cost is the transformer, per latent row and step.
 Pixels are compared on PNGs (max abs difference <= 2, the engine's tolerance); a lossy format amplifies
@@ -7,6 +7,7 @@ the same sub-level differences through its encoder, so there the bound is looser
 
 from __future__ import annotations
 
+import base64
 import io
 from typing import Any
 
@@ -16,7 +17,7 @@ import torch
 from PIL import Image
 
 from schemas.generation import GenerationRequest
-from worker.engine import GenerationEngine, GenerationResult, batch_key
+from worker.engine import GenerationEngine, GenerationResult, coalesce_key
 from worker.errors import GenerationCanceled
 
 BASE: dict[str, Any] = {"width": 512, "height": 512, "num_inference_steps": 2}
@@ -36,15 +37,15 @@ def assert_same_as_alone(engine: GenerationEngine, outcome: Any, alone_request: 
     assert isinstance(outcome, GenerationResult), outcome
     alone = engine.generate(alone_request)
     assert [image.seed for image in outcome.images] == [image.seed for image in alone.images]
-    for batched, single in zip(outcome.images, alone.images, strict=True):
-        assert (batched.content_type, batched.width, batched.height) == (
+    for coalesced, single in zip(outcome.images, alone.images, strict=True):
+        assert (coalesced.content_type, coalesced.width, coalesced.height) == (
             single.content_type,
             single.width,
             single.height,
         )
-        difference = int(np.abs(pixels(batched.data) - pixels(single.data)).max())
-        bound = 2 if batched.content_type == "image/png" else LOSSY_BOUND
-        assert difference <= bound, f"seed {batched.seed}: max abs pixel difference {difference}"
+        difference = int(np.abs(pixels(coalesced.data) - pixels(single.data)).max())
+        bound = 2 if coalesced.content_type == "image/png" else LOSSY_BOUND
+        assert difference <= bound, f"seed {coalesced.seed}: max abs pixel difference {difference}"
 
 
 class RowCounter:
@@ -65,14 +66,14 @@ class RowCounter:
         self._handle.remove()
 
 
-def test_batch_key_groups_what_can_share_a_call_and_nothing_else() -> None:
-    key = batch_key(request("a fox", 1).normalized())
+def test_coalesce_key_groups_what_can_share_a_call_and_nothing_else() -> None:
+    key = coalesce_key(request("a fox", 1).normalized())
     same = [
         request("another prompt", 99, num_images=3, output_format="jpeg", negative_prompt="blur"),
         request("a fox", 1, output_format="webp", output_quality=50),
     ]
     for other in same:
-        assert batch_key(other.normalized()) == key
+        assert coalesce_key(other.normalized()) == key
     different = [
         request("a fox", 1, width=768),
         request("a fox", 1, num_inference_steps=3),
@@ -81,33 +82,56 @@ def test_batch_key_groups_what_can_share_a_call_and_nothing_else() -> None:
         request("a fox", 1, max_sequence_length=77),
     ]
     for other in different:
-        assert batch_key(other.normalized()) != key
-    assert batch_key(request("a fox", 1, skip_layer_guidance={"scale": 3.0})) != batch_key(
+        assert coalesce_key(other.normalized()) != key
+    assert coalesce_key(request("a fox", 1, skip_layer_guidance={"scale": 3.0})) != coalesce_key(
         request("a fox", 1, skip_layer_guidance=True)
     )
 
 
-def test_image_to_image_never_batches_and_mixed_keys_are_refused(tiny_engine: GenerationEngine) -> None:
+def test_image_to_image_never_coalesces_and_mixed_keys_are_refused(tiny_engine: GenerationEngine) -> None:
     buffer = io.BytesIO()
     Image.new("RGB", (512, 512), (200, 40, 40)).save(buffer, format="PNG")
-    import base64
+    img2img = request("x", 1, init_image=base64.b64encode(buffer.getvalue()).decode(), strength=0.5)
+    assert coalesce_key(img2img) is None
+    with pytest.raises(ValueError, match="coalesce_key"):
+        tiny_engine.generate_group([request("x", 1), img2img])
+    with pytest.raises(ValueError, match="coalesce_key"):
+        tiny_engine.generate_group([request("x", 1), request("x", 1, num_inference_steps=3)])
+    with pytest.raises(ValueError, match="at least one"):
+        tiny_engine.generate_group([])
 
-    img2img = request("x", 1, init_image=base64.b64encode(buffer.getvalue()).decode())
-    assert batch_key(img2img) is None
-    with pytest.raises(ValueError, match="batch_key"):
-        tiny_engine.generate_batch([request("x", 1), img2img])
-    with pytest.raises(ValueError, match="batch_key"):
-        tiny_engine.generate_batch([request("x", 1), request("x", 1, num_inference_steps=3)])
+
+def test_a_group_of_one_is_a_request_run_alone_of_any_kind(tiny_engine: GenerationEngine) -> None:
+    """N = 1 is the worker's only path for a job run alone: any request (image-to-image included), byte
+    for byte what ``generate`` makes, with its own callbacks and no ``coalesced`` timing."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (512, 512), (200, 40, 40)).save(buffer, format="PNG")
+    init_image = base64.b64encode(buffer.getvalue()).decode()
+    for alone in (request("a fox", 1), request("a fox", 1, init_image=init_image, strength=0.5)):
+        progress: list[int] = []
+        [outcome] = tiny_engine.generate_group(
+            [alone], on_progress=[lambda s, t, seen=progress: seen.append(s)]
+        )
+        assert isinstance(outcome, GenerationResult), outcome
+        assert progress == list(range(1, len(progress) + 1)) and progress
+        assert "coalesced" not in outcome.timings
+        assert [i.data for i in outcome.images] == [i.data for i in tiny_engine.generate(alone).images]
+    canceled: list[str] = []
+    [outcome] = tiny_engine.generate_group(
+        [request("a fox", 1)], should_cancel=[lambda: True], on_canceled=[lambda e: canceled.append(str(e))]
+    )
+    assert isinstance(outcome, GenerationCanceled)
+    assert canceled == ["canceled before the first denoising step"]
 
 
-def test_each_request_of_a_batch_gets_exactly_what_it_would_alone(tiny_engine: GenerationEngine) -> None:
+def test_each_request_of_a_group_gets_exactly_what_it_would_alone(tiny_engine: GenerationEngine) -> None:
     requests = [
         request("a lighthouse at dusk", 2**32 - 1, num_images=2, negative_prompt="blurry"),
         request("a bowl of ramen", 5, output_format="webp", output_quality=100),
     ]
     progress: list[list[tuple[int, int]]] = [[], []]
     with RowCounter(tiny_engine) as counter:
-        outcomes = tiny_engine.generate_batch(
+        outcomes = tiny_engine.generate_group(
             requests,
             on_progress=[lambda s, t, seen=seen: seen.append((s, t)) for seen in progress],  # type: ignore[misc]
         )
@@ -117,25 +141,25 @@ def test_each_request_of_a_batch_gets_exactly_what_it_would_alone(tiny_engine: G
     assert outcomes[1].images[0].content_type == "image/webp"  # type: ignore[union-attr]
     for outcome, alone in zip(outcomes, requests, strict=True):
         assert isinstance(outcome, GenerationResult)
-        assert outcome.timings["batch_size"] == 2
+        assert outcome.timings["coalesced"] == 2
         assert outcome.token_counts["prompt"]["t5_limit"] == 256
         assert_same_as_alone(tiny_engine, outcome, alone)
 
 
-def test_a_request_canceled_mid_batch_leaves_and_the_others_carry_on(tiny_engine: GenerationEngine) -> None:
+def test_a_request_canceled_mid_call_leaves_and_the_others_carry_on(tiny_engine: GenerationEngine) -> None:
     steps = {"num_inference_steps": 3}
     requests = [request("a fox", 1, **steps), request("a cat", 2, num_images=2, **steps)]
     progress: list[list[int]] = [[], []]
     canceled: list[tuple[int, str]] = []
     with RowCounter(tiny_engine) as counter:
-        outcomes = tiny_engine.generate_batch(
+        outcomes = tiny_engine.generate_group(
             requests,
             on_progress=[lambda s, t, seen=seen: seen.append(s) for seen in progress],  # type: ignore[misc]
             should_cancel=[lambda: len(progress[0]) >= 1, None],
             on_canceled=[lambda error: canceled.append((len(progress[1]), str(error))), None],
         )
     assert counter.rows == [6, 4, 4]  # its row (in the latents and both CFG halves) left after step 1
-    assert canceled == [(1, "canceled after denoising step 1")]  # reported at once, not after the batch
+    assert canceled == [(1, "canceled after denoising step 1")]  # reported at once, not after the call
     assert progress == [[1], [1, 2, 3]]
     assert isinstance(outcomes[0], GenerationCanceled)
     assert_same_as_alone(tiny_engine, outcomes[1], requests[1])
@@ -146,7 +170,7 @@ def test_under_skip_layer_guidance_a_canceled_requests_rows_ride_along(tiny_engi
     requests = [request("a fox", 1, **slg), request("a cat", 2, **slg)]
     canceled: list[str] = []
     with RowCounter(tiny_engine) as counter:
-        outcomes = tiny_engine.generate_batch(
+        outcomes = tiny_engine.generate_group(
             requests,
             should_cancel=[None, lambda: len(counter.rows) >= 1],
             on_canceled=[None, lambda error: canceled.append(str(error))],
@@ -158,10 +182,10 @@ def test_under_skip_layer_guidance_a_canceled_requests_rows_ride_along(tiny_engi
     assert_same_as_alone(tiny_engine, outcomes[0], requests[0])
 
 
-def test_cancels_before_and_during_a_batch(tiny_engine: GenerationEngine) -> None:
+def test_cancels_before_and_during_a_coalesced_call(tiny_engine: GenerationEngine) -> None:
     requests = [request("a fox", 1), request("a cat", 2), request("a dog", 3)]
     with RowCounter(tiny_engine) as counter:
-        outcomes = tiny_engine.generate_batch(
+        outcomes = tiny_engine.generate_group(
             requests,
             should_cancel=[lambda: True, lambda: len(counter.rows) >= 1, lambda: len(counter.rows) >= 1],
         )
@@ -170,13 +194,13 @@ def test_cancels_before_and_during_a_batch(tiny_engine: GenerationEngine) -> Non
     assert str(outcomes[0]) == "canceled before the first denoising step"
 
     # Only one left after the cancels before the start: it runs as it would alone, byte for byte.
-    [canceled, alone] = tiny_engine.generate_batch(requests[:2], should_cancel=[lambda: True, None])
+    [canceled, alone] = tiny_engine.generate_group(requests[:2], should_cancel=[lambda: True, None])
     assert isinstance(canceled, GenerationCanceled)
     assert isinstance(alone, GenerationResult)
     assert alone.images[0].data == tiny_engine.generate(requests[1]).images[0].data
 
 
-def test_out_of_memory_in_a_batch_runs_the_requests_one_by_one(
+def test_out_of_memory_in_a_coalesced_call_runs_the_requests_one_by_one(
     tiny_engine: GenerationEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     requests = [request("a fox", 1, guidance_scale=1.0), request("a cat", 2, guidance_scale=1.0)]
@@ -193,7 +217,7 @@ def test_out_of_memory_in_a_batch_runs_the_requests_one_by_one(
 
     monkeypatch.setattr(transformer, "forward", forward_that_fits_one_row)
     progress: list[list[int]] = [[], []]
-    outcomes = tiny_engine.generate_batch(
+    outcomes = tiny_engine.generate_group(
         requests,
         on_progress=[lambda s, t, seen=seen: seen.append(s) for seen in progress],  # type: ignore[misc]
     )

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from schemas.generation import GenerationRequest
-from worker.engine import GenerationEngine, batch_key
+from worker.engine import GenerationEngine, coalesce_key
 
 SIZE = 512
 SEED = 5
@@ -130,9 +130,9 @@ def test_strength_is_honoured_and_results_are_reproducible_by_seed(tiny_engine: 
     assert first.images[0].data != other_seed.images[0].data
 
 
-def test_the_png_records_the_masks_hash_and_inpainting_never_batches(tiny_engine: GenerationEngine) -> None:
+def test_the_png_records_the_masks_hash_and_inpainting_never_coalesces(tiny_engine: GenerationEngine) -> None:
     request = inpaint_request(num_inference_steps=1, strength=1.0)
-    assert batch_key(request) is None
+    assert coalesce_key(request) is None
     [image] = tiny_engine.generate(request).images
     with Image.open(io.BytesIO(image.data)) as png:
         metadata = json.loads(png.text["darkroom"])["request"]

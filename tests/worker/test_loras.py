@@ -1,5 +1,5 @@
 """LoRA adapters on the tiny model: an adapter changes the image, leaves nothing behind for the next job,
-is loaded once, and micro-batches only with jobs asking for the same set (worker/loras.py)."""
+is loaded once, and is coalesced only with jobs asking for the same set (worker/loras.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from PIL import Image
 
 from schemas.generation import GenerationRequest
 from services.settings import Settings
-from worker.engine import GenerationEngine, GenerationResult, batch_key
+from worker.engine import GenerationEngine, GenerationResult, coalesce_key
 from worker.errors import LoraUnavailable
 from worker.loras import LoraAdapters, resolve_source
 
@@ -105,27 +105,27 @@ def test_each_adapter_loads_once_and_exactly_the_requested_set_applies(lora_engi
     assert ink_again == ink, "rust, active in the jobs before, leaked into a job asking for ink alone"
 
 
-def test_the_batch_key_separates_adapter_sets_and_ignores_their_order() -> None:
-    plain = batch_key(request())
-    ink = batch_key(request(loras=[{"name": "ink"}]))
+def test_the_coalesce_key_separates_adapter_sets_and_ignores_their_order() -> None:
+    plain = coalesce_key(request())
+    ink = coalesce_key(request(loras=[{"name": "ink"}]))
     assert plain != ink
-    assert ink != batch_key(request(loras=[{"name": "ink", "scale": 0.5}]))
-    assert batch_key(request(loras=[{"name": "ink"}, {"name": "rust", "scale": -1}])) == batch_key(
+    assert ink != coalesce_key(request(loras=[{"name": "ink", "scale": 0.5}]))
+    assert coalesce_key(request(loras=[{"name": "ink"}, {"name": "rust", "scale": -1}])) == coalesce_key(
         request(seed=9, loras=[{"name": "rust", "scale": -1.0}, {"name": "ink", "scale": 1.0}])
     )
     assert ink is not None and ink.loras == (("ink", 1.0),)
 
 
-def test_a_batch_sharing_an_adapter_gets_what_each_request_gets_alone(lora_engine: GenerationEngine) -> None:
+def test_a_group_sharing_an_adapter_gets_what_each_request_gets_alone(lora_engine: GenerationEngine) -> None:
     lora = [{"name": "rust", "scale": 0.8}]
     requests = [request(5, loras=lora, num_images=2), request(11, prompt="a bowl of ramen", loras=lora)]
-    outcomes = lora_engine.generate_batch(requests)
+    outcomes = lora_engine.generate_group(requests)
     for outcome, alone in zip(outcomes, requests, strict=True):
         assert isinstance(outcome, GenerationResult), outcome
-        assert outcome.timings["batch_size"] == 2
+        assert outcome.timings["coalesced"] == 2
         single = lora_engine.generate(alone)
-        for batched, own in zip(outcome.images, single.images, strict=True):
-            assert difference(batched.data, own.data) <= 2
+        for coalesced, own in zip(outcome.images, single.images, strict=True):
+            assert difference(coalesced.data, own.data) <= 2
     assert difference(outcomes[1].images[0].data, image(lora_engine, seed=11, prompt="a bowl of ramen")) > 10  # type: ignore[union-attr]
 
 
@@ -136,7 +136,7 @@ def test_adapters_off_the_list_or_unreadable_fail_the_job_not_the_worker(
         lora_engine.generate(request(loras=[{"name": "sepia"}]))
     with pytest.raises(LoraUnavailable, match="no DARKROOM_LORAS"):
         tiny_engine.generate(request(loras=[{"name": "ink"}]))
-    [outcome] = lora_engine.generate_batch([request(loras=[{"name": "sepia"}])])
+    [outcome] = lora_engine.generate_group([request(loras=[{"name": "sepia"}])])
     assert isinstance(outcome, LoraUnavailable)
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"not a safetensors file")

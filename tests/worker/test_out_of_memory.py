@@ -76,10 +76,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Ite
             "worker": {
                 **ONE_THREAD["worker"],
                 "PYTHONPATH": str(inject),
-                # The injection reads the prompt text from the pipeline call: keep it there. A batch (or
-                # cached embeddings) passes embeddings instead; batched out-of-memory is tested in
-                # tests/worker/test_engine_batch.py.
-                "DARKROOM_MAX_BATCH_SIZE": "1",
+                # The injection reads the prompt text from the pipeline call: keep it there. A coalesced
+                # call (or cached embeddings) passes embeddings instead; out of memory in a coalesced call
+                # is tested in tests/worker/test_engine_coalescing.py. Coalescing is off by default; said
+                # here all the same, since this test depends on it.
+                "DARKROOM_COALESCE_MAX": "1",
                 "DARKROOM_PROMPT_CACHE_SIZE": "0",
             }
         },

@@ -1,0 +1,59 @@
+"""Where a job's and a batch's state lives in Redis: every key the jobs package reads or writes.
+
+One module, so the layout can be read in one place (docs/architecture.md has the whole picture) and the
+Lua scripts, which must derive some keys themselves, spell them from the same prefixes.
+
+Per job (all expire after ``job_retention``, restarted when the job ends):
+- ``darkroom:job:{id}``           hash: status, timestamps, request, outcome fields (JSON values)
+- ``darkroom:job:{id}:events``    stream: {type: status|progress, data: JSON} for SSE and ``Prefer: wait``
+- ``darkroom:job:{id}:webhooks``  hash: msg_id -> JSON delivery record (event, state, attempts)
+
+Per batch (``POST /v1/batches``; expire after the retention too, restarted when the batch completes):
+- ``darkroom:batch:{id}``           hash: owner, created_at, total, done, per-status counts, webhook, ...
+- ``darkroom:batch:{id}:items``     list: item job ids in submission order
+- ``darkroom:batch:{id}:webhooks``  hash: msg_id -> JSON delivery record of ``batch.completed``
+- ``darkroom:batches-of:{owner}``   sorted set: an API key's batch hash keys by creation time (ms)
+
+Shared:
+- ``darkroom:jobs:running``  set of job hash keys whose status is running (what lost-job recovery scans)
+- ``darkroom:outbox``        stream: the webhook events status changes caused, consumed by the webhook
+                             process as the consumer group ``darkroom:outbox:dispatch`` (see ``outbox``)
+"""
+
+from __future__ import annotations
+
+JOB_PREFIX = "darkroom:job:"
+BATCH_PREFIX = "darkroom:batch:"
+RUNNING_SET = "darkroom:jobs:running"
+OUTBOX = "darkroom:outbox"
+OUTBOX_GROUP = "darkroom:outbox:dispatch"
+_OWNER_BATCHES_PREFIX = "darkroom:batches-of:"
+
+
+def job_key(job_id: str) -> str:
+    return f"{JOB_PREFIX}{job_id}"
+
+
+def events_key(job_id: str) -> str:
+    return f"{JOB_PREFIX}{job_id}:events"
+
+
+def webhooks_key(job_id: str) -> str:
+    return f"{JOB_PREFIX}{job_id}:webhooks"
+
+
+def batch_key(batch_id: str) -> str:
+    return f"{BATCH_PREFIX}{batch_id}"
+
+
+def items_key(batch_id: str) -> str:
+    return f"{BATCH_PREFIX}{batch_id}:items"
+
+
+def batch_webhooks_key(batch_id: str) -> str:
+    return f"{BATCH_PREFIX}{batch_id}:webhooks"
+
+
+def owner_batches_key(owner: str) -> str:
+    """Sorted set of an API key's batches (their hash keys by creation time), for ``GET /v1/batches``."""
+    return f"{_OWNER_BATCHES_PREFIX}{owner}"

@@ -1,0 +1,257 @@
+"""Every transition, made by every actor, against a real Redis: the status it leaves and the events it
+appends to the outbox — exactly one terminal event per job, exactly one ``batch.completed`` per batch.
+
+Actors: the worker (claim, progress, finish), the API (cancel while queued, cancel while running), lost-job
+recovery (requeue, fail as lost) and expiry (the record's retention ran out under it). Each scenario is a
+sequence of steps on one job; the outbox is then read back and compared, event by event.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import timedelta
+
+import pytest
+import redis as redis_lib
+from rq import Queue
+from rq.serializers import JSONSerializer
+
+from schemas.jobs import JobErrorCode, JobStatus
+from services import rq_records
+from services.jobs import JobRecord, JobStore, Lifecycle, job_key, utcnow
+from services.jobs.batches import BatchRecord, BatchStore, new_batch_id
+from services.jobs.keys import OUTBOX, RUNNING_SET, batch_key, items_key
+from services.jobs.outbox import OutboxEvent
+from services.jobs.outcome import Canceled, Failed, Succeeded
+from services.jobs.recovery import recover_lost_jobs
+from tests.fixtures.jobs import lifecycle_record, queued_job
+
+WORKER = "worker-a"
+LOST_AFTER = timedelta(seconds=20)
+ALL = ["started", "progress", "completed"]
+
+
+class World:
+    """A real Redis, its RQ queue and the lifecycle, with one step function per actor's action."""
+
+    def __init__(self, redis: redis_lib.Redis) -> None:
+        self.redis = redis
+        self.lifecycle = Lifecycle(redis, timedelta(days=1))
+        self.store = JobStore(redis, timedelta(days=1))
+        self.queue = Queue("darkroom:test", connection=redis, serializer=JSONSerializer)
+
+    def record(self, job_id: str) -> JobRecord:
+        return lifecycle_record(self.redis, job_id)
+
+    def outbox(self) -> list[OutboxEvent]:
+        return [OutboxEvent.from_entry(fields) for _, fields in self.redis.xrange(OUTBOX)]
+
+    # --- the actors' actions -------------------------------------------------------------------------------
+
+    def claim(self, job_id: str) -> None:
+        """As the worker does: RQ dequeued the id; a job whose record is gone is "missing", skipped."""
+        self.redis.lrem(self.queue.key, 0, job_id)
+        record = self.store.get(job_id)
+        if record is not None:
+            self.lifecycle.claim(record, WORKER)
+
+    def progress(self, job_id: str) -> None:
+        self.lifecycle.progress(job_id, WORKER, 1, 2, notify=True)
+
+    def succeed(self, job_id: str) -> None:
+        self.lifecycle.finish(self.record(job_id), WORKER, Succeeded(images=[]))
+
+    def fail(self, job_id: str) -> None:
+        self.lifecycle.finish(self.record(job_id), WORKER, Failed(JobErrorCode.OUT_OF_MEMORY, "oom"))
+
+    def stop_canceled(self, job_id: str) -> None:
+        """The worker saw the cancel request between two steps."""
+        assert self.lifecycle.cancel_requested(job_id)
+        self.lifecycle.finish(self.record(job_id), WORKER, Canceled("canceled after step 1"))
+
+    def cancel(self, job_id: str) -> None:
+        self.lifecycle.cancel(job_id, "canceled", rq=rq_records.remove_from_queue(self.queue))
+
+    def lose(self, job_id: str) -> None:
+        """The worker died: recovery's next pass, once the heartbeat is older than ``lost_after``."""
+        later = utcnow() + LOST_AFTER + timedelta(seconds=1)
+        recover_lost_jobs(
+            self.store, self.lifecycle, self.queue, lost_after=LOST_AFTER, max_attempts=2, now=later
+        )
+
+    def expire(self, job_id: str) -> None:
+        self.redis.delete(job_key(job_id))
+
+
+Step = Callable[[World, str], None]
+claim, progress, succeed, fail = World.claim, World.progress, World.succeed, World.fail
+stop_canceled, cancel, lose, expire = World.stop_canceled, World.cancel, World.lose, World.expire
+
+SCENARIOS: list[tuple[str, list[str] | None, list[Step], JobStatus | None, list[str]]] = [
+    # name, webhook subscriptions (None: no webhook), steps, final status (None: gone), outbox event types
+    (
+        "worker succeeds",
+        ALL,
+        [claim, progress, succeed],
+        JobStatus.SUCCEEDED,
+        ["generation.started", "generation.progress", "generation.succeeded"],
+    ),
+    ("worker fails", ["completed"], [claim, progress, fail], JobStatus.FAILED, ["generation.failed"]),
+    ("no webhook: nothing in the outbox", None, [claim, progress, succeed], JobStatus.SUCCEEDED, []),
+    ("only started asked for", ["started"], [claim, succeed], JobStatus.SUCCEEDED, ["generation.started"]),
+    (
+        "only progress asked for",
+        ["progress"],
+        [claim, progress, progress, succeed],
+        JobStatus.SUCCEEDED,
+        ["generation.progress", "generation.progress"],
+    ),
+    ("API cancels while queued", ALL, [cancel], JobStatus.CANCELED, ["generation.canceled"]),
+    (
+        "API cancels while running, the worker stops",
+        ALL,
+        [claim, cancel, stop_canceled],
+        JobStatus.CANCELED,
+        ["generation.started", "generation.canceled"],
+    ),
+    (
+        "a cancel after the end changes nothing",
+        ["completed"],
+        [claim, succeed, cancel],
+        JobStatus.SUCCEEDED,
+        ["generation.succeeded"],
+    ),
+    (
+        "a second outcome is refused",
+        ["completed"],
+        [claim, succeed, fail],
+        JobStatus.SUCCEEDED,
+        ["generation.succeeded"],
+    ),
+    (
+        "recovery requeues, the re-run succeeds",
+        ALL,
+        [claim, lose, claim, succeed],
+        JobStatus.SUCCEEDED,
+        ["generation.started", "generation.started", "generation.succeeded"],
+    ),
+    (
+        "recovery fails it on its last attempt",
+        ["completed"],
+        [claim, lose, claim, lose],
+        JobStatus.FAILED,
+        ["generation.failed"],
+    ),
+    (
+        "the lost worker's late outcome is refused",
+        ["completed"],
+        [claim, lose, succeed],
+        JobStatus.QUEUED,
+        [],
+    ),
+    (
+        "canceled while requeued",
+        ["completed"],
+        [claim, lose, cancel, claim],
+        JobStatus.CANCELED,
+        ["generation.canceled"],
+    ),
+    ("expired while queued: nobody can claim it", ALL, [expire, claim], None, []),
+    ("expired while running: recovery drops it", ALL, [claim, expire, lose], None, ["generation.started"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("subscriptions", "steps", "status", "expected"),
+    [pytest.param(*scenario[1:], id=scenario[0]) for scenario in SCENARIOS],
+)
+def test_each_transition_appends_exactly_its_events(
+    redis_client: redis_lib.Redis,
+    subscriptions: list[str] | None,
+    steps: list[Step],
+    status: JobStatus | None,
+    expected: list[str],
+) -> None:
+    world = World(redis_client)
+    webhook = {"url": "https://receiver.example/hook", "events": subscriptions} if subscriptions else None
+    job = queued_job(redis_client, queue=world.queue, webhook=webhook)
+    for step in steps:
+        step(world, job.id)
+    events = world.outbox()
+    assert [event.type for event in events] == expected
+    assert {(event.subject, event.id) for event in events} <= {("job", job.id)}
+    assert len({event.msg_id for event in events}) == len(events)  # each event its own webhook-id
+    terminal = [
+        event
+        for event in events
+        if event.type in ("generation.succeeded", "generation.failed", "generation.canceled")
+    ]
+    assert len(terminal) <= 1
+    if status is None:
+        assert not redis_client.exists(job_key(job.id))
+        return
+    record = world.record(job.id)
+    assert record.status is status
+    running = redis_client.sismember(RUNNING_SET, job_key(job.id))
+    assert bool(running) is (status is JobStatus.RUNNING)
+    on_queue = rq_records.queue_position(redis_client, world.queue, job.id) is not None
+    assert on_queue is (status is JobStatus.QUEUED)
+    if status.is_terminal:
+        if subscriptions and "completed" in subscriptions:
+            assert terminal and terminal[0].type == f"generation.{status.value}"
+        assert redis_client.ttl(job_key(job.id)) > 0  # retention restarted with the end
+    if status is JobStatus.FAILED and record.attempt == 2:
+        assert record.error == {"type": "worker_lost", "message": record.error["message"]}
+
+
+def test_the_events_stream_records_every_status_in_order(redis_client: redis_lib.Redis) -> None:
+    world = World(redis_client)
+    job = queued_job(redis_client, queue=world.queue)
+    for step in (claim, lose, claim, succeed):
+        step(world, job.id)
+    statuses = [
+        event["data"]["status"] for _, event in world.store.events_since(job.id) if event["type"] == "status"
+    ]
+    assert statuses == ["queued", "running", "queued", "running", "succeeded"]
+
+
+BATCH_ENDINGS: list[tuple[str, list[list[Step]]]] = [
+    ("the worker ends the last item", [[cancel], [claim, fail], [claim, succeed]]),
+    ("the API's cancel ends the last item", [[claim, succeed], [claim, fail], [cancel]]),
+    ("recovery ends the last item", [[cancel], [claim, succeed], [claim, lose, claim, lose]]),
+    ("a cancel mid-run ends the last item", [[claim, succeed], [cancel], [claim, cancel, stop_canceled]]),
+]
+
+
+@pytest.mark.parametrize("per_item", [pytest.param(e[1], id=e[0]) for e in BATCH_ENDINGS])
+@pytest.mark.parametrize("item_events", [["completed"], None], ids=["item events", "no item events"])
+def test_a_batch_completes_once_whoever_ends_its_last_item(
+    redis_client: redis_lib.Redis, per_item: list[list[Step]], item_events: list[str] | None
+) -> None:
+    world = World(redis_client)
+    batch = BatchRecord(
+        id=new_batch_id(),
+        owner="anonymous",
+        created_at=utcnow(),
+        total=len(per_item),
+        retention_s=3600,
+        webhook={"url": "https://receiver.example/hook", "events": ["batch.completed"]},
+    )
+    redis_client.hset(batch_key(batch.id), mapping=batch.creation_fields())  # type: ignore[arg-type]
+    item_hook = {"url": "https://receiver.example/hook", "events": item_events} if item_events else None
+    items = [
+        queued_job(redis_client, queue=world.queue, webhook=item_hook, batch_id=batch.id) for _ in per_item
+    ]
+    redis_client.rpush(items_key(batch.id), *[item.id for item in items])
+    for item, steps in zip(items, per_item, strict=True):
+        for step in steps:
+            step(world, item.id)
+    events = world.outbox()
+    batch_events = [event for event in events if event.subject == "batch"]
+    assert [(event.type, event.id) for event in batch_events] == [("batch.completed", batch.id)]
+    assert events[-1] == batch_events[0]  # the last item's end, and only it, completed the batch
+    item_terminals = [event for event in events if event.subject == "job"]
+    assert len(item_terminals) == (len(items) if item_events else 0)
+    assert len({event.id for event in item_terminals}) == len(item_terminals)
+    stored = BatchStore(redis_client).get(batch.id)
+    assert stored is not None and stored.completed_at is not None and stored.done == len(items)
