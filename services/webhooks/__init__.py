@@ -1,6 +1,8 @@
 """Outbound webhooks: Standard Webhooks signing, retry rules, and delivery through the SSRF guard.
 
-``signing`` knows the wire format, ``retry`` decides when to try again, ``delivery`` does the HTTP.
+``dispatcher`` turns the events status changes wrote to the outbox into deliveries, ``scheduling`` queues
+their attempts, ``tasks`` makes one attempt; ``signing`` knows the wire format, ``retry`` decides when to
+try again, ``delivery`` does the HTTP.
 """
 
 from services.webhooks.delivery import (
