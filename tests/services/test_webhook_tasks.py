@@ -28,11 +28,11 @@ from rq.registry import ScheduledJobRegistry
 from rq.serializers import JSONSerializer
 from standardwebhooks.webhooks import Webhook
 
+from devtools.net import free_port
 from schemas.generation import GenerationRequest
 from schemas.jobs import JobStatus, WebhookDelivery
 from services.clients import ServiceClients, build_clients
 from services.jobs import JobRecord, JobStore, new_job_id
-from services.net import free_port
 from services.queue import WEBHOOK_TASK, webhook_queue
 from services.settings import Settings
 from services.storage import FileStorage, image_key

@@ -25,8 +25,8 @@ from types import FrameType
 
 import httpx
 
+from devtools.redis_server import RedisServer
 from services.fleet import presence_key
-from services.redis_server import RedisServer
 from services.settings import DEFAULT_MODEL, Settings
 
 EXIT_MODEL_UNAVAILABLE = 3  # worker/__main__.py's exit code for "the model cannot be loaded"
@@ -191,7 +191,7 @@ class DevStack:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m services.devstack", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m devtools.devstack", description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=int(os.environ.get("DARKROOM_DEV_PORT", "8000")))
     parser.add_argument(
