@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import hashlib
 import importlib.util
 import os
 import signal
@@ -34,6 +33,7 @@ import redis
 
 from devtools.net import LOOPBACK, free_port
 from devtools.redis_server import RedisServer
+from services.api_keys import hash_key
 
 ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 180.0
@@ -74,11 +74,30 @@ def stop_process(process: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT
     return process.returncode
 
 
+def stop_processes(
+    processes: Mapping[str, subprocess.Popen[bytes]], timeout: float = STOP_TIMEOUT_S
+) -> list[str]:
+    """SIGTERM every process at once, so their shutdowns overlap, then wait for them all until one shared
+    deadline and SIGKILL any still running. Returns the names of those that had to be killed."""
+    for process in processes.values():
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    killed = []
+    for name, process in processes.items():
+        try:
+            process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            killed.append(name)
+            process.kill()
+            process.wait(timeout=5)
+    return killed
+
+
 def hashed_keys(api_keys: Mapping[str, str]) -> str:
     """``DARKROOM_API_KEYS`` for ``{name: token}``: what ``python -m services.api_keys`` prints, joined."""
-    return ",".join(
-        f"{name}:sha256:{hashlib.sha256(token.encode()).hexdigest()}" for name, token in api_keys.items()
-    )
+    return ",".join(f"{name}:sha256:{hash_key(token)}" for name, token in api_keys.items())
 
 
 class Stack:
@@ -251,12 +270,7 @@ class Stack:
         """SIGTERM every process at once (their shutdowns overlap), SIGKILL stragglers, then stop Redis
         if this stack started it."""
         processes, self.processes = self.processes, {}
-        for process in processes.values():
-            if process.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    process.send_signal(signal.SIGTERM)
-        for process in processes.values():
-            stop_process(process)
+        stop_processes(processes)
         if self.backend is None and self.redis_server is not None:
             self.redis_server.stop()
 
