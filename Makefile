@@ -24,7 +24,7 @@ install: $(STAMP)
 
 ## The run command (README): API on :8000 + one worker + webhook worker + private Redis + local storage.
 run: install
-	$(BIN)/python -m services.devstack
+	$(BIN)/python -m devtools.devstack
 
 ## The test command (README, .ci/run): lint, types, then the default suite.
 test: install lint

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 from bench.common import CpuMeter
 from bench.http_load import build_request, closed_loop, open_loop, run
 from bench.redis_cost import delta, snapshot
-from bench.stack import TINY_QUEUE, BenchStack
+from devtools.stack import TINY_QUEUE, Stack
 
 SUBMISSION: dict[str, Any] = {
     "prompt": "a lighthouse at dusk, volumetric fog, 35mm photo",
@@ -37,7 +37,7 @@ def submission_request(host: str, auth: dict[str, str] | None = None) -> bytes:
 
 
 def measure_submissions(
-    stack: BenchStack, *, concurrency: int, max_requests: int, max_seconds: float, warmup: int
+    stack: Stack, *, concurrency: int, max_requests: int, max_seconds: float, warmup: int
 ) -> dict[str, Any]:
     host, port = _host_port(stack.api_url)
     # Requests rotate over the stack's API keys, as many clients would.
@@ -84,7 +84,7 @@ def measure_submissions(
     return report
 
 
-def trim_queue(stack: BenchStack, keep: int) -> list[str]:
+def trim_queue(stack: Stack, keep: int) -> list[str]:
     """Keep the first ``keep`` queued jobs (a bounded backlog); returns their ids, in queue order."""
     client = stack.redis()
     client.ltrim(TINY_QUEUE, 0, keep - 1)
@@ -105,7 +105,7 @@ def get_targets(finished: list[str], queued: list[str], count: int, seed: int = 
 
 
 def measure_gets(
-    stack: BenchStack,
+    stack: Stack,
     *,
     finished: list[str],
     queued: list[str],

@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 
 from bench.common import ms, summary
-from bench.stack import BenchStack
+from devtools.stack import Stack
 
 REQUEST: dict[str, Any] = {
     "prompt": "a red fox in the snow, golden hour",
@@ -88,13 +88,13 @@ def job_phases(redis_client: Any, call: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def measure_overhead(stack: BenchStack, engine: Any, *, pairs: int, warmup: int = 2) -> dict[str, Any]:
+def measure_overhead(stack: Stack, engine: Any, *, pairs: int, warmup: int = 2) -> dict[str, Any]:
     direct: list[float] = []
     service: list[float] = []
     phases: list[dict[str, float]] = []
     job_ids: list[str] = []
     redis_client = stack.redis()
-    with stack.http() as client:
+    with stack.client(timeout=90.0) as client:
         for index in range(warmup + pairs):
             seed = 1000 + index
             if index % 2 == 0:

@@ -22,7 +22,7 @@ from typing import Any
 from bench.api_load import _host_port, submission_request
 from bench.common import RESULTS_DIR
 from bench.http_load import build_request, closed_loop, run
-from bench.stack import BenchStack
+from bench.stack import bench_stack
 
 
 def aggregate(collapsed: str, top: int = 30) -> dict[str, Any]:
@@ -62,7 +62,7 @@ def profile(kind: str, seconds: float, rate: int, out_dir: Path, top: int = 30) 
         raise SystemExit("py-spy is not installed: pip install py-spy")
     tmp = Path(tempfile.mkdtemp(prefix="darkroom-profile-"))
     try:
-        with BenchStack(tmp, api_workers=1, with_worker=False, with_webhooks=False) as stack:
+        with bench_stack(tmp, worker=False, webhooks=False) as stack:
             host, port = _host_port(stack.api_url)
             if kind == "post":
                 raw = submission_request(f"{host}:{port}", stack.auth())

@@ -22,8 +22,8 @@ import httpx
 import redis
 
 from bench.common import process_tree
-from bench.stack import BenchStack
-from services.net import LOOPBACK
+from devtools.net import LOOPBACK
+from devtools.stack import Stack
 
 MONITOR_STOP = "darkroom-bench-monitor-stop"
 
@@ -291,7 +291,7 @@ def _run_job(client: httpx.Client, body: dict[str, Any]) -> dict[str, Any]:
     return job
 
 
-def idle_background(stack: BenchStack, seconds: float) -> dict[str, Any]:
+def idle_background(stack: Stack, seconds: float) -> dict[str, Any]:
     """Commands/bytes/CPU per second while nothing happens (workers' heartbeats and recovery loops)."""
     client = stack.redis()
     before = snapshot(client)
@@ -302,7 +302,7 @@ def idle_background(stack: BenchStack, seconds: float) -> dict[str, Any]:
 
 
 def job_cost(
-    stack: BenchStack,
+    stack: Stack,
     jobs: int,
     background: dict[str, Any],
     webhook_url: str | None = None,
@@ -314,7 +314,7 @@ def job_cost(
     if webhook_url:
         body["webhook_url"] = webhook_url
     delivered_before = receiver.count if receiver else 0
-    with stack.http() as http:
+    with stack.client(timeout=90.0) as http:
         before = snapshot(client)
         for index in range(jobs):
             _run_job(http, {**body, "seed": 7000 + index})
@@ -327,14 +327,14 @@ def job_cost(
 
 
 def monitor_one_job(
-    stack: BenchStack, webhook_url: str | None = None, receiver: WebhookReceiver | None = None
+    stack: Stack, webhook_url: str | None = None, receiver: WebhookReceiver | None = None
 ) -> dict[str, Any]:
     """Every Redis command of one job, by the process that sent it (MONITOR)."""
     body = {**JOB_BODY, "seed": 4242}
     if webhook_url:
         body["webhook_url"] = webhook_url
     delivered_before = receiver.count if receiver else 0
-    with stack.http() as http:
+    with stack.client(timeout=90.0) as http:
         http.get("/healthz")  # open the client connection before MONITOR starts
         monitor = Monitor(stack.redis_url, stack.cpu_roots()).start()
         started = time.perf_counter()
@@ -353,7 +353,7 @@ def monitor_one_job(
     }
 
 
-def monitor_idle(stack: BenchStack, seconds: float) -> dict[str, Any]:
+def monitor_idle(stack: Stack, seconds: float) -> dict[str, Any]:
     """Idle commands per second per process (MONITOR), e.g. heartbeats and lost-job recovery passes."""
     monitor = Monitor(stack.redis_url, stack.cpu_roots()).start()
     time.sleep(seconds)
@@ -368,7 +368,7 @@ def monitor_idle(stack: BenchStack, seconds: float) -> dict[str, Any]:
     }
 
 
-def memory_per_job(stack: BenchStack, job_id: str) -> dict[str, Any]:
+def memory_per_job(stack: Stack, job_id: str) -> dict[str, Any]:
     """Bytes Redis keeps for one finished job: every key naming it, plus its share of RQ registries."""
     client = stack.redis()
     keys = sorted(k.decode() for k in client.scan_iter(match=f"*{job_id}*", count=1000))
@@ -464,7 +464,7 @@ def lpos_cost(redis_url: str, length: int, positions: list[int], calls: int) -> 
     }
 
 
-def sample_job_record(stack: BenchStack, job_id: str) -> dict[bytes, bytes]:
+def sample_job_record(stack: Stack, job_id: str) -> dict[bytes, bytes]:
     client = stack.redis()
     record = client.hgetall(f"darkroom:job:{job_id}")
     client.close()

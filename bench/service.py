@@ -80,8 +80,8 @@ class Plan:
 def run_all(plan: Plan, tmp: Path, quick: bool = False, engine: Any = None) -> dict[str, Any]:
     """Every phase on one stack under ``tmp``; ``engine``: an already warm tiny engine to reuse."""
     from bench import api_load, overhead, redis_cost
-    from bench.stack import BenchStack
-    from services.redis_server import RedisServer
+    from bench.stack import bench_stack
+    from devtools.redis_server import RedisServer
 
     results: dict[str, Any] = {"plan": plan.__dict__}
     if engine is None:
@@ -90,7 +90,7 @@ def run_all(plan: Plan, tmp: Path, quick: bool = False, engine: Any = None) -> d
         engine.warm_up()
     # Quick runs skip the worker's warm-up generation (start-up time); measured runs keep production's.
     extra_env = {"DARKROOM_WARMUP": "false"} if quick else {}
-    with BenchStack(tmp / "stack", api_workers=plan.api_workers[0], extra_env=extra_env) as stack:
+    with bench_stack(tmp / "stack", api_workers=plan.api_workers[0], extra_env=extra_env) as stack:
         results["stack"] = {"commands": {k: " ".join(["python", *c[1:]]) for k, c in stack.commands.items()}}
         print(f"[bench] overhead: {plan.pairs} interleaved pairs", flush=True)
         results["overhead"] = overhead.measure_overhead(

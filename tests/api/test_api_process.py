@@ -17,7 +17,7 @@ SCRIPT = textwrap.dedent(
     """
     import json, sys, threading, time
     import httpx, uvicorn
-    from services.net import free_port
+    from devtools.net import free_port
     from api.main import create_app
     from services.settings import Settings
 

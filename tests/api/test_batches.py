@@ -22,16 +22,9 @@ from services.api_keys import hash_key, new_key
 from services.settings import DEFAULT_MODEL, Settings
 from tests.api import serve
 from tests.fixtures.http_receiver import HttpReceiver
-from tests.fixtures.stack import ONE_THREAD, TEST_WEBHOOK_SECRET, Stack, start_stack
+from tests.fixtures.stack import TEST_WEBHOOK_SECRET, Stack
 
 ITEM: dict[str, Any] = {"prompt": "a lighthouse", "width": 512, "height": 512, "num_inference_steps": 1}
-
-
-@pytest.fixture(scope="module")
-def file_stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Stack]:
-    """The module's own stack, its worker on one thread (steady on a busy machine; see ONE_THREAD)."""
-    tmp = tmp_path_factory.mktemp("stack-batches")
-    yield from start_stack(tmp, f"file://{tmp / 'outputs'}", tiny_model_dir, process_env=ONE_THREAD)
 
 
 def post_batch(stack: Stack, body: dict[str, Any], **headers: str) -> httpx.Response:

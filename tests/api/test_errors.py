@@ -31,8 +31,8 @@ from api.errors import (
     problem_responses,
 )
 from api.middleware import BodySizeLimitMiddleware, MetricsMiddleware, RequestContextMiddleware
+from devtools.net import free_port
 from schemas.problems import PROBLEM_CONTENT_TYPE, Problem, problem_type
-from services.net import free_port
 from tests.api import LogCapture, capture_json_logs, serve
 
 MAX_BODY = 1024

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from services.net import free_port
+from devtools.net import free_port
 from tests.fixtures.s3 import FAKE_AWS_ENV, MotoServer, s3_client
 from tests.fixtures.stack import Stack, start_stack
 

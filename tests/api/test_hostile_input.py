@@ -20,9 +20,9 @@ import pytest
 from PIL import Image
 
 from api.main import MAX_BODY_BYTES, create_app
+from devtools.redis_server import RedisServer
 from schemas.problems import PROBLEM_CONTENT_TYPE, PROBLEM_TYPE_BASE
 from services.api_keys import hash_key
-from services.redis_server import RedisServer
 from services.settings import Settings
 from tests.api import serve
 

@@ -12,7 +12,7 @@ import redis
 from PIL import Image
 
 from api.main import create_app
-from services.net import free_port
+from devtools.net import free_port
 from services.queue import generation_queue
 from services.settings import Settings
 from tests.api import serve

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -35,7 +33,7 @@ from schemas.problems import PROBLEM_CONTENT_TYPE
 from services.jobs import events_key, job_key
 from services.settings import Settings
 from tests.api import serve
-from tests.fixtures.stack import ROOT, TINY_QUEUE, TINY_WORKERS, Stack, start_stack
+from tests.fixtures.stack import TINY_QUEUE, TINY_WORKERS, Stack, start_stack
 
 # The least work a valid request can ask for: the smallest area, one step, no classifier-free guidance (one
 # transformer pass instead of two), the shortest T5 sequence, and a JPEG (encodes ~40x faster than PNG).
@@ -68,14 +66,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Ite
     stacks = start_stack(tmp, f"file://{tmp / 'outputs'}", tiny_model_dir, extra_env=extra_env)
     stack = next(stacks)
     try:
-        with (stack.log_dir / "worker-2.log").open("ab") as log:
-            stack.processes["worker-2"] = subprocess.Popen(
-                [sys.executable, "-m", "worker"],
-                cwd=ROOT,
-                env=stack.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+        stack.start_worker("worker-2")
         wait_for_workers(stack, 2)
         yield stack
     finally:

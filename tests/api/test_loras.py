@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,7 +14,7 @@ import openai
 import pytest
 from PIL import Image
 
-from tests.fixtures.stack import ONE_THREAD, Stack, start_stack
+from tests.fixtures.stack import Stack, api_stack
 
 SMALL: dict[str, Any] = {
     "prompt": "a red fox in the snow",
@@ -29,11 +28,10 @@ SMALL: dict[str, Any] = {
 
 @pytest.fixture(scope="module")
 def lora_stack(
-    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, tiny_loras: dict[str, str]
+    tmp_path_factory: pytest.TempPathFactory, shared_backend: Stack, tiny_loras: dict[str, str]
 ) -> Iterator[Stack]:
-    tmp = tmp_path_factory.mktemp("stack-loras")
-    env = {"DARKROOM_LORAS": json.dumps(tiny_loras)}  # the same list for the API and the worker
-    yield from start_stack(tmp, f"file://{tmp / 'outputs'}", tiny_model_dir, env, process_env=ONE_THREAD)
+    env = {"DARKROOM_LORAS": json.dumps(tiny_loras)}  # the list the shared worker was started with
+    yield from api_stack(shared_backend, tmp_path_factory.mktemp("stack-loras"), env)
 
 
 def run(stack: Stack, body: dict[str, Any]) -> dict[str, Any]:

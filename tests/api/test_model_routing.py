@@ -11,7 +11,6 @@ import hashlib
 import io
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from api.main import create_app
 from services.settings import DEFAULT_MODEL, Settings
 from tests.api import serve
-from tests.fixtures.stack import ONE_THREAD, ROOT, Stack, start_stack, stop_process
+from tests.fixtures.stack import Stack, api_stack, stop_process
 
 OTHER = "tiny-negated"
 FAST: dict[str, Any] = {
@@ -53,16 +52,8 @@ def negated_tiny_model(source: Path, target: Path) -> Path:
 
 
 def start_worker(stack: Stack, name: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    with (stack.log_dir / f"{name}.log").open("ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "worker"],
-            cwd=ROOT,
-            env={**stack.env, "OMP_NUM_THREADS": "1", **env},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    stack.processes[name] = process
-    return process
+    stack.start_worker(name, {"OMP_NUM_THREADS": "1", **env})
+    return stack.processes[name]
 
 
 def models(client: httpx.Client) -> dict[str, dict[str, Any]]:
@@ -92,17 +83,11 @@ def other_worker_env(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: P
 
 @pytest.fixture(scope="module")
 def stack(
-    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, other_worker_env: dict[str, str]
+    tmp_path_factory: pytest.TempPathFactory, shared_backend: Stack, other_worker_env: dict[str, str]
 ) -> Iterator[Stack]:
-    """API serving "tiny" (the default) and OTHER; one worker for each."""
-    tmp = tmp_path_factory.mktemp("stack-models")
-    stacks = start_stack(
-        tmp,
-        f"file://{tmp / 'outputs'}",
-        tiny_model_dir,
-        extra_env={"DARKROOM_MODELS": OTHER},
-        process_env=ONE_THREAD,
-    )
+    """API serving "tiny" (the default) and OTHER; one worker for each: the shared backend's for "tiny",
+    one of the module's own for OTHER (stopped with the module's stack)."""
+    stacks = api_stack(shared_backend, tmp_path_factory.mktemp("stack-models"), {"DARKROOM_MODELS": OTHER})
     stack = next(stacks)
     try:
         start_worker(stack, "worker-other", other_worker_env)

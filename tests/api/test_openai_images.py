@@ -26,23 +26,17 @@ from services.api_keys import hash_key, new_key
 from services.queue import generation_queue_name
 from services.settings import DEFAULT_MODEL, Settings
 from tests.api import serve
-from tests.fixtures.stack import ONE_THREAD, Stack, start_stack
+from tests.fixtures.stack import Stack, api_stack
 
 ALICE, BOB = new_key(), new_key()
 FAST: dict[str, Any] = {"num_inference_steps": 2}  # extra_body: the tiny model needs no more
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Stack]:
-    tmp = tmp_path_factory.mktemp("stack-openai")
+def stack(tmp_path_factory: pytest.TempPathFactory, shared_backend: Stack) -> Iterator[Stack]:
     keys = f"alice:sha256:{hash_key(ALICE)},bob:sha256:{hash_key(BOB)}"
-    yield from start_stack(
-        tmp,
-        f"file://{tmp / 'outputs'}",
-        tiny_model_dir,
-        extra_env={"DARKROOM_AUTH_DISABLED": "false", "DARKROOM_API_KEYS": keys},
-        process_env=ONE_THREAD,
-    )
+    env = {"DARKROOM_AUTH_DISABLED": "false", "DARKROOM_API_KEYS": keys}
+    yield from api_stack(shared_backend, tmp_path_factory.mktemp("stack-openai"), env)
 
 
 def sdk(url: str, key: str = ALICE) -> openai.OpenAI:

@@ -21,8 +21,6 @@ import io
 import json
 import os
 import re
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -45,8 +43,7 @@ from playwright.sync_api import (
 from api.playground import CONTENT_SECURITY_POLICY
 from schemas.sizes import ASPECT_RATIO_SIZES
 from services.api_keys import hash_key, new_key
-from services.net import free_port
-from tests.fixtures.stack import ROOT, Stack, start_stack, stop_process
+from tests.fixtures.stack import ROOT, Stack, api_stack
 
 CHROMIUM = Path(os.environ.get("DARKROOM_CHROMIUM", "/usr/bin/chromium"))
 # No GPU, no network beyond loopback: without these Chromium floods the log with refused connections.
@@ -63,7 +60,6 @@ CHROMIUM_ARGS = [
 OUTPUT_DIR = ROOT / "test-output" / "playground"
 JOB_TIMEOUT_MS = 120_000
 _HTTP_ERROR_LOGGED = "Failed to load resource: the server responded with a status of"
-START_TIMEOUT_S = 60.0
 API_KEY = new_key()
 KEY_STORAGE = "darkroom.apiKey"  # the page's sessionStorage entry
 EVENTS_URL = re.compile(r"/v1/generations/[^/]+/events$")
@@ -71,13 +67,16 @@ OTHER_MODEL = "tiny-b"  # accepted by the API, held by no worker: listed with no
 
 
 @pytest.fixture(scope="module")
-def playground_stack(
-    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, tiny_loras: dict[str, str]
-) -> Iterator[Stack]:
+def playground_env(tiny_loras: dict[str, str]) -> dict[str, str]:
     """The tiny model by default, a second model nobody serves, and the tiny LoRAs (ink, rust) on offer."""
-    tmp = tmp_path_factory.mktemp("stack-playground")
-    env = {"DARKROOM_MODELS": OTHER_MODEL, "DARKROOM_LORAS": json.dumps(tiny_loras)}
-    yield from start_stack(tmp, f"file://{tmp / 'outputs'}", tiny_model_dir, env)
+    return {"DARKROOM_MODELS": OTHER_MODEL, "DARKROOM_LORAS": json.dumps(tiny_loras)}
+
+
+@pytest.fixture(scope="module")
+def playground_stack(
+    tmp_path_factory: pytest.TempPathFactory, shared_backend: Stack, playground_env: dict[str, str]
+) -> Iterator[Stack]:
+    yield from api_stack(shared_backend, tmp_path_factory.mktemp("stack-playground"), playground_env)
 
 
 @pytest.fixture(scope="module")
@@ -87,38 +86,16 @@ def playground_url(playground_stack: Stack) -> str:
 
 
 @pytest.fixture(scope="module")
-def keyed_url(playground_stack: Stack) -> Iterator[str]:
+def keyed_url(
+    tmp_path_factory: pytest.TempPathFactory,
+    shared_backend: Stack,
+    playground_env: dict[str, str],
+) -> Iterator[str]:
     """A second API process, with API keys on, beside the stack's: same Redis, storage and worker."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {
-        **playground_stack.env,
-        "DARKROOM_AUTH_DISABLED": "false",
-        "DARKROOM_API_KEYS": f"playground:sha256:{hash_key(API_KEY)}",
-        "DARKROOM_PUBLIC_URL": url,  # its image URLs point at itself, not at the stack's API
-    }
-    command = [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port)]
-    log_path = playground_stack.log_dir / "api-keyed.log"
-    with log_path.open("ab") as log:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not _ready(url):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"keyed API did not start:\n{log_path.read_text(errors='replace')[-5000:]}"
-                )
-            time.sleep(0.1)
-        yield url
-    finally:
-        stop_process(process)
-
-
-def _ready(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
+    env = {**playground_env, "DARKROOM_AUTH_DISABLED": "false"}
+    env["DARKROOM_API_KEYS"] = f"playground:sha256:{hash_key(API_KEY)}"
+    with Stack(tmp_path_factory.mktemp("stack-playground-keyed"), env=env, backend=shared_backend) as keyed:
+        yield keyed.api_url  # its image URLs point at itself, not at the stack's API
 
 
 @pytest.fixture(scope="module")

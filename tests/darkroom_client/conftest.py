@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 from darkroom_client import DarkroomClient, DarkroomError, JobStatus
-from tests.fixtures.stack import Stack, start_stack
+from tests.fixtures.stack import Stack, api_stack
 
 SMALL: dict[str, Any] = {
     "prompt": "a red fox in the snow",
@@ -37,14 +36,13 @@ UNSERVED_MODEL = "tiny-b"
 
 @pytest.fixture(scope="package")
 def client_stack(
-    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, tiny_loras: dict[str, str]
+    tmp_path_factory: pytest.TempPathFactory, shared_backend: Stack, tiny_loras: dict[str, str]
 ) -> Iterator[Stack]:
-    tmp = tmp_path_factory.mktemp("client-stack")
-    env = {  # the same lists for the API and the worker
+    env = {  # the LoRAs the shared worker was started with, and a model no worker serves
         "DARKROOM_LORAS": json.dumps(tiny_loras),
         "DARKROOM_MODELS": UNSERVED_MODEL,
     }
-    yield from start_stack(tmp, f"file://{tmp / 'outputs'}", tiny_model_dir, env)
+    yield from api_stack(shared_backend, tmp_path_factory.mktemp("client-stack"), env)
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from PIL import Image
 from darkroom_client import DarkroomClient, JobStatus, LoraRequest, Outpaint
 from darkroom_client.cli import EXIT_INTERRUPTED, EXIT_JOB_FAILED, EXIT_UNAVAILABLE, EXIT_USAGE, main
 from darkroom_client.request_options import parse_outpaint
-from services.net import free_port
+from devtools.net import free_port
 from tests.darkroom_client.cli_process import CliRun, darkroom
 from tests.darkroom_client.conftest import SMALL, TERMINAL, TINY, UNSERVED_MODEL
 from tests.fixtures.stack import Stack

@@ -18,7 +18,7 @@ from PIL import Image
 from darkroom_client import BatchItemRequest, BatchStatus, CreateBatch, DarkroomClient, JobStatus, LoraRequest
 from darkroom_client.cli import EXIT_INTERRUPTED, EXIT_JOB_FAILED, EXIT_UNAVAILABLE, EXIT_USAGE, main
 from darkroom_client.cli_batch import read_batch_file
-from services.net import free_port
+from devtools.net import free_port
 from tests.darkroom_client.cli_process import CliRun, darkroom
 from tests.darkroom_client.conftest import TINY, UNSERVED_MODEL
 from tests.fixtures.stack import Stack

@@ -310,5 +310,6 @@ def test_dockerignore_lets_in_exactly_what_the_builds_copy() -> None:
         ".venv/bin/python",
         "tests/conftest.py",
         "api/__pycache__/main.pyc",
+        "devtools/stack.py",  # developer tooling: never in an image
     ):
         assert dockerignored(secret_or_bulk, patterns), f"{secret_or_bulk} would be sent to the build"

@@ -19,7 +19,7 @@ from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 import httpx
 import pytest
 
-from services.net import free_port
+from devtools.net import free_port
 from services.storage import (
     FileStorage,
     InvalidKey,

@@ -25,9 +25,9 @@ import httpx
 import pytest
 from rq.registry import ScheduledJobRegistry
 
+from devtools.net import free_port
 from services.clients import ServiceClients, build_clients
 from services.jobs.keys import OUTBOX
-from services.net import free_port
 from services.queue import webhook_queue
 from services.settings import Settings
 from services.storage import FileStorage

@@ -12,7 +12,6 @@ import io
 import time
 from collections.abc import Iterator
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -24,7 +23,7 @@ from standardwebhooks.webhooks import Webhook
 from schemas.generation import GenerationRequest
 from services.jobs import JobStore
 from tests.fixtures.http_receiver import HttpReceiver
-from tests.fixtures.stack import ONE_THREAD, TEST_WEBHOOK_SECRET, Stack, start_stack
+from tests.fixtures.stack import TEST_WEBHOOK_SECRET, Stack, api_stack
 from worker.engine import GenerationEngine
 
 TERMINAL = {"succeeded", "failed", "canceled"}
@@ -40,15 +39,9 @@ SMALL: dict[str, Any] = {"width": 512, "height": 512, "num_inference_steps": 2, 
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Stack]:
-    tmp = tmp_path_factory.mktemp("stack-coalescing")
-    yield from start_stack(
-        tmp,
-        f"file://{tmp / 'outputs'}",
-        tiny_model_dir,
-        extra_env={"DARKROOM_COALESCE_MAX": "4"},
-        process_env=ONE_THREAD,
-    )
+def stack(tmp_path_factory: pytest.TempPathFactory, shared_backend: Stack) -> Iterator[Stack]:
+    """The shared backend's worker coalesces up to 4 jobs (DARKROOM_COALESCE_MAX)."""
+    yield from api_stack(shared_backend, tmp_path_factory.mktemp("stack-coalescing"))
 
 
 def submit(client: httpx.Client, body: dict[str, Any]) -> str:

@@ -7,8 +7,6 @@ stale and are requeued, and a second worker runs them (coalesced again, or not: 
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -19,7 +17,7 @@ from standardwebhooks.webhooks import Webhook
 
 from services.jobs import JobStore
 from tests.fixtures.http_receiver import HttpReceiver
-from tests.fixtures.stack import ONE_THREAD, ROOT, TEST_WEBHOOK_SECRET, Stack, start_stack
+from tests.fixtures.stack import ONE_THREAD, TEST_WEBHOOK_SECRET, Stack, start_stack
 from tests.worker.test_coalescing import SMALL, TERMINAL, queue_behind_busy_worker, wait_until
 
 LOST_AFTER_S = 3
@@ -73,14 +71,7 @@ def test_every_job_of_a_killed_workers_coalesced_group_is_recovered_and_succeeds
     stack.processes["worker"].kill()  # SIGKILL: no cleanup, no warm shutdown
     stack.processes["worker"].wait(timeout=10)
     killed_at = time.monotonic()
-    log = (stack.log_dir / "worker-2.log").open("ab")
-    stack.processes["worker-2"] = subprocess.Popen(
-        [sys.executable, "-m", "worker"],
-        cwd=ROOT,
-        env={**stack.env, **ONE_THREAD["worker"]},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    stack.start_worker("worker-2", ONE_THREAD["worker"])
     done = [stack.wait_for(job_id, TERMINAL, timeout=120) for job_id in ids]
     recovered_in = time.monotonic() - killed_at
     assert [job["status"] for job in done] == ["succeeded"] * 3, done

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +10,7 @@ import pytest
 from standardwebhooks.webhooks import Webhook
 
 from tests.fixtures.http_receiver import HttpReceiver
-from tests.fixtures.stack import ROOT, TEST_WEBHOOK_SECRET, Stack, start_stack
+from tests.fixtures.stack import TEST_WEBHOOK_SECRET, Stack, start_stack
 
 
 @pytest.fixture
@@ -42,10 +40,7 @@ def test_a_killed_workers_job_is_picked_up_again_and_succeeds_once(
     stack.processes["worker"].kill()  # SIGKILL: no cleanup, no warm shutdown
     stack.processes["worker"].wait(timeout=10)
     killed_at = time.monotonic()
-    log = (stack.log_dir / "worker-2.log").open("ab")
-    stack.processes["worker-2"] = subprocess.Popen(
-        [sys.executable, "-m", "worker"], cwd=ROOT, env=stack.env, stdout=log, stderr=subprocess.STDOUT
-    )
+    stack.start_worker("worker-2")
 
     done = stack.wait_for(job_id, {"succeeded", "failed", "canceled"}, timeout=60)
     assert done["status"] == "succeeded", done

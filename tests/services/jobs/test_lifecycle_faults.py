@@ -25,10 +25,10 @@ import httpx
 import pytest
 from standardwebhooks.webhooks import Webhook
 
+from devtools.net import free_port
 from services.jobs.keys import OUTBOX, OUTBOX_GROUP
-from services.net import free_port
 from tests.fixtures.http_receiver import HttpReceiver, RecordedRequest
-from tests.fixtures.stack import ONE_THREAD, ROOT, TEST_WEBHOOK_SECRET, Stack, start_stack, stop_process
+from tests.fixtures.stack import ONE_THREAD, TEST_WEBHOOK_SECRET, Stack, start_stack, stop_process
 
 MARKER = "__die_after_outcome__"
 TERMINAL = {"succeeded", "failed", "canceled"}
@@ -79,16 +79,8 @@ def inject(tmp: Path, name: str, source: str) -> dict[str, str]:
 
 
 def spawn(stack: Stack, name: str, module: str, **env: str) -> subprocess.Popen[bytes]:
-    log = (stack.log_dir / f"{name}.log").open("ab")
-    process = subprocess.Popen(
-        [sys.executable, "-m", module],
-        cwd=ROOT,
-        env={**stack.env, **env},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    stack.processes[name] = process
-    return process
+    stack.spawn(name, [sys.executable, "-m", module], env)
+    return stack.processes[name]
 
 
 def submit(stack: Stack, receiver: HttpReceiver, prompt: str, **extra: Any) -> str:

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import redis
 
-import services.redis_server as redis_server_module
-from services.net import free_port
-from services.redis_server import (
+import devtools.redis_server as redis_server_module
+from devtools.net import free_port
+from devtools.redis_server import (
     RedisBinaryNotFoundError,
     RedisServer,
     RedisServerError,
@@ -258,7 +258,7 @@ def test_atexit_stops_a_server_nobody_stopped(tmp_path: Path) -> None:
     script = """
         import sys
         from pathlib import Path
-        from services.redis_server import RedisServer
+        from devtools.redis_server import RedisServer
         server = RedisServer(Path(sys.argv[1])).start()
         print(server.pid, flush=True)
     """
@@ -271,7 +271,7 @@ def test_ctrl_c_in_the_parent_stops_the_server(tmp_path: Path) -> None:
     script = """
         import sys, time
         from pathlib import Path
-        from services.redis_server import RedisServer
+        from devtools.redis_server import RedisServer
         with RedisServer(Path(sys.argv[1])) as server:
             print(server.pid, flush=True)
             try:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from services.net import free_port
+from devtools.net import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -59,7 +59,7 @@ def test_run_command_serves_a_png_and_stops_cleanly(
     env.pop("DARKROOM_MODEL", None)
     with log.open("wb") as sink:
         launcher = subprocess.Popen(
-            [sys.executable, "-m", "services.devstack"],
+            [sys.executable, "-m", "devtools.devstack"],
             cwd=ROOT,
             env=env,
             stdout=sink,

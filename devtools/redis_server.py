@@ -35,7 +35,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from services.net import LOOPBACK, free_port
+from devtools.net import LOOPBACK, free_port
 
 logger = logging.getLogger(__name__)
 

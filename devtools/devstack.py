@@ -25,8 +25,9 @@ from types import FrameType
 
 import httpx
 
+from devtools.redis_server import RedisServer
+from devtools.stack import stop_processes
 from services.fleet import presence_key
-from services.redis_server import RedisServer
 from services.settings import DEFAULT_MODEL, Settings
 
 EXIT_MODEL_UNAVAILABLE = 3  # worker/__main__.py's exit code for "the model cannot be loaded"
@@ -58,6 +59,10 @@ def _webhook_secret(data_dir: Path) -> str:
 
 
 class DevStack:
+    """What ``make run`` supervises. Not ``devtools.stack.Stack``: this one keeps its state in a fixed folder
+    (Redis AOF, webhook secret, outputs) across runs, prints to the terminal instead of log files, and
+    restarts the API and worker on the tiny model when the real one cannot be loaded."""
+
     def __init__(self, data_dir: Path, host: str, port: int) -> None:
         self.data_dir = data_dir
         self.host, self.port = host, port
@@ -173,17 +178,8 @@ class DevStack:
 
     def stop(self) -> None:
         """SIGTERM everything (workers finish their job: warm shutdown), then SIGKILL what is left."""
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT_S
-        for name, process in self.processes.items():
-            try:
-                process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                _say(f"{name} did not stop in {STOP_TIMEOUT_S:.0f}s; killing it")
-                process.kill()
-                process.wait(timeout=5)
+        for name in stop_processes(self.processes, STOP_TIMEOUT_S):
+            _say(f"{name} did not stop in {STOP_TIMEOUT_S:.0f}s; killed it")
         if self.redis is not None:
             self.redis.stop()
         (self.data_dir / "pids.json").unlink(missing_ok=True)
@@ -191,7 +187,7 @@ class DevStack:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m services.devstack", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m devtools.devstack", description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=int(os.environ.get("DARKROOM_DEV_PORT", "8000")))
     parser.add_argument(
