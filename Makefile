@@ -31,7 +31,8 @@ test: install lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not gpu and not slow" --durations=25
 
 ## The slow suites CI runs after `make test` (-s: their figures go to the log): the 200- and 2,000-job
-## bursts, a worker killed mid-batch, the bench smoke run, the compile-graph check over every preset. Real inductor compiles (tens of minutes on 2 cores) are
+## bursts, a worker killed mid-batch, the lifecycle fault tests (processes around a job's events killed), the bench
+## smoke run, the compile-graph check over every preset. Real inductor compiles (tens of minutes on 2 cores) are
 ## left to `make test-all`.
 test-slow: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "slow and not gpu and not inductor" --durations=10 -s

@@ -30,6 +30,10 @@ from services.jobs.keys import OUTBOX, OUTBOX_GROUP
 from tests.fixtures.http_receiver import HttpReceiver, RecordedRequest
 from tests.fixtures.stack import ONE_THREAD, TEST_WEBHOOK_SECRET, Stack, start_stack, stop_process
 
+# Four stacks and four kills, ~2 minutes on 2 cores: in `make test-slow` (which CI runs). The logic they
+# rest on is covered in the default suite by test_lifecycle.py and test_webhook_dispatcher.py.
+pytestmark = pytest.mark.slow
+
 MARKER = "__die_after_outcome__"
 TERMINAL = {"succeeded", "failed", "canceled"}
 SMALL: dict[str, Any] = {"width": 512, "height": 512, "num_inference_steps": 2, "guidance_scale": 1.0}
