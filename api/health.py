@@ -53,8 +53,7 @@ async def prometheus_metrics(state: StateDep) -> Response:
         queues = [(q, line.model) for line in state.lines.values() for q in (line.queue, line.batch_queue)]
         for queue, model in (*queues, (state.webhook_queue, "")):
             metrics.QUEUE_DEPTH.labels(queue.name, model).set(int(redis.llen(queue.key)))
-        waiting, _ = outbox.backlog(redis)
-        metrics.OUTBOX_BACKLOG.set(waiting)
+        metrics.OUTBOX_BACKLOG.set(outbox.backlog(redis))
 
     try:
         await run_in_threadpool(refresh_queue_depths)

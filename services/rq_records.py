@@ -11,7 +11,7 @@ builds RQ's side with RQ's own code (``Queue.create_job``, ``Job.to_dict``, the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 import redis.asyncio as aredis
@@ -129,14 +129,16 @@ def taken_by(queue: Queue, job_id: str, worker_name: str) -> RqChange:
     )
 
 
+def run_forgotten(redis: Redis, queue: Queue, job_id: str) -> RqChange:
+    """A lost run's ``{job_id}:{execution_id}`` entries out of RQ's started registry (of the queue the job
+    came from), so RQ's own cleanup cannot later fail the job, or its re-run."""
+    return _forget_runs(redis, origin_queue(redis, queue, job_id), job_id)
+
+
 def requeued_at_front(redis: Redis, queue: Queue, job_id: str) -> RqChange:
     """A running job whose run was lost, back at the front of the queue it came from: RQ's job hash as
-    ``Queue.enqueue_job`` leaves it, and the dead run's ``{job_id}:{execution_id}`` entries out of the
-    started registry, so RQ's own cleanup cannot later fail the re-run."""
+    ``Queue.enqueue_job`` leaves it, and the dead run forgotten (:func:`run_forgotten`)."""
     queue = origin_queue(redis, queue, job_id)
-    registry = StartedJobRegistry(queue=queue)
-    members = cast(list[bytes], redis.zrange(registry.key, 0, -1))
-    stale = [m.decode() for m in members if m.decode().split(":", 1)[0] == job_id]
     fields = {
         "status": JobStatus.QUEUED.value,
         "origin": queue.name,
@@ -144,15 +146,21 @@ def requeued_at_front(redis: Redis, queue: Queue, job_id: str) -> RqChange:
         "started_at": "",
         "ended_at": "",
     }
-    return RqChange(
+    return replace(
+        _forget_runs(redis, queue, job_id),
         queue_key=queue.key,
         queue_op="push_front",
         job_key=job_hash_key(job_id),
         job_fields=fields,
-        registry_key=registry.key,
-        stale_executions=stale,
         queues_set=queue.redis_queues_keys,
     )
+
+
+def _forget_runs(redis: Redis, origin: Queue, job_id: str) -> RqChange:
+    registry = StartedJobRegistry(queue=origin)
+    members = cast(list[bytes], redis.zrange(registry.key, 0, -1))
+    stale = [m.decode() for m in members if m.decode().split(":", 1)[0] == job_id]
+    return RqChange(registry_key=registry.key, stale_executions=stale)
 
 
 def put_back_at_front(redis: Redis, queue: Queue, job_id: str) -> bool:

@@ -175,10 +175,17 @@ def _generate(
 # --- the steps ---------------------------------------------------------------------------------------------
 
 
-def claim(ctx: WorkerContext, record: JobRecord, *, rq: rq_records.RqChange | None = None) -> Transition:
-    """QUEUED -> RUNNING under our name, retried through a Redis outage; the job is then held (beaten)."""
+def claim(
+    ctx: WorkerContext, record: JobRecord, *, rq: rq_records.RqChange | None = None, patient: bool = True
+) -> Transition:
+    """QUEUED -> RUNNING under our name; the job is then held (beaten). ``patient``: retried through a
+    Redis outage (else one try, raising the Redis error). ``rq``: RQ's side for a job RQ did not hand us."""
     at = utcnow()
-    claimed = ctx.with_redis(lambda: ctx.lifecycle.claim(record, ctx.worker_name, at=at, rq=rq), "claim job")
+
+    def claim_once() -> Transition:
+        return ctx.lifecycle.claim(record, ctx.worker_name, at=at, rq=rq)
+
+    claimed = ctx.with_redis(claim_once, "claim job") if patient else claim_once()
     if claimed.applied:
         ctx.hold(record.id)
     return claimed
@@ -186,16 +193,11 @@ def claim(ctx: WorkerContext, record: JobRecord, *, rq: rq_records.RqChange | No
 
 def _claim_partner(ctx: WorkerContext, record: JobRecord, queue: Queue) -> bool:
     """Claim a waiting job as a coalescing partner: one try, taking it off RQ's list in the same step."""
-    at = utcnow()
     try:
-        claimed = ctx.lifecycle.claim(
-            record, ctx.worker_name, at=at, rq=rq_records.taken_by(queue, record.id, ctx.worker_name)
-        )
+        taken = rq_records.taken_by(queue, record.id, ctx.worker_name)
+        return claim(ctx, record, rq=taken, patient=False).applied
     except REDIS_UNAVAILABLE:
         return False
-    if claimed.applied:
-        ctx.hold(record.id)
-    return claimed.applied
 
 
 def load_request(ctx: WorkerContext, record: JobRecord) -> GenerationRequest:

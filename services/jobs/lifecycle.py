@@ -282,12 +282,8 @@ class Lifecycle:
         """RUNNING -> the outcome's status, only while the job is still ``worker``'s: a worker presumed
         dead that wakes up cannot overwrite the re-run's result. Safe to repeat with the same ``at``."""
         moment = at or utcnow()
-        fields = {**outcome.record_fields(), "completed_at": moment}
-        guard = ("worker", worker)
-        done = self._change(record.id, outcome.status, _RUNNING, fields, moment, guard=guard)
-        done = self._repeated(done, record.id, outcome.status, worker, "completed_at", moment, _RUNNING)
+        done = self._end(record.id, outcome, moment, _RUNNING, guard=("worker", worker), repeat_of=worker)
         if done.applied:
-            metrics.JOBS.labels(outcome.status.value).inc()
             run_s = (moment - done.started_at).total_seconds() if done.started_at else 0.0
             metrics.RUN_TIME.labels(outcome.status.value).observe(max(0.0, run_s))
         return done
@@ -297,12 +293,7 @@ class Lifecycle:
     def cancel_queued(self, job_id: str, message: str, *, rq: RqChange | None = None) -> Transition:
         """QUEUED -> CANCELED at once; ``rq``: take it off its queue in the same step
         (``rq_records.remove_from_queue``)."""
-        moment = utcnow()
-        fields = {**Canceled(message).record_fields(), "completed_at": moment}
-        done = self._change(job_id, JobStatus.CANCELED, _QUEUED, fields, moment, rq=rq)
-        if done.applied:
-            metrics.JOBS.labels(JobStatus.CANCELED.value).inc()
-        return done
+        return self._end(job_id, Canceled(message), utcnow(), _QUEUED, rq=rq)
 
     def request_cancel(self, job_id: str) -> JobStatus | None:
         """Ask a running job to stop at its next denoising step (its worker then finishes it
@@ -356,15 +347,33 @@ class Lifecycle:
     ) -> Transition:
         """RUNNING -> FAILED ``worker_lost``: its worker died on its last allowed attempt. The same
         events as any failure (``generation.failed``, a batch's ``batch.completed``)."""
-        moment = utcnow()
         outcome = Failed(JobErrorCode.WORKER_LOST, message)
-        fields = {**outcome.record_fields(), "completed_at": moment}
-        done = self._change(record.id, JobStatus.FAILED, _RUNNING, fields, moment, guard=guard, rq=rq)
-        if done.applied:
-            metrics.JOBS.labels(JobStatus.FAILED.value).inc()
-        return done
+        return self._end(record.id, outcome, utcnow(), _RUNNING, guard=guard, rq=rq)
 
     # --- the one script ----------------------------------------------------------------------------------
+
+    def _end(
+        self,
+        job_id: str,
+        outcome: Outcome,
+        moment: datetime,
+        allowed_from: tuple[JobStatus, ...],
+        *,
+        guard: tuple[str, str] | None = None,
+        rq: RqChange | None = None,
+        repeat_of: str | None = None,
+    ) -> Transition:
+        """A terminal transition to ``outcome`` at ``moment``, counted once in the outcomes metric.
+        ``repeat_of``: a worker's name whose earlier try of exactly this change counts as made."""
+        fields = {**outcome.record_fields(), "completed_at": moment}
+        done = self._change(job_id, outcome.status, allowed_from, fields, moment, guard=guard, rq=rq)
+        if repeat_of is not None:
+            done = self._repeated(
+                done, job_id, outcome.status, repeat_of, "completed_at", moment, allowed_from
+            )
+        if done.applied:
+            metrics.JOBS.labels(outcome.status.value).inc()
+        return done
 
     def _change(
         self,

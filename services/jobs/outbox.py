@@ -117,16 +117,10 @@ def acknowledge(redis: Redis, entry_ids: Sequence[str]) -> None:
         pipe.execute()
 
 
-def backlog(redis: Redis) -> tuple[int, int]:
-    """(entries in the stream, of which read but not yet acknowledged) — what is waiting for dispatch."""
-    with redis.pipeline(transaction=False) as pipe:
-        pipe.xlen(OUTBOX)
-        pipe.xpending(OUTBOX, OUTBOX_GROUP)
-        try:
-            length, pending = pipe.execute()
-        except ResponseError:  # no group yet: nothing was ever consumed
-            return int(redis.xlen(OUTBOX)), 0
-    return int(length), int(pending["pending"]) if pending else 0
+def backlog(redis: Redis) -> int:
+    """Events waiting for dispatch: the stream holds only entries not yet acknowledged (an acknowledged
+    one is deleted), read or not."""
+    return int(redis.xlen(OUTBOX))
 
 
 def leave(redis: Redis, consumer: str) -> bool:

@@ -46,19 +46,16 @@ def _requeue_or_fail(
     """Put a running job whose run was cut short back at the front of its queue (or fail it as
     ``worker_lost`` once it has used ``max_attempts`` runs); None if ``guard`` no longer holds."""
     redis = lifecycle.redis
-    change = rq_records.requeued_at_front(redis, queue, record.id)
     done: Transition
     if record.attempt >= max_attempts:
         message = f"{reason}; giving up after {max_attempts}"
-        forget = rq_records.RqChange(
-            registry_key=change.registry_key, stale_executions=change.stale_executions
-        )
+        forget = rq_records.run_forgotten(redis, queue, record.id)
         done = lifecycle.fail_lost(record, message, guard=guard, rq=forget)
         if not done.applied:
             return None
         log.error("job failed: worker lost too often", job_id=record.id, attempts=record.attempt)
         return Recovered(record.id, "failed", record.attempt)
-    done = lifecycle.requeue(record, guard=guard, rq=change)
+    done = lifecycle.requeue(record, guard=guard, rq=rq_records.requeued_at_front(redis, queue, record.id))
     if not done.applied:
         return None
     log.warning("lost job requeued", job_id=record.id, reason=reason)

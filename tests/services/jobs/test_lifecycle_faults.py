@@ -255,6 +255,8 @@ def test_events_waiting_in_the_outbox_survive_a_redis_restart(
         assert stack.wait_for(job_id, TERMINAL, timeout=60)["status"] == "succeeded"
     with stack.redis() as redis:
         assert redis.xlen(OUTBOX) == 3
+    with stack.client() as client:  # what an operator sees: events waiting for a webhook process
+        assert "darkroom_outbox_backlog 3.0" in client.get("/metrics").text
     assert stack.redis_server is not None
     stack.redis_server.stop()  # SIGTERM: Redis writes its AOF out and exits
     stack.redis_server.restart()
