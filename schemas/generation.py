@@ -438,7 +438,7 @@ class GenerationRequest(BaseModel):
 
     def adapter_set(self) -> tuple[tuple[str, float], ...]:
         """The LoRA adapters to activate as sorted (name, scale) pairs: the order a client lists them in
-        changes nothing, so two requests with the same set compare (and micro-batch) as equal."""
+        changes nothing, so two requests with the same set compare (and are coalesced) as equal."""
         return tuple(sorted((lora.name, lora.scale) for lora in self.loras))
 
     def to_pipeline_kwargs(self) -> dict[str, Any]:

@@ -7,7 +7,7 @@ the transformer as a named PEFT adapter; every later job only *activates* a set.
 the engine calls :meth:`LoraAdapters.activate` with the job's set, which switches on exactly those adapters
 at those scales — or switches every adapter layer off for a job without any, so nothing one job asked for
 reaches the next (``tests/worker/test_loras.py``: a job without LoRA after one with is bit-identical to a
-fresh pipeline's). The set is part of the micro-batching key, so a batch shares one set.
+fresh pipeline's). The set is part of the coalescing key, so a coalesced call shares one set.
 
 Transformer only: text-encoder layers in a LoRA file are not loaded (logged when dropped), so prompt
 embeddings — and the prompt-embedding cache keyed on the text alone — do not depend on the adapters.

@@ -3,7 +3,7 @@
 Submitting and reading are coroutines on the API's async Redis client: a submission is one admission
 script (``services/admission.py``) and a read one pipelined round trip, without handing the request to a
 thread and back. Only work that blocks by nature — resolving a webhook host, uploading an init image,
-cancel's status changes through the sync job store — goes to the threadpool, and only when the request
+cancel's status changes through the sync lifecycle — goes to the threadpool, and only when the request
 needs it.
 """
 

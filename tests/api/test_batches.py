@@ -121,7 +121,7 @@ def _started(stack: Stack, job_id: str) -> datetime:
 
 
 def test_an_interactive_job_runs_before_the_batch_items_still_waiting(file_stack: Stack) -> None:
-    batch = post_batch(file_stack, {"template": ITEM, "count": 6}).json()  # a micro-batch of 4, then 2
+    batch = post_batch(file_stack, {"template": ITEM, "count": 6}).json()  # coalesced: a call of 4, then 2
     with file_stack.client() as client:
         job_id = client.post("/v1/generations", json={**ITEM, "seed": 5}).json()["id"]
     waiting = [

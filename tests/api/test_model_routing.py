@@ -191,7 +191,7 @@ def test_a_batch_runs_on_its_model_and_may_not_mix_models(stack: Stack) -> None:
         first = batch["items"][0]["id"]
         job = client.get(f"/v1/generations/{first}").json()
         assert job["request"]["model"] == OTHER
-        # Seed 7 on the other model: the single job's pixels there (up to the 2 levels micro-batching may
+        # Seed 7 on the other model: the single job's pixels there (up to the 2 levels coalescing may
         # move a pixel by: the two items ran as one pipeline call), and nothing like the default model's.
         drawn = pixels(client, job)
         assert np.abs(drawn - pixels(client, generate(stack, client, {**FAST, "model": OTHER}))).max() <= 2

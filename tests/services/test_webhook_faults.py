@@ -80,7 +80,7 @@ def test_a_receiver_down_for_a_while_gets_the_webhook_and_never_holds_up_the_gpu
         proxy.down()
         down_at = time.monotonic()
         notified = submit(client, {**SMALL, "seed": 1, "webhook_url": proxy.url + "/hook"})
-        # No webhook, one step more: the next job on the GPU, not a micro-batch partner of the first.
+        # No webhook, one step more: the next job on the GPU, not a coalesced partner of the first.
         following = submit(client, {**SMALL, "seed": 2, "num_inference_steps": 3})
 
         job = stack.wait_for(following, {"succeeded", "failed"})
