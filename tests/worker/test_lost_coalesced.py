@@ -55,8 +55,10 @@ def test_every_job_of_a_killed_workers_coalesced_group_is_recovered_and_succeeds
     stack: Stack, webhook_receiver: HttpReceiver
 ) -> None:
     hook = {"webhook_url": webhook_receiver.url + "/hook"}
+    # The most steps a request may ask for: the group must still be running after LOST_AFTER + 1.5 s of
+    # waiting below (20 steps were done by then on a quiet machine).
     bodies = [
-        {**SMALL, **hook, "prompt": f"job {i}", "seed": 30 + i, "num_inference_steps": 20} for i in range(3)
+        {**SMALL, **hook, "prompt": f"job {i}", "seed": 30 + i, "num_inference_steps": 100} for i in range(3)
     ]
     with stack.client() as client:
         ids = queue_behind_busy_worker(client, bodies)
