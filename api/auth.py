@@ -70,7 +70,10 @@ class ApiKeyMiddleware:
 
 
 # Declared so the OpenAPI spec documents the bearer scheme; the middleware has already done the checking.
-_BEARER = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer <key>`.")
+BEARER_SCHEME = "HTTPBearer"
+_BEARER = HTTPBearer(
+    auto_error=False, scheme_name=BEARER_SCHEME, description="An API key: `Authorization: Bearer <key>`."
+)
 
 
 async def get_principal(  # a coroutine: a plain def would cost a threadpool hop per request

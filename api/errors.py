@@ -5,17 +5,15 @@ Clients branch on the stable ``code`` (and ``type`` = ``urn:darkroom:problem:<co
 ``ApiError``\\s, FastAPI's request validation, Starlette's routing 404/405, a Redis outage, and plain bugs.
 :func:`install_error_handlers` registers one handler per kind; routes just ``raise NotFound(...)``.
 
-Routes document the shape in OpenAPI with ``responses=PROBLEM_RESPONSES`` (or :func:`problem_responses`
-for route-specific statuses), the way vLLM declares its ``ErrorResponse`` on every route.
+Routes declare the statuses they can answer in OpenAPI with ``api.contract.problem_responses``, the way
+vLLM declares its ``ErrorResponse`` on every route.
 """
 
 from __future__ import annotations
 
-import json
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from http import HTTPStatus
-from typing import Any
 
 import redis.exceptions
 import structlog
@@ -410,7 +408,7 @@ async def _internal_error_handler(request: Request, exc: Exception) -> Response:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Register every handler on ``app`` and make its OpenAPI document problem+json error bodies.
+    """Register every handler on ``app``.
 
     Call once in the app factory. Order of registration does not matter: Starlette picks the handler
     of the closest class in the exception's MRO, and the ``Exception`` one only runs at the very edge.
@@ -426,71 +424,3 @@ def install_error_handlers(app: FastAPI) -> None:
         app.add_exception_handler(redis_error, _redis_unavailable_handler)
     app.add_exception_handler(StorageUnavailable, _storage_unavailable_handler)
     app.add_exception_handler(Exception, _internal_error_handler)
-    app.openapi = _problem_json_openapi(app.openapi)  # type: ignore[method-assign]
-
-
-# --- OpenAPI -----------------------------------------------------------------------------------------------
-
-
-def _problem_entry(description: str) -> dict[str, Any]:
-    # "model" makes FastAPI register the Problem schema (under application/json); the empty
-    # problem+json entry marks it for _problem_json_openapi to move the schema to the right media type.
-    return {"model": Problem, "description": description, "content": {PROBLEM_CONTENT_TYPE: {}}}
-
-
-def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """``responses=`` entries for route-specific error statuses, e.g. ``problem_responses(404, 409)``."""
-    return {status: _problem_entry(status_title(status)) for status in statuses}
-
-
-PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
-    422: _problem_entry("Validation error (`validation_error`, `malformed_json`) or a rule violation."),
-    "4XX": _problem_entry("Client error, as RFC 9457 problem details."),
-    "5XX": _problem_entry("Server error, as RFC 9457 problem details (503 carries Retry-After)."),
-}
-"""Declare on routers or routes (``APIRouter(responses=PROBLEM_RESPONSES)``): documents the problem+json
-body for every 4xx/5xx and replaces FastAPI's default ``HTTPValidationError`` 422, which we never send."""
-
-
-def _problem_json_openapi(generate: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
-    """Wrap ``app.openapi`` so error responses declare ``application/problem+json`` only.
-
-    FastAPI puts a response ``model`` under the route's media type (``application/json``): for each
-    response that also names problem+json without a schema, the schema moves there. FastAPI's default
-    422 (``HTTPValidationError``, on routes that did not declare ``PROBLEM_RESPONSES``) describes a body
-    we never send, so it is replaced by the Problem schema too. Idempotent, so FastAPI's own caching of
-    the document is unaffected.
-    """
-    problem_ref = {"$ref": "#/components/schemas/Problem"}
-    default_422_ref = {"$ref": "#/components/schemas/HTTPValidationError"}
-
-    def openapi() -> dict[str, Any]:
-        document = generate()
-        replaced_default = False
-        for path_item in document.get("paths", {}).values():
-            for operation in path_item.values():
-                if not isinstance(operation, dict):
-                    continue
-                for status, response in operation.get("responses", {}).items():
-                    content = response.get("content") or {}
-                    problem = content.get(PROBLEM_CONTENT_TYPE)
-                    if problem is not None and "schema" not in problem and "application/json" in content:
-                        problem["schema"] = content.pop("application/json")["schema"]
-                    elif (
-                        status == "422"
-                        and content.get("application/json", {}).get("schema") == default_422_ref
-                    ):
-                        response["content"] = {PROBLEM_CONTENT_TYPE: {"schema": dict(problem_ref)}}
-                        replaced_default = True
-        if replaced_default:
-            schemas = document.setdefault("components", {}).setdefault("schemas", {})
-            if "Problem" not in schemas:
-                schema = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
-                schemas.update(schema.pop("$defs", {}))
-                schemas["Problem"] = schema
-            for name in ("HTTPValidationError", "ValidationError"):  # the second is used by the first
-                if f'"#/components/schemas/{name}"' not in json.dumps(document):
-                    schemas.pop(name, None)
-        return document
-
-    return openapi

@@ -9,11 +9,12 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 from fastapi.concurrency import run_in_threadpool
 
+from api.contract import problem_responses
 from api.deps import StateDep
-from api.errors import PROBLEM_RESPONSES, NotFound
+from api.errors import NotFound
 from services.storage import FileStorage, InvalidKey, ObjectNotFound
 
-router = APIRouter(tags=["files"], responses=PROBLEM_RESPONSES)
+router = APIRouter(tags=["files"])
 
 
 _IMAGE_BYTES = {"schema": {"type": "string", "format": "binary"}}
@@ -25,7 +26,15 @@ _IMAGE_BYTES = {"schema": {"type": "string", "format": "binary"}}
     operation_id="downloadFile",
     response_class=Response,
     response_description="The image bytes.",
-    responses={200: {"content": dict.fromkeys(("image/png", "image/jpeg", "image/webp"), _IMAGE_BYTES)}},
+    responses={
+        200: {"content": dict.fromkeys(("image/png", "image/jpeg", "image/webp"), _IMAGE_BYTES)},
+        **problem_responses(
+            404,
+            500,
+            503,
+            described={404: "No such file, its URL expired, or this server stores images in S3."},
+        ),
+    },
 )
 async def download_file(
     key: str, state: StateDep, expires: str | None = None, signature: str | None = None

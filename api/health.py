@@ -8,8 +8,9 @@ from fastapi import APIRouter, Response
 from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from api.contract import problem_responses
 from api.deps import StateDep
-from api.errors import PROBLEM_RESPONSES, ServiceUnavailable
+from api.errors import ServiceUnavailable
 from services import metrics
 from services.jobs import outbox
 
@@ -21,13 +22,18 @@ _READY_TIMEOUT_S = 2.0
     "/healthz",
     summary="Liveness: the process answers",
     operation_id="healthz",
-    responses=PROBLEM_RESPONSES,
+    responses=problem_responses(500),
 )
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Readiness: Redis answers", operation_id="readyz", responses=PROBLEM_RESPONSES)
+@router.get(
+    "/readyz",
+    summary="Readiness: Redis answers",
+    operation_id="readyz",
+    responses=problem_responses(500, 503, described={503: "Redis does not answer (`redis_unavailable`)."}),
+)
 async def readyz(state: StateDep) -> dict[str, str]:
     try:
         await asyncio.wait_for(state.redis_async.ping(), timeout=_READY_TIMEOUT_S)
@@ -44,7 +50,7 @@ async def readyz(state: StateDep) -> dict[str, str]:
     response_description="Prometheus text exposition format.",
     responses={
         200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
-        **PROBLEM_RESPONSES,
+        **problem_responses(500),
     },
 )
 async def prometheus_metrics(state: StateDep) -> Response:

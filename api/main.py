@@ -16,6 +16,7 @@ from redis import Redis
 from api import files, health, models, openai_images
 from api.auth import ApiKeyMiddleware
 from api.batches.routes import router as batches_router
+from api.contract import install_contract
 from api.errors import install_error_handlers
 from api.generations.events import READ_TIMEOUT_S
 from api.generations.routes import router as generations_router
@@ -33,6 +34,31 @@ from services.settings import Settings, get_settings
 
 # JSON bodies carry at most an init image (10 MB decoded, ~13.4 MB as base64) plus the prompt.
 MAX_BODY_BYTES = 15 * 1024 * 1024
+
+
+# Where an API runs is the operator's choice: a templated server lets generators and Swagger UI take the
+# address as a variable, defaulting to `make run`'s.
+SERVERS = [
+    {
+        "url": "{scheme}://{host}",
+        "description": "A darkroom API (default: `make run` on this machine).",
+        "variables": {
+            "scheme": {"default": "http", "enum": ["http", "https"]},
+            "host": {"default": "localhost:8000", "description": "Host and port of the API."},
+        },
+    }
+]
+TAGS = [
+    {"name": "generations", "description": "Submit, read, cancel and follow one generation job."},
+    {
+        "name": "batches",
+        "description": "Up to 1,000 generation jobs submitted, followed and canceled as one.",
+    },
+    {"name": "images", "description": "OpenAI's Images API over generation jobs, for the `openai` SDKs."},
+    {"name": "models", "description": "The served models and the workers ready for each."},
+    {"name": "files", "description": "Image downloads from local (`file://`) storage, by signed URL."},
+    {"name": "health", "description": "Probes and Prometheus metrics for operators; no API key."},
+]
 
 
 def load_keys(settings: Settings) -> KeyRing | None:
@@ -113,6 +139,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="darkroom",
         version="0.1.0",
         summary="Self-hosted Stable Diffusion 3.5 Medium text-to-image service.",
+        license_info={"name": "Apache-2.0", "identifier": "Apache-2.0"},
+        servers=SERVERS,
+        openapi_tags=TAGS,
         lifespan=lifespan,
     )
     install_error_handlers(app)
@@ -123,6 +152,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(files.router)
     app.include_router(health.router)
     app.include_router(playground_router)
+    install_contract(app)
     # Added innermost first. On the way in: request id and logging see everything, metrics see the route
     # (401s included), then the key check, then the body-size guard.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=MAX_BODY_BYTES)

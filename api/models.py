@@ -12,13 +12,14 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path
 
+from api.contract import READ, problem_responses
 from api.deps import StateDep
-from api.errors import PROBLEM_RESPONSES, NotFound, problem_responses
+from api.errors import NotFound
 from api.state import AppState
 from schemas.models import MODEL_NAME_PATTERN, ModelList, ServedModel
 from services import fleet
 
-router = APIRouter(prefix="/v1/models", tags=["models"], responses=PROBLEM_RESPONSES)
+router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
 def _owner(model: str) -> str:
@@ -61,6 +62,7 @@ async def served_models(state: AppState, models: list[str]) -> list[ServedModel]
     response_model=ModelList,
     summary="List the served models and their ready workers",
     operation_id="listModels",
+    responses=problem_responses(401, 500, 503),
 )
 async def list_models(state: StateDep) -> ModelList:
     """Every model requests may name as ``model`` (the default first), with its ready workers and queues."""
@@ -72,7 +74,9 @@ async def list_models(state: StateDep) -> ModelList:
     response_model=ServedModel,
     summary="Read one served model",
     operation_id="retrieveModel",
-    responses=problem_responses(404, 422),
+    responses=problem_responses(
+        *READ, 422, described={404: "The model is not served here (`model_not_found`)."}
+    ),
 )
 async def retrieve_model(
     model: Annotated[

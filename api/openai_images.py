@@ -22,8 +22,9 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from api.auth import PrincipalDep
+from api.contract import SUBMIT, problem_responses
 from api.deps import StateDep
-from api.errors import PROBLEM_RESPONSES, ApiError, UnprocessableRequest, problem_responses
+from api.errors import ApiError, UnprocessableRequest
 from api.generations import service
 from api.generations.events import wait_until_finished
 from api.state import AppState
@@ -34,24 +35,30 @@ from schemas.openai_images import (
     ImageData,
     ImageGenerationRequest,
     ImagesResponse,
+    OpenAICompatibleProblem,
     openai_field_errors,
     served_model_name,
 )
 from services.jobs import JobRecord
 from services.storage import Storage
 
-router = APIRouter(prefix="/v1/images", tags=["images"], responses=PROBLEM_RESPONSES)
+router = APIRouter(prefix="/v1/images", tags=["images"])
 
 NO_RETRY = {"x-should-retry": "false"}
-_ERRORS = problem_responses(409, 422, 504)
-_ERRORS[422]["description"] = (
-    "Validation error, or `content_filtered`: the prompt holds a blocklisted term, or the content filter "
-    "withheld every image of the job (then with Location)."
-)
-_ERRORS[409]["description"] = "The job was canceled while this request waited (code `canceled`)."
-_ERRORS[504]["description"] = (
-    "Not finished within DARKROOM_OPENAI_IMAGES_WAIT (code `generation_timeout`); the job carries on at "
-    "Location."
+_ERRORS = problem_responses(
+    *SUBMIT,
+    409,
+    504,
+    model=OpenAICompatibleProblem,
+    described={
+        422: "Validation error, or `content_filtered`: the prompt holds a blocklisted term, or the content "
+        "filter withheld every image of the job (then with Location).",
+        409: "The job was canceled while this request waited (code `canceled`).",
+        500: "The job failed (its `error.type` is the code, e.g. `out_of_memory`; with Location), or a bug "
+        "on the server's side (`internal_error`).",
+        504: "Not finished within DARKROOM_OPENAI_IMAGES_WAIT (code `generation_timeout`); the job carries "
+        "on at Location.",
+    },
 )
 _ERRORS[504]["headers"] = {"Location": {"description": "The job's URL.", "schema": {"type": "string"}}}
 

@@ -26,6 +26,7 @@ from pydantic import (
     field_validator,
 )
 
+from schemas.base import ResponseModel
 from schemas.generation import MAX_SEED, GenerationRequest, json_number
 from schemas.jobs import ImageResult, JobError, JobStatus, WebhookDelivery
 
@@ -38,7 +39,9 @@ BatchWebhookEvent = Literal["batch.completed", "generation.started", "generation
 ITEM_SUBSCRIPTIONS: dict[str, str] = {"generation.started": "started", "generation.completed": "completed"}
 
 
-Seed = Annotated[int, BeforeValidator(json_number), Field(ge=0, le=MAX_SEED)]
+# Constraints before the validator: pydantic then writes them as standard minimum/maximum (the other
+# order leaves non-standard ge/le keywords in the JSON schema).
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED), BeforeValidator(json_number)]
 
 
 class BatchItemRequest(GenerationRequest):
@@ -179,7 +182,7 @@ class BatchStatus(StrEnum):
         return self in (BatchStatus.COMPLETED, BatchStatus.CANCELED)
 
 
-class BatchCounts(BaseModel):
+class BatchCounts(ResponseModel):
     total: int
     queued: int = 0
     running: int = 0
@@ -188,7 +191,7 @@ class BatchCounts(BaseModel):
     canceled: int = 0
 
 
-class BatchItem(BaseModel):
+class BatchItem(ResponseModel):
     """One item, in brief; ``GET /v1/generations/{id}`` has the whole job."""
 
     id: str
@@ -197,7 +200,7 @@ class BatchItem(BaseModel):
     error: JobError | None = None
 
 
-class BatchWebhookStatus(BaseModel):
+class BatchWebhookStatus(ResponseModel):
     url: str
     events: list[BatchWebhookEvent]
     deliveries: list[WebhookDelivery] = Field(
@@ -205,7 +208,7 @@ class BatchWebhookStatus(BaseModel):
     )
 
 
-class Batch(BaseModel):
+class Batch(ResponseModel):
     id: str
     model: str | None = Field(None, description="The model every item is drawn by.")
     status: BatchStatus
@@ -224,7 +227,7 @@ class Batch(BaseModel):
     webhook: BatchWebhookStatus | None = None
 
 
-class BatchList(BaseModel):
+class BatchList(ResponseModel):
     """``GET /v1/batches``: the caller's batches, newest first, one page at a time."""
 
     object: Literal["list"] = "list"

@@ -18,10 +18,12 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationInfo,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
 
+from schemas.base import SENT_IN_FULL
 from schemas.images import vet_base64_image
 from schemas.models import MODEL_NAME_PATTERN
 from schemas.outpaint import Outpaint, outpaint_canvas
@@ -139,7 +141,7 @@ def _also_accepts_booleans(schema: dict[str, Any]) -> None:
 class GenerationRequest(BaseModel):
     """A text-to-image (or image-to-image) request, as clients send it and as the job stores it."""
 
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False, **SENT_IN_FULL)
 
     model: str | None = Field(
         None,
@@ -165,8 +167,13 @@ class GenerationRequest(BaseModel):
         validate_default=True,
         description="A ~1 megapixel preset size; not together with width/height. Default 1:1 (1024x1024).",
     )
-    seed: int | None = Field(
-        None, description="0..4294967295. Omitted: drawn by the server and returned. Image i uses seed + i."
+    # The range as standard keywords for generators and linters; _seed_range checks it, with a message that
+    # says what to do instead (a ge/le constraint would answer with pydantic's generic one).
+    seed: Annotated[int, WithJsonSchema({"type": "integer", "minimum": 0, "maximum": MAX_SEED})] | None = (
+        Field(
+            None,
+            description="0..4294967295. Omitted: drawn by the server and returned. Image i uses seed + i.",
+        )
     )
     num_inference_steps: int = Field(40, ge=1, le=100)
     guidance_scale: float = Field(4.5, ge=0, le=20, allow_inf_nan=False)

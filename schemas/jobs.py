@@ -10,8 +10,9 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Literal
 
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AnyHttpUrl, ConfigDict, Field, field_validator
 
+from schemas.base import ResponseModel
 from schemas.generation import GenerationRequest
 
 
@@ -55,7 +56,7 @@ class CreateGeneration(GenerationRequest):
         )
 
 
-class Progress(BaseModel):
+class Progress(ResponseModel):
     step: int = Field(ge=0)
     total: int = Field(ge=0)
 
@@ -63,7 +64,7 @@ class Progress(BaseModel):
 FinishReason = Literal["stop", "content_filtered"]
 
 
-class ImageResult(BaseModel):
+class ImageResult(ResponseModel):
     """One image of a job. ``finish_reason`` ``content_filtered``: the image classifier withheld it, so it
     has no ``url`` and no ``sha256`` (it was never stored); the other images of the job are unaffected."""
 
@@ -112,12 +113,12 @@ class JobErrorCode(StrEnum):
     INTERNAL_ERROR = "internal_error"  # a bug of ours; the worker's log has the traceback
 
 
-class JobError(BaseModel):
+class JobError(ResponseModel):
     type: JobErrorCode = Field(description="Stable machine code: why the job ended without its images.")
     message: str
 
 
-class WebhookAttempt(BaseModel):
+class WebhookAttempt(ResponseModel):
     at: datetime
     attempt: int
     status_code: int | None = None
@@ -125,20 +126,20 @@ class WebhookAttempt(BaseModel):
     duration_ms: float
 
 
-class WebhookDelivery(BaseModel):
+class WebhookDelivery(ResponseModel):
     event: str = Field(description="generation.started, generation.progress, generation.succeeded, ...")
     msg_id: str
     state: Literal["pending", "delivered", "failed", "gone"]
     attempts: list[WebhookAttempt] = Field(default_factory=list)
 
 
-class WebhookStatus(BaseModel):
+class WebhookStatus(ResponseModel):
     url: str
     events: list[WebhookEvent]
     deliveries: list[WebhookDelivery] = Field(default_factory=list)
 
 
-class Job(BaseModel):
+class Job(ResponseModel):
     model_config = ConfigDict(use_enum_values=False)
 
     id: str

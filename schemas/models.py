@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import Field
+
+from schemas.base import ResponseModel
 
 #: What a served model may be called (requests' ``model``, queue names): a hub id fits, commas never do.
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$"
 
 
-class ServedModel(BaseModel):
+class ServedModel(ResponseModel):
     id: str = Field(description="The name to give as `model` in requests.")
     object: Literal["model"] = "model"
     created: int = Field(description="Unix time a worker first served this model here (0: none has yet).")
@@ -29,6 +31,6 @@ class ServedModel(BaseModel):
     batch_queued: int = Field(description="Batch items waiting for it (served after interactive jobs).")
 
 
-class ModelList(BaseModel):
+class ModelList(ResponseModel):
     object: Literal["list"] = "list"
     data: list[ServedModel] = Field(description="Every model this API accepts, the default first.")

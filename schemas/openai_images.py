@@ -21,6 +21,7 @@ from typing import Any, Literal
 from annotated_types import Ge, Le
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
+from schemas.base import ResponseModel
 from schemas.generation import (
     MAX_LORAS,
     MAX_PROMPT_CHARS,
@@ -288,7 +289,7 @@ class ImageData(BaseModel):
     )
 
 
-class ImagesResponse(BaseModel):
+class ImagesResponse(ResponseModel):
     """OpenAI's ``ImagesResponse``, plus the darkroom job ``id`` (readable at ``/v1/generations/{id}``)."""
 
     created: int = Field(description="Unix time the images were finished.")
@@ -306,6 +307,13 @@ class OpenAIError(BaseModel):
     type: str
     param: str | None = None
     code: str | None = None
+
+
+class OpenAICompatibleProblem(Problem):
+    """Problem details as the OpenAI-compatible routes send them: with OpenAI's ``error`` object as an
+    extension member, which is where the ``openai`` SDKs read an error's message, code and param."""
+
+    error: OpenAIError
 
 
 def openai_error(problem: Problem) -> OpenAIError:

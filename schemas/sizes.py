@@ -10,6 +10,10 @@ from __future__ import annotations
 import math
 from enum import StrEnum
 
+from pydantic import GetJsonSchemaHandler
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
+
 SIZE_MULTIPLE = 16  # vae_scale_factor (8) * transformer patch_size (2)
 MIN_SIDE = 256
 MAX_SIDE = 2048
@@ -30,6 +34,15 @@ class AspectRatio(StrEnum):
     LANDSCAPE_5_4 = "5:4"
     TALL_9_16 = "9:16"
     TALL_9_21 = "9:21"
+
+    @classmethod
+    def __get_pydantic_json_schema__(
+        cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        # Values such as "16:9" are no identifiers: without these names generators call them VALUE_1...
+        schema = handler.resolve_ref_schema(handler(core_schema))
+        schema["x-enum-varnames"] = [ratio.name for ratio in cls]
+        return schema
 
 
 ASPECT_RATIO_SIZES: dict[AspectRatio, tuple[int, int]] = {

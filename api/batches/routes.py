@@ -8,11 +8,11 @@ from fastapi import APIRouter, Header, Query, Response
 
 from api.auth import PrincipalDep
 from api.batches import service
+from api.contract import READ, SUBMIT, problem_responses
 from api.deps import StateDep
-from api.errors import PROBLEM_RESPONSES, problem_responses
 from schemas.batches import DEFAULT_PAGE, MAX_PAGE, Batch, BatchList, CreateBatch
 
-router = APIRouter(prefix="/v1/batches", tags=["batches"], responses=PROBLEM_RESPONSES)
+router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
 MAX_LIST_PAGE = 100  # each listed batch reads all of its items' states
 _LOCATION = {"Location": {"description": "The batch's URL.", "schema": {"type": "string"}}}
@@ -29,7 +29,7 @@ def _batch_response(batch: Batch, status_code: int, headers: dict[str, str] | No
     summary="Submit a batch of generation jobs",
     operation_id="createBatch",
     response_description="Queued: every item is a generation job on the batch queue; follow it at Location.",
-    responses={202: {"headers": _LOCATION}},
+    responses={202: {"headers": _LOCATION}, **problem_responses(*SUBMIT)},
 )
 async def create_batch(
     body: CreateBatch,
@@ -62,6 +62,7 @@ async def create_batch(
     response_model=BatchList,
     summary="List your batches",
     operation_id="listBatches",
+    responses=problem_responses(401, 422, 500, 503),
 )
 async def list_batches(
     state: StateDep,
@@ -81,6 +82,7 @@ async def list_batches(
     summary="Read a batch",
     operation_id="getBatch",
     response_description="The batch: status, counts over all items, and one page of items.",
+    responses=problem_responses(*READ, 422),
 )
 async def get_batch(
     batch_id: str,
@@ -102,7 +104,9 @@ async def get_batch(
     response_description="Every item has ended.",
     responses={
         202: {"model": Batch, "description": "Running items stop at their next denoising step."},
-        **problem_responses(409),
+        **problem_responses(
+            *READ, 409, described={409: "The batch has already ended (`batch_already_finished`)."}
+        ),
     },
 )
 async def cancel_batch(batch_id: str, state: StateDep, principal: PrincipalDep) -> Response:

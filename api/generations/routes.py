@@ -9,14 +9,14 @@ from fastapi import APIRouter, Header, Request, Response
 from fastapi.responses import StreamingResponse
 
 from api.auth import PrincipalDep
+from api.contract import READ, SUBMIT, event_stream_response, problem_responses
 from api.deps import StateDep
-from api.errors import PROBLEM_RESPONSES
 from api.generations import service
 from api.generations.events import sse_stream, wait_until_finished
 from api.generations.prefer import preferred_wait
 from schemas.jobs import CreateGeneration, Job
 
-router = APIRouter(prefix="/v1/generations", tags=["generations"], responses=PROBLEM_RESPONSES)
+router = APIRouter(prefix="/v1/generations", tags=["generations"])
 
 
 def _job_response(job: Job, status_code: int, headers: dict[str, str] | None = None) -> Response:
@@ -44,12 +44,14 @@ _LOCATION = {"Location": {"description": "The job's URL.", "schema": {"type": "s
             },
         },
         202: {"headers": _LOCATION},
-        422: {
-            **PROBLEM_RESPONSES[422],
-            "description": "Validation error (`validation_error`, `malformed_json`), a rule violation, or "
-            "`content_filtered`: the prompt holds a term on the server's blocklist (the field is named, the "
-            "term is not echoed).",
-        },
+        **problem_responses(
+            *SUBMIT,
+            described={
+                422: "Validation error (`validation_error`, `malformed_json`), a rule violation, or "
+                "`content_filtered`: the prompt holds a term on the server's blocklist (the field is named, "
+                "the term is not echoed)."
+            },
+        ),
     },
 )
 async def create_generation(
@@ -94,6 +96,7 @@ async def create_generation(
     summary="Read a job",
     operation_id="getGeneration",
     response_description="The job.",
+    responses=problem_responses(*READ),
 )
 async def get_generation(job_id: str, state: StateDep, principal: PrincipalDep) -> Response:
     """The job with image URLs signed now (they expire; read again for fresh ones)."""
@@ -106,7 +109,12 @@ async def get_generation(job_id: str, state: StateDep, principal: PrincipalDep) 
     summary="Cancel a job",
     operation_id="cancelGeneration",
     response_description="Canceled while queued.",
-    responses={202: {"model": Job, "description": "Running: it stops at the next denoising step."}},
+    responses={
+        202: {"model": Job, "description": "Running: it stops at the next denoising step."},
+        **problem_responses(
+            *READ, 409, described={409: "The job has already ended (`job_already_finished`)."}
+        ),
+    },
 )
 async def cancel_generation(job_id: str, state: StateDep, principal: PrincipalDep) -> Response:
     """Queued → canceled at once (200). Running → interrupted at the next step (202). Finished → 409."""
@@ -119,7 +127,13 @@ async def cancel_generation(job_id: str, state: StateDep, principal: PrincipalDe
     summary="Follow a job (Server-Sent Events)",
     operation_id="streamGenerationEvents",
     response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {}}, "description": "status, progress, then job."}},
+    responses={
+        200: event_stream_response(
+            "`status` and `progress` events, then one `job` event; each frame's JSON `data` is "
+            "described by GenerationStreamEvent."
+        ),
+        **problem_responses(*READ),
+    },
 )
 async def generation_events(
     job_id: str,

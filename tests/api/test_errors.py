@@ -19,7 +19,6 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from api.errors import (
-    PROBLEM_RESPONSES,
     ApiError,
     Conflict,
     NotFound,
@@ -28,7 +27,6 @@ from api.errors import (
     Unauthorized,
     UnprocessableRequest,
     install_error_handlers,
-    problem_responses,
 )
 from api.middleware import BodySizeLimitMiddleware, MetricsMiddleware, RequestContextMiddleware
 from devtools.net import free_port
@@ -52,11 +50,11 @@ def build_app(closed_port: int) -> FastAPI:
     app.add_middleware(MetricsMiddleware)
     app.add_middleware(RequestContextMiddleware)
 
-    @app.post("/items", responses=PROBLEM_RESPONSES)
+    @app.post("/items")
     async def create_item(item: Item) -> dict[str, Any]:
         return item.model_dump()
 
-    @app.get("/items/{item_id}", responses={**PROBLEM_RESPONSES, **problem_responses(404)})
+    @app.get("/items/{item_id}")
     async def get_item(item_id: int) -> dict[str, int]:
         if item_id == 404:
             raise NotFound(f"No item {item_id}.")
@@ -329,41 +327,3 @@ def test_api_error_defaults_and_overrides() -> None:
     assert (custom.status, custom.title) == (418, "I'm a Teapot")
     assert ServiceUnavailable(retry_after=None).headers == {}
     assert ServiceUnavailable(headers={"X-Queue": "full"}).headers == {"X-Queue": "full", "Retry-After": "1"}
-
-
-def test_openapi_documents_problem_json(app: FastAPI) -> None:
-    document = app.openapi()
-    responses = document["paths"]["/items"]["post"]["responses"]
-    for status in ("422", "4XX", "5XX"):
-        content = responses[status]["content"]
-        assert list(content) == [PROBLEM_CONTENT_TYPE], status
-        assert content[PROBLEM_CONTENT_TYPE]["schema"] == {"$ref": "#/components/schemas/Problem"}
-    not_found = document["paths"]["/items/{item_id}"]["get"]["responses"]["404"]
-    assert list(not_found["content"]) == [PROBLEM_CONTENT_TYPE]
-    assert {"Problem", "FieldError"} <= set(document["components"]["schemas"])
-    # Routes that did not declare PROBLEM_RESPONSES get their default 422 corrected: we never send
-    # FastAPI's HTTPValidationError shape.
-    cancel = document["paths"]["/jobs/{job_id}/cancel"]["post"]["responses"]["422"]
-    assert cancel["content"] == {PROBLEM_CONTENT_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}
-    assert "HTTPValidationError" not in document["components"]["schemas"]
-    assert "ValidationError" not in document["components"]["schemas"]
-    assert app.openapi() is document  # FastAPI's caching still holds
-
-
-def test_openapi_without_declared_problem_responses_still_has_problem_schema() -> None:
-    app = FastAPI()
-    install_error_handlers(app)
-
-    @app.get("/things/{thing_id}")
-    async def get_thing(thing_id: int) -> dict[str, int]:
-        return {"id": thing_id}
-
-    document = app.openapi()
-    assert document["paths"]["/things/{thing_id}"]["get"]["responses"]["422"]["content"] == {
-        PROBLEM_CONTENT_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}
-    }
-    schemas = document["components"]["schemas"]
-    assert schemas["Problem"]["properties"]["errors"]["anyOf"][0]["items"] == {
-        "$ref": "#/components/schemas/FieldError"
-    }
-    assert "FieldError" in schemas and "HTTPValidationError" not in schemas

@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 from standardwebhooks.webhooks import Webhook
 
+from tests.api.spec_schemas import stream_event_errors
 from tests.fixtures.http_receiver import HttpReceiver
 from tests.fixtures.stack import TEST_WEBHOOK_SECRET, Stack
 
@@ -143,6 +144,9 @@ def test_sse_streams_progress_and_the_final_job(file_stack: Stack) -> None:
     assert [p["step"] for p in progress] == list(range(1, 7))
     assert names[-1] == "job" and events[-1][1]["status"] == "succeeded"
     assert events[-1][1]["images"][0]["url"]
+    # Every frame is what the spec's GenerationStreamEvent says it is.
+    for name, data, event_id in _read_sse(url):
+        assert stream_event_errors(name, event_id, json.dumps(data)) == [], (name, data)
 
 
 def test_sse_of_a_finished_job_replays_and_closes_even_after_the_last_event(file_stack: Stack) -> None:

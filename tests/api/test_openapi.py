@@ -14,9 +14,11 @@ from typing import Any
 import pytest
 from openapi_spec_validator import validate
 
+from api.auth import is_open_path
 from api.openapi import DEFAULT_PATH, build_spec, main, render
 
 PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
+OPENAI_PROBLEM_REF = {"$ref": "#/components/schemas/OpenAICompatibleProblem"}
 JOB_REF = {"$ref": "#/components/schemas/Job"}
 
 
@@ -53,20 +55,66 @@ def test_it_is_valid_openapi_3_1(spec: dict[str, Any]) -> None:
     validate(spec)
 
 
-def test_every_operation_has_a_unique_id_and_documents_problem_json_errors(spec: dict[str, Any]) -> None:
+def test_every_operation_has_a_unique_id_tags_security_and_declares_problem_json_errors(
+    spec: dict[str, Any],
+) -> None:
     ids = [operation.get("operationId") for operation in operations(spec).values()]
     assert all(ids) and len(set(ids)) == len(ids), ids
     for name, operation in operations(spec).items():
+        path = name.split(" ", 1)[1]
+        assert operation.get("tags"), f"{name} has no tag"
+        assert operation["security"] == ([] if is_open_path(path) else [{"HTTPBearer": []}]), name
         responses = operation["responses"]
-        for status in ("4XX", "5XX"):
-            assert status in responses, f"{name} does not document {status}"
+        assert not {"4XX", "5XX", "default"} & set(responses), f"{name}: declare statuses, not ranges"
+        if operation["security"]:
+            assert "401" in responses, f"{name} needs a key but declares no 401"
+        problem = OPENAI_PROBLEM_REF if path.startswith("/v1/images/") else PROBLEM_REF
         for status, response in responses.items():
             if status.startswith(("4", "5")):
-                assert response["content"] == {"application/problem+json": {"schema": PROBLEM_REF}}, (
+                assert response["content"] == {"application/problem+json": {"schema": problem}}, (
                     f"{name} {status}"
                 )
             else:
                 assert response.get("content"), f"{name} {status} documents no body"
+
+
+def test_the_document_names_its_servers_license_and_tags(spec: dict[str, Any]) -> None:
+    assert spec["servers"] and spec["servers"][0]["variables"]["host"]["default"]
+    assert spec["info"]["license"]["identifier"] == "Apache-2.0"
+    declared = {tag["name"] for tag in spec["tags"]}
+    used = {tag for operation in operations(spec).values() for tag in operation["tags"]}
+    assert used <= declared
+
+
+def test_what_the_server_always_sends_is_required(spec: dict[str, Any]) -> None:
+    schemas = spec["components"]["schemas"]
+    for name, fields in {
+        "Job": {"images", "warnings", "error", "progress", "request", "webhook", "batch_id"},
+        "ImageResult": {"url", "sha256", "finish_reason"},
+        "Batch": {"counts", "items", "next_offset", "webhook", "cancel_requested"},
+        "BatchList": {"data", "next_offset"},
+        "GenerationRequest": {"seed", "num_inference_steps", "loras", "init_image"},
+    }.items():
+        assert fields <= set(schemas[name]["required"]), name
+    # Request defaults stay optional.
+    assert schemas["CreateGeneration"]["required"] == ["prompt"]
+    # One schema per model: generators that name models by title refuse X-Input/X-Output pairs.
+    assert not [name for name in schemas if name.endswith(("-Input", "-Output"))]
+
+
+def test_limits_are_standard_keywords(spec: dict[str, Any]) -> None:
+    text = json.dumps(spec)
+    assert '"ge":' not in text and '"le":' not in text
+    seed = spec["components"]["schemas"]["CreateGeneration"]["properties"]["seed"]["anyOf"][0]
+    assert (seed["minimum"], seed["maximum"]) == (0, 2**32 - 1)
+    seeds = spec["components"]["schemas"]["CreateBatch"]["properties"]["seeds"]["anyOf"][0]["items"]
+    assert (seeds["minimum"], seeds["maximum"]) == (0, 2**32 - 1)
+
+
+def test_image_downloads_are_binary(spec: dict[str, Any]) -> None:
+    content = spec["paths"]["/v1/files/{key}"]["get"]["responses"]["200"]["content"]
+    assert set(content) == {"image/png", "image/jpeg", "image/webp"}
+    assert all(media["schema"] == {"type": "string", "format": "binary"} for media in content.values())
 
 
 def test_submitting_documents_202_200_and_its_headers(spec: dict[str, Any]) -> None:
