@@ -83,8 +83,8 @@ class _BearerAuth(httpx.Auth):
 
 def _body(request: BaseModel | Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(request, BaseModel):
-        # Unset fields stay unset: the server fills defaults (and a new server may have better ones), and the
-        # Idempotency-Key fingerprint is taken over what the client actually sent.
+        # Unset fields stay unset: the server fills defaults (and a new server may have better ones). The
+        # Idempotency-Key fingerprint does not care: the server compares requests with defaults filled in.
         return request.model_dump(mode="json", exclude_unset=True)
     return dict(request)
 

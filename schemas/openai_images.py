@@ -228,7 +228,8 @@ class ImageGenerationRequest(BaseModel):
 
     def generation(self, model: str | None = None) -> CreateGeneration:
         """The equivalent ``POST /v1/generations`` body; only what the client chose is set, so defaults
-        (and Idempotency-Key fingerprints) are the same as for a native request.
+        are the same as for a native request (and Idempotency-Key fingerprints, taken with defaults
+        filled in, match one that spells them out).
 
         Raises pydantic's ``ValidationError`` for rules only the generation request knows (a blank prompt,
         a negative prompt without guidance); :func:`openai_field_errors` renames its fields.

@@ -60,7 +60,10 @@ async def create_generation(
         str | None,
         Header(
             max_length=255,
-            description="Same key + same body → the same job; same key + another body → 422.",
+            description="Same key + same request → the same job; same key + another request → 422 "
+            "`idempotency_key_reused`. Requests are compared with defaults filled in (omitting a field "
+            "and sending its default are the same request), before the server picks a seed: no seed "
+            "and a given seed differ.",
         ),
     ] = None,
     prefer: Annotated[
@@ -69,7 +72,9 @@ async def create_generation(
 ) -> Response:
     """Validate and queue a job; answers 202 with the job and its ``Location``.
 
-    ``Idempotency-Key``: the same key with the same body returns the same job; with another body, 422.
+    ``Idempotency-Key``: the same key with the same request returns the same job; with another, 422.
+    Requests compare with their defaults filled in, so a client that spells out every default and one
+    that sends only the prompt make the same request.
     ``Prefer: wait=N`` (N ≤ 60): answer 200 with the finished job if it ends within N seconds.
     With a prompt blocklist configured, a prompt that holds a blocked term is refused with 422
     ``content_filtered`` and nothing is queued; with an image classifier, each image the classifier
