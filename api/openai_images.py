@@ -43,7 +43,7 @@ from services.storage import Storage
 router = APIRouter(prefix="/v1/images", tags=["images"], responses=PROBLEM_RESPONSES)
 
 NO_RETRY = {"x-should-retry": "false"}
-_ERRORS = problem_responses(409, 422, 504)
+_ERRORS = problem_responses(409, 415, 422, 504)
 _ERRORS[422]["description"] = (
     "Validation error, or `content_filtered`: the prompt holds a blocklisted term, or the content filter "
     "withheld every image of the job (then with Location)."

@@ -29,7 +29,7 @@ def _batch_response(batch: Batch, status_code: int, headers: dict[str, str] | No
     summary="Submit a batch of generation jobs",
     operation_id="createBatch",
     response_description="Queued: every item is a generation job on the batch queue; follow it at Location.",
-    responses={202: {"headers": _LOCATION}},
+    responses={202: {"headers": _LOCATION}, **problem_responses(415)},
 )
 async def create_batch(
     body: CreateBatch,

@@ -10,7 +10,7 @@ from fastapi.responses import StreamingResponse
 
 from api.auth import PrincipalDep
 from api.deps import StateDep
-from api.errors import PROBLEM_RESPONSES
+from api.errors import PROBLEM_RESPONSES, problem_responses
 from api.generations import service
 from api.generations.events import sse_stream, wait_until_finished
 from api.generations.prefer import preferred_wait
@@ -44,6 +44,7 @@ _LOCATION = {"Location": {"description": "The job's URL.", "schema": {"type": "s
             },
         },
         202: {"headers": _LOCATION},
+        **problem_responses(415),
         422: {
             **PROBLEM_RESPONSES[422],
             "description": "Validation error (`validation_error`, `malformed_json`), a rule violation, or "
