@@ -314,6 +314,19 @@ def b64(data: bytes) -> str:
 def test_bad_init_images_are_422_naming_init_image(client: httpx.Client, init_image: str) -> None:
     response = client.post("/v1/generations", json={"prompt": "a fox", "init_image": init_image})
     assert field_errors(assert_problem(response, 422, "validation_error")) == {"init_image"}
+    assert " object at 0x" not in response.text  # no Python repr of PIL's buffer
+
+
+@pytest.mark.parametrize("field", ["init_image", "mask_image"])
+def test_bytes_that_are_no_image_say_so_for_either_image_field(client: httpx.Client, field: str) -> None:
+    body = {"prompt": "a fox", "init_image": b64(PNG), field: b64(b"just some text, not an image")}
+    response = client.post("/v1/generations", json=body)
+    [error] = assert_problem(response, 422, "validation_error")["errors"]
+    assert error == {
+        "field": field,
+        "message": "not an image: the base64 decodes to bytes that are no PNG, JPEG or WebP file",
+        "type": "value_error",
+    }
 
 
 def test_an_init_image_over_10_mb_is_422_even_under_the_body_limit(client: httpx.Client) -> None:
