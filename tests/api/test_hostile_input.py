@@ -425,12 +425,34 @@ def test_idempotency_keys_with_odd_bytes_work_like_any_other(client: httpx.Clien
 
 @pytest.mark.parametrize(
     "prefer",
-    ["wait=abc", "wait=-1", "wait=99999999999999999999", "wait", "respond-async, wait=1" * 200, "wait=²"],
+    [
+        "wait=99999999999999999999",
+        ", ".join(["respond-async", "wait=1"] * 200),
+        'wait="1", wait=abc',  # only the first wait counts (RFC 7240)
+        "return=minimal; x=y, handling=lenient",
+        'foo="a, wait=abc", wait=0',  # a quoted comma does not start a preference
+        "wait=0",
+    ],
 )
 def test_odd_prefer_headers_are_ignored_or_capped(client: httpx.Client, prefer: str) -> None:
     response = client.post("/v1/generations", json=GOOD, headers=[(b"Prefer", prefer.encode("latin-1"))])
     assert response.status_code == 202, response.text
     assert response.headers.get("preference-applied") in (None, "wait=1")
+
+
+@pytest.mark.parametrize(
+    "prefer", ["wait=abc", "wait=-1", "wait=1.5", "wait", "wait=", "wait=²", "x, WAIT=soon"]
+)
+def test_a_malformed_wait_is_422_and_queues_nothing(client: httpx.Client, prefer: str) -> None:
+    """A client that typed wait=abc has a bug: answering 202 at once would hide it."""
+    body = {**GOOD, "prompt": f"prefer {prefer}"}
+    headers = [(b"Prefer", prefer.encode()), (b"Idempotency-Key", f"prefer {prefer}".encode())]
+    response = client.post("/v1/generations", json=body, headers=headers)
+    problem = assert_problem(response, 422, "invalid_prefer_header")
+    assert "Prefer: wait=" in problem["detail"] and "preference-applied" not in response.headers
+    assert field_errors(problem) == {"header.prefer"}
+    retried = client.post("/v1/generations", json=body, headers=headers[1:])
+    assert retried.status_code == 202  # the key was not claimed by the refused request: nothing was queued
 
 
 def test_a_large_header_block_is_never_a_server_error(base_url: str) -> None:
