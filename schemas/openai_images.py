@@ -313,11 +313,14 @@ def openai_error(problem: Problem) -> OpenAIError:
     """The ``error`` member added to problem details on OpenAI-compatible routes.
 
     ``message`` is all a client of the SDK sees (``APIStatusError.message``), so it carries the field-level
-    causes too; ``code`` is our stable problem code and ``param`` the first offending field.
+    causes too — those the detail does not already say: a rule violation's detail is often its one field's
+    message (``model_not_found``, ``lora_not_found``), and repeating it reads like a stutter. ``code`` is
+    our stable problem code and ``param`` the first offending field.
     """
     message = problem.detail or problem.title
-    if problem.errors:
-        message += " " + "; ".join(f"{error.field}: {error.message}" for error in problem.errors)
+    causes = [error for error in problem.errors or [] if error.message not in message]
+    if causes:
+        message += " " + "; ".join(f"{error.field}: {error.message}" for error in causes)
     return OpenAIError(
         message=message,
         type="invalid_request_error" if problem.status < 500 else "server_error",
