@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import time
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from darkroom_client import (
 )
 from darkroom_client.client import STREAM_FAILURES_BEFORE_POLLING
 from tests.darkroom_client.conftest import SMALL, TINY, UNSERVED_MODEL, RecordingTransport
-from tests.fixtures.stack import Stack
+from tests.fixtures.stack import ROOT, Stack
 
 UNAUTHORIZED = {
     "type": "urn:darkroom:problem:unauthorized",
@@ -173,6 +174,37 @@ def test_create_image_answers_openais_images_response_for_a_job_of_our_own(clien
 
 
 # --- without a server ---------------------------------------------------------------------------------------
+
+
+#: Each operation of the API and the client method that calls it (docs/client.md lists the same).
+OPERATION_METHODS = {
+    "createGeneration": "generate",
+    "getGeneration": "get",
+    "cancelGeneration": "cancel",
+    "streamGenerationEvents": "events",
+    "createBatch": "create_batch",
+    "listBatches": "list_batches",
+    "getBatch": "get_batch",
+    "cancelBatch": "cancel_batch",
+    "createImage": "create_image",
+    "listModels": "list_models",
+    "retrieveModel": "get_model",
+    "downloadFile": "download",
+}
+
+
+def test_every_operation_of_the_api_has_a_client_method() -> None:
+    """A new route without a client method fails here, as it would in a generated client."""
+    spec = json.loads((ROOT / "docs" / "openapi.json").read_text())
+    operations = {
+        operation["operationId"]
+        for path, item in spec["paths"].items()
+        if path.startswith("/v1/")
+        for operation in item.values()
+        if isinstance(operation, dict) and "operationId" in operation
+    }
+    assert operations == set(OPERATION_METHODS)
+    assert all(callable(getattr(DarkroomClient, method)) for method in OPERATION_METHODS.values())
 
 
 def test_the_api_key_goes_to_the_api_origin_only(tmp_path: Path) -> None:
