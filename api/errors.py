@@ -277,8 +277,10 @@ async def _validation_handler(request: Request, exc: Exception) -> Response:
     turn a client error into a 500.
     """
     assert isinstance(exc, RequestValidationError)
-    errors = list(exc.errors())
     instance = request.url.path
+    if isinstance(exc.body, bytes):  # FastAPI hands over the raw bytes of a body not declared as JSON
+        return _unsupported_media_type(instance, request.headers.get("content-type"))
+    errors = list(exc.errors())
     for error in errors:
         loc = tuple(error.get("loc", ()))
         if error.get("type") == "json_invalid" and loc[:1] == ("body",):
@@ -318,6 +320,32 @@ def _malformed_json(instance: str, detail: str) -> Response:
         code="malformed_json",
     )
     return problem_response(problem)
+
+
+JSON_MEDIA_TYPE = "application/json"
+MAX_ECHOED_MEDIA_TYPE_CHARS = 100
+
+
+def _unsupported_media_type(instance: str, content_type: str | None) -> Response:
+    """415 for a body whose Content-Type is not JSON (curl's ``-d`` sends a form's), or which has none.
+
+    Without this, FastAPI validates the raw bytes and the client reads "Input should be a valid
+    dictionary", which says nothing about the header that is actually wrong. A body without a
+    Content-Type is refused too, as FastAPI does (strict content type): a browser may send one cross-site
+    without a CORS preflight, and a server with auth off must not take that as a submission.
+    """
+    media_type = (content_type or "").split(";", 1)[0].strip()[:MAX_ECHOED_MEDIA_TYPE_CHARS]
+    sent = f"Content-Type {media_type!r}" if media_type else "no Content-Type"
+    problem = Problem(
+        type=problem_type("unsupported_media_type"),
+        title=status_title(415),
+        status=415,
+        detail=f"The request body was sent with {sent}; this endpoint takes {JSON_MEDIA_TYPE} "
+        f"(send 'Content-Type: {JSON_MEDIA_TYPE}'; with curl, --json instead of -d).",
+        instance=instance,
+        code="unsupported_media_type",
+    )
+    return problem_response(problem, {"Accept-Post": JSON_MEDIA_TYPE})
 
 
 def _undecodable_body_reason(cause: BaseException | None) -> str | None:

@@ -132,7 +132,8 @@ async def create_image(
         str | None,
         Header(
             max_length=255,
-            description="Same key + same body → the same job (a repeat after a 504 waits for it again).",
+            description="Same key + same request → the same job (a repeat after a 504 waits for it "
+            "again); compared with defaults filled in, as on POST /v1/generations.",
         ),
     ] = None,
 ) -> Response:

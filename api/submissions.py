@@ -19,8 +19,15 @@ from services.ssrf import UnsafeURLError, vet_url
 
 
 def fingerprint(body: BaseModel) -> str:
-    """Canonical hash of what the client sent (defaults not filled in), to compare idempotent replays."""
-    canonical = json.dumps(body.model_dump(mode="json", exclude_unset=True), sort_keys=True)
+    """Canonical hash of the validated request, to compare idempotent replays.
+
+    Taken over the body *with its defaults filled in*: a generated client spells out every default and
+    ``curl`` sends three fields, and both mean the same request, so a retry of either under one
+    Idempotency-Key is a replay, not a reuse. It is taken *before* anything the server decides for the
+    request (a random seed, the default model, the size an aspect ratio stands for): a body without a
+    seed stays itself on replay, and is not the same request as one that names a seed.
+    """
+    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 

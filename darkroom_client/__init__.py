@@ -26,6 +26,7 @@ from schemas.batches import (
 from schemas.generation import GenerationRequest, LoraRequest, OutputFormat, SkipLayerGuidance
 from schemas.jobs import CreateGeneration, ImageResult, Job, JobStatus, Progress
 from schemas.models import ServedModel
+from schemas.openai_images import ImageData, ImageGenerationRequest, ImagesResponse
 from schemas.outpaint import Outpaint
 from schemas.problems import FieldError, Problem
 from schemas.sizes import AspectRatio
@@ -50,7 +51,10 @@ __all__ = [
     "Event",
     "FieldError",
     "GenerationRequest",
+    "ImageData",
+    "ImageGenerationRequest",
     "ImageResult",
+    "ImagesResponse",
     "Job",
     "JobStatus",
     "LoraRequest",

@@ -29,6 +29,7 @@ from schemas.batches import MAX_PAGE, Batch, BatchList, CreateBatch
 from schemas.generation import NORMALIZED_CONTEXT, GenerationRequest
 from schemas.jobs import CreateGeneration, ImageResult, Job, JobStatus
 from schemas.models import ModelList, ServedModel
+from schemas.openai_images import ImageGenerationRequest, ImagesResponse
 from schemas.problems import PROBLEM_TYPE_BASE, Problem
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -42,6 +43,8 @@ OUTAGE_TOLERANCE_S = 60.0
 # GET /v1/batches' page: 20 batches unless asked, at most 100 (each listed batch reads its items' states).
 DEFAULT_BATCH_LIST_PAGE = 20
 MAX_BATCH_LIST_PAGE = 100
+# POST /v1/images/generations answers once its job ends: up to the server's 120 s wait (by default), then 504.
+OPENAI_IMAGES_TIMEOUT_S = 150.0
 
 RequestBody = CreateGeneration | GenerationRequest | Mapping[str, Any]
 """A model is sent with only the fields that were set; a mapping is sent as-is (validated by the server)."""
@@ -83,8 +86,8 @@ class _BearerAuth(httpx.Auth):
 
 def _body(request: BaseModel | Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(request, BaseModel):
-        # Unset fields stay unset: the server fills defaults (and a new server may have better ones), and the
-        # Idempotency-Key fingerprint is taken over what the client actually sent.
+        # Unset fields stay unset: the server fills defaults (and a new server may have better ones). The
+        # Idempotency-Key fingerprint does not care: the server compares requests with defaults filled in.
         return request.model_dump(mode="json", exclude_unset=True)
     return dict(request)
 
@@ -268,6 +271,40 @@ class DarkroomClient:
         if response.is_error:
             raise DarkroomError.from_response(response)
         return ModelList.model_validate_json(response.content).data
+
+    def get_model(self, name: str) -> ServedModel:
+        """One served model by name, with its ready workers and queues: cheaper than :meth:`list_models`
+        when a client only cares whether *its* model has a worker. Not served → ``model_not_found`` (404)."""
+        # A hub id keeps its slash (/v1/models/OWNER/NAME); anything else that is special is escaped.
+        response = self._http.get(f"/v1/models/{quote(name, safe='/')}")
+        if response.is_error:
+            raise DarkroomError.from_response(response)
+        return ServedModel.model_validate_json(response.content)
+
+    # --- OpenAI-compatible -------------------------------------------------------------------------------
+
+    def create_image(
+        self,
+        request: ImageGenerationRequest | Mapping[str, Any],
+        *,
+        idempotency_key: str | None = None,
+        timeout: float = OPENAI_IMAGES_TIMEOUT_S,
+    ) -> ImagesResponse:
+        """``POST /v1/images/generations``: OpenAI's ``images.generate`` body in, its ``ImagesResponse`` out
+        (plus the job ``id``), for code that already speaks OpenAI's shape. The server waits for the job
+        (``DARKROOM_OPENAI_IMAGES_WAIT``, 120 s by default) before it answers, so ``timeout`` bounds this call
+        as a whole; an unfinished job is ``generation_timeout`` (504) and goes on — repeat the call with the
+        same ``idempotency_key`` to wait for it again. :meth:`generate` and :meth:`wait` are the native way.
+        """
+        response = self._http.post(
+            "/v1/images/generations",
+            json=_body(request),
+            headers=_idempotency(idempotency_key),
+            timeout=httpx.Timeout(self.timeout, read=max(self.timeout, timeout)),
+        )
+        if response.is_error:
+            raise DarkroomError.from_response(response)
+        return ImagesResponse.model_validate_json(response.content)
 
     # --- batches -----------------------------------------------------------------------------------------
 

@@ -19,6 +19,8 @@ MAX_INIT_IMAGE_BYTES = 10 * 1024 * 1024
 MAX_INIT_IMAGE_PIXELS = 4096 * 4096
 ACCEPTED_FORMATS = frozenset({"PNG", "JPEG", "WEBP"})
 _DATA_URL = re.compile(r"^data:image/[a-z0-9.+-]+;base64,", re.IGNORECASE)
+_FORMAT_NAMES = "PNG, JPEG or WebP"
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
 
 
 @dataclass(frozen=True)
@@ -58,8 +60,12 @@ def vet_image(data: bytes) -> VettedImage:
             if width * height > MAX_INIT_IMAGE_PIXELS:  # checked before decoding: decompression bombs
                 raise ValueError(f"image is {width}x{height}, more than {MAX_INIT_IMAGE_PIXELS} pixels")
             image.load()  # a truncated or corrupt body fails here, not later on a GPU worker
-    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise ValueError(f"image could not be decoded: {exc}") from None
+    except UnidentifiedImageError:
+        # PIL's message names the buffer it read ("<_io.BytesIO object at 0x7f…>"): no use to a client.
+        message = f"not an image: the base64 decodes to bytes that are no {_FORMAT_NAMES} file"
+        raise ValueError(message) from None
+    except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"image could not be decoded: {_OBJECT_REPR.sub('the image', str(exc))}") from None
     return VettedImage(data=data, format=fmt, width=width, height=height)
 
 

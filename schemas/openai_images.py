@@ -229,7 +229,8 @@ class ImageGenerationRequest(BaseModel):
 
     def generation(self, model: str | None = None) -> CreateGeneration:
         """The equivalent ``POST /v1/generations`` body; only what the client chose is set, so defaults
-        (and Idempotency-Key fingerprints) are the same as for a native request.
+        are the same as for a native request (and Idempotency-Key fingerprints, taken with defaults
+        filled in, match one that spells them out).
 
         Raises pydantic's ``ValidationError`` for rules only the generation request knows (a blank prompt,
         a negative prompt without guidance); :func:`openai_field_errors` renames its fields.
@@ -320,11 +321,14 @@ def openai_error(problem: Problem) -> OpenAIError:
     """The ``error`` member added to problem details on OpenAI-compatible routes.
 
     ``message`` is all a client of the SDK sees (``APIStatusError.message``), so it carries the field-level
-    causes too; ``code`` is our stable problem code and ``param`` the first offending field.
+    causes too — those the detail does not already say: a rule violation's detail is often its one field's
+    message (``model_not_found``, ``lora_not_found``), and repeating it reads like a stutter. ``code`` is
+    our stable problem code and ``param`` the first offending field.
     """
     message = problem.detail or problem.title
-    if problem.errors:
-        message += " " + "; ".join(f"{error.field}: {error.message}" for error in problem.errors)
+    causes = [error for error in problem.errors or [] if error.message not in message]
+    if causes:
+        message += " " + "; ".join(f"{error.field}: {error.message}" for error in causes)
     return OpenAIError(
         message=message,
         type="invalid_request_error" if problem.status < 500 else "server_error",

@@ -39,7 +39,9 @@ async def create_batch(
         str | None,
         Header(
             max_length=255,
-            description="Same key + same body → the same batch; same key + another body → 422.",
+            description="Same key + same request → the same batch; same key + another request → 422 "
+            "`idempotency_key_reused`. Requests are compared with defaults filled in (omitting a field "
+            "and sending its default are the same request), before the server picks seeds.",
         ),
     ] = None,
 ) -> Response:

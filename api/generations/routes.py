@@ -62,24 +62,34 @@ async def create_generation(
         str | None,
         Header(
             max_length=255,
-            description="Same key + same body → the same job; same key + another body → 422.",
+            description="Same key + same request → the same job; same key + another request → 422 "
+            "`idempotency_key_reused`. Requests are compared with defaults filled in (omitting a field "
+            "and sending its default are the same request), before the server picks a seed: no seed "
+            "and a given seed differ.",
         ),
     ] = None,
     prefer: Annotated[
-        str | None, Header(description="wait=N (N ≤ 60): answer 200 with the job if it finishes in time.")
+        str | None,
+        Header(
+            description="wait=N (N ≤ 60): answer 200 with the job if it finishes in time. A wait that is "
+            "not a whole number of seconds → 422 `invalid_prefer_header`; other preferences are ignored."
+        ),
     ] = None,
 ) -> Response:
     """Validate and queue a job; answers 202 with the job and its ``Location``.
 
-    ``Idempotency-Key``: the same key with the same body returns the same job; with another body, 422.
-    ``Prefer: wait=N`` (N ≤ 60): answer 200 with the finished job if it ends within N seconds.
+    ``Idempotency-Key``: the same key with the same request returns the same job; with another, 422.
+    Requests compare with their defaults filled in, so a client that spells out every default and one
+    that sends only the prompt make the same request.
+    ``Prefer: wait=N`` (N ≤ 60): answer 200 with the finished job if it ends within N seconds; a ``wait``
+    that is not a whole number of seconds is refused (422 ``invalid_prefer_header``), nothing queued.
     With a prompt blocklist configured, a prompt that holds a blocked term is refused with 422
     ``content_filtered`` and nothing is queued; with an image classifier, each image the classifier
     withholds is listed with ``finish_reason: content_filtered`` and no ``url``.
     """
+    wait_s = preferred_wait(prefer, state.settings.max_wait.total_seconds())  # a bad one queues nothing
     submission = await service.submit(state, principal, body, idempotency_key)
     headers = {"Location": f"/v1/generations/{submission.job_id}"}
-    wait_s = preferred_wait(prefer, state.settings.max_wait.total_seconds())
     job = submission.job
     if wait_s > 0:
         headers["Preference-Applied"] = f"wait={int(wait_s)}"

@@ -18,6 +18,7 @@ import redis as redis_lib
 from standardwebhooks.webhooks import Webhook
 
 from api.main import create_app
+from schemas.batches import CreateBatch
 from services.api_keys import hash_key, new_key
 from services.settings import DEFAULT_MODEL, Settings
 from tests.api import serve
@@ -174,6 +175,25 @@ def test_idempotency_key_same_body_same_batch_other_body_422(file_stack: Stack) 
     other = post_batch(file_stack, {**body, "count": 3}, **{"Idempotency-Key": "nightly-42"})
     assert other.status_code == 422 and other.json()["code"] == "idempotency_key_reused"
     with file_stack.client() as client:  # no need to run it: what matters is that nothing was duplicated
+        client.post(f"/v1/batches/{first.json()['id']}/cancel")
+    assert read_batch(file_stack, first.json()["id"])["counts"]["total"] == 2
+
+
+def test_idempotency_compares_batches_with_their_defaults_filled_in(file_stack: Stack) -> None:
+    """As for single jobs: a batch with every default spelled out (a generated client's) and the same
+    batch written tersely are one request under one Idempotency-Key; another count is not."""
+    terse = {"template": ITEM, "count": 2}
+    spelled_out = CreateBatch.model_validate(terse).model_dump(mode="json")
+    assert spelled_out["webhook_events"] == ["batch.completed"]
+    assert spelled_out["template"]["guidance_scale"] == 4.5
+    first = post_batch(file_stack, terse, **{"Idempotency-Key": "defaults-batch"})
+    assert first.status_code == 202, first.text
+    replay = post_batch(file_stack, spelled_out, **{"Idempotency-Key": "defaults-batch"})
+    assert replay.status_code == 202, replay.text
+    assert replay.json()["id"] == first.json()["id"]
+    other = post_batch(file_stack, {**spelled_out, "count": 3}, **{"Idempotency-Key": "defaults-batch"})
+    assert other.status_code == 422 and other.json()["code"] == "idempotency_key_reused"
+    with file_stack.client() as client:
         client.post(f"/v1/batches/{first.json()['id']}/cancel")
     assert read_batch(file_stack, first.json()["id"])["counts"]["total"] == 2
 

@@ -199,6 +199,34 @@ def test_malformed_json(client: httpx.Client) -> None:
     assert "errors" not in body
 
 
+@pytest.mark.parametrize(
+    ("content_type", "named"),
+    [
+        ("application/x-www-form-urlencoded", "Content-Type 'application/x-www-form-urlencoded'"),
+        ("text/plain; charset=utf-8", "Content-Type 'text/plain'"),
+        (None, "no Content-Type"),
+    ],
+)
+def test_a_json_body_not_declared_json_is_415_naming_both_media_types(
+    client: httpx.Client, content_type: str | None, named: str
+) -> None:
+    """curl's ``-d`` sends a form's Content-Type: the answer says so, instead of "a valid dictionary"."""
+    headers = {"content-type": content_type} if content_type else {}
+    response = client.post("/items", content=b'{"width": 512}', headers=headers)
+    body = assert_problem(response, 415, "unsupported_media_type")
+    assert named in body["detail"] and "application/json" in body["detail"]
+    assert response.headers["accept-post"] == "application/json"
+    assert "dictionary" not in response.text
+
+
+def test_json_media_types_and_an_empty_body_keep_their_answers(client: httpx.Client) -> None:
+    typed = client.post(
+        "/items", content=b'{"width": 512}', headers={"content-type": "application/vnd.x+json"}
+    )
+    assert typed.status_code == 200
+    assert_problem(client.post("/items"), 422, "validation_error")  # no body at all: the body is missing
+
+
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
 def test_non_finite_literals_are_client_errors(client: httpx.Client, literal: str) -> None:
     """Python's json accepts these; the model refuses them, and the handler must not choke on them

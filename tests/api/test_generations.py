@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 from standardwebhooks.webhooks import Webhook
 
+from schemas.jobs import CreateGeneration
 from tests.api.spec_schemas import stream_event_errors
 from tests.fixtures.http_receiver import HttpReceiver
 from tests.fixtures.stack import TEST_WEBHOOK_SECRET, Stack
@@ -201,6 +202,25 @@ def test_idempotency_key_same_body_same_job_different_body_422(file_stack: Stack
     replay = submit(file_stack, SMALL, **{"Idempotency-Key": "no-seed"})
     assert without_seed.json()["id"] == replay.json()["id"]
     assert without_seed.json()["request"]["seed"] == replay.json()["request"]["seed"]
+
+
+def test_idempotency_compares_requests_with_their_defaults_filled_in(file_stack: Stack) -> None:
+    """A generated client spells out every default, curl sends the prompt: the same request, so one
+    Idempotency-Key names one job either way. A seed the server would draw is not a seed the client named."""
+    terse = {**SMALL, "num_inference_steps": 1}
+    spelled_out = CreateGeneration.model_validate(terse).model_dump(mode="json")
+    assert spelled_out["guidance_scale"] == 4.5 and spelled_out["webhook_events"] == ["completed"]
+    first = submit(file_stack, terse, **{"Idempotency-Key": "defaults-1"})
+    assert first.status_code == 202, first.text
+    for body in (spelled_out, {k: v for k, v in spelled_out.items() if v is not None}):
+        replay = submit(file_stack, body, **{"Idempotency-Key": "defaults-1"})
+        assert replay.status_code == 202, replay.text
+        assert replay.json()["id"] == first.json()["id"]
+    seeded = {**terse, "seed": first.json()["request"]["seed"]}  # the seed the server drew is still another
+    for body in ({**terse, "guidance_scale": 5.0}, seeded):
+        other = submit(file_stack, body, **{"Idempotency-Key": "defaults-1"})
+        assert other.status_code == 422 and other.json()["code"] == "idempotency_key_reused"
+    file_stack.wait_for(first.json()["id"], {"succeeded"})
 
 
 def test_inpainting_through_the_stack_stores_the_mask_beside_the_init_image(file_stack: Stack) -> None:

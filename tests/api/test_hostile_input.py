@@ -100,8 +100,15 @@ def test_a_body_that_is_not_a_request_object_is_a_validation_error(client: httpx
 @pytest.mark.parametrize(
     "content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"]
 )
-def test_a_body_that_is_not_declared_json_is_refused(client: httpx.Client, content_type: str) -> None:
-    assert_problem(post_raw(client, json.dumps(GOOD).encode(), content_type), 422, "validation_error")
+@pytest.mark.parametrize("path", ["/v1/generations", "/v1/batches", "/v1/images/generations"])
+def test_a_body_that_is_not_declared_json_is_415(client: httpx.Client, path: str, content_type: str) -> None:
+    body = json.dumps(GOOD if path != "/v1/batches" else {"requests": [GOOD]}).encode()
+    response = client.post(path, content=body, headers={"Content-Type": content_type})
+    problem = assert_problem(response, 415, "unsupported_media_type")
+    assert repr(content_type.split(";")[0]) in problem["detail"] and "application/json" in problem["detail"]
+    if path.startswith("/v1/images/"):  # the OpenAI-compatible route keeps its error member
+        assert problem["error"]["code"] == "unsupported_media_type"
+        assert problem["error"]["message"] == problem["detail"]
 
 
 def test_duplicate_keys_the_last_one_wins_as_in_every_json_parser_we_use(client: httpx.Client) -> None:
@@ -307,6 +314,19 @@ def b64(data: bytes) -> str:
 def test_bad_init_images_are_422_naming_init_image(client: httpx.Client, init_image: str) -> None:
     response = client.post("/v1/generations", json={"prompt": "a fox", "init_image": init_image})
     assert field_errors(assert_problem(response, 422, "validation_error")) == {"init_image"}
+    assert " object at 0x" not in response.text  # no Python repr of PIL's buffer
+
+
+@pytest.mark.parametrize("field", ["init_image", "mask_image"])
+def test_bytes_that_are_no_image_say_so_for_either_image_field(client: httpx.Client, field: str) -> None:
+    body = {"prompt": "a fox", "init_image": b64(PNG), field: b64(b"just some text, not an image")}
+    response = client.post("/v1/generations", json=body)
+    [error] = assert_problem(response, 422, "validation_error")["errors"]
+    assert error == {
+        "field": field,
+        "message": "not an image: the base64 decodes to bytes that are no PNG, JPEG or WebP file",
+        "type": "value_error",
+    }
 
 
 def test_an_init_image_over_10_mb_is_422_even_under_the_body_limit(client: httpx.Client) -> None:
@@ -405,12 +425,34 @@ def test_idempotency_keys_with_odd_bytes_work_like_any_other(client: httpx.Clien
 
 @pytest.mark.parametrize(
     "prefer",
-    ["wait=abc", "wait=-1", "wait=99999999999999999999", "wait", "respond-async, wait=1" * 200, "wait=²"],
+    [
+        "wait=99999999999999999999",
+        ", ".join(["respond-async", "wait=1"] * 200),
+        'wait="1", wait=abc',  # only the first wait counts (RFC 7240)
+        "return=minimal; x=y, handling=lenient",
+        'foo="a, wait=abc", wait=0',  # a quoted comma does not start a preference
+        "wait=0",
+    ],
 )
 def test_odd_prefer_headers_are_ignored_or_capped(client: httpx.Client, prefer: str) -> None:
     response = client.post("/v1/generations", json=GOOD, headers=[(b"Prefer", prefer.encode("latin-1"))])
     assert response.status_code == 202, response.text
     assert response.headers.get("preference-applied") in (None, "wait=1")
+
+
+@pytest.mark.parametrize(
+    "prefer", ["wait=abc", "wait=-1", "wait=1.5", "wait", "wait=", "wait=²", "x, WAIT=soon"]
+)
+def test_a_malformed_wait_is_422_and_queues_nothing(client: httpx.Client, prefer: str) -> None:
+    """A client that typed wait=abc has a bug: answering 202 at once would hide it."""
+    body = {**GOOD, "prompt": f"prefer {prefer}"}
+    headers = [(b"Prefer", prefer.encode()), (b"Idempotency-Key", f"prefer {prefer}".encode())]
+    response = client.post("/v1/generations", json=body, headers=headers)
+    problem = assert_problem(response, 422, "invalid_prefer_header")
+    assert "Prefer: wait=" in problem["detail"] and "preference-applied" not in response.headers
+    assert field_errors(problem) == {"header.prefer"}
+    retried = client.post("/v1/generations", json=body, headers=headers[1:])
+    assert retried.status_code == 202  # the key was not claimed by the refused request: nothing was queued
 
 
 def test_a_large_header_block_is_never_a_server_error(base_url: str) -> None:

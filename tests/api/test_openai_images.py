@@ -124,6 +124,7 @@ def test_refusals_are_typed_sdk_exceptions_carrying_our_message(stack: Stack) ->
             client.images.generate(prompt="a fox", model="dall-e-3")
         assert bad_model.value.code == "model_not_found" and bad_model.value.param == "model"
         assert "'sd3.5-medium'" in bad_model.value.message
+        assert bad_model.value.message.count("is not served here") == 1  # said once, not detail + field
 
         with pytest.raises(openai.UnprocessableEntityError) as too_many:
             client.images.generate(prompt="a fox", n=9)

@@ -7,7 +7,9 @@ Bearer scoping and non-problem error pages need no server: httpx's ``MockTranspo
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 import time
 from pathlib import Path
 
@@ -19,13 +21,14 @@ from darkroom_client import (
     CreateGeneration,
     DarkroomClient,
     DarkroomError,
+    ImageGenerationRequest,
     Job,
     JobStatus,
     WaitTimeout,
 )
 from darkroom_client.client import STREAM_FAILURES_BEFORE_POLLING
 from tests.darkroom_client.conftest import SMALL, TINY, UNSERVED_MODEL, RecordingTransport
-from tests.fixtures.stack import Stack
+from tests.fixtures.stack import ROOT, Stack
 
 UNAUTHORIZED = {
     "type": "urn:darkroom:problem:unauthorized",
@@ -143,7 +146,65 @@ def test_list_models_shows_the_default_and_an_unserved_model_with_its_waiting_jo
     assert [error.field for error in unknown.value.errors] == ["model"]
 
 
+def test_get_model_reads_one_model_and_an_unknown_one_is_model_not_found(client: DarkroomClient) -> None:
+    served = {model.id: model for model in client.list_models()}
+    for name in served:
+        assert client.get_model(name) == served[name]
+    with pytest.raises(DarkroomError) as unknown:
+        client.get_model("stabilityai/sd-nope")  # a hub id: its slash stays a slash in the path
+    assert (unknown.value.status, unknown.value.code) == (404, "model_not_found")
+
+
+def test_create_image_answers_openais_images_response_for_a_job_of_our_own(client: DarkroomClient) -> None:
+    request = ImageGenerationRequest(prompt="a fox", size="512x512", num_inference_steps=2, seed=3)
+    answer = client.create_image(request, idempotency_key="client-image-1")
+    [image] = answer.data
+    assert (answer.size, answer.output_format, image.seed) == ("512x512", "png", 3)
+    assert image.b64_json is not None and base64.b64decode(image.b64_json).startswith(b"\x89PNG")
+    job = client.get(answer.id)  # an ordinary job behind it
+    assert job.status is JobStatus.SUCCEEDED and job.request.num_inference_steps == 2
+    again = client.create_image(
+        {"prompt": "a fox", "size": "512x512", "num_inference_steps": 2, "seed": 3},
+        idempotency_key="client-image-1",
+    )
+    assert again.id == answer.id  # a model and a plain dict are the same request
+    with pytest.raises(DarkroomError) as refused:
+        client.create_image({"prompt": "a fox", "model": "dall-e-3"})
+    assert (refused.value.status, refused.value.code) == (422, "model_not_found")
+
+
 # --- without a server ---------------------------------------------------------------------------------------
+
+
+#: Each operation of the API and the client method that calls it (docs/client.md lists the same).
+OPERATION_METHODS = {
+    "createGeneration": "generate",
+    "getGeneration": "get",
+    "cancelGeneration": "cancel",
+    "streamGenerationEvents": "events",
+    "createBatch": "create_batch",
+    "listBatches": "list_batches",
+    "getBatch": "get_batch",
+    "cancelBatch": "cancel_batch",
+    "createImage": "create_image",
+    "listModels": "list_models",
+    "retrieveModel": "get_model",
+    "downloadFile": "download",
+}
+
+
+def test_every_operation_of_the_api_has_a_client_method() -> None:
+    """A new route without a client method fails here, as it would in a generated client."""
+    spec = json.loads((ROOT / "docs" / "openapi.json").read_text())
+    operations = {
+        operation["operationId"]
+        for path, item in spec["paths"].items()
+        if path.startswith("/v1/")
+        for operation in item.values()
+        if isinstance(operation, dict) and "operationId" in operation
+    }
+    assert operations == set(OPERATION_METHODS)
+    assert all(callable(getattr(DarkroomClient, method)) for method in OPERATION_METHODS.values())
 
 
 def test_the_api_key_goes_to_the_api_origin_only(tmp_path: Path) -> None:

@@ -183,3 +183,21 @@ def test_the_openai_error_member_carries_the_whole_story() -> None:
         "param": None,
         "code": "queue_full",
     }
+
+
+def test_the_openai_error_message_says_a_cause_the_detail_already_says_once() -> None:
+    said = "model 'dall-e-3' is not served here; served: 'tiny' (GET /v1/models), or omit it"
+    problem = Problem(
+        type="urn:darkroom:problem:model_not_found",
+        title="Unprocessable Content",
+        status=422,
+        detail=said,
+        code="model_not_found",
+        errors=[
+            FieldError(field="model", message=said, type="model_not_found"),
+            FieldError(field="n", message="n must be at most 8", type="value_error"),
+        ],
+    )
+    error = openai_error(problem)
+    assert error.message == said + " n: n must be at most 8"
+    assert error.param == "model"
