@@ -128,10 +128,9 @@ def _finished(generate: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, 
 
     def openapi() -> dict[str, Any]:
         document = generate()
-        schemas = document.setdefault("components", {}).setdefault("schemas", {})
         for model in STREAM_EVENT_DATA.values():
-            _add_schema(schemas, model)
-        schemas[STREAM_EVENT_SCHEMA] = _stream_event_schema()
+            add_component_schema(document, model)
+        document["components"]["schemas"][STREAM_EVENT_SCHEMA] = _stream_event_schema()
         for path, path_item in document.get("paths", {}).items():
             for operation in path_item.values():
                 if isinstance(operation, dict):
@@ -161,8 +160,10 @@ def _finish(path: str, operation: dict[str, Any]) -> None:
     operation["security"] = [] if is_open_path(path) else [{BEARER_SCHEME: []}]
 
 
-def _add_schema(schemas: dict[str, Any], model: type[BaseModel]) -> None:
-    """Add a model no route names as a body (an event's ``data``) to the components, as sent."""
+def add_component_schema(document: dict[str, Any], model: type[BaseModel]) -> None:
+    """Add a model that no route names as a body (an SSE event's ``data``, a webhook payload) to the
+    components, as the server sends it (serialization mode); schemas already there are kept."""
+    schemas = document.setdefault("components", {}).setdefault("schemas", {})
     if model.__name__ in schemas:
         return
     schema = model.model_json_schema(mode="serialization", ref_template="#/components/schemas/{model}")

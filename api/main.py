@@ -23,6 +23,7 @@ from api.generations.routes import router as generations_router
 from api.middleware import BodySizeLimitMiddleware, MetricsMiddleware, RequestContextMiddleware
 from api.playground import router as playground_router
 from api.state import AppState, ModelLine
+from api.webhook_docs import install_webhook_docs
 from services.admission import Admitter, BatchAdmitter
 from services.api_keys import KeyRing
 from services.clients import REDIS_CONNECT_TIMEOUT_S, build_clients
@@ -152,6 +153,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(files.router)
     app.include_router(health.router)
     app.include_router(playground_router)
+    install_webhook_docs(app)
     install_contract(app)
     # Added innermost first. On the way in: request id and logging see everything, metrics see the route
     # (401s included), then the key check, then the body-size guard.

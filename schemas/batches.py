@@ -29,14 +29,17 @@ from pydantic import (
 from schemas.base import ResponseModel
 from schemas.generation import MAX_SEED, GenerationRequest, json_number
 from schemas.jobs import ImageResult, JobError, JobStatus, WebhookDelivery
+from schemas.webhooks import (
+    BATCH_EVENTS_DESCRIPTION,
+    BatchSubscription,
+    Subscribed,
+    WebhookEvent,
+    default_batch_events,
+)
 
 MAX_BATCH_ITEMS = 1000
 MAX_PAGE = 1000
 DEFAULT_PAGE = 100
-
-BatchWebhookEvent = Literal["batch.completed", "generation.started", "generation.completed"]
-#: Per-item subscriptions: a batch's ``generation.*`` events → the item job's own ``webhook_events``.
-ITEM_SUBSCRIPTIONS: dict[str, str] = {"generation.started": "started", "generation.completed": "completed"}
 
 
 # Constraints before the validator: pydantic then writes them as standard minimum/maximum (the other
@@ -89,11 +92,10 @@ class CreateBatch(BaseModel):
     webhook_url: AnyHttpUrl | None = Field(
         None, description="Where to POST signed (Standard Webhooks) events about this batch."
     )
-    webhook_events: list[BatchWebhookEvent] = Field(
-        default_factory=lambda: list[BatchWebhookEvent](["batch.completed"]),
+    webhook_events: BatchSubscription = Field(
+        default_factory=default_batch_events,
         min_length=1,
-        description="batch.completed (once, when the last item ends; the default), and per item "
-        "generation.started and generation.completed (generation.succeeded/failed/canceled).",
+        description=BATCH_EVENTS_DESCRIPTION,
     )
 
     @field_validator("count", mode="before")
@@ -141,11 +143,6 @@ class CreateBatch(BaseModel):
             raise ValueError("a template needs seeds (one item each) or count")
         return count
 
-    @field_validator("webhook_events")
-    @classmethod
-    def _unique_events(cls, events: list[BatchWebhookEvent]) -> list[BatchWebhookEvent]:
-        return sorted(set(events), key=events.index)
-
     def item_requests(self) -> list[GenerationRequest]:
         """The batch's items as plain generation requests, in order (not normalised yet)."""
         if self.requests is not None:
@@ -163,8 +160,8 @@ class CreateBatch(BaseModel):
         ]
 
     def item_webhook_events(self) -> list[str]:
-        """The item jobs' own subscriptions (``started``, ``completed``) asked for by this batch."""
-        return [ITEM_SUBSCRIPTIONS[event] for event in self.webhook_events if event in ITEM_SUBSCRIPTIONS]
+        """The item jobs' own subscriptions: the batch's ``generation.*`` events apply to every item."""
+        return [event for event in self.webhook_events if event != WebhookEvent.BATCH_COMPLETED]
 
 
 def _plain(item: BatchItemRequest) -> GenerationRequest:
@@ -202,13 +199,16 @@ class BatchItem(ResponseModel):
 
 class BatchWebhookStatus(ResponseModel):
     url: str
-    events: list[BatchWebhookEvent]
+    events: Subscribed = Field(description="The events subscribed to, by canonical name.")
     deliveries: list[WebhookDelivery] = Field(
         default_factory=list, description="The batch.completed delivery (per-item ones are on each job)."
     )
 
 
-class Batch(ResponseModel):
+class BatchSummary(ResponseModel):
+    """A batch's status and counts: what ``batch.completed`` carries (read the items with
+    ``GET /v1/batches/{id}``)."""
+
     id: str
     model: str | None = Field(None, description="The model every item is drawn by.")
     status: BatchStatus
@@ -216,6 +216,9 @@ class Batch(ResponseModel):
     completed_at: datetime | None = None
     cancel_requested: bool = False
     counts: BatchCounts
+
+
+class Batch(BatchSummary):
     items: list[BatchItem] | None = Field(
         None,
         description="This page of items in submission order (see offset and limit); absent in webhooks "

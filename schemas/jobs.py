@@ -10,10 +10,17 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Literal
 
-from pydantic import AnyHttpUrl, ConfigDict, Field, field_validator
+from pydantic import AnyHttpUrl, ConfigDict, Field
 
 from schemas.base import ResponseModel
 from schemas.generation import GenerationRequest
+from schemas.webhooks import (
+    JOB_EVENTS_DESCRIPTION,
+    JobSubscription,
+    Subscribed,
+    WebhookEvent,
+    default_job_events,
+)
 
 
 class JobStatus(StrEnum):
@@ -30,8 +37,6 @@ class JobStatus(StrEnum):
 
 TERMINAL_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED})
 
-WebhookEvent = Literal["started", "progress", "completed"]
-
 
 class CreateGeneration(GenerationRequest):
     """The body of ``POST /v1/generations``: a generation request plus where to report it."""
@@ -39,16 +44,11 @@ class CreateGeneration(GenerationRequest):
     webhook_url: AnyHttpUrl | None = Field(
         None, description="Where to POST signed (Standard Webhooks) events about this job."
     )
-    webhook_events: list[WebhookEvent] = Field(
-        default_factory=lambda: list[WebhookEvent](["completed"]),
+    webhook_events: JobSubscription = Field(
+        default_factory=default_job_events,
         min_length=1,
-        description="Which events to deliver: started, progress, completed (default: completed only).",
+        description=JOB_EVENTS_DESCRIPTION,
     )
-
-    @field_validator("webhook_events")
-    @classmethod
-    def _unique_events(cls, events: list[WebhookEvent]) -> list[WebhookEvent]:
-        return sorted(set(events), key=events.index)
 
     def generation_request(self) -> GenerationRequest:
         return GenerationRequest.model_validate(
@@ -127,7 +127,7 @@ class WebhookAttempt(ResponseModel):
 
 
 class WebhookDelivery(ResponseModel):
-    event: str = Field(description="generation.started, generation.progress, generation.succeeded, ...")
+    event: WebhookEvent = Field(description="The event delivered (the payload's type).")
     msg_id: str
     state: Literal["pending", "delivered", "failed", "gone"]
     attempts: list[WebhookAttempt] = Field(default_factory=list)
@@ -135,7 +135,7 @@ class WebhookDelivery(ResponseModel):
 
 class WebhookStatus(ResponseModel):
     url: str
-    events: list[WebhookEvent]
+    events: Subscribed = Field(description="The events subscribed to, by canonical name.")
     deliveries: list[WebhookDelivery] = Field(default_factory=list)
 
 

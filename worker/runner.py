@@ -32,6 +32,7 @@ from rq.timeouts import JobTimeoutException
 
 from schemas.generation import NORMALIZED_CONTEXT, GenerationRequest
 from schemas.jobs import JobErrorCode
+from schemas.webhooks import WebhookEvent
 from services import metrics, rq_records
 from services.clients import REDIS_UNAVAILABLE, retry_while_redis_down
 from services.content_safety import ImageClassifier, Verdict
@@ -218,7 +219,9 @@ class ProgressReporter:
     def __init__(self, ctx: WorkerContext, record: JobRecord) -> None:
         self.ctx, self.job_id = ctx, record.id
         self.interval_s = ctx.progress_interval.total_seconds()
-        self.webhook_interval_s = PROGRESS_WEBHOOK_INTERVAL_S if record.subscribes("progress") else None
+        self.webhook_interval_s = (
+            PROGRESS_WEBHOOK_INTERVAL_S if record.subscribes(WebhookEvent.GENERATION_PROGRESS) else None
+        )
         self._last_write = self._last_webhook = float("-inf")
         self._last_step_at = time.perf_counter()
 

@@ -45,6 +45,7 @@ from redis import Redis
 from rq import Queue
 
 from schemas.jobs import JobErrorCode, JobStatus
+from schemas.webhooks import EVENT_ALIASES
 from services import metrics, rq_records
 from services.jobs.batches import BatchStore
 from services.jobs.keys import (
@@ -67,15 +68,31 @@ EVENTS_MAXLEN = 2000
 _QUEUED = (JobStatus.QUEUED,)
 _RUNNING = (JobStatus.RUNNING,)
 
-# Shared by the scripts: does a stored webhook ({url, events}) subscribe to ``name``; append an event to
-# the outbox. ``ARGV[1]`` is always the job id and ``KEYS[3]`` the outbox.
+
+def _lua_table(aliases: Mapping[str, Iterable[str]]) -> str:
+    """``{name: [event, ...]}`` as a Lua table literal (names are plain ASCII: no escaping needed)."""
+    entries = ", ".join(
+        f"[{json.dumps(name)}] = {{{', '.join(json.dumps(str(event)) for event in events)}}}"
+        for name, events in aliases.items()
+    )
+    return "{" + entries + "}"
+
+
+# Shared by the scripts: does a stored webhook ({url, events}) subscribe to the canonical event ``name``;
+# append an event to the outbox. ``ARGV[1]`` is always the job id and ``KEYS[3]`` the outbox. Records are
+# stored with canonical names (schemas.webhooks), but jobs queued before that still hold the old names:
+# ``legacy`` is schemas.webhooks.EVENT_ALIASES, built from it below.
 _OUTBOX_LUA = """
+local legacy = LEGACY_ALIASES
 local function subscribed(webhook, name)
   if not webhook then return false end
   local ok, hook = pcall(cjson.decode, webhook)
   if not ok or type(hook) ~= 'table' or type(hook['events']) ~= 'table' then return false end
   for _, event in ipairs(hook['events']) do
     if event == name then return true end
+    for _, meant in ipairs(legacy[event] or {}) do
+      if meant == name then return true end
+    end
   end
   return false
 end
@@ -83,7 +100,7 @@ local function emit(outbox, msg_id, event_type, subject, id, at)
   redis.call('XADD', outbox, '*', 'msg_id', msg_id, 'type', event_type, 'subject', subject, 'id', id,
     'at', at)
 end
-"""
+""".replace("LEGACY_ALIASES", _lua_table(EVENT_ALIASES))
 
 _TRANSITION = (
     _OUTBOX_LUA
@@ -131,14 +148,14 @@ if n_stale > 0 then redis.call('ZREM', KEYS[7], unpack(ARGV, 15 + 2 * n_rq, 14 +
 
 local webhook = redis.call('HGET', KEYS[1], 'webhook')
 local events = 0
-if to == 'running' and subscribed(webhook, 'started') then
+if to == 'running' and subscribed(webhook, 'generation.started') then
   emit(KEYS[3], ARGV[10], 'generation.started', 'job', ARGV[1], moment)
   events = events + 1
 end
 local ended = ''
 local terminal = {succeeded = true, failed = true, canceled = true}
 if terminal[to] and not terminal[current] then
-  if subscribed(webhook, 'completed') then
+  if subscribed(webhook, 'generation.' .. to) then
     emit(KEYS[3], ARGV[10], 'generation.' .. to, 'job', ARGV[1], moment)
     events = events + 1
   end
@@ -178,7 +195,7 @@ if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
 if redis.call('HGET', KEYS[1], 'worker') ~= ARGV[2] then return 0 end
 redis.call('HSET', KEYS[1], 'progress', ARGV[3])
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'type', 'progress', 'data', ARGV[3])
-if ARGV[5] == '1' and subscribed(redis.call('HGET', KEYS[1], 'webhook'), 'progress') then
+if ARGV[5] == '1' and subscribed(redis.call('HGET', KEYS[1], 'webhook'), 'generation.progress') then
   emit(KEYS[3], ARGV[6], 'generation.progress', 'job', ARGV[1], ARGV[7])
 end
 return 1

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from schemas.jobs import JobStatus
+from schemas.webhooks import WebhookEvent, canonical_events
 
 
 def new_job_id() -> str:
@@ -59,9 +60,10 @@ class JobRecord:
             **({"batch_id": self.batch_id} if self.batch_id else {}),
         }
 
-    def subscribes(self, subscription: str) -> bool:
-        """Whether this job's webhook asked for ``subscription`` (started, progress, completed)."""
-        return bool(self.webhook) and subscription in (self.webhook or {}).get("events", [])
+    def subscribes(self, event: WebhookEvent) -> bool:
+        """Whether this job's webhook asked for ``event`` — by its name or, in a record stored before
+        the names were unified, by an alias."""
+        return bool(self.webhook) and event in canonical_events((self.webhook or {}).get("events", []))
 
     @classmethod
     def from_hash(cls, job_id: str, raw: Mapping[bytes, bytes]) -> JobRecord:

@@ -264,7 +264,7 @@ def test_a_batch_is_admitted_whole_or_not_at_all(api: str, redis_url: str) -> No
         ({"template": {**ITEM, "seed": 3}, "seeds": [1]}, "seeds"),
         ({"requests": [ITEM], "template": ITEM, "count": 2}, "template"),
         ({"requests": [ITEM], "webhook_url": "ftp://example.com/hook"}, "webhook_url"),
-        ({"requests": [ITEM], "webhook_events": ["generation.progress"]}, "webhook_events.0"),
+        ({"requests": [ITEM], "webhook_events": ["batch.completed", "batch.started"]}, "webhook_events.1"),
         ({"requests": [ITEM], "prompt": "x"}, "prompt"),
         ({"requests": [ITEM, {**ITEM, "prompt": "a Forbidden fox"}]}, "requests.1.prompt"),  # content filter
         ({"template": {**ITEM, "prompt": "forbidden"}, "count": 2}, "template.prompt"),

@@ -40,21 +40,23 @@ def test_count_with_a_template_seed_gives_every_image_its_own_seed() -> None:
     assert [i.seed for i in unseeded] == [None, None]  # drawn per item on admission
 
 
-def test_item_webhook_events_map_to_the_items_own_subscriptions() -> None:
+def test_the_batch_generation_events_become_every_items_own_subscription() -> None:
     batch = CreateBatch.model_validate(
         {
             "requests": [ITEM],
             "webhook_url": "https://example.com/hook",
             "webhook_events": [
-                "generation.completed",
+                "generation.completed",  # an alias: the three terminal events
                 "batch.completed",
                 "generation.started",
                 "batch.completed",
+                "generation.progress",
             ],
         }
     )
-    assert batch.webhook_events == ["generation.completed", "batch.completed", "generation.started"]
-    assert batch.item_webhook_events() == ["completed", "started"]
+    terminal = ["generation.succeeded", "generation.failed", "generation.canceled"]
+    assert batch.webhook_events == [*terminal, "batch.completed", "generation.started", "generation.progress"]
+    assert batch.item_webhook_events() == [*terminal, "generation.started", "generation.progress"]
 
 
 def test_the_item_limit_is_1000() -> None:
@@ -80,7 +82,7 @@ def test_the_item_limit_is_1000() -> None:
         ({"requests": [ITEM], "count": "2"}, ["count"]),
         ({"template": ITEM, "count": 0}, ["count"]),
         ({"requests": [ITEM], "webhook_events": []}, ["webhook_events"]),
-        ({"requests": [ITEM], "webhook_events": ["generation.progress"]}, ["webhook_events.0"]),
+        ({"requests": [ITEM], "webhook_events": ["batch.started"]}, ["webhook_events.0"]),
         ({"requests": [ITEM], "priority": "high"}, ["priority"]),
     ],
 )

@@ -17,6 +17,7 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 
 from schemas.jobs import JobErrorCode, JobStatus
+from schemas.webhooks import GENERATION_EVENTS, TERMINAL_EVENTS
 from services import rq_records
 from services.jobs import JobRecord, JobStore, Lifecycle, job_key, utcnow
 from services.jobs.batches import BatchRecord, BatchStore, new_batch_id
@@ -28,7 +29,10 @@ from tests.fixtures.jobs import lifecycle_record, queued_job
 
 WORKER = "worker-a"
 LOST_AFTER = timedelta(seconds=20)
-ALL = ["started", "progress", "completed"]
+ALL = [event.value for event in GENERATION_EVENTS]
+END = [event.value for event in TERMINAL_EVENTS]
+#: As records queued before the vocabulary was unified hold them: the Lua check still honours them.
+LEGACY = ["started", "progress", "completed"]
 
 
 class World:
@@ -96,12 +100,18 @@ SCENARIOS: list[tuple[str, list[str] | None, list[Step], JobStatus | None, list[
         JobStatus.SUCCEEDED,
         ["generation.started", "generation.progress", "generation.succeeded"],
     ),
-    ("worker fails", ["completed"], [claim, progress, fail], JobStatus.FAILED, ["generation.failed"]),
+    ("worker fails", END, [claim, progress, fail], JobStatus.FAILED, ["generation.failed"]),
     ("no webhook: nothing in the outbox", None, [claim, progress, succeed], JobStatus.SUCCEEDED, []),
-    ("only started asked for", ["started"], [claim, succeed], JobStatus.SUCCEEDED, ["generation.started"]),
+    (
+        "only started asked for",
+        ["generation.started"],
+        [claim, succeed],
+        JobStatus.SUCCEEDED,
+        ["generation.started"],
+    ),
     (
         "only progress asked for",
-        ["progress"],
+        ["generation.progress"],
         [claim, progress, progress, succeed],
         JobStatus.SUCCEEDED,
         ["generation.progress", "generation.progress"],
@@ -116,14 +126,14 @@ SCENARIOS: list[tuple[str, list[str] | None, list[Step], JobStatus | None, list[
     ),
     (
         "a cancel after the end changes nothing",
-        ["completed"],
+        END,
         [claim, succeed, cancel],
         JobStatus.SUCCEEDED,
         ["generation.succeeded"],
     ),
     (
         "a second outcome is refused",
-        ["completed"],
+        END,
         [claim, succeed, fail],
         JobStatus.SUCCEEDED,
         ["generation.succeeded"],
@@ -137,24 +147,45 @@ SCENARIOS: list[tuple[str, list[str] | None, list[Step], JobStatus | None, list[
     ),
     (
         "recovery fails it on its last attempt",
-        ["completed"],
+        END,
         [claim, lose, claim, lose],
         JobStatus.FAILED,
         ["generation.failed"],
     ),
     (
         "the lost worker's late outcome is refused",
-        ["completed"],
+        END,
         [claim, lose, succeed],
         JobStatus.QUEUED,
         [],
     ),
     (
         "canceled while requeued",
-        ["completed"],
+        END,
         [claim, lose, cancel, claim],
         JobStatus.CANCELED,
         ["generation.canceled"],
+    ),
+    (
+        "only failures asked for: a success sends nothing",
+        ["generation.failed"],
+        [claim, progress, succeed],
+        JobStatus.SUCCEEDED,
+        [],
+    ),
+    (
+        "a record stored with the old names",
+        LEGACY,
+        [claim, progress, succeed],
+        JobStatus.SUCCEEDED,
+        ["generation.started", "generation.progress", "generation.succeeded"],
+    ),
+    (
+        "an old batch item's generation.completed",
+        ["generation.completed"],
+        [claim, fail],
+        JobStatus.FAILED,
+        ["generation.failed"],
     ),
     ("expired while queued: nobody can claim it", ALL, [expire, claim], None, []),
     ("expired while running: recovery drops it", ALL, [claim, expire, lose], None, ["generation.started"]),
@@ -197,7 +228,7 @@ def test_each_transition_appends_exactly_its_events(
     on_queue = rq_records.queue_position(redis_client, world.queue, job.id) is not None
     assert on_queue is (status is JobStatus.QUEUED)
     if status.is_terminal:
-        if subscriptions and "completed" in subscriptions:
+        if subscriptions and (set(END) <= set(subscriptions) or "completed" in subscriptions):
             assert terminal and terminal[0].type == f"generation.{status.value}"
         assert redis_client.ttl(job_key(job.id)) > 0  # retention restarted with the end
     if status is JobStatus.FAILED and record.attempt == 2:
@@ -224,7 +255,7 @@ BATCH_ENDINGS: list[tuple[str, list[list[Step]]]] = [
 
 
 @pytest.mark.parametrize("per_item", [pytest.param(e[1], id=e[0]) for e in BATCH_ENDINGS])
-@pytest.mark.parametrize("item_events", [["completed"], None], ids=["item events", "no item events"])
+@pytest.mark.parametrize("item_events", [END, None], ids=["item events", "no item events"])
 def test_a_batch_completes_once_whoever_ends_its_last_item(
     redis_client: redis_lib.Redis, per_item: list[list[Step]], item_events: list[str] | None
 ) -> None:
