@@ -20,7 +20,13 @@ endif
 	$(BIN)/python -m pip install -q -e ".[api,worker,dev]"
 	touch $(STAMP)
 
-install: $(STAMP)
+# Node tools of the checks (Redocly CLI for the OpenAPI lint), pinned by package-lock.json.
+NODE_STAMP := node_modules/.installed
+$(NODE_STAMP): package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $(NODE_STAMP)
+
+install: $(STAMP) $(NODE_STAMP)
 
 ## The run command (README): API on :8000 + one worker + webhook worker + private Redis + local storage.
 run: install
@@ -46,6 +52,8 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/python -m api.openapi --check
+	$(BIN)/openapi-spec-validator docs/openapi.json
+	REDOCLY_TELEMETRY=off REDOCLY_SUPPRESS_UPDATE_NOTICE=true node_modules/.bin/redocly lint --format=summary docs/openapi.json
 
 ## Re-export docs/openapi.json after changing routes or schemas (the drift test fails until you do).
 openapi: install

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import AnyHttpUrl, ConfigDict, Field
 
@@ -133,10 +133,21 @@ class WebhookDelivery(ResponseModel):
     attempts: list[WebhookAttempt] = Field(default_factory=list)
 
 
+def _deliveries_not_in_webhooks(schema: dict[str, Any]) -> None:
+    schema["required"] = [name for name in schema.get("required", []) if name != "deliveries"]
+
+
 class WebhookStatus(ResponseModel):
+    # deliveries is always on GET, never in a webhook payload's copy of the job (see its description).
+    model_config = ConfigDict(json_schema_extra=_deliveries_not_in_webhooks)
+
     url: str
     events: Subscribed = Field(description="The events subscribed to, by canonical name.")
-    deliveries: list[WebhookDelivery] = Field(default_factory=list)
+    deliveries: list[WebhookDelivery] = Field(
+        default_factory=list,
+        description="Each event's delivery and its attempts. Left out of the job a webhook payload "
+        "carries: it changes with every attempt, so it would be stale on arrival.",
+    )
 
 
 class Job(ResponseModel):

@@ -209,7 +209,11 @@ def test_idempotency_compares_requests_with_their_defaults_filled_in(file_stack:
     Idempotency-Key names one job either way. A seed the server would draw is not a seed the client named."""
     terse = {**SMALL, "num_inference_steps": 1}
     spelled_out = CreateGeneration.model_validate(terse).model_dump(mode="json")
-    assert spelled_out["guidance_scale"] == 4.5 and spelled_out["webhook_events"] == ["completed"]
+    assert spelled_out["guidance_scale"] == 4.5 and spelled_out["webhook_events"] == [
+        "generation.succeeded",
+        "generation.failed",
+        "generation.canceled",
+    ]
     first = submit(file_stack, terse, **{"Idempotency-Key": "defaults-1"})
     assert first.status_code == 202, first.text
     for body in (spelled_out, {k: v for k, v in spelled_out.items() if v is not None}):

@@ -176,7 +176,7 @@ class TestInitImage:
         ("value", "needle"),
         [
             ("not base64!!", "base64"),
-            (base64.b64encode(b"plain text, not an image").decode(), "decoded"),
+            (base64.b64encode(b"plain text, not an image").decode(), "not an image"),
             (png_base64()[: len(png_base64()) // 2 // 4 * 4], "decoded"),  # truncated file
             (base64.b64encode(b"").decode(), "empty"),
         ],
@@ -227,7 +227,7 @@ class TestMaskImage:
         ("value", "needle"),
         [
             ("not base64!!", "base64"),
-            (base64.b64encode(b"plain text, not an image").decode(), "decoded"),
+            (base64.b64encode(b"plain text, not an image").decode(), "not an image"),
             (png_base64(fmt="GIF"), "format GIF"),
         ],
     )
