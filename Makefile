@@ -9,7 +9,7 @@ TORCH_CPU_PIN ?= torch==2.13.0
 HAS_NVIDIA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-all lint format clean generate browser check-deploy constraints openapi bench bench-gpu test-slow
+.PHONY: install run test test-all lint format clean generate browser check-deploy constraints openapi configuration bench bench-gpu test-slow
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -52,12 +52,17 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/python -m api.openapi --check
+	$(BIN)/python -m services.settings_reference --check
 	$(BIN)/openapi-spec-validator docs/openapi.json
 	REDOCLY_TELEMETRY=off REDOCLY_SUPPRESS_UPDATE_NOTICE=true node_modules/.bin/redocly lint --format=summary docs/openapi.json
 
 ## Re-export docs/openapi.json after changing routes or schemas (the drift test fails until you do).
 openapi: install
 	$(BIN)/python -m api.openapi
+
+## Re-render docs/operate/configuration.md after changing services/settings.py (the drift test fails until you do).
+configuration: install
+	$(BIN)/python -m services.settings_reference
 
 format: install
 	$(BIN)/ruff check --fix .

@@ -119,13 +119,18 @@ class Settings(BaseSettings):
     rate_limit_burst: int = Field(60, ge=1, description="Submissions a key may make at once.")
 
     # --- queue and job records ---------------------------------------------------------------------------
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="The one Redis of the service (queues, job records, events); run it with AOF on.",
+    )
     queue_name: str = Field(
         "darkroom",
         pattern=r"^[A-Za-z0-9_.-]+$",
         description="Prefix of each model's queue ('<prefix>:<model>').",
     )
-    webhook_queue_name: str = "darkroom-webhooks"
+    webhook_queue_name: str = Field(
+        "darkroom-webhooks", description="RQ queue of webhook delivery attempts (the webhook worker's)."
+    )
     batch_queue_name: str = Field(
         "darkroom-batch",
         pattern=r"^[A-Za-z0-9_.-]+$",
@@ -205,7 +210,7 @@ class Settings(BaseSettings):
     s3_public_endpoint_url: str | None = Field(
         None, description="Endpoint to sign URLs for, when clients reach S3 by another address."
     )
-    s3_region: str | None = None
+    s3_region: str | None = Field(None, description="S3 region; unset: the AWS_* defaults' (or none).")
     storage_retry_deadline: timedelta = Field(
         timedelta(seconds=60), description="How long a worker retries an upload through an S3 outage."
     )
@@ -219,13 +224,24 @@ class Settings(BaseSettings):
     )
 
     # --- webhooks ----------------------------------------------------------------------------------------
-    webhook_secret: SecretStr | None = Field(None, description="'whsec_<base64>' used to sign webhooks.")
+    webhook_secret: SecretStr | None = Field(
+        None,
+        description="'whsec_<base64 key>' used to sign webhooks (Standard Webhooks); webhooks are refused "
+        "without it. Mint one with services.webhooks.signing.generate_secret().",
+    )
     webhook_allow_private: bool = Field(False, description="Allow loopback/private webhook targets (tests).")
     webhook_allow_http: bool = Field(False, description="Allow plain-http webhook targets (tests, dev).")
     webhook_timeout: timedelta = Field(timedelta(seconds=10), description="Per-attempt webhook timeout.")
-    webhook_max_attempts: int = Field(8, ge=1, le=50)
-    webhook_backoff_base: timedelta = Field(timedelta(seconds=2))
-    webhook_backoff_max: timedelta = Field(timedelta(minutes=10))
+    webhook_max_attempts: int = Field(
+        8, ge=1, le=50, description="Attempts per webhook event before its delivery is marked failed."
+    )
+    webhook_backoff_base: timedelta = Field(
+        timedelta(seconds=2),
+        description="Webhook retry n waits a random delay up to base x 2^(n-1) (full jitter).",
+    )
+    webhook_backoff_max: timedelta = Field(
+        timedelta(minutes=10), description="Cap on that delay (a receiver's Retry-After is honoured)."
+    )
     outbox_claim_idle: timedelta = Field(
         timedelta(seconds=30),
         gt=timedelta(0),

@@ -7,7 +7,7 @@ problem+json with Retry-After; every accepted job reaches exactly one terminal s
 The cheapest valid request (512x512, one step) keeps the drain bounded on CPU. The full 2,000-job burst is
 ``slow``; the default suite runs the same checks on 200 submissions, plus a burst against tight admission
 limits so that 429s and 503s really happen. Figures are printed (``-s``) and recorded in
-docs/reliability.md under "Load".
+docs/operate/reliability.md under "Load".
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ down the API answers 503 ``redis_unavailable`` problem+json with ``Retry-After``
 never 500), an open event stream ends instead of hanging, and API and worker reconnect by themselves.
 
 The restart is a clean one (SIGTERM: Redis flushes its AOF and exits), as an orchestrator or an operator
-restarts it; see docs/reliability.md for what a crash (SIGKILL) could lose. The figures are printed
+restarts it; see docs/operate/reliability.md for what a crash (SIGKILL) could lose. The figures are printed
 (``pytest -s``) and recorded there.
 """
 

@@ -11,7 +11,7 @@ connection is cut and new ones are refused, while moto (and its buckets) carry o
 
 Scaled down for the default run (deadline 8 s, outage 4 s). The production figures (deadline 60 s, a
 30 s outage) are the same test with ``DARKROOM_FAULT_S3_DEADLINE_S=60 DARKROOM_FAULT_S3_OUTAGE_S=30``;
-both are recorded in docs/reliability.md. Figures are printed (``pytest -s``).
+both are recorded in docs/operate/reliability.md. Figures are printed (``pytest -s``).
 """
 
 from __future__ import annotations
