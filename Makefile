@@ -9,7 +9,7 @@ TORCH_CPU_PIN ?= torch==2.13.0
 HAS_NVIDIA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-all lint format clean generate browser check-deploy constraints openapi configuration bench bench-gpu test-slow
+.PHONY: install run test test-all lint format clean generate browser check-deploy constraints openapi configuration bench bench-gpu bench-gpu-nf4 test-slow
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -84,6 +84,11 @@ bench: install
 ## The GPU benchmark (full-size SD3.5-M architecture, random weights) on a CUDA machine.
 bench-gpu: install
 	$(BIN)/python -m bench.gpu --size full
+
+## The same with the transformer in 4-bit NF4 (DARKROOM_QUANTIZE=nf4): peak memory and s/image of small-GPU mode.
+bench-gpu-nf4: install
+	$(BIN)/python -m pip install -q -e ".[worker,nf4]"
+	$(BIN)/python -m bench.gpu --size full --set quantize=nf4 --out bench/results/gpu-full-nf4.json
 
 ## Run the engine alone, e.g. make generate ARGS='"a red fox" --seed 7 -o fox.png'
 generate: install

@@ -225,13 +225,14 @@ def darkroom_model(
         **(overrides or {}),  # type: ignore[arg-type]
     )
 
+    quantized = load_quantized_like_the_worker(pipe, settings, device, dtype)
     prepare = getattr(pipeline_loader, "prepare_pipeline", None)
     if prepare is not None:
         prepared = prepare(pipe, settings)
         if isinstance(prepared, pipeline_loader.LoadedModel):
             return prepared, "worker.pipeline_loader.prepare_pipeline"
         pipe = prepared if prepared is not None else pipe
-        how = "worker.pipeline_loader.prepare_pipeline"
+        how = "worker.pipeline_loader.prepare_pipeline" + quantized
     else:
         how = (
             "LoadedModel around the same pipeline: the loader has no prepare_pipeline step, so nothing "
@@ -248,6 +249,32 @@ def darkroom_model(
         optimizations=getattr(pipe, "_darkroom_optimizations", {}),
     )
     return model, how
+
+
+def load_quantized_like_the_worker(pipe: Any, settings: Any, device: torch.device, dtype: torch.dtype) -> str:
+    """``--set quantize=nf4`` (``--set quantize_t5=true``): swap the components the worker would load in 4-bit
+    for ones loaded exactly as it loads them (``worker.quantization.load_quantized``, i.e. ``from_pretrained``
+    with diffusers'/transformers' ``BitsAndBytesConfig``). Random weights have no folder, so they are saved to
+    a temporary one first; the bf16 originals are freed, so the darkroom path's peak memory is NF4's. Returns
+    a note for the results ('' when nothing is quantised)."""
+    import gc
+    import tempfile
+
+    from worker import quantization
+
+    components = quantization.quantized_components(settings)
+    if not components:
+        return ""
+    quantization.require_nf4(settings, device)
+    with tempfile.TemporaryDirectory(prefix="darkroom-nf4-") as folder:
+        for name in components:
+            getattr(pipe, name).save_pretrained(f"{folder}/{name}")
+        loaded = quantization.load_quantized(folder, settings, device, dtype)
+    pipe.register_modules(**loaded)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return f" after load_quantized ({', '.join(components)} in 4-bit NF4)"
 
 
 def _slg_kwargs(plan: GpuPlan) -> dict[str, Any]:

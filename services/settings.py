@@ -108,6 +108,21 @@ class Settings(BaseSettings):
     fp8_recipe: Literal["dynamic", "weight_only"] = Field(
         "dynamic", description="FP8 recipe: 'dynamic' (fp8 activations and weights) or 'weight_only'."
     )
+    # --- small GPUs (worker/quantization.py; docs/operate/small-gpus.md) ------------------------------------
+    quantize: Literal["none", "nf4"] = Field(
+        "none",
+        description="Weight quantisation for small GPUs: 'nf4' loads the SD3 transformer in 4-bit "
+        "NormalFloat through diffusers' bitsandbytes config (pip install -e '.[worker,nf4]'; CUDA only: the "
+        "worker refuses to start without a CUDA GPU or without bitsandbytes). Combines with "
+        "DARKROOM_CPU_OFFLOAD and DARKROOM_DROP_T5; not with DARKROOM_FP8 or DARKROOM_FUSE_QKV=true. "
+        "'none': the weights as stored.",
+    )
+    quantize_t5: bool = Field(
+        False,
+        description="With DARKROOM_QUANTIZE=nf4, load the T5 text encoder (text_encoder_3) in 4-bit NF4 "
+        "too (transformers' bitsandbytes config); refused without DARKROOM_QUANTIZE=nf4 or with "
+        "DARKROOM_DROP_T5.",
+    )
 
     # --- who may call the API ------------------------------------------------------------------------------
     api_keys: str | None = Field(
@@ -365,6 +380,31 @@ class Settings(BaseSettings):
                     + ", ".join(f"DARKROOM_{name}=true" for name in forced)
                     + " (LoRA layers apply to the unfused, uncompiled transformer)"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _quantization_fits(self) -> Settings:
+        """NF4 replaces the transformer's Linear weights with packed 4-bit ones: FP8 would quantise them a
+        second time and fused q/k/v would concatenate packed blocks, so neither can be forced on alongside
+        ('auto' fusing leaves the transformer unfused). DARKROOM_QUANTIZE_T5 needs NF4 and a T5 encoder."""
+        if self.quantize == "nf4":
+            if self.fp8:
+                raise ValueError(
+                    "DARKROOM_QUANTIZE=nf4 cannot be combined with DARKROOM_FP8=true (both quantise the "
+                    "transformer's weights): choose one"
+                )
+            if self.fuse_qkv is True:
+                raise ValueError(
+                    "DARKROOM_QUANTIZE=nf4 cannot be combined with DARKROOM_FUSE_QKV=true (4-bit weights "
+                    "cannot be concatenated); leave it 'auto' (the VAE is still fused) or false"
+                )
+            if self.quantize_t5 and self.drop_t5:
+                raise ValueError(
+                    "DARKROOM_QUANTIZE_T5=true and DARKROOM_DROP_T5=true contradict each other: there is no "
+                    "T5 encoder to quantise"
+                )
+        elif self.quantize_t5:
+            raise ValueError("DARKROOM_QUANTIZE_T5=true needs DARKROOM_QUANTIZE=nf4")
         return self
 
     @field_validator("webhook_secret")

@@ -8,7 +8,8 @@ Applied once per worker process by :func:`worker.pipeline_loader.prepare_pipelin
 - fused q/k/v projections (one matmul instead of three) in the transformer and the VAE;
 - channels-last memory format for the VAE's convolutions;
 - FP8 Linear layers in the transformer (opt-in, torchao, CUDA sm_89+): a *fast mode* whose difference is
-  measured (``bench/gpu.py``: latent agreement beside the speed), never on by default;
+  measured (``bench/gpu.py``: latent agreement beside the speed), never on by default (NF4 small-GPU mode,
+  ``DARKROOM_QUANTIZE``, happens at load time instead: :mod:`worker.quantization`);
 - ``torch.compile`` of the transformer and the VAE decoder with dynamic shapes (below), compiled kernels
   kept on disk (``DARKROOM_COMPILE_CACHE_DIR``), every aspect-ratio preset run once at start.
 
@@ -402,10 +403,16 @@ def apply_optimizations(
     if switch_on(settings.fuse_qkv, device):
         # With LoRAs configured (DARKROOM_LORAS) the transformer stays unfused and uncompiled: see
         # worker/loras.py. Settings refuses forcing either on alongside; 'auto' gives way here.
-        applied["fused_qkv"] = fuse_qkv(pipeline, transformer_too=not settings.loras)
+        # NF4 (DARKROOM_QUANTIZE) stores the transformer's weights packed in 4-bit blocks, which cannot be
+        # concatenated: its transformer stays unfused too (Settings refuses FUSE_QKV=true with it).
+        applied["fused_qkv"] = fuse_qkv(
+            pipeline, transformer_too=not settings.loras and settings.quantize == "none"
+        )
     if switch_on(settings.channels_last_vae, device):
         vae_channels_last(pipeline)
         applied["channels_last_vae"] = True
+    if settings.quantize != "none":
+        applied["quantize"] = settings.quantize + ("+t5" if settings.quantize_t5 else "")
     if settings.fp8:
         quantize_fp8(pipeline.transformer, settings.fp8_recipe, device)
         applied["fp8"] = settings.fp8_recipe

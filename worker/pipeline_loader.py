@@ -20,6 +20,7 @@ from services.settings import TINY_MODEL, Settings
 from worker.errors import ModelUnavailableError
 from worker.loras import LoraAdapters
 from worker.prompt_cache import PromptEmbeddingCache
+from worker.quantization import load_quantized, quantized_components, require_nf4
 from worker.tiny_model import ensure_tiny_model
 
 log = logging.getLogger(__name__)
@@ -119,14 +120,28 @@ def load_pipeline(settings: Settings) -> LoadedModel:
     # Per-shard progress bars are noise in a service log; our own log line says what is loading.
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
-    location, source = resolve_source(settings.model)
     device = resolve_device(settings.device)
+    # Small-GPU mode refuses before any weights are read (no CUDA, no bitsandbytes): worker.quantization.
+    require_nf4(settings, device)
+    location, source = resolve_source(settings.model)
     dtype = resolve_dtype(settings.dtype, device)
     extra: dict[str, Any] = {}
     if settings.drop_t5:
         extra.update(text_encoder_3=None, tokenizer_3=None)
-    log.info("loading model %s from %s (%s) on %s as %s", settings.model, location, source, device, dtype)
+    quantized = quantized_components(settings)
+    log.info(
+        "loading model %s from %s (%s) on %s as %s%s",
+        settings.model,
+        location,
+        source,
+        device,
+        dtype,
+        f" ({', '.join(quantized)} in 4-bit NF4)" if quantized else "",
+    )
     try:
+        # The quantised components (if any) load first, through diffusers'/transformers' BitsAndBytesConfig,
+        # and are handed to the same pipeline call as everything else.
+        extra.update(load_quantized(location, settings, device, dtype))
         pipeline = StableDiffusion3Pipeline.from_pretrained(location, dtype=dtype, **extra)
     except (OSError, ValueError) as exc:  # hub errors (gated, offline, not found) are OSError subclasses
         raise ModelUnavailableError(

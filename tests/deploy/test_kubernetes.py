@@ -26,7 +26,8 @@ from tests.deploy.promql import problems, selectors
 
 K8S = ROOT / "deploy" / "k8s"
 KUSTOMIZATIONS = ("base", "overlays/dev", "overlays/production")
-#: The oldest Kubernetes the manifests claim (docs/operate/deploy.md) and the newest schemas the package ships.
+#: The oldest Kubernetes the manifests claim (docs/operate/deploy.md), and the newest schemas the package
+#: ships.
 K8S_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
 SECRET_TEMPLATE = K8S / "secret-template.yaml"
 Obj = dict[str, Any]
