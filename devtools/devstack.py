@@ -127,7 +127,10 @@ class DevStack:
         return env
 
     def spawn(self, name: str, args: list[str], env: dict[str, str]) -> None:
-        self.processes[name] = subprocess.Popen([sys.executable, *args], env=env)
+        # A process group of its own: Ctrl-C in the terminal reaches this launcher only, which then stops
+        # each process in order (SIGTERM: a worker's warm shutdown). Sent to them too, the worker would
+        # take the launcher's SIGTERM as a second signal and hang in its shutdown until killed.
+        self.processes[name] = subprocess.Popen([sys.executable, *args], env=env, process_group=0)
         self._write_pids()
 
     def spawn_api(self) -> None:

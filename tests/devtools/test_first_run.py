@@ -144,6 +144,7 @@ def test_a_fresh_clone_runs_the_readme_and_answers_its_cpu_request(tmp_path: Pat
                 os.kill(pid, signal.SIGKILL)
     text = log.read_text(errors="replace")
     assert "[darkroom] stopped" in text, text[-4000:]
+    assert "did not stop" not in text, text[-4000:]  # every process stopped by itself, none killed
     assert code in (0, 2, -signal.SIGINT), (code, text[-4000:])  # make reports an interrupted recipe
     assert leftovers == set(), f"still running after Ctrl-C: {leftovers}"
     assert port_free(port), f"port {port} still taken after Ctrl-C"
