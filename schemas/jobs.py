@@ -89,21 +89,23 @@ class JobErrorCode(StrEnum):
     """Why a job ended without its images (``error.type``): a stable machine code.
 
     canceled: asked to stop. worker_lost: its worker died on every allowed attempt. out_of_memory: try
-    fewer images or a smaller size. invalid_request: refused by the engine. model_unavailable /
-    lora_unavailable: the worker could not use the model or a requested LoRA. content_check_failed: the
-    image classifier failed, so nothing was released unchecked. storage_unavailable / storage_error: the
+    fewer images or a smaller size. invalid_request: refused by the engine. model_unavailable: no worker
+    serves the model any more (the message says why), or the worker could not use it. lora_unavailable: a
+    requested LoRA could not be used. content_check_failed: the image classifier failed, so nothing was
+    released unchecked. storage_unavailable / storage_error: the
     images could not be stored. generation_failed: the pipeline failed. timed_out: ran longer than the
     job timeout. internal_error: a bug on the server's side.
     """
 
     # Defined here, once, so clients generated from the OpenAPI spec get them as an enum; each is raised in
-    # one place (worker/errors.py, the storage errors, cancel, lost-job recovery, worker/runner.py).
+    # one place (worker/errors.py, the storage errors, cancel, lost-job recovery, worker/runner.py, the
+    # stranded-job sweep: services/jobs/unserved.py).
 
     CANCELED = "canceled"  # asked to stop: while queued (at once) or running (at the next step)
     WORKER_LOST = "worker_lost"  # its worker died (no heartbeat) on every one of max_attempts runs
     OUT_OF_MEMORY = "out_of_memory"  # the device ran out of memory; fewer images or a smaller size may fit
     INVALID_REQUEST = "invalid_request"  # refused by the engine (the API should have refused it first)
-    MODEL_UNAVAILABLE = "model_unavailable"  # the worker could not use its model
+    MODEL_UNAVAILABLE = "model_unavailable"  # the worker could not use its model, or none serves it
     LORA_UNAVAILABLE = "lora_unavailable"  # a requested LoRA is not on this worker or would not load
     CONTENT_CHECK_FAILED = "content_check_failed"  # the image classifier failed: nothing passes unchecked
     STORAGE_UNAVAILABLE = "storage_unavailable"  # storage unreachable past the retry deadline

@@ -185,6 +185,14 @@ class Settings(BaseSettings):
     max_attempts: int = Field(
         3, ge=1, le=20, description="Runs a job may lose to dead workers before failing."
     )
+    unserved_after: timedelta = Field(
+        timedelta(minutes=10),
+        ge=timedelta(0),
+        description="API: a queued job fails 'model_unavailable' once no worker of its model has been "
+        "ready (nor loading it) for this long, counted from its submission at the earliest; 0 turns this "
+        "off (a fleet scaled from zero whose nodes take longer to come up). Jobs for a model no API "
+        "accepts any more fail as soon as no worker of it is ready or loading, whatever this says.",
+    )
     redis_retry_deadline: timedelta = Field(
         timedelta(seconds=60),
         description="How long a worker retries recording a job's start or end while Redis is unreachable.",

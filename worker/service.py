@@ -162,11 +162,26 @@ def run_worker(settings: Settings, *, burst: bool = False) -> int:
         start_http_server(settings.worker_metrics_port, addr="0.0.0.0")
     # Before the model: a classifier that cannot be imported stops the worker at once, not after minutes.
     classifier = load_classifier(settings.image_classifier) if settings.image_classifier else None
-    model = load_pipeline(settings)
-    engine = GenerationEngine(model)
-    if settings.warmup:
-        log.info("warming up", seconds=round(engine.warm_up(), 3))
     name = worker_name()
+    # While the model loads (minutes for the real one), the fleet knows a worker is on its way: the API
+    # does not fail its model's queued jobs as stranded meanwhile (services/jobs/unserved.py).
+    loading = Presence(
+        clients.redis,
+        settings.served_model,
+        name,
+        interval_s=settings.heartbeat_interval.total_seconds(),
+        ttl_s=settings.lost_after.total_seconds(),
+        loading=True,
+    )
+    loading.start()
+    try:
+        model = load_pipeline(settings)
+        engine = GenerationEngine(model)
+        if settings.warmup:
+            log.info("warming up", seconds=round(engine.warm_up(), 3))
+    except BaseException:
+        loading.stop()  # cannot load (the process exits): withdrawn now, not after its ttl
+        raise
     context = WorkerContext(
         engine=engine,
         store=clients.store,
@@ -229,6 +244,7 @@ def run_worker(settings: Settings, *, burst: bool = False) -> int:
         ttl_s=settings.lost_after.total_seconds(),
     )
     presence.start()
+    loading.stop()  # only now: never a moment with the worker neither loading nor ready
     log.info(
         "worker ready",
         model=settings.served_model,

@@ -1,8 +1,9 @@
 """The one owner of a job's life: every status change, and everything that follows from it.
 
-The API (cancel), the GPU worker (claim, progress, heartbeat, finish), lost-job recovery (requeue, fail as
-lost) and anything later *ask* this module for a transition; none of them writes a status or repeats a
-side effect itself. Each transition is one Lua script, so that in one atomic step it:
+The API (cancel, fail a job stranded on a model nobody serves), the GPU worker (claim, progress, heartbeat,
+finish), lost-job recovery (requeue, fail as lost) and anything later *ask* this module for a transition;
+none of them writes a status or repeats a side effect itself. Each transition is one Lua script, so that
+in one atomic step it:
 
 - checks the job's current status (and, for a worker or recovery, a guard field: the worker's name, the
   heartbeat judged stale) — of two racing changes exactly one wins;
@@ -29,6 +30,7 @@ finish         running -> outcome      worker name         generation.succeeded|
 cancel_queued  queued -> canceled      —                   generation.canceled, batch.completed
 requeue        running -> queued       worker / heartbeat  —
 fail_lost      running -> failed       worker / heartbeat  generation.failed (worker_lost), batch.completed
+fail_unserved  queued -> failed        —                   generation.failed (model_unavailable), batch.*
 =============  ======================  ==================  =================================================
 """
 
@@ -366,6 +368,15 @@ class Lifecycle:
         events as any failure (``generation.failed``, a batch's ``batch.completed``)."""
         outcome = Failed(JobErrorCode.WORKER_LOST, message)
         return self._end(record.id, outcome, utcnow(), _RUNNING, guard=guard, rq=rq)
+
+    # --- stranded jobs (services/jobs/unserved.py) ----------------------------------------------------------
+
+    def fail_unserved(self, job_id: str, message: str, *, rq: RqChange | None = None) -> Transition:
+        """QUEUED -> FAILED ``model_unavailable``: no worker serves the job's model (nor will: see
+        ``services.jobs.unserved``); ``rq``: off its queue in the same step
+        (``rq_records.remove_from_queue``). The same events as any failure (``generation.failed``, a
+        batch's ``batch.completed``). A job claimed meanwhile is left alone: it is served after all."""
+        return self._end(job_id, Failed(JobErrorCode.MODEL_UNAVAILABLE, message), utcnow(), _QUEUED, rq=rq)
 
     # --- the one script ----------------------------------------------------------------------------------
 

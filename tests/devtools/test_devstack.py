@@ -68,6 +68,9 @@ def test_run_command_serves_a_png_and_stops_cleanly(
     try:
         text = _wait_for_line(log, "ready:", launcher, timeout=120)
         assert "RUNNING THE OFFLINE TINY MODEL" in text and "huggingface-cli login" in text
+        # Offline with nothing cached: straight to the tiny model, no worker tried (and failed) the hub.
+        assert "HF_HUB_OFFLINE is set" in text and "see the worker's error" not in text
+        assert "a worker of model tiny is loaded and warm" in text
         pids = json.loads((tmp_path / "state" / "pids.json").read_text())
         assert set(pids) == {"api", "worker", "webhooks", "redis"}
 
@@ -104,3 +107,21 @@ def test_run_command_serves_a_png_and_stops_cleanly(
     leftovers = {name: pid for name, pid in pids.items() if _alive(pid)}
     assert leftovers == {}, f"still running after {stop_signal.name}: {leftovers}"
     assert not (tmp_path / "state" / "pids.json").exists()
+
+
+def test_the_fallback_is_decided_up_front_only_when_the_weights_cannot_be_had(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub
+
+    from devtools.devstack import _hub_unreachable
+
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *args, **kwargs: None)
+    offline = {"HF_HUB_OFFLINE": "1"}
+    assert _hub_unreachable("tiny", offline) is None
+    assert _hub_unreachable(str(tmp_path), offline) is None  # a local folder: the worker reads it
+    reason = _hub_unreachable("stabilityai/stable-diffusion-3.5-medium", offline)
+    assert reason is not None and "HF_HUB_OFFLINE" in reason
+    # Cached weights load offline: the worker is tried.
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *args, **kwargs: "/cache/x")
+    assert _hub_unreachable("stabilityai/stable-diffusion-3.5-medium", offline) is None

@@ -1,9 +1,10 @@
 """Every transition, made by every actor, against a real Redis: the status it leaves and the events it
 appends to the outbox — exactly one terminal event per job, exactly one ``batch.completed`` per batch.
 
-Actors: the worker (claim, progress, finish), the API (cancel while queued, cancel while running), lost-job
-recovery (requeue, fail as lost) and expiry (the record's retention ran out under it). Each scenario is a
-sequence of steps on one job; the outbox is then read back and compared, event by event.
+Actors: the worker (claim, progress, finish), the API (cancel while queued, cancel while running, fail a job
+stranded on a model nobody serves), lost-job recovery (requeue, fail as lost) and expiry (the record's
+retention ran out under it). Each scenario is a sequence of steps on one job; the outbox is then read
+back and compared, event by event.
 """
 
 from __future__ import annotations
@@ -86,10 +87,15 @@ class World:
     def expire(self, job_id: str) -> None:
         self.redis.delete(job_key(job_id))
 
+    def strand(self, job_id: str) -> None:
+        """The API's sweep: nobody serves the job's model (services/jobs/unserved.py)."""
+        self.lifecycle.fail_unserved(job_id, "no worker", rq=rq_records.remove_from_queue(self.queue))
+
 
 Step = Callable[[World, str], None]
 claim, progress, succeed, fail = World.claim, World.progress, World.succeed, World.fail
 stop_canceled, cancel, lose, expire = World.stop_canceled, World.cancel, World.lose, World.expire
+strand = World.strand
 
 SCENARIOS: list[tuple[str, list[str] | None, list[Step], JobStatus | None, list[str]]] = [
     # name, webhook subscriptions (None: no webhook), steps, final status (None: gone), outbox event types
@@ -187,6 +193,22 @@ SCENARIOS: list[tuple[str, list[str] | None, list[Step], JobStatus | None, list[
         JobStatus.FAILED,
         ["generation.failed"],
     ),
+    ("stranded while queued: failed, off the queue", ALL, [strand], JobStatus.FAILED, ["generation.failed"]),
+    (
+        "claimed before the sweep: served after all",
+        ALL,
+        [claim, strand, succeed],
+        JobStatus.SUCCEEDED,
+        ["generation.started", "generation.succeeded"],
+    ),
+    (
+        "stranded after a lost run was requeued",
+        END,
+        [claim, lose, strand, claim],
+        JobStatus.FAILED,
+        ["generation.failed"],
+    ),
+    ("a canceled job is not stranded", ALL, [cancel, strand], JobStatus.CANCELED, ["generation.canceled"]),
     ("expired while queued: nobody can claim it", ALL, [expire, claim], None, []),
     ("expired while running: recovery drops it", ALL, [claim, expire, lose], None, ["generation.started"]),
 ]
@@ -231,7 +253,9 @@ def test_each_transition_appends_exactly_its_events(
         if subscriptions and (set(END) <= set(subscriptions) or "completed" in subscriptions):
             assert terminal and terminal[0].type == f"generation.{status.value}"
         assert redis_client.ttl(job_key(job.id)) > 0  # retention restarted with the end
-    if status is JobStatus.FAILED and record.attempt == 2:
+    if status is JobStatus.FAILED and strand in steps:
+        assert record.error == {"type": "model_unavailable", "message": "no worker"}
+    elif status is JobStatus.FAILED and record.attempt == 2:
         assert record.error == {"type": "worker_lost", "message": record.error["message"]}
 
 
@@ -251,6 +275,7 @@ BATCH_ENDINGS: list[tuple[str, list[list[Step]]]] = [
     ("the API's cancel ends the last item", [[claim, succeed], [claim, fail], [cancel]]),
     ("recovery ends the last item", [[cancel], [claim, succeed], [claim, lose, claim, lose]]),
     ("a cancel mid-run ends the last item", [[claim, succeed], [cancel], [claim, cancel, stop_canceled]]),
+    ("the stranded-job sweep ends the last item", [[claim, succeed], [strand], [strand]]),
 ]
 
 
