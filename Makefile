@@ -3,10 +3,18 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# On a machine without an NVIDIA driver, install the CPU build of torch first: the pyproject range is
-# then already satisfied and pip never downloads gigabytes of CUDA wheels.
+# On a machine without an NVIDIA driver (no `nvidia-smi`; override with HAS_NVIDIA=yes or HAS_NVIDIA=no),
+# install the CPU build of torch first: the pyproject range is then already satisfied and pip never
+# downloads gigabytes of CUDA wheels. On PyPI, Linux torch *is* the CUDA build (it pulls ~15 nvidia-*
+# packages), so the CPU build comes from TORCH_INDEX_URL, PyTorch's CPU wheel index, added as an *extra*
+# index: pip still reads its configured index, mirror or find-links, and prefers `2.13.0+cpu` from any of
+# them over PyPI's `2.13.0`. Set TORCH_INDEX_URL to a mirror of that index, or empty to rely on pip's
+# configuration alone. An index that does not answer (no internet, only a package mirror) is skipped with a
+# note instead of being retried for every package.
 TORCH_CPU_PIN ?= torch==2.13.0
-HAS_NVIDIA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
+TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
+HAS_NVIDIA ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
+TORCH_INDEX_PROBE := import sys, urllib.request; urllib.request.urlopen(sys.argv[1].rstrip("/") + "/torch/", timeout=10)
 STAMP := $(VENV)/.installed
 
 .PHONY: install run test test-all lint format clean generate browser check-deploy constraints openapi bench bench-gpu test-slow
@@ -15,7 +23,13 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 ifneq ($(HAS_NVIDIA),yes)
-	$(BIN)/python -m pip install -q "$(TORCH_CPU_PIN)"
+	@if [ -n "$(TORCH_INDEX_URL)" ] && $(BIN)/python -c '$(TORCH_INDEX_PROBE)' "$(TORCH_INDEX_URL)" 2>/dev/null; then \
+		echo "$(BIN)/python -m pip install -q \"$(TORCH_CPU_PIN)\" --extra-index-url $(TORCH_INDEX_URL)"; \
+		$(BIN)/python -m pip install -q "$(TORCH_CPU_PIN)" --extra-index-url "$(TORCH_INDEX_URL)"; \
+	else \
+		echo "note: CPU wheel index '$(TORCH_INDEX_URL)' not reachable; torch from pip's configured sources"; \
+		$(BIN)/python -m pip install -q "$(TORCH_CPU_PIN)"; \
+	fi
 endif
 	$(BIN)/python -m pip install -q -e ".[api,worker,dev]"
 	touch $(STAMP)
@@ -54,6 +68,11 @@ lint: install
 	$(BIN)/python -m api.openapi --check
 	$(BIN)/openapi-spec-validator docs/openapi.json
 	REDOCLY_TELEMETRY=off REDOCLY_SUPPRESS_UPDATE_NOTICE=true node_modules/.bin/redocly lint --format=summary docs/openapi.json
+
+## Chromium for the playground's browser tests (tests/api/test_playground.py), which use a system Chromium,
+## not a Playwright download: Debian/Ubuntu's package. Elsewhere point DARKROOM_CHROMIUM at a Chromium binary.
+browser:
+	command -v chromium >/dev/null 2>&1 || (sudo apt-get update && sudo apt-get install -y --no-install-recommends chromium)
 
 ## Re-export docs/openapi.json after changing routes or schemas (the drift test fails until you do).
 openapi: install

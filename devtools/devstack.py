@@ -118,7 +118,7 @@ class DevStack:
         self.spawn("webhooks", ["-m", "services.webhooks"], env)
         self.spawn("worker", ["-m", "worker"], env)
         model = env.get("DARKROOM_MODEL", "stabilityai/stable-diffusion-3.5-medium")
-        _say(f"loading model {model} in the worker (first run downloads ~10 GB into the HF cache)")
+        _say(f"loading model {model} in the worker (first run downloads ~16 GB into the HF cache)")
 
     def supervise(self) -> int:
         announced = False
