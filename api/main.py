@@ -24,6 +24,7 @@ from api.middleware import BodySizeLimitMiddleware, MetricsMiddleware, RequestCo
 from api.playground import router as playground_router
 from api.state import AppState, ModelLine
 from api.webhook_docs import install_webhook_docs
+from services import metrics
 from services.admission import Admitter, BatchAdmitter
 from services.api_keys import KeyRing
 from services.clients import REDIS_CONNECT_TIMEOUT_S, build_clients
@@ -97,6 +98,7 @@ def model_line(
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; ``settings`` defaults to the environment (tests pass their own)."""
+    metrics.export("api")  # /metrics serves the API's families only
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
