@@ -162,7 +162,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=MAX_BODY_BYTES)
     app.add_middleware(ApiKeyMiddleware)
     app.add_middleware(MetricsMiddleware)
-    app.add_middleware(RequestContextMiddleware)
+    # Successful probes and scrapes (make run polls /readyz while the worker loads) are logged at DEBUG.
+    app.add_middleware(RequestContextMiddleware, quiet_routes=("/healthz", "/readyz", "/metrics"))
     return app
 
 

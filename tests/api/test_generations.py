@@ -440,3 +440,17 @@ def test_file_urls_follow_the_request_when_no_public_url_is_set(
         with stack.client() as client:
             seen_as = client.get(f"/v1/generations/{job['id']}", headers={"Host": "darkroom.example:8443"})
         assert seen_as.json()["images"][0]["url"].startswith("http://darkroom.example:8443/v1/files/")
+
+
+def test_the_api_log_has_no_probe_lines_and_no_colour_codes(file_stack: Stack) -> None:
+    """Issue 15: the stack polled /readyz until the API was ready, and tests scrape /metrics: none of those
+    successful probes is an access line at INFO, and uvicorn's ``color_message`` is not copied in."""
+    with file_stack.client() as client:
+        assert client.get("/readyz").status_code == 200
+        assert client.get("/metrics").status_code == 200
+        assert client.get("/v1/generations/gen_nope").status_code == 404  # an ordinary request is logged
+    log = file_stack.logs("api")
+    assert "color_message" not in log and "\x1b[" not in log
+    assert "/v1/generations/gen_nope" in log
+    for path in ("/readyz", "/healthz", "/metrics"):
+        assert path not in log, path
