@@ -3,10 +3,18 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# On a machine without an NVIDIA driver, install the CPU build of torch first: the pyproject range is
-# then already satisfied and pip never downloads gigabytes of CUDA wheels.
+# On a machine without an NVIDIA driver (no `nvidia-smi`; override with HAS_NVIDIA=yes or HAS_NVIDIA=no),
+# install the CPU build of torch first: the pyproject range is then already satisfied and pip never
+# downloads gigabytes of CUDA wheels. On PyPI, Linux torch *is* the CUDA build (it pulls ~15 nvidia-*
+# packages), so the CPU build comes from TORCH_INDEX_URL, PyTorch's CPU wheel index, added as an *extra*
+# index: pip still reads its configured index, mirror or find-links, and prefers `2.13.0+cpu` from any of
+# them over PyPI's `2.13.0`. Set TORCH_INDEX_URL to a mirror of that index, or empty to rely on pip's
+# configuration alone. An index that does not answer (no internet, only a package mirror) is skipped with a
+# note instead of being retried for every package.
 TORCH_CPU_PIN ?= torch==2.13.0
-HAS_NVIDIA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
+TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
+HAS_NVIDIA ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
+TORCH_INDEX_PROBE := import sys, urllib.request; urllib.request.urlopen(sys.argv[1].rstrip("/") + "/torch/", timeout=10)
 # Two installs, each with its own stamp: `make run` needs the runtime extras only, everything else (tests,
 # lint, benchmarks) the dev toolchain too. The dev install includes the runtime one, so a venv made by
 # `make test` serves `make run` as is, and `make test` after `make run` adds the dev extra.
@@ -20,7 +28,14 @@ comma := ,
 define pip_install
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(if $(filter yes,$(HAS_NVIDIA)),,$(BIN)/python -m pip install -q "$(TORCH_CPU_PIN)")
+	@if [ "$(HAS_NVIDIA)" = yes ]; then :; \
+	elif [ -n "$(TORCH_INDEX_URL)" ] && $(BIN)/python -c '$(TORCH_INDEX_PROBE)' "$(TORCH_INDEX_URL)" 2>/dev/null; then \
+		echo "$(BIN)/python -m pip install -q \"$(TORCH_CPU_PIN)\" --extra-index-url $(TORCH_INDEX_URL)"; \
+		$(BIN)/python -m pip install -q "$(TORCH_CPU_PIN)" --extra-index-url "$(TORCH_INDEX_URL)"; \
+	else \
+		echo "note: CPU wheel index '$(TORCH_INDEX_URL)' not reachable; torch from pip's configured sources"; \
+		$(BIN)/python -m pip install -q "$(TORCH_CPU_PIN)"; \
+	fi
 	$(BIN)/python -m pip install -q -e ".[$(1)]"
 endef
 
@@ -53,7 +68,7 @@ run: install-run
 	$(BIN)/python -m devtools.devstack
 
 ## The test command (README, .ci/run): lint, types, then the default suite.
-test: install lint
+test: install browser lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not gpu and not slow" --durations=25
 
 ## The slow suites CI runs after `make test` (-s: their figures go to the log): the 200- and 2,000-job
@@ -75,6 +90,12 @@ lint: install
 	$(BIN)/python -m services.settings_reference --check
 	$(BIN)/openapi-spec-validator docs/openapi.json
 	REDOCLY_TELEMETRY=off REDOCLY_SUPPRESS_UPDATE_NOTICE=true node_modules/.bin/redocly lint --format=summary docs/openapi.json
+
+## Chromium for the playground's browser tests (tests/api/test_playground.py), which use a system Chromium,
+## not a Playwright download: Debian/Ubuntu's package. Elsewhere point DARKROOM_CHROMIUM at a Chromium binary.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+browser:
+	command -v chromium >/dev/null 2>&1 || ($(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends chromium)
 
 ## Re-export docs/openapi.json after changing routes or schemas (the drift test fails until you do).
 openapi: install

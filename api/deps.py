@@ -11,6 +11,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from api.state import AppState
+from services.storage import Storage
 
 
 def app_state(request: Request) -> AppState:
@@ -23,3 +24,12 @@ async def get_state(request: Request) -> AppState:
 
 
 StateDep = Annotated[AppState, Depends(get_state)]
+
+
+async def get_links(request: Request) -> Storage:
+    """The storage that signs this answer's download URLs: ``file://`` URLs are rooted at the URL this
+    request reached the API at, unless ``DARKROOM_PUBLIC_URL`` says otherwise."""
+    return app_state(request).clients.storage_for(str(request.base_url))
+
+
+LinksDep = Annotated[Storage, Depends(get_links)]

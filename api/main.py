@@ -24,6 +24,7 @@ from api.middleware import BodySizeLimitMiddleware, MetricsMiddleware, RequestCo
 from api.playground import router as playground_router
 from api.state import AppState, ModelLine
 from api.webhook_docs import install_webhook_docs
+from services import metrics
 from services.admission import Admitter, BatchAdmitter
 from services.api_keys import KeyRing
 from services.clients import REDIS_CONNECT_TIMEOUT_S, build_clients
@@ -98,6 +99,7 @@ def model_line(
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; ``settings`` defaults to the environment (tests pass their own)."""
+    metrics.export("api")  # /metrics serves the API's families only
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -165,7 +167,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=MAX_BODY_BYTES)
     app.add_middleware(ApiKeyMiddleware)
     app.add_middleware(MetricsMiddleware)
-    app.add_middleware(RequestContextMiddleware)
+    # Successful probes and scrapes (make run polls /readyz while the worker loads) are logged at DEBUG.
+    app.add_middleware(RequestContextMiddleware, quiet_routes=("/healthz", "/readyz", "/metrics"))
     return app
 
 

@@ -149,7 +149,10 @@ class RequestContextMiddleware:
             logged = True
             route = route_template(scope)
             log.log(
-                logging.DEBUG if route in self.quiet_routes else logging.INFO,
+                # A probe or scrape that succeeded says nothing; one that failed (a 503 /readyz) does.
+                logging.DEBUG
+                if route in self.quiet_routes and status is not None and status < 400
+                else logging.INFO,
                 "http_request",
                 method=scope.get("method"),
                 path=scope.get("path"),  # never the query string: it may carry tokens

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from api.auth import PrincipalDep
 from api.contract import SUBMIT, problem_responses
-from api.deps import StateDep
+from api.deps import LinksDep, StateDep
 from api.errors import ApiError, UnprocessableRequest
 from api.generations import service
 from api.generations.events import wait_until_finished
@@ -128,6 +128,7 @@ async def create_image(
     body: ImageGenerationRequest,
     state: StateDep,
     principal: PrincipalDep,
+    links: LinksDep,
     idempotency_key: Annotated[
         str | None,
         Header(
@@ -150,10 +151,10 @@ async def create_image(
         generation = body.generation(model)
     except ValidationError as exc:
         raise RequestValidationError(openai_field_errors(exc)) from None
-    submission = await service.submit(state, principal, generation, idempotency_key)
+    submission = await service.submit(state, principal, generation, idempotency_key, links=links)
     waited_s = state.settings.openai_images_wait.total_seconds()
     await wait_until_finished(state.redis_async, submission.job_id, waited_s)
-    job: Job = await service.view(state, principal, submission.job_id)
+    job: Job = await service.view(state, principal, submission.job_id, links=links)
     _check_succeeded(job, waited_s)
     _check_not_all_filtered(job)
     if body.wants_url:

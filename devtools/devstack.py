@@ -116,9 +116,10 @@ class DevStack:
         env.update(
             DARKROOM_REDIS_URL=redis_url,
             DARKROOM_STORAGE_URL=f"file://{(self.data_dir / 'outputs').resolve()}",
-            DARKROOM_PUBLIC_URL=self.api_url,
             PYTHONUNBUFFERED="1",
         )
+        # Webhook payloads have no request to take their URLs' base from; an operator's value wins.
+        env.setdefault("DARKROOM_PUBLIC_URL", self.api_url)
         env.setdefault("DARKROOM_WEBHOOK_SECRET", _webhook_secret(self.data_dir))
         if not env.get("DARKROOM_API_KEYS") and not env.get("DARKROOM_API_KEYS_FILE"):
             env.setdefault("DARKROOM_AUTH_DISABLED", "true")  # local only; set keys to try auth locally
@@ -170,7 +171,7 @@ class DevStack:
         if model == TINY_MODEL:
             _say("loading the offline tiny model in the worker")
         else:
-            _say(f"loading model {model} in the worker (first run downloads ~10 GB into the HF cache)")
+            _say(f"loading model {model} in the worker (first run downloads ~16 GB into the HF cache)")
 
     @staticmethod
     def _on_tiny_model(env: dict[str, str]) -> dict[str, str]:

@@ -33,12 +33,14 @@ from redis.retry import Retry
 from services.jobs.lifecycle import Lifecycle
 from services.jobs.store import JobStore
 from services.settings import Settings, get_settings
-from services.storage import RetryPolicy, Storage, storage_from_url
+from services.storage import FileStorage, RetryPolicy, Storage, storage_from_url
 from services.webhooks.delivery import make_webhook_client
 
 #: Where processes without ``DARKROOM_URL_SIGNING_KEY`` agree on one (see ``shared_url_signing_key``).
 URL_SIGNING_KEY = "darkroom:url-signing-key"
-#: Base of ``file://`` download URLs when ``DARKROOM_PUBLIC_URL`` is unset: the API's default bind address.
+#: Base of ``file://`` download URLs when ``DARKROOM_PUBLIC_URL`` is unset and no request says better: in
+#: webhook payloads (the webhook process has no request to read it from). uvicorn's and ``make run``'s
+#: default address. The API builds the URLs it answers with from the request's own base URL instead.
 DEFAULT_PUBLIC_URL = "http://127.0.0.1:8000"
 #: Route under which the API serves ``file://`` objects; the storage appends the object key.
 FILES_PATH = "/v1/files/"
@@ -168,6 +170,15 @@ class ServiceClients:
     @property
     def storage(self) -> Storage:
         return self._get("storage", self._build_storage)
+
+    def storage_for(self, request_base_url: str) -> Storage:
+        """The storage to sign an API answer's URLs with: ``file://`` URLs start at the request's base URL
+        (``http://host:port/root_path/``, as the client reached us) when ``DARKROOM_PUBLIC_URL`` is unset,
+        so they work whatever address or port the API listens on. Otherwise the process's storage."""
+        storage = self.storage
+        if self.settings.public_url or not isinstance(storage, FileStorage):
+            return storage
+        return storage.with_public_base_url(request_base_url.rstrip("/") + FILES_PATH)
 
     @property
     def webhook_client(self) -> httpx.Client:

@@ -117,10 +117,12 @@ def redact_secrets(logger: WrappedLogger, method_name: str, event_dict: EventDic
 def _drop_formatter_artifacts(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
     """Drop ``message``/``asctime``, which another handler's formatter (pytest's, Sentry's) may have set
     on a stdlib record before ours ran: ``ExtraAdder`` would report them as extras. Neither can be a
-    real extra (stdlib refuses both names in ``extra=``)."""
+    real extra (stdlib refuses both names in ``extra=``). Also uvicorn's ``color_message``: the same
+    message with ANSI escape codes, for uvicorn's own coloured formatter; in our lines it is noise."""
     if "_record" in event_dict:
         event_dict.pop("message", None)
         event_dict.pop("asctime", None)
+        event_dict.pop("color_message", None)
     return event_dict
 
 

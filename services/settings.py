@@ -243,7 +243,9 @@ class Settings(BaseSettings):
     )
     public_url: str | None = Field(
         None,
-        description="Base URL clients reach the API at (for file:// URLs in webhooks); else the request's.",
+        description="Base URL clients reach the API at, for file:// download URLs. Unset: the API's answers "
+        "use the URL each request reached it at, and webhook payloads (sent without a request) use "
+        "http://127.0.0.1:8000 — set it whenever webhook receivers fetch file:// images.",
     )
 
     # --- webhooks ----------------------------------------------------------------------------------------

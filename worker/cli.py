@@ -92,17 +92,26 @@ def run_generate(args: argparse.Namespace) -> int:
     from worker.engine import GenerationEngine  # heavy: torch + diffusers
     from worker.pipeline_loader import load_pipeline
 
+    # On a terminal one line is rewritten in place; into a pipe or a log, one line per step (a "\r" there
+    # would leave "step 1/8step 2/8..." on a single line).
+    rewrite = sys.stderr.isatty()
     try:
         engine = GenerationEngine(load_pipeline(settings))
 
         def show_progress(step: int, total: int) -> None:
-            print(f"\rstep {step}/{total}", end="", file=sys.stderr, flush=True)
+            if rewrite:
+                print(f"\rstep {step}/{total}", end="", file=sys.stderr, flush=True)
+            else:
+                print(f"step {step}/{total}", file=sys.stderr, flush=True)
 
         result = engine.generate(request, on_progress=show_progress)
     except EngineError as exc:
-        print(f"\nerror: {exc.code}: {exc}", file=sys.stderr)
+        if rewrite:
+            print(file=sys.stderr)  # end the progress line
+        print(f"error: {exc.code}: {exc}", file=sys.stderr)
         return 1
-    print(file=sys.stderr)
+    if rewrite:
+        print(file=sys.stderr)
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     args.output.parent.mkdir(parents=True, exist_ok=True)

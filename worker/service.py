@@ -158,6 +158,7 @@ def run_worker(settings: Settings, *, burst: bool = False) -> int:
     clients = build_clients(
         settings, storage_retry=RetryPolicy(deadline_s=settings.storage_retry_deadline.total_seconds())
     )
+    metrics.export("worker")
     if settings.worker_metrics_port:
         start_http_server(settings.worker_metrics_port, addr="0.0.0.0")
     # Before the model: a classifier that cannot be imported stops the worker at once, not after minutes.

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Header, Query, Response
 from api.auth import PrincipalDep
 from api.batches import service
 from api.contract import READ, SUBMIT, problem_responses
-from api.deps import StateDep
+from api.deps import LinksDep, StateDep
 from schemas.batches import DEFAULT_PAGE, MAX_PAGE, Batch, BatchList, CreateBatch
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
@@ -35,6 +35,7 @@ async def create_batch(
     body: CreateBatch,
     state: StateDep,
     principal: PrincipalDep,
+    links: LinksDep,
     idempotency_key: Annotated[
         str | None,
         Header(
@@ -55,7 +56,7 @@ async def create_batch(
     """
     submission = await service.submit(state, principal, body, idempotency_key)
     headers = {"Location": f"/v1/batches/{submission.batch_id}"}
-    batch = submission.batch or await service.view(state, principal, submission.batch_id)
+    batch = submission.batch or await service.view(state, principal, submission.batch_id, links=links)
     return _batch_response(batch, 202, headers)
 
 
@@ -90,12 +91,13 @@ async def get_batch(
     batch_id: str,
     state: StateDep,
     principal: PrincipalDep,
+    links: LinksDep,
     offset: Annotated[int, Query(ge=0, le=100_000, description="First item of the page (0-based).")] = 0,
     limit: Annotated[int, Query(ge=0, le=MAX_PAGE, description="Items in the page.")] = DEFAULT_PAGE,
 ) -> Response:
     """Status and counts cover every item; ``items`` is the page ``offset``..``offset + limit`` in
     submission order, with image URLs signed now; ``next_offset`` reads the next page (null at the end)."""
-    return _batch_response(await service.view(state, principal, batch_id, offset, limit), 200)
+    return _batch_response(await service.view(state, principal, batch_id, offset, limit, links=links), 200)
 
 
 @router.post(
@@ -111,8 +113,8 @@ async def get_batch(
         ),
     },
 )
-async def cancel_batch(batch_id: str, state: StateDep, principal: PrincipalDep) -> Response:
+async def cancel_batch(batch_id: str, state: StateDep, principal: PrincipalDep, links: LinksDep) -> Response:
     """Queued items → canceled at once; running ones → stop at their next step (202 until they have).
     A batch that has already ended → 409 ``batch_already_finished``."""
-    batch = await service.cancel(state, principal, batch_id)
+    batch = await service.cancel(state, principal, batch_id, links=links)
     return _batch_response(batch, 200 if batch.status.is_terminal else 202)

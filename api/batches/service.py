@@ -35,6 +35,7 @@ from services.jobs import JobRecord, decode_deliveries, job_key, new_job_id, utc
 from services.jobs.batches import BatchRecord, new_batch_id
 from services.jobs.keys import batch_key, batch_webhooks_key, items_key, owner_batches_key
 from services.queue import batch_queue
+from services.storage import Storage
 
 log = structlog.get_logger(__name__)
 IDEMPOTENCY_PREFIX = "darkroom:idempotency:batch:"
@@ -169,7 +170,13 @@ def _owned(record: BatchRecord | None, principal: str, batch_id: str) -> BatchRe
 
 
 async def view(
-    state: AppState, principal: str, batch_id: str, offset: int = 0, limit: int = DEFAULT_PAGE
+    state: AppState,
+    principal: str,
+    batch_id: str,
+    offset: int = 0,
+    limit: int = DEFAULT_PAGE,
+    *,
+    links: Storage,
 ) -> Batch:
     """The batch, counts over all items, and items ``offset``..``offset + limit`` with fresh URLs."""
     redis = state.redis_async
@@ -188,9 +195,9 @@ async def view(
             pipe.hgetall(job_key(job_id))
         replies = await pipe.execute()
     statuses = [value.decode() if value else None for value in replies[: len(ids)]]
-    storage, expiry = state.clients.storage, state.settings.url_expiry
+    expiry = state.settings.url_expiry
     page = [
-        render_item(JobRecord.from_hash(job_id, raw), storage, expiry)
+        render_item(JobRecord.from_hash(job_id, raw), links, expiry)
         for job_id, raw in zip(page_ids, replies[len(ids) :], strict=True)
         if raw
     ]
@@ -214,7 +221,9 @@ async def list_batches(state: AppState, principal: str, offset: int, limit: int)
     )  # +1: more?
     ids = [raw.decode().removeprefix(batch_key("")) for raw in raw_keys]
     batches = await asyncio.gather(
-        *(view(state, principal, batch_id, limit=0) for batch_id in ids[:limit]), return_exceptions=True
+        # limit=0: no items, so no URLs to sign
+        *(view(state, principal, batch_id, limit=0, links=state.clients.storage) for batch_id in ids[:limit]),
+        return_exceptions=True,
     )
     page: list[Batch] = []
     gone: list[str] = []
@@ -239,10 +248,10 @@ def _cancel(state: AppState, batch_id: str, model: str | None) -> None:
         raise Conflict(f"batch {batch_id} has already ended", code="batch_already_finished")
 
 
-async def cancel(state: AppState, principal: str, batch_id: str) -> Batch:
+async def cancel(state: AppState, principal: str, batch_id: str, *, links: Storage) -> Batch:
     """Cancel what has not ended; 409 ``batch_already_finished`` if everything has."""
-    current = await view(state, principal, batch_id, limit=0)
+    current = await view(state, principal, batch_id, limit=0, links=links)
     if current.status.is_terminal:
         raise Conflict(f"batch {batch_id} is already {current.status.value}", code="batch_already_finished")
     await run_in_threadpool(_cancel, state, batch_id, current.model)
-    return await view(state, principal, batch_id)
+    return await view(state, principal, batch_id, links=links)

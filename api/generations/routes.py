@@ -10,7 +10,7 @@ from fastapi.responses import StreamingResponse
 
 from api.auth import PrincipalDep
 from api.contract import READ, SUBMIT, event_stream_response, problem_responses
-from api.deps import StateDep
+from api.deps import LinksDep, StateDep
 from api.generations import service
 from api.generations.events import sse_stream, wait_until_finished
 from api.generations.prefer import preferred_wait
@@ -58,6 +58,7 @@ async def create_generation(
     body: CreateGeneration,
     state: StateDep,
     principal: PrincipalDep,
+    links: LinksDep,
     idempotency_key: Annotated[
         str | None,
         Header(
@@ -88,7 +89,7 @@ async def create_generation(
     withholds is listed with ``finish_reason: content_filtered`` and no ``url``.
     """
     wait_s = preferred_wait(prefer, state.settings.max_wait.total_seconds())  # a bad one queues nothing
-    submission = await service.submit(state, principal, body, idempotency_key)
+    submission = await service.submit(state, principal, body, idempotency_key, links=links)
     headers = {"Location": f"/v1/generations/{submission.job_id}"}
     job = submission.job
     if wait_s > 0:
@@ -96,7 +97,7 @@ async def create_generation(
         await wait_until_finished(state.redis_async, submission.job_id, wait_s)
         job = None
     if job is None:
-        job = await service.view(state, principal, submission.job_id)
+        job = await service.view(state, principal, submission.job_id, links=links)
     return _job_response(job, 200 if job.status.is_terminal and wait_s > 0 else 202, headers)
 
 
@@ -108,9 +109,9 @@ async def create_generation(
     response_description="The job.",
     responses=problem_responses(*READ),
 )
-async def get_generation(job_id: str, state: StateDep, principal: PrincipalDep) -> Response:
+async def get_generation(job_id: str, state: StateDep, principal: PrincipalDep, links: LinksDep) -> Response:
     """The job with image URLs signed now (they expire; read again for fresh ones)."""
-    return _job_response(await service.view(state, principal, job_id), 200)
+    return _job_response(await service.view(state, principal, job_id, links=links), 200)
 
 
 @router.post(
@@ -126,9 +127,11 @@ async def get_generation(job_id: str, state: StateDep, principal: PrincipalDep) 
         ),
     },
 )
-async def cancel_generation(job_id: str, state: StateDep, principal: PrincipalDep) -> Response:
+async def cancel_generation(
+    job_id: str, state: StateDep, principal: PrincipalDep, links: LinksDep
+) -> Response:
     """Queued → canceled at once (200). Running → interrupted at the next step (202). Finished → 409."""
-    job = await service.cancel(state, principal, job_id)
+    job = await service.cancel(state, principal, job_id, links=links)
     return _job_response(job, 200 if job.status.is_terminal else 202)
 
 
@@ -150,6 +153,7 @@ async def generation_events(
     request: Request,
     state: StateDep,
     principal: PrincipalDep,
+    links: LinksDep,
     last_event_id: Annotated[
         str | None, Header(description="Resume after this event id (reconnecting clients send it).")
     ] = None,
@@ -158,7 +162,7 @@ async def generation_events(
     await service.load(state, principal, job_id)  # 404 before the stream starts
 
     async def final_job() -> dict[str, Any]:
-        job = await service.view(state, principal, job_id)
+        job = await service.view(state, principal, job_id, links=links)
         return job.model_dump(mode="json")
 
     resume_from = last_event_id if last_event_id and _is_stream_id(last_event_id) else "0-0"

@@ -27,7 +27,7 @@ from services.job_views import render_job
 from services.jobs import JobRecord, decode_deliveries, job_key, new_job_id, utcnow, webhooks_key
 from services.queue import job_queue
 from services.rq_records import queue_position_async, remove_from_queue
-from services.storage import StorageError, init_image_key, mask_image_key
+from services.storage import Storage, StorageError, init_image_key, mask_image_key
 
 log = structlog.get_logger(__name__)
 IDEMPOTENCY_PREFIX = "darkroom:idempotency:"
@@ -98,8 +98,14 @@ def check_loras(state: AppState, request: GenerationRequest) -> None:
 
 
 async def submit(
-    state: AppState, principal: str, body: CreateGeneration, idempotency_key: str | None
+    state: AppState,
+    principal: str,
+    body: CreateGeneration,
+    idempotency_key: str | None,
+    *,
+    links: Storage,
 ) -> Submission:
+    """``links``: the storage that signs the answer's URLs (``api.deps.LinksDep``)."""
     line = served_line(state, body.model)  # before anything is stored, claimed or queued
     check_prompt(state, body)
     check_loras(state, body)
@@ -164,7 +170,7 @@ async def submit(
     log.debug("job submitted", seed=request.seed, size=f"{request.width}x{request.height}")
     job = render_job(
         record,
-        state.clients.storage,
+        links,
         state.settings.url_expiry,
         # The view never echoes an init image or mask (a mask needs an init image).
         request=request if request.init_image is None else None,
@@ -196,7 +202,7 @@ async def load(state: AppState, principal: str, job_id: str) -> JobRecord:
     return _owned(JobRecord.from_hash(job_id, raw) if raw else None, principal, job_id)
 
 
-async def view(state: AppState, principal: str, job_id: str) -> Job:
+async def view(state: AppState, principal: str, job_id: str, *, links: Storage) -> Job:
     """The public job, with URLs signed now and the current queue position."""
     record, deliveries = await _read(state, job_id)
     record = _owned(record, principal, job_id)
@@ -206,7 +212,7 @@ async def view(state: AppState, principal: str, job_id: str) -> Job:
         position = await queue_position_async(state.redis_async, queue, job_id)
     return render_job(
         record,
-        state.clients.storage,
+        links,
         state.settings.url_expiry,
         queue_position=position,
         deliveries=deliveries if record.webhook else None,
@@ -222,8 +228,8 @@ def _cancel(state: AppState, record: JobRecord) -> None:
         raise Conflict(f"job {record.id} is already {previous.value}", code="job_already_finished")
 
 
-async def cancel(state: AppState, principal: str, job_id: str) -> Job:
+async def cancel(state: AppState, principal: str, job_id: str, *, links: Storage) -> Job:
     """Queued: canceled at once. Running: interrupted at the next denoising step. Finished: 409."""
     record = await load(state, principal, job_id)
     await run_in_threadpool(_cancel, state, record)
-    return await view(state, principal, job_id)
+    return await view(state, principal, job_id, links=links)

@@ -30,6 +30,7 @@ from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Resp
 from api.errors import NotFound
 from schemas.generation import MAX_LORA_SCALE, MAX_LORAS, MAX_SEED, GenerationRequest, LoraRequest
 from schemas.sizes import ASPECT_RATIO_SIZES, DEFAULT_ASPECT_RATIO
+from services.settings import TINY_MODEL
 
 PAGE_PATH = "/playground"
 STATIC_DIR = Path(__file__).resolve().parent
@@ -59,7 +60,7 @@ async def root(request: Request) -> RedirectResponse:
 async def playground_page(request: Request) -> HTMLResponse:
     """The page itself; its asset and API URLs are relative, so it also works behind a path prefix."""
     return HTMLResponse(
-        render_page(auth_required=auth_required(request)),
+        render_page(auth_required=auth_required(request), tiny_model=serves_tiny_model(request)),
         headers={**_HEADERS, "Content-Security-Policy": CONTENT_SECURITY_POLICY},
     )
 
@@ -68,6 +69,13 @@ def auth_required(request: Request) -> bool:
     """Whether API calls need a key: the same test ``ApiKeyMiddleware`` makes (no key ring, no check)."""
     state = getattr(request.app.state, "darkroom", None)
     return state is not None and state.keys is not None
+
+
+def serves_tiny_model(request: Request) -> bool:
+    """Whether this API's default model is the offline tiny one (``DARKROOM_MODEL=tiny``, or ``make run``'s
+    fallback when the real weights cannot be loaded): its images are noise, and the page says so."""
+    state = getattr(request.app.state, "darkroom", None)
+    return state is not None and state.settings.model == TINY_MODEL
 
 
 @router.get(PAGE_PATH + "/static/{name}")
@@ -80,14 +88,14 @@ async def playground_static(name: str) -> Response:
 
 
 @cache
-def render_page(*, auth_required: bool) -> str:
+def render_page(*, auth_required: bool, tiny_model: bool = False) -> str:
     """``index.html`` with the request model's presets, defaults and limits filled in (once per process
     for each answer to "does this server want an API key")."""
     template = Template((STATIC_DIR / "index.html").read_text(encoding="utf-8"))
-    return template.substitute(page_values(auth_required=auth_required))
+    return template.substitute(page_values(auth_required=auth_required, tiny_model=tiny_model))
 
 
-def page_values(*, auth_required: bool) -> dict[str, str]:
+def page_values(*, auth_required: bool, tiny_model: bool = False) -> dict[str, str]:
     """The values ``index.html`` refers to as ``$name``: derived from ``schemas/``, plus whether the API
     key field is shown (with auth off there is nothing to enter)."""
     fields = GenerationRequest.model_fields
@@ -98,6 +106,7 @@ def page_values(*, auth_required: bool) -> dict[str, str]:
     )
     return {
         "api_key_hidden": "" if auth_required else " hidden",
+        "tiny_model_hidden": "" if tiny_model else " hidden",
         "aspect_ratio_options": options,
         "max_seed": str(MAX_SEED),
         "steps_default": str(fields["num_inference_steps"].default),

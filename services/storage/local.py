@@ -61,6 +61,13 @@ class FileStorage:
     def __repr__(self) -> str:
         return f"FileStorage('file://{self.root}', public_base_url={self.public_base_url!r})"
 
+    def with_public_base_url(self, public_base_url: str) -> "FileStorage":
+        """The same folder and signing key, building URLs under another base (the API's, as a request
+        reached it). Cheap: no I/O, nothing shared but immutable settings."""
+        return FileStorage(
+            self.root, public_base_url=public_base_url, signing_key=self._signing_key, clock=self._clock
+        )
+
     @property
     def signs_urls(self) -> bool:
         """Whether `url_for` adds an expiry and signature the API must check with `verify_url`."""

@@ -24,6 +24,7 @@ import structlog
 from prometheus_client import start_http_server
 from rq.serializers import JSONSerializer
 
+from services import metrics
 from services.clients import build_clients, close_process_clients, make_redis, set_process_clients
 from services.logging import configure_logging
 from services.queue import webhook_queue
@@ -51,6 +52,7 @@ def run_worker(settings: Settings, *, burst: bool = False) -> int:
     """
     clients = build_clients(settings)
     set_process_clients(clients)  # what ``deliver_webhook`` will use in this process
+    metrics.export("webhooks")
     if settings.worker_metrics_port:
         start_http_server(settings.worker_metrics_port)
         log.info("metrics.listening", port=settings.worker_metrics_port)

@@ -6,6 +6,7 @@ Every test talks HTTP to the running stack; jobs are small (512², a few steps) 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import io
 import json
@@ -23,7 +24,7 @@ from standardwebhooks.webhooks import Webhook
 from schemas.jobs import CreateGeneration
 from tests.api.spec_schemas import stream_event_errors
 from tests.fixtures.http_receiver import HttpReceiver
-from tests.fixtures.stack import TEST_WEBHOOK_SECRET, Stack
+from tests.fixtures.stack import TEST_WEBHOOK_SECRET, Stack, api_stack
 
 SMALL: dict[str, Any] = {
     "prompt": "a red fox in the snow",
@@ -422,3 +423,34 @@ def test_concurrent_submissions_all_finish(file_stack: Stack) -> None:
     assert len(set(ids)) == 8
     for job_id in ids:
         assert file_stack.wait_for(job_id, {"succeeded"}, timeout=60)["status"] == "succeeded"
+
+
+def test_file_urls_follow_the_request_when_no_public_url_is_set(
+    shared_backend: Stack, tmp_path: Path
+) -> None:
+    """Issue 15: with ``DARKROOM_PUBLIC_URL`` unset, download URLs start at the URL the request reached the
+    API at (its port, or a Host header), not at a fixed 127.0.0.1:8000."""
+    with contextlib.contextmanager(api_stack)(shared_backend, tmp_path, {"DARKROOM_PUBLIC_URL": ""}) as stack:
+        assert not stack.api_url.endswith(":8000")
+        job = submit(stack, {**SMALL, "seed": 3}, Prefer="wait=60").json()
+        assert job["status"] == "succeeded", job
+        url = job["images"][0]["url"]
+        assert url.startswith(f"{stack.api_url}/v1/files/"), url
+        assert hashlib.sha256(download(url)).hexdigest() == job["images"][0]["sha256"]
+        with stack.client() as client:
+            seen_as = client.get(f"/v1/generations/{job['id']}", headers={"Host": "darkroom.example:8443"})
+        assert seen_as.json()["images"][0]["url"].startswith("http://darkroom.example:8443/v1/files/")
+
+
+def test_the_api_log_has_no_probe_lines_and_no_colour_codes(file_stack: Stack) -> None:
+    """Issue 15: the stack polled /readyz until the API was ready, and tests scrape /metrics: none of those
+    successful probes is an access line at INFO, and uvicorn's ``color_message`` is not copied in."""
+    with file_stack.client() as client:
+        assert client.get("/readyz").status_code == 200
+        assert client.get("/metrics").status_code == 200
+        assert client.get("/v1/generations/gen_nope").status_code == 404  # an ordinary request is logged
+    log = file_stack.logs("api")
+    assert "color_message" not in log and "\x1b[" not in log
+    assert "/v1/generations/gen_nope" in log
+    for path in ("/readyz", "/healthz", "/metrics"):
+        assert path not in log, path

@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from devtools.net import free_port
+from services import metrics
 from tests.fixtures.s3 import FAKE_AWS_ENV, MotoServer, s3_client
 from tests.fixtures.stack import Stack, start_stack
 
@@ -89,7 +90,16 @@ def test_image_to_image_through_the_api(s3_stack: Stack) -> None:
     assert httpx.get(job["init_image_url"], timeout=10).content == buffer.getvalue()
 
 
-def test_the_worker_exports_its_own_metrics(s3_stack: Stack) -> None:
+def families(exposition: str) -> set[str]:
+    """The ``darkroom_*`` families of a scrape, from its ``# TYPE`` lines, named as in services/metrics.py
+    (a counter without ``_total``)."""
+    lines = exposition.splitlines()
+    return {line.split()[2].removesuffix("_total") for line in lines if line.startswith("# TYPE darkroom_")}
+
+
+def test_each_process_exports_its_own_metrics_only(s3_stack: Stack) -> None:
+    """Issue 15: the API's /metrics has no worker families (no phantom worker at 0 steps/s on the
+    dashboard), the worker's none of the API's, and no ``*_created`` series anywhere."""
     s3_stack.wait_for(submit(s3_stack, {**SMALL, "seed": 5})["id"], {"succeeded"})
     text = httpx.get(f"http://127.0.0.1:{s3_stack.worker_metrics_port}/metrics", timeout=10).text
     assert 'darkroom_generation_jobs_total{outcome="succeeded"}' in text
@@ -97,6 +107,19 @@ def test_the_worker_exports_its_own_metrics(s3_stack: Stack) -> None:
     assert "darkroom_generation_queue_wait_seconds_count" in text
     assert 'darkroom_worker_ready{model="tiny"} 1.0' in text
     assert 'darkroom_generation_jobs_running{model="tiny"} 0.0' in text
+    with s3_stack.client() as client:
+        api_text = client.get("/metrics").text
+    assert 'darkroom_generation_submissions_total{outcome="accepted"}' in api_text
+
+    api, worker = families(api_text), families(text)
+    api_only = {family._name for family in metrics.ROLES["api"]} - {metrics.JOBS._name}
+    worker_only = {family._name for family in metrics.ROLES["worker"]} - {metrics.JOBS._name}
+    assert api == api_only | {"darkroom_generation_jobs"}, api
+    assert worker == worker_only | {"darkroom_generation_jobs"}, worker
+    assert not api & (worker_only | {"darkroom_webhook_attempts"})
+    assert not worker & api_only
+    for exposition in (api_text, text):
+        assert "_created" not in exposition
 
 
 # Last in the module: it stops the module's worker.

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 import structlog
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, FastAPI, Response
 from fastapi.responses import StreamingResponse
 from prometheus_client import REGISTRY, make_asgi_app
 from starlette.types import Message, Receive, Scope, Send
@@ -39,7 +39,11 @@ def build_app() -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=256)
     app.add_middleware(MetricsMiddleware)
-    app.add_middleware(RequestContextMiddleware, quiet_routes={"/metrics"})
+    app.add_middleware(RequestContextMiddleware, quiet_routes={"/metrics", "/probe"})
+
+    @app.get("/probe")
+    async def probe(fail: bool = False) -> Response:
+        return Response(status_code=503 if fail else 200)
 
     @app.get("/items/{item_id}")
     async def get_item(item_id: str) -> dict[str, Any]:
@@ -249,6 +253,15 @@ def test_quiet_routes_log_at_debug(client: httpx.Client, logs: LogCapture) -> No
     client.get("/metrics/")
     (access,) = [line for line in logs.lines() if line["event"] == "http_request"]
     assert access["level"] == "debug" and access["route"] == "/metrics"
+
+
+def test_a_failing_probe_is_logged_at_info(client: httpx.Client, logs: LogCapture) -> None:
+    """Successful probes are noise (make run polls /readyz while the model loads); a failing one is news."""
+    logs.mark()
+    client.get("/probe")
+    client.get("/probe", params={"fail": "true"})
+    levels = [(line["level"], line["status"]) for line in logs.lines() if line["event"] == "http_request"]
+    assert levels == [("debug", 200), ("info", 503)]
 
 
 # --- metrics -----------------------------------------------------------------------------------------------

@@ -239,6 +239,19 @@ def test_served_from_the_root_without_openapi_entries_or_stray_files(playground_
 # --- in the browser -------------------------------------------------------------------------------------
 
 
+def test_the_page_says_when_the_server_runs_the_tiny_model(
+    page: Page, playground_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 15: the stack serves the offline tiny model (DARKROOM_MODEL=tiny), so the page warns that its
+    images are noise before anyone waits for one."""
+    page.goto(f"{playground_url}/playground")
+    warning = page.locator("#tiny-model-warning")
+    expect(warning).to_be_visible()
+    expect(warning).to_contain_text("tiny test model")
+    expect(warning).to_contain_text("images are noise")
+    save_screenshot(page, "tiny-model-warning.png", capsys)
+
+
 def test_server_validation_errors_are_shown_next_to_their_fields(
     page: Page, playground_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

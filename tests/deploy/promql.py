@@ -51,13 +51,12 @@ def exported_series() -> dict[str, Series]:
         labels = frozenset(value._labelnames)
         kind = value._type
         if kind == "counter":
-            names = {f"{family}_total": labels, f"{family}_created": labels}
+            names = {f"{family}_total": labels}  # no _created: services.metrics.export turns them off
         elif kind == "histogram":
             names = {
                 f"{family}_bucket": labels | {"le"},
                 f"{family}_sum": labels,
                 f"{family}_count": labels,
-                f"{family}_created": labels,
             }
         elif kind == "summary":
             names = {f"{family}": labels | {"quantile"}, f"{family}_sum": labels, f"{family}_count": labels}

@@ -7,7 +7,9 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client.metrics import MetricWrapperBase
 
+from services import metrics
 from tests.deploy import ROOT
 from tests.deploy.promql import exported_series, problems, selectors
 
@@ -119,3 +121,11 @@ def test_compose_grafana_provisioning_points_at_the_stack() -> None:
     mounts = dict(str(v).split(":")[:2] for v in compose["grafana"]["volumes"])
     target = mounts["./deploy/grafana/darkroom-dashboard.json"]
     assert target.rsplit("/", 1)[0] == provider["options"]["path"]
+
+
+def test_every_metric_is_exported_by_a_scraped_process() -> None:
+    """Each process exports only its role's families (services.metrics.export); a metric in no role would
+    be defined, updated and never scraped, and a dashboard panel on it silently empty."""
+    defined = {id(value) for value in vars(metrics).values() if isinstance(value, MetricWrapperBase)}
+    exported = {id(family) for families in metrics.ROLES.values() for family in families}
+    assert defined == exported

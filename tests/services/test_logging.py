@@ -87,6 +87,17 @@ def test_third_party_loggers_share_the_shape(configure: Configure) -> None:
     assert all(line["request_id"] == "req-2" for line in lines)
 
 
+def test_uvicorns_color_message_is_dropped(configure: Configure) -> None:
+    """uvicorn passes its message again with ANSI colours as ``color_message``; it must not be a field."""
+    buffer = configure("production", "INFO")
+    logging.getLogger("uvicorn.error").info(
+        "Uvicorn running on %s", "http://127.0.0.1:8000", extra={"color_message": "\x1b[1m%s\x1b[0m"}
+    )
+    (line,) = json_lines(buffer)
+    assert line["event"] == "Uvicorn running on http://127.0.0.1:8000"
+    assert "color_message" not in line and "\x1b" not in buffer.getvalue()
+
+
 def test_stdlib_extra_fields_are_kept(configure: Configure) -> None:
     buffer = configure()
     logging.getLogger("x").info("stored", extra={"key": "outputs/job_1/0.png", "bytes": 1024})

@@ -163,6 +163,11 @@ def test_retries_until_delivered_then_exits_0_on_sigterm(
     metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
     assert 'darkroom_webhook_attempts_total{outcome="retry"} 2.0' in metrics
     assert 'darkroom_webhook_attempts_total{outcome="delivered"} 1.0' in metrics
+    exported = {line.split()[2] for line in metrics.splitlines() if line.startswith("# TYPE darkroom_")}
+    assert exported == {
+        "darkroom_webhook_attempts_total"
+    }  # its own family only (issue 15), no _created series
+    assert "_created" not in metrics
 
     assert stop(worker) == 0
     # Logs: on stderr, one JSON object per line, with the job and message ids as fields.

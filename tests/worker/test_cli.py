@@ -63,7 +63,9 @@ def test_the_cli_reports_seeds_progress_and_writes_every_image(tiny_model_dir: P
     assert [image["seed"] for image in summary["images"]] == [41, 42]
     assert summary["request"]["output_format"] == "webp"
     assert (tmp_path / "fox.webp").is_file() and (tmp_path / "fox-1.webp").is_file()
-    assert "step 2/2" in done.stderr
+    # Not a terminal (stderr is a pipe): one line per step, no carriage returns (issue 15).
+    steps = [line for line in done.stderr.splitlines() if line.startswith("step ")]
+    assert steps == ["step 1/2", "step 2/2"] and "\r" not in done.stderr
 
 
 def test_bad_arguments_are_reported_by_field_with_exit_code_2(tiny_model_dir: Path, tmp_path: Path) -> None:
