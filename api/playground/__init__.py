@@ -6,14 +6,14 @@ vanilla JS module and one stylesheet that ship inside the package and talk to th
 ``/v1/generations`` API like any other client. It adds no API endpoint of its own, so it cannot drift from
 the contract, and it is left out of the OpenAPI schema.
 
-The page's size presets and numeric limits (LoRA count and scales included) are filled in from
-``schemas/`` when the page is first served, so they follow the request model rather than repeating it. The
-models come from ``GET /v1/models`` when the page loads (with their ready workers); the LoRA names have no
-listing, so the page takes whatever is typed and shows the server's ``lora_not_found`` answer, which names
-the ones on offer. Whether the server wants an API key is filled in too (a yes or no, nothing about the
-keys): the page shows its "API key" field only then. The key a person types stays in the tab's
-``sessionStorage`` and travels only as an ``Authorization`` header, which is also why the page follows jobs
-with a fetch-based SSE reader rather than ``EventSource`` (it cannot send one).
+The page's size presets, size limits and numeric limits (LoRA count and scales included) are filled in
+from ``schemas/`` when the page is first served, so they follow the request model rather than repeating
+it. The models come from ``GET /v1/models`` when the page loads (with their ready workers); the LoRA names
+have no listing, so the page takes whatever is typed and shows the server's ``lora_not_found`` answer,
+which names the ones on offer. Whether the server wants an API key is filled in too (a yes or no, nothing
+about the keys): the page shows its "API key" field only then. The key a person types stays in the tab's
+``sessionStorage`` and travels only as an ``Authorization`` header, which is also why the page follows
+jobs with a fetch-based SSE reader rather than ``EventSource`` (it cannot send one).
 """
 
 from __future__ import annotations
@@ -29,7 +29,15 @@ from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Resp
 
 from api.errors import NotFound
 from schemas.generation import MAX_LORA_SCALE, MAX_LORAS, MAX_SEED, GenerationRequest, LoraRequest
-from schemas.sizes import ASPECT_RATIO_SIZES, DEFAULT_ASPECT_RATIO
+from schemas.sizes import (
+    ASPECT_RATIO_SIZES,
+    DEFAULT_ASPECT_RATIO,
+    MAX_MEGAPIXELS,
+    MAX_SIDE,
+    MIN_MEGAPIXELS,
+    MIN_SIDE,
+    SIZE_MULTIPLE,
+)
 from services.settings import TINY_MODEL
 
 PAGE_PATH = "/playground"
@@ -44,6 +52,11 @@ CONTENT_SECURITY_POLICY = (
     "default-src 'self'; img-src 'self' data: blob: http: https:; script-src 'self'; style-src 'self'; "
     "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
 )
+# The size menu's entry for the width and height fields (the request then sends those instead of a preset).
+CUSTOM_SIZE = "custom"
+# Where the form starts with the offline tiny model: a CPU answers in seconds (1 MP at 40 steps: a minute).
+TINY_MODEL_SIZE = (512, 512)
+TINY_MODEL_STEPS = 4
 # Revalidate every time (ETag / Last-Modified make that cheap), so an upgraded server is seen at once.
 _HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
 
@@ -97,19 +110,30 @@ def render_page(*, auth_required: bool, tiny_model: bool = False) -> str:
 
 def page_values(*, auth_required: bool, tiny_model: bool = False) -> dict[str, str]:
     """The values ``index.html`` refers to as ``$name``: derived from ``schemas/``, plus whether the API
-    key field is shown (with auth off there is nothing to enter)."""
+    key field is shown (with auth off there is nothing to enter). With the tiny model the form starts at a
+    small custom size and few steps, so a first try on a CPU takes seconds; else at the API's defaults."""
     fields = GenerationRequest.model_fields
-    options = "\n            ".join(
-        f'<option value="{html.escape(ratio.value)}"{" selected" if ratio is DEFAULT_ASPECT_RATIO else ""}>'
-        f"{html.escape(ratio.value)} · {width}×{height}</option>"
-        for ratio, (width, height) in ASPECT_RATIO_SIZES.items()
-    )
+    chosen = CUSTOM_SIZE if tiny_model else DEFAULT_ASPECT_RATIO.value
+    width, height = TINY_MODEL_SIZE if tiny_model else ASPECT_RATIO_SIZES[DEFAULT_ASPECT_RATIO]
+    steps = TINY_MODEL_STEPS if tiny_model else fields["num_inference_steps"].default
+    options = [
+        _option(ratio.value, f"{ratio.value} · {w}×{h}", chosen, f' data-width="{w}" data-height="{h}"')
+        for ratio, (w, h) in ASPECT_RATIO_SIZES.items()
+    ]
+    options.append(_option(CUSTOM_SIZE, "custom size", chosen))
     return {
         "api_key_hidden": "" if auth_required else " hidden",
         "tiny_model_hidden": "" if tiny_model else " hidden",
-        "aspect_ratio_options": options,
+        "aspect_ratio_options": "\n            ".join(options),
+        "width_default": str(width),
+        "height_default": str(height),
+        "side_min": str(MIN_SIDE),
+        "side_max": str(MAX_SIDE),
+        "side_step": str(SIZE_MULTIPLE),
+        "megapixels_min": f"{MIN_MEGAPIXELS:g}",
+        "megapixels_max": f"{MAX_MEGAPIXELS:g}",
         "max_seed": str(MAX_SEED),
-        "steps_default": str(fields["num_inference_steps"].default),
+        "steps_default": str(steps),
         "steps_min": str(_bound("num_inference_steps", "ge")),
         "steps_max": str(_bound("num_inference_steps", "le")),
         "guidance_default": str(fields["guidance_scale"].default),
@@ -123,6 +147,11 @@ def page_values(*, auth_required: bool, tiny_model: bool = False) -> dict[str, s
         "lora_scale_max": f"{MAX_LORA_SCALE:g}",
         "lora_scale_default": f"{LoraRequest.model_fields['scale'].default:g}",
     }
+
+
+def _option(value: str, label: str, chosen: str, attributes: str = "") -> str:
+    selected = " selected" if value == chosen else ""
+    return f'<option value="{html.escape(value)}"{attributes}{selected}>{html.escape(label)}</option>'
 
 
 def _bound(field: str, constraint: str) -> Any:

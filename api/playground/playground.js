@@ -1,7 +1,8 @@
 // The darkroom playground: a plain client of the public API, nothing more.
 // GET /v1/models for the model menu, POST /v1/generations, follow GET /v1/generations/{id}/events (status,
 // progress, then the final job), show the images. The server is the only validator: its problem+json errors
-// go next to their fields (a LoRA name it does not offer too: no endpoint lists them, its answer does).
+// go next to their fields, in plain words (a LoRA name it does not offer too: no endpoint lists them, its
+// answer does). After a generation the result is scrolled into view.
 // With API keys on, every call carries `Authorization: Bearer <key>` — which `EventSource` cannot send, so
 // the event stream is read with fetch and parsed here (see EventStreamParser).
 
@@ -17,8 +18,7 @@ const POLL_MISSES = 5; // failed reads in a row before the page gives up on a jo
 const STREAM_RETRY_MS = 2000; // reconnection delay until the stream's own `retry:` field says otherwise
 const STREAM_ATTEMPTS = 3; // connections in a row that deliver nothing before falling back to polling
 const TERMINAL = ["succeeded", "failed", "canceled"];
-// A field the page has no control for is reported on the control that decides it.
-const FIELD_ALIASES = { width: "aspect_ratio", height: "aspect_ratio" };
+const CUSTOM_SIZE = "custom"; // the size menu's entry for the width and height fields
 // sessionStorage, never localStorage: the key is gone when the tab closes and is never put in a URL.
 const KEY_STORAGE = "darkroom.apiKey";
 
@@ -26,7 +26,7 @@ let initImage = null; // data: URL of the chosen input image
 let maskImage = null; // data: URL of the chosen inpainting mask (only ever with an input image)
 let sentLoraRows = []; // the LoRA rows the last request sent, in order: `loras.1.name` is the second
 let modelsLoad = null; // AbortController of the GET /v1/models in flight
-let aspectBeforeImage = null; // the preset chosen before "match the input image" took over
+let sizeBeforeImage = null; // { choice, width, height } before "match the input image" took over
 let current = null; // { id, controller, poll } of the job being followed
 
 // --- the API key -----------------------------------------------------------------------------------------
@@ -92,7 +92,12 @@ function requestBody() {
     num_images: numberField("num_images"),
   };
   if (fields.negative_prompt.value.trim()) body.negative_prompt = fields.negative_prompt.value;
-  if (fields.aspect_ratio.value) body.aspect_ratio = fields.aspect_ratio.value;
+  if (fields.aspect_ratio.value === CUSTOM_SIZE) {
+    body.width = numberField("width");
+    body.height = numberField("height");
+  } else if (fields.aspect_ratio.value) {
+    body.aspect_ratio = fields.aspect_ratio.value;
+  }
   if (fields.seed_locked.checked) body.seed = numberField("seed");
   if (!byId("model-field").hidden && fields.model.value) body.model = fields.model.value;
   const loras = loraRequest();
@@ -367,6 +372,7 @@ function finish(job) {
     if (job.progress) showProgress(job.progress);
     showStatus(`Done: ${job.images.length} image${job.images.length === 1 ? "" : "s"}${elapsed(job)}.`);
     showImages(job);
+    revealResult();
   } else if (job.status === "canceled") {
     showStatus("Canceled.");
   } else {
@@ -437,6 +443,23 @@ function showImages(job) {
   byId("gallery").replaceChildren(...items);
 }
 
+// The finished images in view: after a long form the Generate button sits far below the result panel. The
+// status line (a live region) has announced "Done"; focus moves to the result's heading only when nothing
+// else holds it (the Generate button was disabled while the job ran), never out of a field being edited.
+function revealResult() {
+  const panel = byId("output");
+  const first = byId("gallery").firstElementChild ?? panel;
+  const box = first.getBoundingClientRect();
+  if (box.top < 0 || box.bottom > window.innerHeight) {
+    const reduce = window.matchMedia("(prefers-reduced-motion: reduce)").matches;
+    panel.scrollIntoView({ block: "start", behavior: reduce ? "auto" : "smooth" });
+  }
+  const focused = document.activeElement;
+  if (!focused || focused === document.body || focused.disabled || focused.closest("[hidden]")) {
+    byId("output-heading").focus({ preventScroll: true });
+  }
+}
+
 function reuseSeed(seed) {
   fields.seed_locked.checked = true;
   syncSeed();
@@ -458,17 +481,51 @@ function showProblem(problem, response) {
   if (problem.code === "payload_too_large" && initImage) {
     errors.push({ field: "init_image", message: problem.detail });
   }
-  for (const { field, message } of errors) {
+  for (const { field, message, type } of errors) {
     const name = field.split(".")[0];
     if (name === "loras") {
       placeLoraError(field, message);
-    } else if (!placeFieldError(FIELD_ALIASES[name] ?? name, message)) {
+    } else if (!placeFieldError(name, plainMessage({ field, message, type }))) {
       elsewhere.push(field === "body" ? message : `${field}: ${message}`);
     }
   }
   showAlert(problem.title, problem.detail ?? "", elsewhere);
   form.querySelector("[aria-invalid=true]")?.focus();
   return errors.length ? "Not submitted: fix the marked fields." : "Not submitted.";
+}
+
+// Plain words for the validation errors the API words in its library's terms ("String should have at least
+// 1 character"): by field and type first, then by type alone (the limit read from the library's message).
+// The API's own messages (sizes, seeds, LoRA names) are already plain and pass through, as does anything
+// these tables do not know.
+const PLAIN_BY_FIELD = {
+  "prompt:string_too_short": () => "Write a prompt.",
+  "prompt:missing": () => "Write a prompt.",
+};
+const PLAIN_BY_TYPE = {
+  greater_than_equal: (message) => withLimit(message, (limit) => `Must be at least ${limit}.`),
+  less_than_equal: (message) => withLimit(message, (limit) => `Must be at most ${limit}.`),
+  greater_than: (message) => withLimit(message, (limit) => `Must be more than ${limit}.`),
+  less_than: (message) => withLimit(message, (limit) => `Must be less than ${limit}.`),
+  string_too_long: (message) => withLimit(message, (limit) => `Too long: at most ${limit} characters.`),
+  int_type: () => "Enter a whole number.",
+  int_parsing: () => "Enter a whole number.",
+  int_from_float: () => "Enter a whole number.",
+  float_type: () => "Enter a number.",
+  float_parsing: () => "Enter a number.",
+  finite_number: () => "Enter a number.",
+  missing: () => "Fill this in.",
+};
+
+function plainMessage({ field, message, type }) {
+  const words = PLAIN_BY_FIELD[`${field}:${type}`] ?? PLAIN_BY_TYPE[type];
+  return words?.(message) ?? message;
+}
+
+// The last number in a library message ("... greater than or equal to 1"), or null (then the message stays).
+function withLimit(message, words) {
+  const numbers = String(message).match(/-?\d+(?:\.\d+)?/g);
+  return numbers ? words(numbers[numbers.length - 1]) : null;
 }
 
 function placeFieldError(name, message) {
@@ -581,8 +638,15 @@ fields.init_image.addEventListener("change", async () => {
   fields.strength.disabled = false;
   fields.mask_image.disabled = false;
   byId("match-image").disabled = false;
-  if (fields.aspect_ratio.value) aspectBeforeImage = fields.aspect_ratio.value;
+  if (fields.aspect_ratio.value) {
+    sizeBeforeImage = {
+      choice: fields.aspect_ratio.value,
+      width: fields.width.value,
+      height: fields.height.value,
+    };
+  }
   fields.aspect_ratio.value = ""; // the API's default for image-to-image: keep the input image's shape
+  syncSizeFields();
 });
 
 function clearImage() {
@@ -594,13 +658,39 @@ function clearImage() {
   fields.mask_image.disabled = true;
   fields.strength.disabled = true;
   byId("match-image").disabled = true;
-  if (!fields.aspect_ratio.value) fields.aspect_ratio.value = aspectBeforeImage ?? "1:1";
+  if (!fields.aspect_ratio.value) {
+    const before = sizeBeforeImage ?? { choice: "1:1" };
+    fields.aspect_ratio.value = before.choice;
+    if (before.choice === CUSTOM_SIZE) {
+      fields.width.value = before.width;
+      fields.height.value = before.height;
+    }
+    syncSizeFields();
+  }
 }
 
 byId("clear-image").addEventListener("click", clearImage);
 fields.strength.addEventListener("input", () => {
   byId("strength-value").value = fields.strength.value;
 });
+
+// --- size: a preset or width and height ---------------------------------------------------------------------
+
+// A preset shows its size in the width and height fields; "match the input image" leaves them empty.
+function syncSizeFields() {
+  const option = fields.aspect_ratio.selectedOptions[0];
+  if (fields.aspect_ratio.value === CUSTOM_SIZE) return; // the fields hold the size to send
+  fields.width.value = option?.dataset.width ?? "";
+  fields.height.value = option?.dataset.height ?? "";
+}
+
+fields.aspect_ratio.addEventListener("change", syncSizeFields);
+for (const side of [fields.width, fields.height]) {
+  // Typing a size is choosing one: the request sends width and height instead of a preset.
+  side.addEventListener("input", () => {
+    fields.aspect_ratio.value = CUSTOM_SIZE;
+  });
+}
 
 // --- inpainting ------------------------------------------------------------------------------------------
 

@@ -40,8 +40,8 @@ from playwright.sync_api import (
     sync_playwright,
 )
 
-from api.playground import CONTENT_SECURITY_POLICY
-from schemas.sizes import ASPECT_RATIO_SIZES
+from api.playground import CONTENT_SECURITY_POLICY, CUSTOM_SIZE, TINY_MODEL_SIZE, TINY_MODEL_STEPS
+from schemas.sizes import ASPECT_RATIO_SIZES, MAX_SIDE, MIN_SIDE, SIZE_MULTIPLE, side_problem
 from services.api_keys import hash_key, new_key
 from tests.fixtures.stack import ROOT, Stack, api_stack
 
@@ -169,10 +169,13 @@ def checked_tab(browser: BrowserContext, server_url: str) -> Iterator[Page]:
         tab.close()
 
 
-def save_screenshot(page: Page, name: str, capsys: pytest.CaptureFixture[str]) -> Path:
+def save_screenshot(
+    page: Page, name: str, capsys: pytest.CaptureFixture[str], *, full_page: bool = True
+) -> Path:
+    """The whole page, or (``full_page=False``) just what the viewport shows."""
     OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
     path = OUTPUT_DIR / name
-    page.screenshot(path=path, full_page=True)
+    page.screenshot(path=path, full_page=full_page)
     with capsys.disabled():
         print(f"\nplayground screenshot: {path}")
     return path
@@ -225,6 +228,10 @@ def test_served_from_the_root_without_openapi_entries_or_stray_files(playground_
         assert "$" not in page.text  # every template value was filled in
         for ratio, (width, height) in ASPECT_RATIO_SIZES.items():
             assert f'<option value="{ratio.value}"' in page.text and f"{width}×{height}" in page.text
+        assert f'<option value="{CUSTOM_SIZE}" selected>' in page.text  # the tiny model: a small size
+        for side in ("width", "height"):
+            assert f'id="{side}" name="{side}" type="number"' in page.text
+        assert f'min="{MIN_SIDE}" max="{MAX_SIDE}"' in page.text and f'step="{SIZE_MULTIPLE}"' in page.text
         for name, media_type in [("playground.js", "text/javascript"), ("playground.css", "text/css")]:
             asset = client.get(f"/playground/static/{name}")
             assert asset.status_code == 200 and asset.headers["content-type"].startswith(media_type)
@@ -249,38 +256,107 @@ def test_the_page_says_when_the_server_runs_the_tiny_model(
     expect(warning).to_be_visible()
     expect(warning).to_contain_text("tiny test model")
     expect(warning).to_contain_text("images are noise")
+    # ...and starts the form at a size and step count a CPU answers in seconds.
+    expect(page.get_by_label("Aspect ratio")).to_have_value(CUSTOM_SIZE)
+    expect(page.get_by_label("Width")).to_have_value(str(TINY_MODEL_SIZE[0]))
+    expect(page.get_by_label("Height")).to_have_value(str(TINY_MODEL_SIZE[1]))
+    expect(page.get_by_label("Steps")).to_have_value(str(TINY_MODEL_STEPS))
     save_screenshot(page, "tiny-model-warning.png", capsys)
 
 
-def test_server_validation_errors_are_shown_next_to_their_fields(
+def test_validation_errors_are_shown_next_to_their_fields_in_plain_words(
     page: Page, playground_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """Issue 15: the library's words ("String should have at least 1 character") become plain ones next to
+    the field; the API's own size messages are plain already and pass through unchanged."""
     problem = httpx.post(
         f"{playground_url}/v1/generations",
-        json={"prompt": "", "aspect_ratio": "1:1", "num_inference_steps": 0, "guidance_scale": 4.5},
+        json={"prompt": "", "width": 500, "height": 512, "num_inference_steps": 0, "guidance_scale": 4.5},
     ).json()
-    messages = {error["field"]: error["message"] for error in problem["errors"]}
-    assert set(messages) == {"prompt", "num_inference_steps"}
+    errors = {error["field"]: error for error in problem["errors"]}
+    assert set(errors) == {"prompt", "width", "num_inference_steps"}
+    assert errors["prompt"]["type"] == "string_too_short"
+    assert errors["num_inference_steps"]["type"] == "greater_than_equal"
+    assert errors["width"]["message"] == side_problem("width", 500)
 
     page.goto(playground_url)  # the bare server redirects to the page
     expect(page).to_have_url(f"{playground_url}/playground")
     expect(page).to_have_title("darkroom playground")
     expect(page.get_by_label("API key")).to_be_hidden()  # auth is off: there is no key to enter
     prompt = page.get_by_label("Prompt", exact=True)
+    expect(prompt).to_have_value("")  # left empty; the form has no `required` (novalidate): the server judges
+    size = page.get_by_label("Aspect ratio")
+    size.select_option("16:9")  # a preset fills in its size...
+    width = page.get_by_label("Width")
+    expect(width).to_have_value("1344")
+    expect(page.get_by_label("Height")).to_have_value("768")
+    width.fill("500")  # ...and typing one picks "custom"
+    expect(size).to_have_value(CUSTOM_SIZE)
+    page.get_by_label("Height").fill("512")
     steps = page.get_by_label("Steps")
     steps.fill("0")
-    page.get_by_role("button", name="Generate").click()
+    with page.expect_request(f"{playground_url}/v1/generations") as sent:
+        page.get_by_role("button", name="Generate").click()
+    body = sent.value.post_data_json
+    assert isinstance(body, dict)
+    assert (body["width"], body["height"]) == (500, 512) and "aspect_ratio" not in body
 
-    expect(page.locator("#prompt-error")).to_have_text(messages["prompt"])
-    expect(page.locator("#num_inference_steps-error")).to_have_text(messages["num_inference_steps"])
-    expect(prompt).to_have_attribute("aria-invalid", "true")
-    expect(prompt).to_have_accessible_description(messages["prompt"])
+    readable = {
+        "prompt": "Write a prompt.",
+        "width": errors["width"]["message"],  # the API's own words: plain already
+        "num_inference_steps": "Must be at least 1.",
+    }
+    for field, message in readable.items():
+        expect(page.locator(f"#{field}-error")).to_have_text(message)
+        control = page.locator(f"#{field}")
+        expect(control).to_have_attribute("aria-invalid", "true")
+        expect(control).to_have_accessible_description(re.compile(re.escape(message)))
+    expect(page.locator("#form-heading ~ * .error:not([hidden])")).to_have_count(3)
     expect(prompt).to_be_focused()
-    expect(steps).to_have_attribute("aria-invalid", "true")
     expect(page.get_by_role("alert")).to_contain_text(problem["detail"])
+    expect(page.get_by_role("alert")).not_to_contain_text("String should")
     expect(page.locator("#status")).to_have_text("Not submitted: fix the marked fields.")
     expect(page.get_by_role("button", name="Generate")).to_be_enabled()
-    save_screenshot(page, "playground-validation.png", capsys)
+    save_screenshot(page, "playground-readable-errors.png", capsys)
+
+
+def test_unknown_validation_errors_keep_the_servers_message_and_others_go_to_the_alert(
+    page: Page, playground_url: str
+) -> None:
+    """The plain-words tables fall back to the server's message; a field the page has no control for, and
+    a whole-request error, are listed in the alert under the problem's detail."""
+    problem = {
+        "type": "urn:darkroom:problem:validation_error",
+        "title": "Unprocessable Content",
+        "status": 422,
+        "detail": "2 fields are invalid.",
+        "code": "validation_error",
+        "errors": [
+            {"field": field, "message": message, "type": kind}
+            for field, message, kind in [
+                ("guidance_scale", "a message the page has no words for", "made_up"),
+                ("num_images", "Input should be less than or equal to 8", "less_than_equal"),
+                ("output_quality", "needs a lossy output_format", "value_error"),
+                ("body", "negative_prompt has no effect without guidance", "value_error"),
+            ]
+        ],
+    }
+    page.route(
+        f"{playground_url}/v1/generations",
+        lambda route: route.fulfill(
+            status=422, headers={"Content-Type": "application/problem+json"}, body=json.dumps(problem)
+        ),
+    )
+    page.goto(f"{playground_url}/playground")
+    page.get_by_label("Prompt", exact=True).fill("a fox")
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#guidance_scale-error")).to_have_text("a message the page has no words for")
+    expect(page.locator("#num_images-error")).to_have_text("Must be at most 8.")
+    alert = page.get_by_role("alert")
+    expect(alert).to_contain_text("2 fields are invalid.")
+    expect(alert.locator("li")).to_have_text(
+        ["output_quality: needs a lossy output_format", "negative_prompt has no effect without guidance"]
+    )
 
 
 def test_generate_with_queue_position_live_progress_and_reuse_seed(
@@ -337,6 +413,39 @@ def test_generate_with_queue_position_live_progress_and_reuse_seed(
     save_screenshot(page, "playground.png", capsys)
 
 
+def test_with_the_tiny_model_a_default_request_is_small_and_its_result_is_scrolled_into_view(
+    page: Page, playground_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 15: in a laptop-sized window the Generate button sits below the fold, far under the result
+    panel; when the image is done the page brings it whole into view and hands focus to the result."""
+    page.set_viewport_size({"width": 1280, "height": 720})
+    page.goto(f"{playground_url}/playground")
+    page.get_by_label("Prompt", exact=True).fill("a lighthouse on a cliff")
+    generate = page.get_by_role("button", name="Generate")
+    page.evaluate("window.scrollTo(0, document.body.scrollHeight)")  # where the button is
+    expect(generate).to_be_in_viewport()
+    heading = page.get_by_role("heading", name="Result")
+    expect(heading).not_to_be_in_viewport()  # the panel the image will appear in is out of sight
+    with page.expect_request(f"{playground_url}/v1/generations") as sent:
+        generate.click()
+    body = sent.value.post_data_json
+    assert isinstance(body, dict)
+    assert (body["width"], body["height"]) == TINY_MODEL_SIZE and "aspect_ratio" not in body
+    assert body["num_inference_steps"] == TINY_MODEL_STEPS
+
+    expect(page.locator("#status")).to_have_text(re.compile(r"^Done: 1 image"), timeout=JOB_TIMEOUT_MS)
+    image = page.get_by_role("img", name=re.compile(r"^Image 1 of 1"))
+    expect(image).to_have_js_property("complete", True)
+    expect(image).to_have_js_property("naturalWidth", TINY_MODEL_SIZE[0])
+    expect(image).to_be_in_viewport(ratio=1)  # whole, not half out of view
+    expect(heading).to_be_in_viewport()
+    expect(page.locator("#status")).to_be_in_viewport()
+    expect(heading).to_be_focused()  # the Generate button was disabled while it ran: focus goes to the result
+    box = image.bounding_box()
+    assert box is not None and box["y"] >= 0 and box["y"] + box["height"] <= 720, box
+    save_screenshot(page, "playground-result-in-view.png", capsys, full_page=False)
+
+
 def test_image_to_image_upload_sends_a_data_url_and_follows_the_image_size(
     page: Page, playground_url: str
 ) -> None:
@@ -366,7 +475,10 @@ def test_image_to_image_upload_sends_a_data_url_and_follows_the_image_size(
 
     page.get_by_role("button", name="Remove image").click()
     expect(strength).to_be_disabled()
-    expect(page.get_by_label("Aspect ratio")).to_have_value("1:1")
+    # Back to the size chosen before the image: the tiny model's small custom one.
+    expect(page.get_by_label("Aspect ratio")).to_have_value(CUSTOM_SIZE)
+    expect(page.get_by_label("Width")).to_have_value(str(TINY_MODEL_SIZE[0]))
+    expect(page.get_by_label("Height")).to_have_value(str(TINY_MODEL_SIZE[1]))
 
 
 # --- with API keys on -----------------------------------------------------------------------------------
