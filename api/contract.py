@@ -37,7 +37,11 @@ _MEANINGS: dict[int, tuple[str, dict[str, Any]]] = {
     413: ("The body is larger than the API accepts (`payload_too_large`).", {}),
     415: ("The body is not JSON (`unsupported_media_type`): send `Content-Type: application/json`.", {}),
     422: ("Validation error (`validation_error`, `malformed_json`) or a rule violation.", {}),
-    429: ("Too many submissions for this API key (`rate_limited`).", _RETRY_AFTER),
+    429: (
+        "Too many requests for this API key (`rate_limited`), or it holds its share of the queue "
+        "(`queue_share_exceeded`).",
+        _RETRY_AFTER,
+    ),
     500: ("A bug on the server's side (`internal_error`); the detail quotes the request id.", {}),
     503: (
         "A dependency is unreachable (`redis_unavailable`, `storage_unavailable`) or the queue is full "
@@ -50,6 +54,8 @@ READ = (401, 404, 500, 503)
 """Reading or acting on one resource by id, with an API key."""
 SUBMIT = (401, 413, 415, 422, 429, 500, 503)
 """Submitting a JSON body that is validated and queued."""
+LIMITED_READ = (401, 404, 429, 500, 503)
+"""Reading one resource by id under the key's read rate limit (``api.limits.read_token``)."""
 
 
 def problem_responses(

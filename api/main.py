@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio
 import redis.asyncio as aredis
 from fastapi import FastAPI
 from redis import Redis
@@ -32,7 +33,7 @@ from services.content_safety import PromptFilter
 from services.jobs.unserved import UnservedSweep
 from services.logging import configure_logging
 from services.queue import batch_queue, generation_queue, webhook_queue
-from services.rate_limit import RateLimit
+from services.rate_limit import BATCH_BUCKETS, READ_BUCKETS, RateLimit, TokenGate
 from services.settings import Settings, get_settings
 
 # JSON bodies carry at most an init image (10 MB decoded, ~13.4 MB as base64) plus the prompt.
@@ -82,18 +83,19 @@ def model_line(
     redis: Redis,
     redis_async: aredis.Redis,
     settings: Settings,
-    rate_limit: RateLimit | None,
+    batch_tokens: RateLimit | None,
 ) -> ModelLine:
-    """``model``'s queues and admission scripts. One rate limit for all of them: a key's budget is its
-    own, whichever model it asks for."""
+    """``model``'s queues and admission scripts. One batch-token bucket for all of them: a key's budget is
+    its own, whichever model it asks for. (A submission's own token is taken before its body is
+    validated, by ``api.limits``, not here.)"""
     queue = generation_queue(redis, settings, model)
     batches = batch_queue(redis, settings, model)
     return ModelLine(
         model=model,
         queue=queue,
         batch_queue=batches,
-        admitter=Admitter(redis_async, queue, settings, rate_limit),
-        batch_admitter=BatchAdmitter(redis_async, batches, settings, rate_limit),
+        admitter=Admitter(redis_async, queue, settings, None),
+        batch_admitter=BatchAdmitter(redis_async, batches, settings, batch_tokens),
     )
 
 
@@ -121,17 +123,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if resolved.rate_limit_per_minute
             else None
         )
+        read_limit = (
+            RateLimit(resolved.read_rate_limit_per_minute, resolved.read_rate_limit_burst, READ_BUCKETS)
+            if resolved.read_rate_limit_per_minute
+            else None
+        )
+        batch_tokens = (
+            RateLimit(resolved.batch_items_per_minute, resolved.batch_items_burst, BATCH_BUCKETS)
+            if resolved.batch_items_per_minute
+            else None
+        )
         app.state.darkroom = AppState(
             settings=resolved,
             clients=clients,
             redis_async=redis_async,
             lines={
-                model: model_line(model, clients.redis, redis_async, resolved, rate_limit)
+                model: model_line(model, clients.redis, redis_async, resolved, batch_tokens)
                 for model in resolved.accepted_models
             },
             webhook_queue=webhook_queue(clients.redis, resolved),
             keys=keys,
             prompt_filter=prompt_filter,
+            submit_gate=TokenGate(redis_async, rate_limit) if rate_limit else None,
+            read_gate=TokenGate(redis_async, read_limit) if read_limit else None,
+            image_limiter=anyio.CapacityLimiter(resolved.image_decode_threads),
         )
         # Jobs queued for a model nobody serves any more fail instead of waiting forever.
         sweep = UnservedSweep(clients.redis, clients.lifecycle, resolved)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import base64
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Response
+from fastapi import APIRouter, Depends, Header, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
@@ -27,6 +27,7 @@ from api.deps import LinksDep, StateDep
 from api.errors import ApiError, UnprocessableRequest
 from api.generations import service
 from api.generations.events import wait_until_finished
+from api.limits import submission_token
 from api.state import AppState
 from api.submissions import model_not_found
 from schemas.jobs import Job, JobError, JobStatus
@@ -118,6 +119,7 @@ def _read_images(storage: Storage, record: JobRecord) -> list[str | None]:
 
 @router.post(
     "/generations",
+    dependencies=[Depends(submission_token)],
     response_model=ImagesResponse,
     summary="Generate images (OpenAI-compatible)",
     operation_id="createImage",

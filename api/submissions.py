@@ -107,9 +107,19 @@ def replayed(admission: Admission, claim: IdempotencyClaim | None) -> dict[str, 
     return existing
 
 
-def refusal(settings: Settings, admission: Admission, queue_full_detail: str) -> ApiError:
+def refusal(settings: Settings, admission: Admission, queue_full_detail: str, share: int = 0) -> ApiError:
     """The answer to a refused admission: 503 ``queue_full`` (``queue_full_detail`` says which queue and
-    why) or 429 ``rate_limited``, each with its ``Retry-After``."""
+    why), 429 ``queue_share_exceeded`` (the key holds ``share`` of its places) or 429 ``rate_limited``,
+    each with its ``Retry-After``."""
+    if admission.outcome == "share_exceeded":
+        wait_s = max(1, int(settings.queue_full_retry_after.total_seconds()))
+        return ApiError(
+            f"this API key has {admission.value} jobs waiting on this queue and may hold {share} "
+            f"(DARKROOM_QUEUE_SHARE_PER_KEY of its ceiling); retry once some have run",
+            status=429,
+            code="queue_share_exceeded",
+            headers={"Retry-After": str(wait_s)},
+        )
     if admission.outcome == "queue_full":
         return ServiceUnavailable(
             queue_full_detail,

@@ -24,7 +24,7 @@ from pydantic import (
 )
 
 from schemas.base import SENT_IN_FULL
-from schemas.images import vet_base64_image
+from schemas.images import probe_base64_image, vet_base64_image
 from schemas.models import MODEL_NAME_PATTERN
 from schemas.outpaint import Outpaint, outpaint_canvas
 from schemas.sizes import (
@@ -325,7 +325,7 @@ class GenerationRequest(BaseModel):
     @classmethod
     def _init_image_decodes(cls, value: str | None) -> str | None:
         if value is not None:
-            vet_base64_image(value)
+            probe_base64_image(value)  # header only: the API decodes it off the event loop
         return value
 
     @field_validator("mask_image")
@@ -333,14 +333,14 @@ class GenerationRequest(BaseModel):
     def _mask_fits_init_image(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is None:
             return value
-        mask = vet_base64_image(value)
+        mask = probe_base64_image(value)
         # A stored (normalised) request keeps both images in storage, not inline: nothing to compare.
         if info.context == NORMALIZED_CONTEXT or "init_image" not in info.data:  # init_image's own error
             return value
         init_image = info.data["init_image"]
         if init_image is None:
             raise ValueError("mask_image applies to inpainting only: give init_image too")
-        init = vet_base64_image(init_image)
+        init = probe_base64_image(init_image)
         if (mask.width, mask.height) != (init.width, init.height):
             raise ValueError(
                 f"mask_image is {mask.width}x{mask.height} but init_image is {init.width}x{init.height}: "
@@ -406,7 +406,7 @@ class GenerationRequest(BaseModel):
         if self.width is not None and self.height is not None:
             return self.width, self.height
         if self.aspect_ratio is None and self.init_image is not None:
-            image = vet_base64_image(self.init_image)
+            image = probe_base64_image(self.init_image)  # its size is in the header
             return fit_size(image.width, image.height)
         return ASPECT_RATIO_SIZES[self.aspect_ratio or DEFAULT_ASPECT_RATIO]
 

@@ -3,6 +3,11 @@
 An init image arrives as base64 (optionally a ``data:`` URL). We check everything that could hurt later —
 bad base64, bytes that are not an image, a truncated file, a decompression bomb — before the request is
 accepted, so the worker only ever sees images that decode.
+
+In two steps, so that no pixel is decoded on the API's event loop: request validation *probes* an image
+(:func:`probe_base64_image`: strict base64, then the header only — format, size, the pixel limit — which PIL
+reads without decoding pixels), and the API decodes it fully (:func:`vet_base64_image`) in a worker thread,
+after the key's rate-limit token was taken, before it is stored.
 """
 
 from __future__ import annotations
@@ -45,8 +50,9 @@ def decode_base64_image(value: str) -> bytes:
         raise ValueError("image is not valid base64") from None
 
 
-def vet_image(data: bytes) -> VettedImage:
-    """Check that ``data`` is a whole PNG/JPEG/WebP image of bounded size, reading the header first."""
+def vet_image(data: bytes, *, decode: bool = True) -> VettedImage:
+    """Check that ``data`` is a whole PNG/JPEG/WebP image of bounded size, reading the header first;
+    ``decode=False``: the header only (cheap; a truncated or corrupt body is not found)."""
     if not data:
         raise ValueError("image is empty")
     if len(data) > MAX_INIT_IMAGE_BYTES:
@@ -59,7 +65,8 @@ def vet_image(data: bytes) -> VettedImage:
                 raise ValueError(f"image format {fmt} is not one of {sorted(ACCEPTED_FORMATS)}")
             if width * height > MAX_INIT_IMAGE_PIXELS:  # checked before decoding: decompression bombs
                 raise ValueError(f"image is {width}x{height}, more than {MAX_INIT_IMAGE_PIXELS} pixels")
-            image.load()  # a truncated or corrupt body fails here, not later on a GPU worker
+            if decode:
+                image.load()  # a truncated or corrupt body fails here, not later on a GPU worker
     except UnidentifiedImageError:
         # PIL's message names the buffer it read ("<_io.BytesIO object at 0x7f…>"): no use to a client.
         message = f"not an image: the base64 decodes to bytes that are no {_FORMAT_NAMES} file"
@@ -70,4 +77,11 @@ def vet_image(data: bytes) -> VettedImage:
 
 
 def vet_base64_image(value: str) -> VettedImage:
+    """The whole check, pixels decoded: tens to hundreds of milliseconds of CPU — off the event loop."""
     return vet_image(decode_base64_image(value))
+
+
+def probe_base64_image(value: str) -> VettedImage:
+    """Base64 and header checks only (format, size, pixel limit): linear in the bytes, no pixel decoded;
+    what request validation may afford on the event loop."""
+    return vet_image(decode_base64_image(value), decode=False)

@@ -64,6 +64,37 @@ def render_batch(
     )
 
 
+def render_batch_summary(record: BatchRecord, deliveries: list[dict[str, Any]] | None = None) -> Batch:
+    """The batch from its hash alone, with counts as the lifecycle keeps them there (queued: the items
+    neither running nor ended) — what ``GET /v1/batches`` lists, without reading any item."""
+    counted = record.counted
+    running = max(0, counted.get("running", 0))
+    ended = {status: counted.get(status, 0) for status in ("succeeded", "failed", "canceled")}
+    queued = max(0, record.total - record.done - running)
+    counts = BatchCounts(total=record.total, queued=queued, running=running, **ended)
+    if record.completed_at is not None:
+        status = BatchStatus.CANCELED if record.cancel_requested else BatchStatus.COMPLETED
+    else:
+        status = BatchStatus.QUEUED if queued == record.total else BatchStatus.RUNNING
+    webhook = None
+    if record.webhook:
+        webhook = BatchWebhookStatus(
+            url=record.webhook["url"],
+            events=record.webhook["events"],
+            deliveries=[WebhookDelivery.model_validate(d) for d in deliveries or []],
+        )
+    return Batch(
+        id=record.id,
+        model=record.model,
+        status=status,
+        created_at=record.created_at,
+        completed_at=record.completed_at,
+        cancel_requested=record.cancel_requested,
+        counts=counts,
+        webhook=webhook,
+    )
+
+
 def read_batch(batches: BatchStore, record: BatchRecord) -> Batch:
     """The batch without its items (what ``batch.completed`` carries), read with the sync client."""
     statuses = batches.item_statuses(batches.item_ids(record.id))

@@ -1,19 +1,32 @@
-"""Per-key rate limiting: a token bucket kept in Redis, refilled continuously, checked in one script.
+"""Per-key rate limiting: token buckets kept in Redis, refilled continuously, checked in one script.
 
-Every API replica shares the bucket, so limits hold across a fleet; the check-and-take runs inside the
-admission script (services/admission.py), so concurrent requests cannot both spend the last token, and a
-submission refused for another reason spends none. Time comes from Redis (``TIME``), not
-from the replicas, whose clocks may disagree.
+Every API replica shares the buckets, so limits hold across a fleet; each check-and-take is one script,
+so concurrent requests cannot both spend the last token. Time comes from Redis (``TIME``), not from the
+replicas, whose clocks may disagree. A key has three buckets (docs/operate/reliability.md, "Tenant
+isolation"):
+
+- **submissions** (``DARKROOM_RATE_LIMIT_*``): one token per ``POST`` that submits, taken *before* the
+  body is validated (:class:`TokenGate`, a route dependency), so a client looping invalid or expensive
+  requests is limited like any other; given back when the submission turns out to be an
+  ``Idempotency-Key`` replay or meets a full queue (it made nothing);
+- **batch items** (``DARKROOM_BATCH_ITEMS_*``): a batch spends tokens in proportion to what it stores,
+  inside its admission script (services/admission.py), atomically with the queue checks;
+- **reads** (``DARKROOM_READ_RATE_LIMIT_*``): one token per ``GET`` of jobs and batches, a separate and
+  generous bucket, so polling never starves submissions and a read loop cannot take the event loop.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aredis
 
 # A Lua function, shared with the admission script (services/admission.py), which takes a token as one of
 # the checks it makes atomically.
 TAKE_TOKEN_LUA = """
-local function take_token(key, capacity, per_ms)
+local function take_token(key, capacity, per_ms, cost)
+  cost = cost or 1
   local now = redis.call('TIME')
   local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
   local state = redis.call('HMGET', key, 'tokens', 'at')
@@ -22,11 +35,11 @@ local function take_token(key, capacity, per_ms)
   tokens = math.min(capacity, tokens + (now_ms - at) * per_ms)
   local allowed = 0
   local wait_ms = 0
-  if tokens >= 1 then
-    tokens = tokens - 1
+  if tokens >= cost then
+    tokens = tokens - cost
     allowed = 1
   else
-    wait_ms = math.ceil((1 - tokens) / per_ms)
+    wait_ms = math.ceil((cost - tokens) / per_ms)
   end
   redis.call('HSET', key, 'tokens', tostring(tokens), 'at', tostring(now_ms))
   redis.call('PEXPIRE', key, math.ceil(capacity / per_ms) + 1000)
@@ -57,6 +70,49 @@ class RateLimit:
 
     def bucket_key(self, principal: str) -> str:
         return self.prefix + principal
+
+
+READ_BUCKETS = "darkroom:ratelimit:read:"
+BATCH_BUCKETS = "darkroom:ratelimit:batch:"
+
+_TAKE = (
+    TAKE_TOKEN_LUA
+    + """
+-- KEYS: 1 bucket; ARGV: 1 capacity, 2 tokens per ms, 3 cost. Returns {allowed, wait ms}.
+local allowed, wait_ms = take_token(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]))
+return {allowed, wait_ms}
+"""
+)
+
+_GIVE_BACK = """
+-- KEYS: 1 bucket; ARGV: 1 capacity, 2 tokens. Returns tokens to a bucket that still exists, up to its
+-- capacity (a bucket that expired is full already).
+local tokens = tonumber(redis.call('HGET', KEYS[1], 'tokens'))
+if not tokens then return 0 end
+redis.call('HSET', KEYS[1], 'tokens', tostring(math.min(tonumber(ARGV[1]), tokens + tonumber(ARGV[2]))))
+return 1
+"""
+
+
+class TokenGate:
+    """One bucket per key, taken from and given back to on the API's async Redis client."""
+
+    def __init__(self, redis: aredis.Redis, limit: RateLimit) -> None:
+        self.limit = limit
+        self._take: Any = redis.register_script(_TAKE)
+        self._give_back: Any = redis.register_script(_GIVE_BACK)
+
+    async def take(self, principal: str, cost: int = 1) -> int:
+        """0 when ``cost`` tokens were taken; otherwise the milliseconds until they would be there."""
+        limit = self.limit
+        allowed, wait_ms = await self._take(
+            keys=[limit.bucket_key(principal)], args=[limit.capacity, repr(limit.per_ms), cost]
+        )
+        return 0 if int(allowed) else max(1, int(wait_ms))
+
+    async def give_back(self, principal: str, tokens: int = 1) -> None:
+        limit = self.limit
+        await self._give_back(keys=[limit.bucket_key(principal)], args=[limit.capacity, tokens])
 
 
 def retry_after_s(wait_ms: int) -> int:

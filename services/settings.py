@@ -132,6 +132,35 @@ class Settings(BaseSettings):
     auth_disabled: bool = Field(False, description="No API keys at all: local development only.")
     rate_limit_per_minute: int = Field(600, ge=0, description="Submissions per minute per key; 0 disables.")
     rate_limit_burst: int = Field(60, ge=1, description="Submissions a key may make at once.")
+    read_rate_limit_per_minute: int = Field(
+        6000,
+        ge=0,
+        description="Reads (GET of jobs, batches and their event streams) per minute per key, a bucket of "
+        "their own; 0 disables.",
+    )
+    read_rate_limit_burst: int = Field(300, ge=1, description="Reads a key may make at once.")
+    batch_items_per_minute: int = Field(
+        2000,
+        ge=0,
+        description="Batch tokens per minute per key: a batch spends one per item plus one per "
+        "DARKROOM_BATCH_TOKEN_BYTES of request it stores; 0 disables.",
+    )
+    batch_items_burst: int = Field(
+        4000,
+        ge=1,
+        description="Batch tokens a key may spend at once (a batch costing more is refused with 413).",
+    )
+    image_decode_threads: int = Field(
+        2, ge=1, le=64, description="API threads that may decode submitted init/mask images at once."
+    )
+    batch_token_bytes: int = Field(
+        8192, ge=256, description="Stored request bytes that cost a batch one more token."
+    )
+    max_batch_stored_bytes: int = Field(
+        8 * 1024 * 1024,
+        ge=1024,
+        description="Most bytes of item requests one batch may store (413 batch_too_large above it).",
+    )
 
     # --- queue and job records ---------------------------------------------------------------------------
     redis_url: str = Field(
@@ -169,6 +198,15 @@ class Settings(BaseSettings):
         description="Queued batch items above which a batch (all of its items) gets 503 + Retry-After.",
     )
     queue_full_retry_after: timedelta = Field(timedelta(seconds=10), description="Retry-After when full.")
+    queue_share_per_key: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="Fraction of each queue ceiling (DARKROOM_MAX_QUEUE_DEPTH, "
+        "DARKROOM_MAX_BATCH_QUEUE_DEPTH, per model) one API key may fill; past it that key gets 429 "
+        "queue_share_exceeded while others "
+        "still get in. 1: no per-key share.",
+    )
     max_wait: timedelta = Field(timedelta(seconds=60), description="Largest accepted 'Prefer: wait=N'.")
     openai_images_wait: timedelta = Field(
         timedelta(seconds=120),

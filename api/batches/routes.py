@@ -4,17 +4,18 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import APIRouter, Depends, Header, Query, Response
 
 from api.auth import PrincipalDep
 from api.batches import service
-from api.contract import READ, SUBMIT, problem_responses
+from api.contract import LIMITED_READ, READ, SUBMIT, problem_responses
 from api.deps import LinksDep, StateDep
+from api.limits import read_token, submission_token
 from schemas.batches import DEFAULT_PAGE, MAX_PAGE, Batch, BatchList, CreateBatch
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
-MAX_LIST_PAGE = 100  # each listed batch reads all of its items' states
+MAX_LIST_PAGE = 100  # each listed batch is read from its hash alone (counts kept there)
 _LOCATION = {"Location": {"description": "The batch's URL.", "schema": {"type": "string"}}}
 
 
@@ -28,8 +29,21 @@ def _batch_response(batch: Batch, status_code: int, headers: dict[str, str] | No
     response_model=Batch,
     summary="Submit a batch of generation jobs",
     operation_id="createBatch",
+    dependencies=[Depends(submission_token)],
     response_description="Queued: every item is a generation job on the batch queue; follow it at Location.",
-    responses={202: {"headers": _LOCATION}, **problem_responses(*SUBMIT)},
+    responses={
+        202: {"headers": _LOCATION},
+        **problem_responses(
+            *SUBMIT,
+            described={
+                413: "The body is larger than the API accepts (`payload_too_large`), or the batch would "
+                "store more than the server takes in one batch or cost more batch tokens than a key may "
+                "spend at once (`batch_too_large`).",
+                429: "Too many submissions or batch tokens spent for this API key (`rate_limited`), or it "
+                "holds its share of the batch queue (`queue_share_exceeded`).",
+            },
+        ),
+    },
 )
 async def create_batch(
     body: CreateBatch,
@@ -65,7 +79,8 @@ async def create_batch(
     response_model=BatchList,
     summary="List your batches",
     operation_id="listBatches",
-    responses=problem_responses(401, 422, 500, 503),
+    dependencies=[Depends(read_token)],
+    responses=problem_responses(401, 422, 429, 500, 503),
 )
 async def list_batches(
     state: StateDep,
@@ -85,7 +100,8 @@ async def list_batches(
     summary="Read a batch",
     operation_id="getBatch",
     response_description="The batch: status, counts over all items, and one page of items.",
-    responses=problem_responses(*READ, 422),
+    dependencies=[Depends(read_token)],
+    responses=problem_responses(*LIMITED_READ, 422),
 )
 async def get_batch(
     batch_id: str,

@@ -3,8 +3,14 @@ cancel. The items are ordinary generation jobs (``api.generations``) on the batc
 adds the batch around them.
 
 Decisions, also in the README:
-- one rate-limit token per batch (a batch is one submission); the batch queue's own ceiling
-  (``DARKROOM_MAX_BATCH_QUEUE_DEPTH``) must hold all of its items, or the whole batch gets 503;
+- one submission token per batch (taken before validation, ``api.limits``), and batch tokens in
+  proportion to what it stores: one per item plus one per ``DARKROOM_BATCH_TOKEN_BYTES`` of item requests
+  (``services.admission.batch_cost``), from a bucket of their own; a batch storing more than
+  ``DARKROOM_MAX_BATCH_STORED_BYTES`` of requests, or costing more than the bucket holds, is 413
+  ``batch_too_large``;
+- the batch queue's own ceiling (``DARKROOM_MAX_BATCH_QUEUE_DEPTH``) must hold all of its items, or the
+  whole batch gets 503; the key's share of it (``DARKROOM_QUEUE_SHARE_PER_KEY``) too, or 429
+  ``queue_share_exceeded``;
 - ``Idempotency-Key``\\s are scoped per API key *and* to this endpoint (a key used for a single job and
   for a batch names two different things);
 - reads page through the items (``offset``/``limit``, 100 by default, at most 1,000); counts and status
@@ -15,22 +21,23 @@ Decisions, also in the README:
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 from typing import Any, cast
 
 import structlog
 from fastapi.concurrency import run_in_threadpool
 
-from api.errors import Conflict, NotFound, UnprocessableRequest
+from api.errors import ApiError, Conflict, NotFound, UnprocessableRequest
 from api.generations.service import check_loras, check_prompt
+from api.limits import give_back_submission
 from api.state import AppState, ModelLine
 from api.submissions import idempotency_claim, refusal, replayed, served_line, vetted_webhook
 from schemas.batches import DEFAULT_PAGE, Batch, BatchItem, BatchList, CreateBatch
 from schemas.jobs import JobStatus
 from schemas.problems import FieldError
 from services import metrics
-from services.batch_views import render_batch, render_item
+from services.admission import batch_cost, key_share
+from services.batch_views import render_batch, render_batch_summary, render_item
 from services.jobs import JobRecord, decode_deliveries, job_key, new_job_id, utcnow
 from services.jobs.batches import BatchRecord, new_batch_id
 from services.jobs.keys import batch_key, batch_webhooks_key, items_key, owner_batches_key
@@ -124,22 +131,70 @@ def _check_prompts(state: AppState, body: CreateBatch) -> None:
             raise
 
 
+#: Bytes an item stores besides its prompts (the rest of its request JSON), as counted for its cost.
+ITEM_REQUEST_OVERHEAD = 512
+
+
+def _item_count(body: CreateBatch) -> int:
+    if body.requests is not None:
+        return len(body.requests)
+    return len(body.seeds) if body.seeds is not None else body.count or 0
+
+
+def stored_request_bytes(body: CreateBatch) -> int:
+    """About what the batch's item requests take in Redis: their prompts as UTF-8, plus the rest of each
+    request. Computed from the body, before a thousand records are built from it."""
+
+    def size(item: Any) -> int:
+        return len(item.prompt.encode()) + len((item.negative_prompt or "").encode()) + ITEM_REQUEST_OVERHEAD
+
+    if body.template is not None:
+        return size(body.template) * _item_count(body)
+    return sum(size(item) for item in body.requests or [])
+
+
+def _check_cost(state: AppState, body: CreateBatch) -> int:
+    """The batch's cost in batch tokens; 413 ``batch_too_large`` for a batch that stores more than
+    ``DARKROOM_MAX_BATCH_STORED_BYTES`` or costs more than the key's batch bucket can ever hold."""
+    settings = state.settings
+    stored = stored_request_bytes(body)
+    items = _item_count(body)
+    cost = batch_cost(items, stored, settings.batch_token_bytes)
+    if stored > settings.max_batch_stored_bytes:
+        limit = settings.max_batch_stored_bytes
+        why = f"its {items} item requests would store {stored} bytes, more than {limit}"
+    elif settings.batch_items_per_minute and cost > settings.batch_items_burst:
+        burst = settings.batch_items_burst
+        why = f"it costs {cost} batch tokens, more than the {burst} a key may spend at once"
+    else:
+        return cost
+    raise ApiError(
+        f"batch too large: {why}; send fewer items or shorter prompts",
+        status=413,
+        code="batch_too_large",
+    )
+
+
 async def submit(
     state: AppState, principal: str, body: CreateBatch, idempotency_key: str | None
 ) -> BatchSubmission:
     line = _batch_line(state, body)  # before anything is stored, claimed or queued
     _check_prompts(state, body)
+    cost = _check_cost(state, body)
     webhook = None
     if body.webhook_url is not None:  # the SSRF check resolves the host: off the event loop
         webhook = await run_in_threadpool(
             vetted_webhook, state.settings, body.webhook_url, body.webhook_events
         )
-    batch, items = _records(state, principal, body, webhook, line.model)
+    # ~50 µs of Python per item: a large batch builds its records off the event loop.
+    batch, items = await run_in_threadpool(_records, state, principal, body, webhook, line.model)
     claim = None
     if idempotency_key is not None:
         created = {"batch_id": batch.id}
         claim = idempotency_claim(state, IDEMPOTENCY_PREFIX, principal, idempotency_key, body, created)
-    admission = await line.batch_admitter.admit(batch, items, principal, claim)
+    admission = await line.batch_admitter.admit(batch, items, principal, claim, cost)
+    if admission.outcome in ("replay", "queue_full"):  # made nothing: the submission token comes back
+        await give_back_submission(state, principal)
     if admission.outcome == "replay":
         existing = replayed(admission, claim)
         return BatchSubmission(batch_id=str(existing["batch_id"]), created=False)
@@ -147,7 +202,8 @@ async def submit(
         detail = (
             f"the batch queue holds {admission.value} items and cannot take {len(items)} more; retry later"
         )
-        raise refusal(state.settings, admission, detail)
+        share = key_share(state.settings.max_batch_queue_depth, state.settings.queue_share_per_key)
+        raise refusal(state.settings, admission, detail, share)
     metrics.SUBMISSIONS.labels("accepted").inc(len(items))
     structlog.contextvars.bind_contextvars(batch_id=batch.id)
     log.debug("batch submitted", items=len(items))
@@ -213,30 +269,32 @@ async def view(
 
 async def list_batches(state: AppState, principal: str, offset: int, limit: int) -> BatchList:
     """The caller's batches, newest first: ``offset``..``offset + limit`` of its index, each with status
-    and counts over all of its items (no items: ``GET /v1/batches/{id}`` pages them). Index entries whose
-    batch has expired are dropped as they are met."""
+    and counts over all of its items (no items: ``GET /v1/batches/{id}`` pages them). Two round trips
+    whatever the batches hold: the counts are the batch hash's own (``render_batch_summary``), no item is
+    read. Index entries whose batch has expired are dropped as they are met."""
     index = owner_batches_key(principal)
-    raw_keys = cast(
-        list[bytes], await state.redis_async.zrevrange(index, offset, offset + limit)
-    )  # +1: more?
-    ids = [raw.decode().removeprefix(batch_key("")) for raw in raw_keys]
-    batches = await asyncio.gather(
-        # limit=0: no items, so no URLs to sign
-        *(view(state, principal, batch_id, limit=0, links=state.clients.storage) for batch_id in ids[:limit]),
-        return_exceptions=True,
-    )
+    redis = state.redis_async
+    raw_keys = cast(list[bytes], await redis.zrevrange(index, offset, offset + limit))  # +1: more?
+    keys = [raw.decode() for raw in raw_keys[:limit]]
+    async with redis.pipeline(transaction=False) as pipe:
+        for key in keys:
+            pipe.hgetall(key)
+            pipe.hgetall(batch_webhooks_key(key.removeprefix(batch_key(""))))
+        replies = await pipe.execute()
     page: list[Batch] = []
     gone: list[str] = []
-    for batch_id, batch in zip(ids, batches, strict=False):
-        if isinstance(batch, NotFound):
-            gone.append(batch_key(batch_id))
-        elif isinstance(batch, BaseException):
-            raise batch
-        else:
-            page.append(batch.model_copy(update={"items": None, "next_offset": None}))
+    for n, key in enumerate(keys):
+        raw_batch, raw_deliveries = replies[2 * n], replies[2 * n + 1]
+        batch_id = key.removeprefix(batch_key(""))
+        record = BatchRecord.from_hash(batch_id, raw_batch) if raw_batch else None
+        if record is None or record.owner != principal:
+            gone.append(key)
+            continue
+        deliveries = decode_deliveries(raw_deliveries) if record.webhook else None
+        page.append(render_batch_summary(record, deliveries))
     if gone:
-        await state.redis_async.zrem(index, *gone)
-    more = len(ids) > limit
+        await redis.zrem(index, *gone)
+    more = len(raw_keys) > limit
     return BatchList(data=page, next_offset=offset + limit if more else None)
 
 

@@ -5,15 +5,16 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Request, Response
+from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.responses import StreamingResponse
 
 from api.auth import PrincipalDep
-from api.contract import READ, SUBMIT, event_stream_response, problem_responses
+from api.contract import LIMITED_READ, READ, SUBMIT, event_stream_response, problem_responses
 from api.deps import LinksDep, StateDep
 from api.generations import service
 from api.generations.events import sse_stream, wait_until_finished
 from api.generations.prefer import preferred_wait
+from api.limits import read_token, submission_token
 from schemas.jobs import CreateGeneration, Job
 
 router = APIRouter(prefix="/v1/generations", tags=["generations"])
@@ -30,6 +31,7 @@ _LOCATION = {"Location": {"description": "The job's URL.", "schema": {"type": "s
 @router.post(
     "",
     status_code=202,
+    dependencies=[Depends(submission_token)],
     response_model=Job,
     summary="Submit a generation job",
     operation_id="createGeneration",
@@ -107,7 +109,8 @@ async def create_generation(
     summary="Read a job",
     operation_id="getGeneration",
     response_description="The job.",
-    responses=problem_responses(*READ),
+    dependencies=[Depends(read_token)],
+    responses=problem_responses(*LIMITED_READ),
 )
 async def get_generation(job_id: str, state: StateDep, principal: PrincipalDep, links: LinksDep) -> Response:
     """The job with image URLs signed now (they expire; read again for fresh ones)."""
@@ -139,13 +142,14 @@ async def cancel_generation(
     "/{job_id}/events",
     summary="Follow a job (Server-Sent Events)",
     operation_id="streamGenerationEvents",
+    dependencies=[Depends(read_token)],
     response_class=StreamingResponse,
     responses={
         200: event_stream_response(
             "`status` and `progress` events, then one `job` event; each frame's JSON `data` is "
             "described by GenerationStreamEvent."
         ),
-        **problem_responses(*READ),
+        **problem_responses(*LIMITED_READ),
     },
 )
 async def generation_events(

@@ -10,12 +10,15 @@ needs it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, cast
 
+import anyio
 import structlog
 from fastapi.concurrency import run_in_threadpool
 
 from api.errors import Conflict, NotFound, UnprocessableRequest
+from api.limits import give_back_submission
 from api.state import AppState
 from api.submissions import idempotency_claim, refusal, replayed, served_line, vetted_webhook
 from schemas.generation import GenerationRequest
@@ -23,6 +26,7 @@ from schemas.images import vet_base64_image
 from schemas.jobs import CreateGeneration, Job, JobStatus
 from schemas.problems import FieldError
 from services import metrics
+from services.admission import key_share
 from services.job_views import render_job
 from services.jobs import JobRecord, decode_deliveries, job_key, new_job_id, utcnow, webhooks_key
 from services.queue import job_queue
@@ -43,8 +47,17 @@ class Submission:
 def _store_init_image(
     state: AppState, job_id: str, encoded: str, record_time: Any, *, mask: bool = False
 ) -> str:
-    """Upload an init image (or, ``mask``, an inpainting mask) beside the job's outputs; its key."""
-    vetted = vet_base64_image(encoded)
+    """Decode an init image (or, ``mask``, an inpainting mask) fully — validation only read its header —
+    and upload it beside the job's outputs; its key. 422 naming the field if it does not decode."""
+    try:
+        vetted = vet_base64_image(encoded)
+    except ValueError as exc:
+        field = "mask_image" if mask else "init_image"
+        raise UnprocessableRequest(
+            f"{field}: {exc}",
+            code="validation_error",
+            errors=[FieldError(field=field, message=str(exc), type="value_error")],
+        ) from None
     make_key = mask_image_key if mask else init_image_key
     key = make_key(job_id, vetted.format.lower().replace("jpeg", "jpg"), record_time)
     state.clients.storage.put(key, vetted.data, f"image/{vetted.format.lower()}")
@@ -122,17 +135,19 @@ async def submit(
         )
     request = body.generation_request()
     if request.outpaint is not None:  # the grown canvas and its mask: an inpainting job from here on
-        request = await run_in_threadpool(request.with_outpaint_canvas)
+        request = await anyio.to_thread.run_sync(request.with_outpaint_canvas, limiter=state.image_limiter)
     request = request.normalized(model=line.model)
     created_at = utcnow()
     init_key = mask_key = None
+    decode = partial(anyio.to_thread.run_sync, limiter=state.image_limiter)  # bounded: CPU-heavy
     if request.init_image is not None:
-        # Uploaded before the job exists: a worker may pick the job up the moment it is admitted.
-        init_key = await run_in_threadpool(_store_init_image, state, job_id, request.init_image, created_at)
+        # Decoded and uploaded before the job exists: a worker may pick the job up the moment it is
+        # admitted. Decoding happens here, after the key's token, in a bounded pool of threads.
+        init_key = await decode(partial(_store_init_image, state, job_id, request.init_image, created_at))
     if request.mask_image is not None:
         try:
-            mask_key = await run_in_threadpool(
-                _store_init_image, state, job_id, request.mask_image, created_at, mask=True
+            mask_key = await decode(
+                partial(_store_init_image, state, job_id, request.mask_image, created_at, mask=True)
             )
         except BaseException:
             await run_in_threadpool(_forget_init_image, state, init_key)
@@ -155,6 +170,8 @@ async def submit(
         raise
     if admission.outcome != "queued" and init_key is not None:
         await run_in_threadpool(_forget_init_image, state, init_key, mask_key)
+    if admission.outcome in ("replay", "queue_full"):  # made nothing: the token taken for it comes back
+        await give_back_submission(state, principal)
     if admission.outcome == "replay":
         existing = replayed(admission, claim)
         metrics.SUBMISSIONS.labels("idempotent_replay").inc()
@@ -162,7 +179,8 @@ async def submit(
     if admission.outcome != "queued":
         metrics.SUBMISSIONS.labels(admission.outcome).inc()
         detail = f"the queue holds {admission.value} jobs, its limit; retry later"
-        raise refusal(state.settings, admission, detail)
+        share = key_share(state.settings.max_queue_depth, state.settings.queue_share_per_key)
+        raise refusal(state.settings, admission, detail, share)
     metrics.SUBMISSIONS.labels("accepted").inc()
     # The request's access line carries the job id; a second INFO line per submission would double the
     # logging cost of the API's hottest path.

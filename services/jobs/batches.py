@@ -7,8 +7,9 @@ increments ``done`` (and the per-status counter) when an item reaches a terminal
 transition that ends the last item stamps ``completed_at`` and appends the batch's one ``batch.completed``
 event to the outbox in the same step — whoever made it: worker, cancel or recovery.
 
-Batch hash fields: owner, created_at, total, done, succeeded/failed/canceled, retention_s, webhook (JSON),
-cancel_requested, completed_at, model.
+Batch hash fields: owner, created_at, total, done, running, succeeded/failed/canceled, retention_s, webhook
+(JSON), cancel_requested, completed_at, model. ``running`` (items running now) and the terminal counts let
+a batch's counts be read from its hash alone (``GET /v1/batches`` lists a hundred batches in one round trip).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, cast
 
@@ -36,6 +37,9 @@ def new_batch_id() -> str:
     return "batch_" + secrets.token_hex(16)
 
 
+_COUNTED = ("running", "succeeded", "failed", "canceled")
+
+
 @dataclass
 class BatchRecord:
     """A batch as stored. Item states are read from the items themselves; ``done`` counts ended ones."""
@@ -50,6 +54,8 @@ class BatchRecord:
     completed_at: datetime | None = None
     done: int = 0
     model: str | None = None  # every item's model (one per batch); None only in pre-routing records
+    #: Items per status as the lifecycle counts them in the hash (``running``: since shares existed).
+    counted: dict[str, int] = field(default_factory=dict)
 
     def creation_fields(self) -> dict[str, str]:
         return encode_fields(
@@ -78,6 +84,7 @@ class BatchRecord:
             completed_at=datetime.fromisoformat(data["completed_at"]) if data.get("completed_at") else None,
             done=int(data.get("done") or 0),
             model=data.get("model") or None,
+            counted={status: int(data.get(status) or 0) for status in _COUNTED},
         )
 
 

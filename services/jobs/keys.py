@@ -14,6 +14,10 @@ Per batch (``POST /v1/batches``; expire after the retention too, restarted when 
 - ``darkroom:batch:{id}:webhooks``  hash: msg_id -> JSON delivery record of ``batch.completed``
 - ``darkroom:batches-of:{owner}``   sorted set: an API key's batch hash keys by creation time (ms)
 
+Per API key and queue:
+- ``darkroom:queued-of:{owner}:{queue key}``  sorted set: the key's job ids waiting on that queue, by
+  admission time (ms): its share of the queue's ceiling (``DARKROOM_QUEUE_SHARE_PER_KEY``)
+
 Shared:
 - ``darkroom:jobs:running``  set of job hash keys whose status is running (what lost-job recovery scans)
 - ``darkroom:outbox``        stream: the webhook events status changes caused, consumed by the webhook
@@ -28,6 +32,7 @@ RUNNING_SET = "darkroom:jobs:running"
 OUTBOX = "darkroom:outbox"
 OUTBOX_GROUP = "darkroom:outbox:dispatch"
 _OWNER_BATCHES_PREFIX = "darkroom:batches-of:"
+_QUEUED_OF_PREFIX = "darkroom:queued-of:"
 
 
 def job_key(job_id: str) -> str:
@@ -57,3 +62,9 @@ def batch_webhooks_key(batch_id: str) -> str:
 def owner_batches_key(owner: str) -> str:
     """Sorted set of an API key's batches (their hash keys by creation time), for ``GET /v1/batches``."""
     return f"{_OWNER_BATCHES_PREFIX}{owner}"
+
+
+def queued_of_key(owner: str, queue_key: str) -> str:
+    """Sorted set of the job ids an API key has waiting on one queue (score: admission time, ms): its share
+    of that queue's ceiling. Admission adds, the lifecycle removes (the job hash names it: ``queued_in``)."""
+    return f"{_QUEUED_OF_PREFIX}{owner}:{queue_key}"

@@ -9,8 +9,9 @@ in one atomic step it:
   heartbeat judged stale) — of two racing changes exactly one wins;
 - writes the new status and its fields, and appends the change to the job's event stream (SSE and
   ``Prefer: wait`` readers never miss one);
-- keeps the running set (what recovery scans) and RQ's records (the queue list, RQ's job hash, its started
-  registry — built by ``services.rq_records``) in step with the status;
+- keeps the running set (what recovery scans), the owner's share of its queue (``queued_in``: see
+  ``services.admission``), a batch's count of running items, and RQ's records (the queue list, RQ's job
+  hash, its started registry — built by ``services.rq_records``) in step with the status;
 - on a terminal status, restarts the retention clock of the job's keys, counts the job into its batch and,
   for the batch's last item, stamps the batch completed;
 - appends the webhook events the change causes — the job's ``generation.*`` as its webhook subscribed,
@@ -133,6 +134,26 @@ if to == 'running' then
   redis.call('SADD', KEYS[4], KEYS[1])
 else
   redis.call('SREM', KEYS[4], KEYS[1])
+end
+-- The owner's share of its queue (services.admission): an id leaves it with ``queued``, and comes back
+-- on a requeue. Records admitted before shares existed name no set.
+local queued_in = redis.call('HGET', KEYS[1], 'queued_in')
+if queued_in then
+  if to == 'queued' and current ~= 'queued' then
+    local t = redis.call('TIME')
+    redis.call('ZADD', queued_in, tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), ARGV[1])
+    redis.call('EXPIRE', queued_in, ARGV[9])
+  elseif current == 'queued' and to ~= 'queued' then
+    redis.call('ZREM', queued_in, ARGV[1])
+  end
+end
+-- A batch counts its running items too, so its counts are read from its hash alone (GET /v1/batches).
+local item_of = redis.call('HGET', KEYS[1], 'batch_id')
+if item_of and ((to == 'running') ~= (current == 'running')) then
+  local counted_in = BATCH_PREFIX .. item_of
+  if redis.call('EXISTS', counted_in) == 1 then
+    redis.call('HINCRBY', counted_in, 'running', to == 'running' and 1 or -1)
+  end
 end
 
 -- RQ's side, as services.rq_records built it. An id is on a queue at most once (admission pushes it once,

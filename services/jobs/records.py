@@ -109,7 +109,8 @@ def encode_fields(fields: Mapping[str, Any]) -> dict[str, str]:
         elif isinstance(value, str):
             encoded[name] = value
         else:
-            encoded[name] = json.dumps(value)
+            # UTF-8 as is: an emoji stored escaped ("\\ud83d\\ude00") takes 12 bytes instead of 4.
+            encoded[name] = json.dumps(value, ensure_ascii=False)
     return encoded
 
 

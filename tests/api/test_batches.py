@@ -210,6 +210,7 @@ def api(redis_url: str, tmp_path: Path) -> Iterator[str]:
         storage_url=f"file://{tmp_path}",
         api_keys=f"alice:sha256:{hash_key(ALICE)},bob:sha256:{hash_key(BOB)}",
         max_batch_queue_depth=5,
+        queue_share_per_key=1,
         prompt_blocklist="forbidden",
     )
     with serve(create_app(settings), lifespan="on") as url:

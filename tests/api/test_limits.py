@@ -26,6 +26,7 @@ def test_a_full_queue_answers_503_with_retry_after_and_accepts_again_once_draine
         redis_url=redis_url,
         storage_url=f"file://{tmp_path}",
         max_queue_depth=3,
+        queue_share_per_key=1,
         queue_full_retry_after=7,
         auth_disabled=True,
     )

@@ -46,7 +46,7 @@ def _run(redis_url: str, body: Callable[[aredis.Redis], Awaitable[T]]) -> T:
 def _admitter(
     client: aredis.Redis, redis_url: str, *, max_queue_depth: int = 1000, rate: RateLimit | None = None
 ) -> tuple[Admitter, Queue]:
-    settings = Settings(auth_disabled=True, max_queue_depth=max_queue_depth)
+    settings = Settings(auth_disabled=True, max_queue_depth=max_queue_depth, queue_share_per_key=1)
     queue = generation_queue(redis_lib.Redis.from_url(redis_url), settings)
     return Admitter(client, queue, settings, rate), queue
 
@@ -152,9 +152,10 @@ def test_a_submission_refused_at_the_ceiling_spends_no_token(redis_url: str) -> 
     async def body(client: aredis.Redis) -> list[str]:
         full, queue = _admitter(client, redis_url, max_queue_depth=1, rate=rate)
         outcomes = [(await full.admit(_record(), "alice")).outcome for _ in range(4)]
-        queue.connection.delete(queue.key)  # a worker drained the queue
+        drained = [queue.key, *queue.connection.keys("darkroom:queued-of:*")]  # as a worker's claims do
+        queue.connection.delete(*drained)  # a worker drained the queue
         outcomes.append((await full.admit(_record(), "alice")).outcome)
-        queue.connection.delete(queue.key)
+        queue.connection.delete(*drained)
         outcomes.append((await full.admit(_record(), "alice")).outcome)
         return outcomes
 
@@ -208,7 +209,7 @@ def _batch(n: int) -> tuple[BatchRecord, list[JobRecord]]:
 
 def test_a_batch_is_admitted_whole_or_not_at_all_with_one_token_and_replays(redis_url: str) -> None:
     (first, first_items), (second, second_items), (third, third_items) = _batch(3), _batch(3), _batch(2)
-    settings = Settings(auth_disabled=True, max_batch_queue_depth=5)
+    settings = Settings(auth_disabled=True, max_batch_queue_depth=5, queue_share_per_key=1)
     queue = batch_queue(redis_lib.Redis.from_url(redis_url), settings)
     rate = RateLimit(per_minute=60, burst=2)
 
@@ -219,10 +220,10 @@ def test_a_batch_is_admitted_whole_or_not_at_all_with_one_token_and_replays(redi
     async def body(client: aredis.Redis) -> list[Admission]:
         admitter = BatchAdmitter(client, queue, settings, rate)
         return [
-            await admitter.admit(first, first_items, "alice", claim(first, "f1")),
-            await admitter.admit(second, second_items, "alice"),  # 3 + 3 > 5: refused whole
-            await admitter.admit(third, third_items, "alice", claim(third, "f1")),  # the key's batch
-            await admitter.admit(third, third_items, "alice"),  # fits; the second token of the burst
+            await admitter.admit(first, first_items, "alice", claim(first, "f1"), cost=1),
+            await admitter.admit(second, second_items, "alice", cost=1),  # 3 + 3 > 5: refused whole
+            await admitter.admit(third, third_items, "alice", claim(third, "f1"), cost=1),  # the key's batch
+            await admitter.admit(third, third_items, "alice", cost=1),  # fits; the second token of the burst
         ]
 
     admissions = _run(redis_url, body)

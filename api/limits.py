@@ -1,0 +1,60 @@
+"""Per-key rate limits as route dependencies, taken before anything else about the request is looked at.
+
+``submission_token`` runs on every route that submits, *before* FastAPI validates the body (dependencies
+are solved first), so the order is: authentication (middleware) → the key's token → validation → the
+heavy checks and admission. A key looping invalid or expensive bodies is refused with 429 like any other,
+and the image decoding a submission may need (``api.generations.service``) happens only for requests that
+got a token. The token is given back when the submission turns out to make nothing (an Idempotency-Key
+replay, a full queue, the key's share reached: ``give_back_submission``).
+
+``read_token`` does the same for reads from their own, generous bucket (``DARKROOM_READ_RATE_LIMIT_*``).
+"""
+
+from __future__ import annotations
+
+from fastapi import Request
+
+from api.auth import ANONYMOUS
+from api.deps import app_state
+from api.errors import ApiError
+from api.state import AppState
+from services.rate_limit import TokenGate, retry_after_s
+
+
+def _principal(request: Request) -> str:
+    principal = request.scope.get("state", {}).get("principal")
+    return principal if isinstance(principal, str) else ANONYMOUS
+
+
+def rate_limited(wait_ms: int, what: str) -> ApiError:
+    wait_s = retry_after_s(wait_ms)
+    return ApiError(
+        f"too many {what} for this API key; retry in {wait_s} s",
+        status=429,
+        code="rate_limited",
+        headers={"Retry-After": str(wait_s)},
+    )
+
+
+async def _take(gate: TokenGate | None, request: Request, what: str) -> None:
+    if gate is None:
+        return
+    wait_ms = await gate.take(_principal(request))
+    if wait_ms:
+        raise rate_limited(wait_ms, what)
+
+
+async def submission_token(request: Request) -> None:
+    """One token from the key's submission bucket, or 429 ``rate_limited`` before the body is read."""
+    await _take(app_state(request).submit_gate, request, "submissions")
+
+
+async def read_token(request: Request) -> None:
+    """One token from the key's read bucket, or 429 ``rate_limited``."""
+    await _take(app_state(request).read_gate, request, "reads")
+
+
+async def give_back_submission(state: AppState, principal: str) -> None:
+    """A submission that made nothing (replay, full queue, share reached) costs no token after all."""
+    if state.submit_gate is not None:
+        await state.submit_gate.give_back(principal)
