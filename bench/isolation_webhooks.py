@@ -112,7 +112,7 @@ def run_phase(settings: Settings, args: argparse.Namespace, attack: bool, tmp: P
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.isolation_webhooks", description=__doc__)
-    parser.add_argument("--a-receivers", type=int, default=4, help="hanging and trickling receivers, each")
+    parser.add_argument("--a-receivers", type=int, default=1, help="hanging and trickling receivers, each")
     parser.add_argument("--a-events", type=int, default=20, help="events per misbehaving receiver")
     parser.add_argument("--b-events", type=int, default=200)
     parser.add_argument("--b-rate", type=float, default=20.0, help="B's events per second")
