@@ -18,15 +18,19 @@ import ctypes
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import structlog
 from rq import SimpleWorker
 from rq.defaults import DEFAULT_LOGGING_DATE_FORMAT, DEFAULT_LOGGING_FORMAT
+from rq.exceptions import StopRequested
 from rq.job import Job
 from rq.queue import Queue
 from rq.scheduler import RQScheduler
+from rq.timeouts import TimerDeathPenalty
 from rq.worker import WorkerStatus
 
 from services.clients import REDIS_UNAVAILABLE, retry_while_redis_down
@@ -155,6 +159,10 @@ class ResilientWorker(SimpleWorker):
     # --- running one job ---------------------------------------------------------------------------------
 
     def execute_job(self, job: Job, queue: Queue) -> None:
+        self.execute_job_here(job, queue)
+
+    def execute_job_here(self, job: Job, queue: Queue) -> None:
+        """Run ``job`` in this thread, its bookkeeping included, then mark the worker idle."""
         try:
             self.run_job(job, queue)
         except REDIS_UNAVAILABLE as exc:
@@ -179,3 +187,76 @@ class ResilientWorker(SimpleWorker):
 
     def after_job(self, job: Job, queue: Queue) -> None:
         """Hook run after every job, however it ended."""
+
+
+class PooledWorker(ResilientWorker):
+    """A :class:`ResilientWorker` that runs up to ``concurrency`` jobs at once, each in a thread of its own.
+
+    For jobs that mostly wait on the network (webhook attempts): one slow job must not hold up the rest.
+    The main thread stays RQ's loop — it takes a free slot, then dequeues one job, records its execution
+    (RQ keeps one per running job) and hands it to a thread, which does what ``SimpleWorker`` does: run
+    it, record its outcome, call its callbacks. A job is dequeued only when a slot is free, so nothing
+    sits taken but idle in this process while another one could run it.
+
+    RQ's SIGALRM timeout works only in the main thread; here it is ``TimerDeathPenalty`` (an exception
+    raised in the job's thread), which cannot interrupt a blocking call — jobs bound their own I/O.
+    Warm shutdown: on SIGTERM no new job is taken and the ones in flight finish and are recorded before
+    the worker unregisters.
+    """
+
+    death_penalty_class = TimerDeathPenalty
+
+    def __init__(self, *args: Any, concurrency: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self.concurrency = concurrency
+        self._slots = threading.BoundedSemaphore(concurrency)
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="rq-job")
+        self._waiting = False  # the main thread waits for a slot or a job: a stop may interrupt it
+
+    def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> Any:
+        self._waiting = True
+        try:
+            while not self._slots.acquire(timeout=1.0):
+                if self.stopped_on_request:
+                    raise StopRequested()
+            try:
+                result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+            except BaseException:
+                self._slots.release()
+                raise
+        finally:
+            self._waiting = False
+        if result is None:
+            self._slots.release()
+        return result
+
+    def _shutdown(self) -> None:
+        """RQ raises ``StopRequested`` in an idle worker, waits for the job in a busy one; this worker is
+        both at once, so: interrupt the main thread only while it waits, and let running jobs finish."""
+        self._stop_requested = True
+        if self._waiting:
+            raise StopRequested()
+        self.set_shutdown_requested_date()
+        if self.scheduler:
+            self.stop_scheduler()
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        try:
+            self._pool.submit(self._run_in_thread, job, queue)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def _run_in_thread(self, job: Job, queue: Queue) -> None:
+        try:
+            self.execute_job_here(job, queue)
+        except Exception:  # RQ records a job's own failure; this is its bookkeeping failing
+            log.exception("rq job thread failed", job_id=job.id)
+        finally:
+            self._slots.release()
+
+    def teardown(self) -> None:
+        self._pool.shutdown(wait=True)  # jobs in flight finish and are recorded first
+        super().teardown()

@@ -294,7 +294,32 @@ class Settings(BaseSettings):
     )
     webhook_allow_private: bool = Field(False, description="Allow loopback/private webhook targets (tests).")
     webhook_allow_http: bool = Field(False, description="Allow plain-http webhook targets (tests, dev).")
-    webhook_timeout: timedelta = Field(timedelta(seconds=10), description="Per-attempt webhook timeout.")
+    webhook_timeout: timedelta = Field(
+        timedelta(seconds=10),
+        description="Timeout of each phase of a webhook attempt: connecting, sending, and each wait for "
+        "the receiver's next bytes.",
+    )
+    webhook_attempt_deadline: timedelta = Field(
+        timedelta(seconds=15),
+        gt=timedelta(0),
+        description="Total time one webhook attempt may take — connect, TLS, request body and the "
+        "receiver's response headers together — however slowly the receiver trickles bytes; past it the "
+        "attempt is recorded as a timeout and retried.",
+    )
+    webhook_concurrency: int = Field(
+        32,
+        ge=1,
+        le=1024,
+        description="Webhook attempts one webhook process sends at once (threads); a slow receiver holds "
+        "only its own.",
+    )
+    webhook_per_host: int = Field(
+        4,
+        ge=1,
+        le=1024,
+        description="Webhook attempts one webhook process sends at once to one receiver (host and port); "
+        "more wait their turn, rescheduled about a second later, without holding a slot.",
+    )
     webhook_max_attempts: int = Field(
         8, ge=1, le=50, description="Attempts per webhook event before its delivery is marked failed."
     )

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict
 
 from services.jobs.outbox import new_msg_id
 from services.ssrf import Resolver, UnsafeURLError, build_pinned_request, resolve_host, vet_url
+from services.webhooks.deadline import DeadlineTransport, attempt_deadline
 from services.webhooks.retry import RetryPolicy, Verdict, classify, next_delay
 from services.webhooks.signing import webhook_headers
 
@@ -88,20 +89,21 @@ def make_webhook_client(timeout_s: float, *, verify: ssl.SSLContext | bool = Tru
     """An httpx client fit for calling strangers' servers.
 
     - Explicit timeouts on every phase: a receiver that accepts the connection and never answers must
-      not hold a worker. (A server trickling bytes can still stretch an attempt; the RQ job timeout is
-      the outer bound.)
+      not hold a worker. A server trickling bytes would stretch an attempt past them, so the transport
+      also enforces the total deadline ``attempt_delivery`` is given (``services.webhooks.deadline``).
     - ``follow_redirects=False``: a redirect target was never vetted by the SSRF guard.
     - ``trust_env=False``: ambient proxy and CA variables must not silently change where webhook traffic
       goes or which CAs vouch for receivers; an egress proxy, if ever needed, is wired explicitly.
     - No keep-alive pool and a cookie jar that refuses everything: requests are pinned to IPs, so pooled
       connections and cookies would otherwise be shared between unrelated receivers behind one IP.
+      No cap on connections: the webhook worker bounds how many attempts run at once.
     """
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
     return httpx.Client(
         timeout=httpx.Timeout(timeout_s, connect=timeout_s, read=timeout_s, write=timeout_s, pool=timeout_s),
         follow_redirects=False,
         trust_env=False,
-        verify=verify,
-        limits=httpx.Limits(max_connections=100, max_keepalive_connections=0),
+        transport=DeadlineTransport(verify=verify, limits=limits),
         cookies=_refuse_all_cookies(),
         headers={"User-Agent": USER_AGENT},
     )
@@ -123,8 +125,13 @@ def attempt_delivery(
     allow_http: bool,
     clock: Callable[[], datetime] = utcnow,
     resolver: Resolver = resolve_host,
+    deadline_s: float | None = None,
 ) -> AttemptResult:
     """Vet the URL, sign, POST once, and report. Never raises for receiver or network trouble.
+
+    ``deadline_s`` bounds connect, TLS, sending and the response headers together (with a client from
+    ``make_webhook_client``): past it the attempt ends as a ``ReadTimeout`` (or Connect/Write), however
+    slowly the receiver keeps trickling bytes.
 
     A bad ``secret`` raises ``ValueError`` before anything is sent: that is our misconfiguration, not a
     delivery failure to retry. The response body is never read — we only need the status, and a hostile
@@ -138,8 +145,9 @@ def attempt_delivery(
     try:
         target = vet_url(message.url, allow_private=allow_private, allow_http=allow_http, resolver=resolver)
         request = build_pinned_request(client, target, "POST", content=message.payload, headers=headers)
-        outcome = client.send(request, stream=True, follow_redirects=False)
-        outcome.close()
+        with attempt_deadline(deadline_s):
+            outcome = client.send(request, stream=True, follow_redirects=False)
+            outcome.close()
     except (UnsafeURLError, httpx.TransportError) as exc:
         outcome = exc
         error = f"{type(exc).__name__}: {exc}"[:_MAX_ERROR_CHARS]

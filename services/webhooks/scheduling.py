@@ -10,10 +10,11 @@ delivery record on the job (or batch) that users can read (``webhook.deliveries`
 
 from __future__ import annotations
 
+import secrets
 from datetime import timedelta
 from typing import Any
 
-from rq import Queue
+from rq import Callback, Queue
 from rq.job import Job as RQJob
 
 from services.queue import WEBHOOK_TASK
@@ -24,15 +25,19 @@ DEFAULT_TASK_TIMEOUT = timedelta(seconds=60)
 TASK_RESULT_TTL = timedelta(hours=1)
 #: A failed task means a bug on our side; keep it long enough for someone to look.
 TASK_FAILURE_TTL = timedelta(days=7)
+#: Runs when an attempt's task fails however it failed — an exception, RQ's timeout, or (found later by
+#: RQ's registry cleanup) a process killed mid-attempt — so the attempt is recorded and retried.
+ON_FAILURE = "services.webhooks.tasks.attempt_interrupted"
 
 
-def task_timeout(webhook_timeout: timedelta) -> timedelta:
-    """RQ ``job_timeout`` for one attempt whose HTTP phases are each bounded by ``webhook_timeout``.
+def task_timeout(attempt_deadline: timedelta) -> timedelta:
+    """RQ ``job_timeout`` for one attempt whose HTTP exchange ends within ``attempt_deadline``.
 
-    httpx bounds connect, write and every read separately, so an attempt can legitimately take a few
-    timeouts; the RQ timeout only has to stop a receiver that trickles its headers forever.
+    Only a backstop now: the deadline ends the exchange itself (``services.webhooks.deadline``); the rest
+    is a few Redis round trips. Should it still fire, the attempt is recorded and retried all the same
+    (``services.webhooks.tasks.attempt_interrupted``).
     """
-    return max(DEFAULT_TASK_TIMEOUT, 4 * webhook_timeout + timedelta(seconds=15))
+    return max(DEFAULT_TASK_TIMEOUT, attempt_deadline + timedelta(seconds=30))
 
 
 def task_job_id(msg_id: str, attempt: int) -> str:
@@ -49,6 +54,7 @@ def enqueue_attempt(
     delay: timedelta | None = None,
     timeout: timedelta = DEFAULT_TASK_TIMEOUT,
     task: str = WEBHOOK_TASK,
+    waited: int = 0,
 ) -> RQJob:
     """Put attempt number ``attempt`` of a message on the webhook queue, now or after ``delay``.
 
@@ -56,17 +62,26 @@ def enqueue_attempt(
     to the queue (about one second of resolution). The arguments are plain JSON: the queue must use
     ``JSONSerializer`` (``services.queue.webhook_queue``), never pickle. ``task``: ``BATCH_WEBHOOK_TASK``
     for a batch's message (``job_id`` is then the batch id).
+
+    ``waited``: how many times this attempt was already put back because its receiver's host had no free
+    slot (``services.webhooks.hosts``); such a retake gets an id of its own, the original's being taken.
     """
+    rq_id = task_job_id(msg_id, attempt)
+    if waited:
+        rq_id = f"{rq_id}-wait{waited}-{secrets.token_hex(3)}"
     options: dict[str, Any] = {
-        "job_id": task_job_id(msg_id, attempt),
+        "job_id": rq_id,
         "job_timeout": max(1, int(timeout.total_seconds())),
         "result_ttl": int(TASK_RESULT_TTL.total_seconds()),
         "failure_ttl": int(TASK_FAILURE_TTL.total_seconds()),
         "description": f"webhook {msg_id} attempt {attempt} for {job_id}",
+        "on_failure": Callback(ON_FAILURE),
     }
+    options["args"] = (job_id, msg_id, attempt)
+    options["kwargs"] = {"waited": waited} if waited else {}
     if delay is not None and delay > timedelta(0):
-        return queue.enqueue_in(delay, task, job_id, msg_id, attempt, **options)
-    return queue.enqueue(task, job_id, msg_id, attempt, **options)
+        return queue.enqueue_in(delay, task, **options)
+    return queue.enqueue(task, **options)
 
 
 def new_delivery(event_type: str, msg_id: str, created_at: str) -> dict[str, Any]:

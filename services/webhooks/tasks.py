@@ -28,6 +28,9 @@ from typing import Any
 import httpx
 import structlog
 from rq import Queue
+from rq.exceptions import AbandonedJobError
+from rq.job import Job as RQJob
+from rq.timeouts import JobTimeoutException
 
 from services.batch_views import read_batch
 from services.clients import ServiceClients, process_clients, retry_while_redis_down
@@ -40,7 +43,8 @@ from services.settings import Settings
 from services.ssrf import Resolver, resolve_host
 from services.storage import Storage
 from services.webhooks.delivery import DeliveryAttempt, WebhookMessage, attempt_delivery, utcnow
-from services.webhooks.retry import RetryPolicy, Verdict, next_delay
+from services.webhooks.hosts import HostLimiter, host_key, process_limiter
+from services.webhooks.retry import RetryPolicy, Verdict, classify, next_delay
 from services.webhooks.scheduling import enqueue_attempt, task_timeout
 from services.webhooks.signing import decode_secret
 
@@ -52,6 +56,7 @@ RETRYING = "retrying"
 FAILED = "failed"
 GONE = "gone"
 SKIPPED = "skipped"
+WAITING = "waiting"  # the receiver's host had no free slot: put back on the queue, not attempted
 
 
 class WebhookConfigError(RuntimeError):
@@ -73,6 +78,10 @@ class DeliveryContext:
     url_expiry: timedelta
     task_timeout: timedelta
     batches: BatchStore | None = None  # for batch.completed messages
+    #: Per-host share of the process's slots; None: no limit (tests that drive one attempt at a time).
+    limiter: HostLimiter | None = None
+    #: Total time one HTTP exchange may take (``services.webhooks.deadline``); None: phase timeouts only.
+    deadline_s: float | None = None
     clock: Callable[[], datetime] = utcnow
     rand: Callable[[], float] = random.random
     resolver: Resolver = resolve_host
@@ -90,8 +99,10 @@ class DeliveryContext:
             allow_private=s.webhook_allow_private,
             allow_http=s.webhook_allow_http,
             url_expiry=s.url_expiry,
-            task_timeout=task_timeout(s.webhook_timeout),
+            task_timeout=task_timeout(s.webhook_attempt_deadline),
             batches=BatchStore(clients.redis),
+            limiter=process_limiter(s.webhook_per_host),
+            deadline_s=s.webhook_attempt_deadline.total_seconds(),
         )
 
 
@@ -104,8 +115,9 @@ def retry_policy(settings: Settings) -> RetryPolicy:
     )
 
 
-def deliver_webhook(job_id: str, msg_id: str, attempt: int) -> str:
-    """RQ entry point (``services.queue.WEBHOOK_TASK``): attempt ``attempt`` of message ``msg_id``.
+def deliver_webhook(job_id: str, msg_id: str, attempt: int, waited: int = 0) -> str:
+    """RQ entry point (``services.queue.WEBHOOK_TASK``): attempt ``attempt`` of message ``msg_id``
+    (``waited``: times it was put back for want of a slot on its receiver's host).
 
     Retried whole through a Redis outage of up to ``DARKROOM_REDIS_RETRY_DEADLINE``: failing would leave the
     delivery ``pending`` with no next attempt scheduled. If Redis went away after the request was sent,
@@ -113,17 +125,18 @@ def deliver_webhook(job_id: str, msg_id: str, attempt: int) -> str:
     """
     clients = process_clients()
     return retry_while_redis_down(
-        lambda: run_delivery_attempt(DeliveryContext.from_clients(clients), job_id, msg_id, attempt),
+        lambda: run_delivery_attempt(DeliveryContext.from_clients(clients), job_id, msg_id, attempt, waited),
         what="webhook delivery attempt",
         deadline_s=clients.settings.redis_retry_deadline.total_seconds(),
     )
 
 
-def deliver_batch_webhook(batch_id: str, msg_id: str, attempt: int) -> str:
+def deliver_batch_webhook(batch_id: str, msg_id: str, attempt: int, waited: int = 0) -> str:
     """RQ entry point (``services.queue.BATCH_WEBHOOK_TASK``): attempt ``attempt`` of a batch's message."""
     clients = process_clients()
+    ctx = DeliveryContext.from_clients(clients)
     return retry_while_redis_down(
-        lambda: run_batch_delivery_attempt(DeliveryContext.from_clients(clients), batch_id, msg_id, attempt),
+        lambda: run_batch_delivery_attempt(ctx, batch_id, msg_id, attempt, waited),
         what="batch webhook delivery attempt",
         deadline_s=clients.settings.redis_retry_deadline.total_seconds(),
     )
@@ -158,18 +171,28 @@ def build_payload(
     return _payload(event_type, timestamp, job.model_dump(mode="json", exclude={"webhook": {"deliveries"}}))
 
 
-def run_delivery_attempt(ctx: DeliveryContext, job_id: str, msg_id: str, attempt: int) -> str:
+def run_delivery_attempt(
+    ctx: DeliveryContext, job_id: str, msg_id: str, attempt: int, waited: int = 0
+) -> str:
     """Make attempt number ``attempt`` (1-based) for one message, record it, schedule the next if due.
 
-    Returns ``delivered``, ``retrying``, ``failed``, ``gone``, or ``skipped`` (the job or its delivery
-    record expired, or this attempt already happened: a re-run task must not send twice).
+    Returns ``delivered``, ``retrying``, ``failed``, ``gone``, ``waiting`` (the receiver's host had no
+    free slot: the attempt was put back on the queue, to run a moment later), or ``skipped`` (the job or
+    its delivery record expired, or this attempt already happened: a re-run task must not send twice).
     """
     bound = log.bind(job_id=job_id, msg_id=msg_id, attempt=attempt)
+    loaded = _job_subject(ctx, job_id, msg_id)
+    if loaded is None:
+        bound.info("webhook.skipped", reason="job_or_delivery_expired")
+        return SKIPPED
+    return _attempt(ctx, *loaded, attempt, waited, bound)
+
+
+def _job_subject(ctx: DeliveryContext, job_id: str, msg_id: str) -> tuple[Subject, dict[str, Any]] | None:
     delivery = ctx.store.get_delivery(job_id, msg_id)
     record = ctx.store.get(job_id)
     if delivery is None or record is None or not record.webhook:
-        bound.info("webhook.skipped", reason="job_or_delivery_expired")
-        return SKIPPED
+        return None
     job = record
     subject = Subject(
         id=job_id,
@@ -178,19 +201,28 @@ def run_delivery_attempt(ctx: DeliveryContext, job_id: str, msg_id: str, attempt
         save=lambda msg, entry: ctx.store.put_delivery(job_id, msg, entry),
         task=WEBHOOK_TASK,
     )
-    return _attempt(ctx, subject, delivery, attempt, bound)
+    return subject, delivery
 
 
-def run_batch_delivery_attempt(ctx: DeliveryContext, batch_id: str, msg_id: str, attempt: int) -> str:
+def run_batch_delivery_attempt(
+    ctx: DeliveryContext, batch_id: str, msg_id: str, attempt: int, waited: int = 0
+) -> str:
     """:func:`run_delivery_attempt` for a batch's ``batch.completed``: the payload's ``data`` is the batch
     as ``GET /v1/batches/{id}`` returns it, less its items (read them there) and webhook deliveries."""
     bound = log.bind(batch_id=batch_id, msg_id=msg_id, attempt=attempt)
+    loaded = _batch_subject(ctx, batch_id, msg_id)
+    if loaded is None:
+        bound.info("webhook.skipped", reason="batch_or_delivery_expired")
+        return SKIPPED
+    return _attempt(ctx, *loaded, attempt, waited, bound)
+
+
+def _batch_subject(ctx: DeliveryContext, batch_id: str, msg_id: str) -> tuple[Subject, dict[str, Any]] | None:
     batches = ctx.batches or BatchStore(ctx.store.redis)
     delivery = batches.get_delivery(batch_id, msg_id)
     record = batches.get(batch_id)
     if delivery is None or record is None or not record.webhook:
-        bound.info("webhook.skipped", reason="batch_or_delivery_expired")
-        return SKIPPED
+        return None
     batch = record
 
     def payload(event_type: str, at: str) -> bytes:
@@ -206,17 +238,63 @@ def run_batch_delivery_attempt(ctx: DeliveryContext, batch_id: str, msg_id: str,
         save=lambda msg, entry: batches.put_delivery(batch_id, msg, entry, batch.retention_s),
         task=BATCH_WEBHOOK_TASK,
     )
-    return _attempt(ctx, subject, delivery, attempt, bound)
+    return subject, delivery
 
 
 def _attempt(
-    ctx: DeliveryContext, subject: Subject, delivery: dict[str, Any], attempt: int, bound: Any
+    ctx: DeliveryContext,
+    subject: Subject,
+    delivery: dict[str, Any],
+    attempt: int,
+    waited: int,
+    bound: Any,
 ) -> str:
-    msg_id = delivery["msg_id"]
-    if delivery.get("state") != "pending" or any(a["attempt"] >= attempt for a in delivery["attempts"]):
+    if _already_done(delivery, attempt):
         bound.info("webhook.skipped", reason="already_done", state=delivery.get("state"))
         return SKIPPED
+    host = host_key(subject.url)
+    if ctx.limiter is not None and not ctx.limiter.try_acquire(host):
+        return _wait_for_host(ctx, subject, delivery["msg_id"], attempt, waited, bound)
+    try:
+        return _send(ctx, subject, delivery, attempt, bound)
+    finally:
+        if ctx.limiter is not None:
+            ctx.limiter.release(host)
 
+
+def _already_done(delivery: dict[str, Any], attempt: int) -> bool:
+    return delivery.get("state") != "pending" or any(a["attempt"] >= attempt for a in delivery["attempts"])
+
+
+#: Longest wait between two looks for a free slot on a busy receiver's host when no deadline is set.
+_HOST_WAIT_MAX_S = 15.0
+
+
+def _wait_for_host(
+    ctx: DeliveryContext, subject: Subject, msg_id: str, attempt: int, waited: int, bound: Any
+) -> str:
+    """Put the attempt back on the queue a little later: the receiver's host has ``per_host`` attempts in
+    flight. The wait doubles each time (from about a second) up to the attempt deadline — by then a slot
+    has surely come free — so a receiver with a long backlog costs a few requeues per attempt, not one a
+    second."""
+    ceiling = min(float(2 ** min(waited, 10)), ctx.deadline_s or _HOST_WAIT_MAX_S)
+    delay = max(1.0, ceiling * (0.75 + 0.5 * ctx.rand()))
+    enqueue_attempt(
+        ctx.queue,
+        subject.id,
+        msg_id,
+        attempt,
+        delay=timedelta(seconds=delay),
+        timeout=ctx.task_timeout,
+        task=subject.task,
+        waited=waited + 1,
+    )
+    bound.info("webhook.waiting_for_host", waited=waited + 1, next_in_s=round(delay, 3))
+    return WAITING
+
+
+def _send(ctx: DeliveryContext, subject: Subject, delivery: dict[str, Any], attempt: int, bound: Any) -> str:
+    msg_id = delivery["msg_id"]
     event_type: str = delivery["event"]
     try:
         secret = _usable_secret(ctx.secret)
@@ -241,17 +319,32 @@ def _attempt(
         allow_http=ctx.allow_http,
         clock=ctx.clock,
         resolver=ctx.resolver,
+        deadline_s=ctx.deadline_s,
     )
-    delay = next_delay(attempt, result.outcome, ctx.policy, rand=ctx.rand, now=ctx.clock())
-    state = _STATES[result.verdict] if delay is None else "pending"
-    _save(subject, delivery, result.record, state)
-    WEBHOOK_ATTEMPTS.labels(outcome=result.verdict.value).inc()
+    return _conclude(ctx, subject, delivery, attempt, result.record, result.outcome, bound)
+
+
+def _conclude(
+    ctx: DeliveryContext,
+    subject: Subject,
+    delivery: dict[str, Any],
+    attempt: int,
+    record: DeliveryAttempt,
+    outcome: httpx.Response | BaseException,
+    bound: Any,
+) -> str:
+    """Record the attempt, settle the delivery's state, and schedule the next attempt if one is due."""
+    verdict = classify(outcome)
+    delay = next_delay(attempt, outcome, ctx.policy, rand=ctx.rand, now=ctx.clock())
+    state = _STATES[verdict] if delay is None else "pending"
+    _save(subject, delivery, record, state)
+    WEBHOOK_ATTEMPTS.labels(outcome=verdict.value).inc()
     bound.info(
         "webhook.attempt",
-        event_type=event_type,
-        status_code=result.record.status_code,
-        error=result.record.error,
-        verdict=result.verdict.value,
+        event_type=delivery["event"],
+        status_code=record.status_code,
+        error=record.error,
+        verdict=verdict.value,
         state=state,
         next_in_s=None if delay is None else round(delay, 3),
     )
@@ -259,7 +352,7 @@ def _attempt(
         enqueue_attempt(
             ctx.queue,
             subject.id,
-            msg_id,
+            delivery["msg_id"],
             attempt + 1,
             delay=timedelta(seconds=delay),
             timeout=ctx.task_timeout,
@@ -267,6 +360,44 @@ def _attempt(
         )
         return RETRYING
     return {"delivered": DELIVERED, "gone": GONE}.get(state, FAILED)
+
+
+def attempt_interrupted(
+    job: RQJob, connection: Any, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any
+) -> None:
+    """RQ failure callback of every attempt task (``scheduling.ON_FAILURE``): an attempt whose task
+    failed — RQ's timeout fired, the process was killed mid-attempt (RQ finds the task abandoned when it
+    cleans its registries), or an error of ours — is recorded as an attempt with the reason, and the
+    next one is scheduled by the usual policy. Without this such a delivery stayed ``pending`` with no
+    attempt recorded and no retry. An attempt that was recorded (sent, or "not sent") is left alone."""
+    subject_id, msg_id, attempt = job.args[:3]
+    ctx = DeliveryContext.from_clients(process_clients())
+    load = _batch_subject if job.func_name == BATCH_WEBHOOK_TASK else _job_subject
+    loaded = load(ctx, subject_id, msg_id)
+    bound = log.bind(subject_id=subject_id, msg_id=msg_id, attempt=attempt)
+    if loaded is None:
+        return
+    subject, delivery = loaded
+    if _already_done(delivery, attempt):
+        return
+    if exc_type is not None and issubclass(exc_type, JobTimeoutException):
+        reason = "the task timed out"
+    elif exc_type is not None and issubclass(exc_type, AbandonedJobError):
+        reason = "the webhook process stopped during it"
+    else:
+        reason = f"{exc_type.__name__ if exc_type else 'unknown'} in the task"
+    now = ctx.clock()
+    started = job.started_at
+    took_ms = max(0.0, (now - started).total_seconds() * 1000.0) if started is not None else 0.0
+    record = DeliveryAttempt(
+        at=started or now,
+        attempt=attempt,
+        status_code=None,
+        error=f"attempt interrupted: {reason}",
+        duration_ms=took_ms,
+    )
+    # Retryable like any transport failure: whether the receiver got it is unknown (same webhook-id).
+    _conclude(ctx, subject, delivery, attempt, record, httpx.ReadTimeout(record.error or ""), bound)
 
 
 #: Delivery state once no further attempt is due. A retryable verdict only gets here out of attempts.

@@ -1,17 +1,21 @@
 """The webhook worker process: an RQ worker on the webhook queue, with the scheduler that fires retries,
 and the outbox dispatcher (a side thread) that turns the events of status changes into first attempts.
 
-Why ``SimpleWorker`` (tasks run in the worker process) rather than RQ's forking ``Worker``: a delivery
-attempt is a few milliseconds of our work around one bounded HTTP call, so a fork per task would cost more
-than the task, and would rebuild the Redis, storage and httpx clients every time. The usual reason to fork
-— isolating a heavy or leaky job, or keeping CUDA out of the parent — does not apply: this process never
-imports torch. The RQ ``job_timeout`` still bounds each task (SIGALRM in the main thread). Throughput comes
-from running more of these processes, not from forking.
+Why threads in one process (``services.rq_workers.PooledWorker``): an attempt is a few milliseconds of our
+work around one HTTP exchange that may wait up to the attempt deadline on a slow receiver. One attempt at
+a time let a receiver that hangs or trickles its answer delay every other tenant's webhooks; now up to
+``DARKROOM_WEBHOOK_CONCURRENCY`` attempts are in flight, each in its own thread, of which one receiver's
+host gets at most ``DARKROOM_WEBHOOK_PER_HOST`` (``services.webhooks.hosts``) and each ends within
+``DARKROOM_WEBHOOK_ATTEMPT_DEADLINE`` (``services.webhooks.deadline``). No fork per task: it would cost
+more than the task and rebuild the Redis, storage and httpx clients every time; this process never
+imports torch. Each attempt is still one RQ task, so RQ keeps its record, its timeout (a backstop) and
+its failure callback, which records and retries an attempt that failed however it failed.
 
 ``with_scheduler=True`` is required: retries are enqueued with ``enqueue_in`` and only a scheduler moves
 them to the queue when due. With several workers, one holds the scheduler lock and the others stand by.
 
-SIGTERM is RQ's warm shutdown: an attempt in flight finishes and is recorded, then the process exits 0.
+SIGTERM is a warm shutdown: no new attempt starts, those in flight finish and are recorded, then the
+process exits 0.
 A Redis restart is waited out (``services.rq_workers``), scheduler included; should the loop still end on
 its own, the process exits 1 so its supervisor restarts it.
 """
@@ -28,7 +32,7 @@ from services import metrics
 from services.clients import build_clients, close_process_clients, make_redis, set_process_clients
 from services.logging import configure_logging
 from services.queue import webhook_queue
-from services.rq_workers import ResilientWorker
+from services.rq_workers import PooledWorker
 from services.settings import Settings
 from services.webhooks.dispatcher import OutboxDispatcher
 from services.webhooks.scheduling import task_timeout
@@ -65,7 +69,7 @@ def run_worker(settings: Settings, *, burst: bool = False) -> int:
         redis=make_redis(settings.redis_url),
         store=clients.store,
         queue=webhook_queue(clients.redis, settings),
-        task_timeout=task_timeout(settings.webhook_timeout),
+        task_timeout=task_timeout(settings.webhook_attempt_deadline),
         claim_idle=settings.outbox_claim_idle,
     )
     if burst:  # what is in the outbox now becomes attempts, then the worker drains them
@@ -73,8 +77,11 @@ def run_worker(settings: Settings, *, burst: bool = False) -> int:
     else:
         dispatcher.start()
     try:
-        worker = ResilientWorker(
-            [webhook_queue(connection, settings)], connection=connection, serializer=JSONSerializer
+        worker = PooledWorker(
+            [webhook_queue(connection, settings)],
+            connection=connection,
+            serializer=JSONSerializer,
+            concurrency=settings.webhook_concurrency,
         )
         worker.work(burst=burst, with_scheduler=True, logging_level="INFO")
     finally:

@@ -397,7 +397,10 @@ def test_webhook_worker_runs_the_webhook_process(rendered: Rendered) -> None:
     c = container(webhooks, "webhooks")
     assert c["command"] == ["python", "-m", "services.webhooks"]
     assert c["image"].split(":")[0].endswith("darkroom-api")
-    assert pod_spec(webhooks)["terminationGracePeriodSeconds"] > Settings().webhook_timeout.total_seconds()
+    assert (
+        pod_spec(webhooks)["terminationGracePeriodSeconds"]
+        > Settings().webhook_attempt_deadline.total_seconds()
+    )
 
 
 # --- Redis ---------------------------------------------------------------------------------------------

@@ -1,0 +1,162 @@
+"""One receiver cannot hold up the others (issue 16, case 6) — a real ``python -m services.webhooks``
+process, real Redis, real loopback receivers: a normal one (``http_receiver``) and misbehaving ones on raw
+sockets (``slow_receiver``) that never answer or trickle one header line at a time.
+
+- Tenant A's receivers hang and trickle while tenant B's webhooks are sent: B's arrive on time
+  (lateness = received − event, p50/p99 printed), and each of A's receivers holds at most its share.
+- A trickling answer is cut at the attempt deadline, recorded as an attempt with its error, and retried.
+- One host gets exactly ``DARKROOM_WEBHOOK_PER_HOST`` attempts at once, never more.
+- An attempt whose process was killed mid-request is recorded and retried once RQ finds its task abandoned.
+
+Timing bounds are sanity bounds (seconds); ``bench/isolation_webhooks.py`` measures under more load.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+from rq.registry import ScheduledJobRegistry, StartedJobRegistry
+
+from services.clients import ServiceClients, build_clients, close_process_clients, set_process_clients
+from services.queue import webhook_queue
+from services.settings import Settings
+from services.storage import FileStorage
+from services.webhooks.scheduling import task_job_id
+from tests.fixtures.http_receiver import HttpReceiver
+from tests.fixtures.slow_receiver import SlowReceiver
+from tests.services import test_webhook_worker as worker_tests
+from tests.services.test_webhook_tasks import create_job
+from tests.services.test_webhook_worker import StartWorker, delivery_state, stop, wait_until, worker_env
+
+# The webhook worker tests' fixtures: settings, service clients, file storage, and the worker process.
+settings = worker_tests.settings
+clients = worker_tests.clients
+storage = worker_tests.storage
+start_worker = worker_tests.start_worker
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def test_hanging_and_trickling_receivers_do_not_delay_another_tenants_webhooks(
+    settings: Settings,
+    clients: ServiceClients,
+    storage: FileStorage,
+    webhook_receiver: HttpReceiver,
+    start_worker: StartWorker,
+) -> None:
+    env = worker_env(
+        settings,
+        DARKROOM_WEBHOOK_CONCURRENCY="8",
+        DARKROOM_WEBHOOK_PER_HOST="2",
+        DARKROOM_WEBHOOK_ATTEMPT_DEADLINE="PT3S",
+        DARKROOM_WEBHOOK_MAX_ATTEMPTS="2",
+    )
+    with SlowReceiver("hang") as hanging, SlowReceiver("trickle", interval_s=0.3) as trickling:
+        worker = start_worker(env=env)
+        create_job(clients, storage, webhook_receiver.url)  # B's first: the worker is up once it lands
+        webhook_receiver.wait_for(1, timeout=20)
+
+        for _ in range(8):  # tenant A: a batch's worth of events for each misbehaving receiver
+            create_job(clients, storage, hanging.url)
+            create_job(clients, storage, trickling.url)
+        hanging.wait_for(2)
+        trickling.wait_for(2)  # the attack is on: A's receivers hold connections
+
+        created: dict[str, float] = {}
+        for _ in range(10):  # tenant B
+            created[create_job(clients, storage, webhook_receiver.url)] = time.monotonic()
+        received = webhook_receiver.wait_for(11, timeout=15)[1:]
+
+        lateness = [r.received_at - created[json.loads(r.body)["data"]["id"]] for r in received]
+        held = (hanging.max_concurrent, trickling.max_concurrent)
+        in_flight = (hanging.current, trickling.current)
+        assert stop(worker) == 0  # warm shutdown: attempts in flight end (deadline) and are recorded
+
+    p50, p99 = statistics.median(lateness), percentile(lateness, 0.99)
+    print(
+        f"\nB's webhook lateness while A's receivers hang and trickle: p50 {p50 * 1000:.0f} ms, "
+        f"p99 {p99 * 1000:.0f} ms (n={len(lateness)}); A's receivers held at most {held} connections, "
+        f"{in_flight} when B's had all arrived"
+    )
+    assert p99 < 2.0, lateness  # sanity bound: before, B waited behind A's attempts (tens of seconds)
+    assert held[0] <= 2 and held[1] <= 2, held
+
+
+def test_a_trickling_answer_is_cut_at_the_deadline_recorded_and_retried(
+    settings: Settings, clients: ServiceClients, storage: FileStorage, start_worker: StartWorker
+) -> None:
+    env = worker_env(settings, DARKROOM_WEBHOOK_ATTEMPT_DEADLINE="PT2S", DARKROOM_WEBHOOK_MAX_ATTEMPTS="2")
+    with SlowReceiver("trickle", interval_s=0.3) as trickling:
+        job_id = create_job(clients, storage, trickling.url)
+        worker = start_worker(env=env)
+        delivery = wait_until(delivery_state(clients, job_id, "failed"), timeout=20, what="both attempts")
+        assert trickling.accepted == 2
+        assert stop(worker) == 0
+
+    attempts = delivery["attempts"]
+    assert [a["attempt"] for a in attempts] == [1, 2]
+    for attempt in attempts:
+        assert attempt["status_code"] is None, attempt
+        assert "attempt deadline of 2s exceeded" in attempt["error"], attempt
+        assert 1800 <= attempt["duration_ms"] < 3500, attempt
+    print(
+        f"\ntrickling receiver (a header line every 0.3 s): attempts ended after "
+        f"{[round(a['duration_ms']) for a in attempts]} ms against a 2 s deadline; "
+        f"errors {[a['error'] for a in attempts]}"
+    )
+
+
+def test_one_host_gets_exactly_its_share_of_attempts_at_once(
+    settings: Settings, clients: ServiceClients, storage: FileStorage, start_worker: StartWorker
+) -> None:
+    env = worker_env(
+        settings,
+        DARKROOM_WEBHOOK_CONCURRENCY="8",
+        DARKROOM_WEBHOOK_PER_HOST="2",
+        DARKROOM_WEBHOOK_ATTEMPT_DEADLINE="PT1.5S",
+        DARKROOM_WEBHOOK_MAX_ATTEMPTS="1",
+    )
+    with SlowReceiver("hang") as hanging:
+        jobs = [create_job(clients, storage, hanging.url) for _ in range(6)]
+        worker = start_worker(env=env)
+        for job_id in jobs:
+            wait_until(delivery_state(clients, job_id, "failed"), timeout=30, what=f"{job_id} attempted")
+        assert stop(worker) == 0
+        accepted, most = hanging.accepted, hanging.max_concurrent
+
+    print(f"\n6 deliveries to one hanging host, per-host limit 2: at most {most} connections at once")
+    assert accepted == 6
+    assert most == 2  # the share is used (concurrently), and never exceeded
+
+
+def test_an_attempt_whose_process_was_killed_is_recorded_and_retried(
+    settings: Settings, clients: ServiceClients, storage: FileStorage, start_worker: StartWorker
+) -> None:
+    queue = webhook_queue(clients.redis, settings)
+    with SlowReceiver("hang") as hanging:
+        job_id = create_job(clients, storage, hanging.url)
+        worker = start_worker(env=worker_env(settings, DARKROOM_WEBHOOK_ATTEMPT_DEADLINE="PT30S"))
+        hanging.wait_for(1, timeout=20)  # attempt 1 is in flight
+        worker.kill()
+        worker.wait(timeout=10)
+        [pending] = clients.store.deliveries(job_id)
+        assert pending["state"] == "pending" and pending["attempts"] == []
+
+        # What RQ's maintenance does once the dead worker's heartbeat on the task has lapsed.
+        set_process_clients(build_clients(settings))  # the failure callback runs here, as in RQ's
+        try:
+            StartedJobRegistry(queue=queue).cleanup(timestamp=time.time() + 3600)
+        finally:
+            close_process_clients()
+
+    [delivery] = clients.store.deliveries(job_id)
+    [attempt] = delivery["attempts"]
+    assert delivery["state"] == "pending"
+    assert attempt["attempt"] == 1 and attempt["status_code"] is None
+    assert attempt["error"] == "attempt interrupted: the webhook process stopped during it"
+    assert task_job_id(delivery["msg_id"], 2) in ScheduledJobRegistry(queue=queue).get_job_ids()
