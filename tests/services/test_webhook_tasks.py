@@ -82,10 +82,11 @@ def create_job(
         storage.put(key, b"\x89PNG fake", "image/png")
         image = {"key": key, "seed": 1, "width": 1024, "height": 1024, "content_type": "image/png"}
         images = [{**image, "sha256": "0", "finish_reason": "stop"}]
-    outcome = {
+    outcomes: dict[JobStatus, Succeeded | Failed] = {
         JobStatus.SUCCEEDED: Succeeded(images=images),
         JobStatus.FAILED: Failed(JobErrorCode.OUT_OF_MEMORY, "out of memory"),
-    }.get(status)
+    }
+    outcome = outcomes.get(status)
     if outcome is not None:
         assert lifecycle.finish(record, "worker-a", outcome).applied
     return record.id
