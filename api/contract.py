@@ -50,6 +50,18 @@ _MEANINGS: dict[int, tuple[str, dict[str, Any]]] = {
     ),
 }
 
+TOO_MANY_WAITS = (
+    "the API key already holds its share of open waits (`too_many_waits`: SSE streams, `Prefer: wait` "
+    "submissions and OpenAI image calls together, DARKROOM_MAX_WAITS_PER_KEY); retry after Retry-After "
+    "or poll the job instead"
+)
+SERVER_BUSY = "this server holds all the open waits it may (`server_busy`, DARKROOM_MAX_WAITS)"
+WAITS: dict[int, str] = {
+    429: f"Waiting refused: {TOO_MANY_WAITS}.",
+    503: f"A dependency is unreachable (`redis_unavailable`), or {SERVER_BUSY}.",
+}
+"""Statuses of the operations that hold a request open while a job runs (SSE, ``Prefer: wait``, OpenAI)."""
+
 READ = (401, 404, 500, 503)
 """Reading or acting on one resource by id, with an API key."""
 SUBMIT = (401, 413, 415, 422, 429, 500, 503)

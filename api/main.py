@@ -24,6 +24,7 @@ from api.generations.routes import router as generations_router
 from api.middleware import BodySizeLimitMiddleware, MetricsMiddleware, RequestContextMiddleware
 from api.playground import router as playground_router
 from api.state import AppState, ModelLine
+from api.waits import Waits, watch_shutdown
 from api.webhook_docs import install_webhook_docs
 from services import metrics
 from services.admission import Admitter, BatchAdmitter
@@ -118,6 +119,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             socket_timeout=READ_TIMEOUT_S,
             health_check_interval=30,
         )
+        # Waits block on a pool of their own, as large as the waits this process admits (api/waits.py):
+        # however many are open, the pool above still serves every GET, POST and /readyz.
+        waits = Waits(
+            redis=redis_async,
+            blocking=aredis.Redis.from_pool(  # owns the pool: aclose() closes it
+                aredis.BlockingConnectionPool.from_url(
+                    resolved.redis_url,
+                    max_connections=resolved.max_waits,
+                    timeout=REDIS_CONNECT_TIMEOUT_S,
+                    socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
+                    socket_timeout=READ_TIMEOUT_S,
+                    health_check_interval=30,
+                )
+            ),
+            per_key=resolved.max_waits_per_key,
+            per_process=resolved.max_waits,
+        )
         rate_limit = (
             RateLimit(resolved.rate_limit_per_minute, resolved.rate_limit_burst)
             if resolved.rate_limit_per_minute
@@ -147,14 +165,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             submit_gate=TokenGate(redis_async, rate_limit) if rate_limit else None,
             read_gate=TokenGate(redis_async, read_limit) if read_limit else None,
             image_limiter=anyio.CapacityLimiter(resolved.image_decode_threads),
+            waits=waits,
         )
         # Jobs queued for a model nobody serves any more fail instead of waiting forever.
         sweep = UnservedSweep(clients.redis, clients.lifecycle, resolved)
         sweep.start()
+        waits.start()
         try:
-            yield
+            with watch_shutdown(waits.shutdown):  # waits end at SIGTERM, not after the graceful timeout
+                yield
         finally:
+            await waits.stop()
             await sweep.stop()
+            await waits.blocking.aclose()
             await redis_async.aclose()
             clients.close()
 

@@ -16,13 +16,13 @@ from __future__ import annotations
 import base64
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, Response
+from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from api.auth import PrincipalDep
-from api.contract import SUBMIT, problem_responses
+from api.contract import SERVER_BUSY, SUBMIT, TOO_MANY_WAITS, problem_responses
 from api.deps import LinksDep, StateDep
 from api.errors import ApiError, UnprocessableRequest
 from api.generations import service
@@ -30,6 +30,7 @@ from api.generations.events import wait_until_finished
 from api.limits import submission_token
 from api.state import AppState
 from api.submissions import model_not_found
+from api.waits import disconnected, first
 from schemas.jobs import Job, JobError, JobStatus
 from schemas.openai_images import (
     SERVED_MODEL_ALIAS,
@@ -57,8 +58,12 @@ _ERRORS = problem_responses(
         409: "The job was canceled while this request waited (code `canceled`).",
         500: "The job failed (its `error.type` is the code, e.g. `out_of_memory`; with Location), or a bug "
         "on the server's side (`internal_error`).",
-        504: "Not finished within DARKROOM_OPENAI_IMAGES_WAIT (code `generation_timeout`); the job carries "
-        "on at Location.",
+        504: "Not finished within DARKROOM_OPENAI_IMAGES_WAIT, or the server began to shut down first (code "
+        "`generation_timeout`); the job carries on at Location.",
+        429: f"Too many submissions for this API key (`rate_limited`), or {TOO_MANY_WAITS}; nothing is "
+        "queued.",
+        503: "A dependency is unreachable (`redis_unavailable`, `storage_unavailable`), the queue is full "
+        f"(`queue_full`), or {SERVER_BUSY}; nothing is queued.",
     },
 )
 _ERRORS[504]["headers"] = {"Location": {"description": "The job's URL.", "schema": {"type": "string"}}}
@@ -74,13 +79,14 @@ def _served_model(state: AppState, model: str | None) -> str | None:
     return name
 
 
-def _check_succeeded(job: Job, waited_s: float) -> None:
+def _check_succeeded(job: Job, waited_s: float, *, shutting_down: bool = False) -> None:
     if job.status is JobStatus.SUCCEEDED:
         return
     location = f"/v1/generations/{job.id}"
     if not job.status.is_terminal:
+        why = "before this server began to shut down" if shutting_down else f"within {waited_s:g} s"
         raise ApiError(
-            f"job {job.id} did not finish within {waited_s:g} s and carries on ({job.status.value}): read it "
+            f"job {job.id} did not finish {why} and carries on ({job.status.value}): read it "
             f"at {location}, or repeat this request with the same Idempotency-Key to wait again",
             status=504,
             code="generation_timeout",
@@ -128,6 +134,7 @@ def _read_images(storage: Storage, record: JobRecord) -> list[str | None]:
 )
 async def create_image(
     body: ImageGenerationRequest,
+    request: Request,
     state: StateDep,
     principal: PrincipalDep,
     links: LinksDep,
@@ -153,11 +160,17 @@ async def create_image(
         generation = body.generation(model)
     except ValidationError as exc:
         raise RequestValidationError(openai_field_errors(exc)) from None
-    submission = await service.submit(state, principal, generation, idempotency_key, links=links)
     waited_s = state.settings.openai_images_wait.total_seconds()
-    await wait_until_finished(state.redis_async, submission.job_id, waited_s)
+    async with state.waits.hold(principal):  # the key's share of waits is checked before anything is queued
+        submission = await service.submit(state, principal, generation, idempotency_key, links=links)
+        # Until the job ends, the time is up, the client leaves or the server begins to shut down.
+        await first(
+            wait_until_finished(state.waits.blocking, submission.job_id, waited_s),
+            disconnected(request.receive),
+            state.waits.shutdown.wait(),
+        )
     job: Job = await service.view(state, principal, submission.job_id, links=links)
-    _check_succeeded(job, waited_s)
+    _check_succeeded(job, waited_s, shutting_down=state.waits.shutdown.is_set())
     _check_not_all_filtered(job)
     if body.wants_url:
         data = [

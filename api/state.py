@@ -8,6 +8,7 @@ import anyio
 import redis.asyncio as aredis
 from rq import Queue
 
+from api.waits import Waits
 from services.admission import Admitter, BatchAdmitter
 from services.api_keys import KeyRing
 from services.clients import ServiceClients
@@ -31,10 +32,11 @@ class ModelLine:
 class AppState:
     settings: Settings
     clients: ServiceClients  # sync Redis, job store, storage: used from the threadpool
-    redis_async: aredis.Redis  # submissions, reads and event streams: no thread held while Redis answers
+    redis_async: aredis.Redis  # submissions and reads: no thread held while Redis answers; never to wait
     lines: dict[str, ModelLine]  # every accepted model (DARKROOM_MODEL_NAME/MODEL, DARKROOM_MODELS)
     webhook_queue: Queue
     keys: KeyRing | None  # None: authentication explicitly disabled (local development)
+    waits: Waits  # SSE streams, Prefer: wait, OpenAI calls: per-key leases, their own pool, shutdown signal
     prompt_filter: PromptFilter = field(default_factory=PromptFilter)  # the blocklist (empty: off)
     submit_gate: TokenGate | None = None  # a key's submission bucket (None: no rate limit)
     read_gate: TokenGate | None = None  # a key's read bucket (None: reads not limited)

@@ -213,6 +213,20 @@ class Settings(BaseSettings):
         gt=timedelta(0),
         description="How long POST /v1/images/generations waits for its job before answering 504 with it.",
     )
+    max_waits_per_key: int = Field(
+        8,
+        ge=0,
+        description="API: waits one key may hold at once across the fleet (SSE streams, 'Prefer: wait' "
+        "submissions and OpenAI image calls, together); one more gets 429 'too_many_waits' with "
+        "Retry-After. 0: no per-key limit.",
+    )
+    max_waits: int = Field(
+        256,
+        ge=1,
+        description="API: waits one API process holds at once, all keys together, each on a Redis "
+        "connection of a pool of this size kept apart from the one serving other requests; one more gets "
+        "503 'server_busy' with Retry-After.",
+    )
     progress_interval: timedelta = Field(
         timedelta(milliseconds=200), description="Least time between two progress writes of one job."
     )

@@ -16,6 +16,7 @@ from typing import Any, cast
 import redis.asyncio as aredis
 import structlog
 
+from api.waits import first
 from schemas.jobs import TERMINAL_STATUSES
 from services.clients import REDIS_UNAVAILABLE
 from services.jobs import decode_event, events_key
@@ -71,11 +72,13 @@ async def sse_stream(
     last_id: str,
     final_job: Callable[[], Awaitable[dict[str, Any]]],
     is_disconnected: Callable[[], Awaitable[bool]],
+    shutdown: asyncio.Event,
 ) -> AsyncIterator[bytes]:
     """``status`` and ``progress`` events as they happen, then one ``job`` event with the final job.
 
-    If Redis becomes unreachable mid-stream the stream just ends (the status line went out long ago, so
-    there is no 503 to send): clients reconnect with ``Last-Event-ID`` and miss nothing.
+    If Redis becomes unreachable mid-stream, or the server begins to shut down (``shutdown`` is set), the
+    stream just ends (the status line went out long ago, so there is no 503 to send): clients reconnect
+    with ``Last-Event-ID`` — to another replica — and miss nothing. ``redis`` is the waits' own pool.
     """
     yield b"retry: 2000\n\n"
     job = await final_job()
@@ -92,12 +95,16 @@ async def sse_stream(
         yield sse_message("job", job, last_id)
         return
     last_ping = time.monotonic()
-    while not await is_disconnected():
+    while not shutdown.is_set() and not await is_disconnected():
         try:
-            events = await read_events(redis, job_id, last_id, block_ms=_BLOCK_MS)
+            read, events = await first(
+                read_events(redis, job_id, last_id, block_ms=_BLOCK_MS), shutdown.wait()
+            )
         except REDIS_UNAVAILABLE as exc:
             log.warning("sse stream ended: redis unavailable", job_id=job_id, error=str(exc))
             return
+        if not read or events is None:
+            return  # shutting down
         for entry_id, event in events:
             last_id = entry_id
             yield sse_message(event["type"], event["data"], entry_id)

@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 import re
+from contextlib import AsyncExitStack
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.responses import StreamingResponse
 
 from api.auth import PrincipalDep
-from api.contract import LIMITED_READ, READ, SUBMIT, event_stream_response, problem_responses
+from api.contract import (
+    LIMITED_READ,
+    READ,
+    SERVER_BUSY,
+    SUBMIT,
+    TOO_MANY_WAITS,
+    WAITS,
+    event_stream_response,
+    problem_responses,
+)
 from api.deps import LinksDep, StateDep
 from api.generations import service
 from api.generations.events import sse_stream, wait_until_finished
 from api.generations.prefer import preferred_wait
 from api.limits import read_token, submission_token
+from api.waits import LeasedStreamingResponse, disconnected, first
 from schemas.jobs import CreateGeneration, Job
 
 router = APIRouter(prefix="/v1/generations", tags=["generations"])
@@ -51,13 +62,18 @@ _LOCATION = {"Location": {"description": "The job's URL.", "schema": {"type": "s
             described={
                 422: "Validation error (`validation_error`, `malformed_json`), a rule violation, or "
                 "`content_filtered`: the prompt holds a term on the server's blocklist (the field is named, "
-                "the term is not echoed)."
+                "the term is not echoed).",
+                429: f"Too many submissions for this API key (`rate_limited`), or with 'Prefer: wait' "
+                f"{TOO_MANY_WAITS}; nothing is queued.",
+                503: "A dependency is unreachable (`redis_unavailable`, `storage_unavailable`), the queue is "
+                f"full (`queue_full`), or with 'Prefer: wait' {SERVER_BUSY}; nothing is queued.",
             },
         ),
     },
 )
 async def create_generation(
     body: CreateGeneration,
+    request: Request,
     state: StateDep,
     principal: PrincipalDep,
     links: LinksDep,
@@ -91,13 +107,22 @@ async def create_generation(
     withholds is listed with ``finish_reason: content_filtered`` and no ``url``.
     """
     wait_s = preferred_wait(prefer, state.settings.max_wait.total_seconds())  # a bad one queues nothing
-    submission = await service.submit(state, principal, body, idempotency_key, links=links)
-    headers = {"Location": f"/v1/generations/{submission.job_id}"}
-    job = submission.job
-    if wait_s > 0:
-        headers["Preference-Applied"] = f"wait={int(wait_s)}"
-        await wait_until_finished(state.redis_async, submission.job_id, wait_s)
-        job = None
+    async with AsyncExitStack() as held:
+        if wait_s > 0:  # the key's share of waits is checked before anything is queued
+            await held.enter_async_context(state.waits.hold(principal))
+        submission = await service.submit(state, principal, body, idempotency_key, links=links)
+        headers = {"Location": f"/v1/generations/{submission.job_id}"}
+        job = submission.job
+        if wait_s > 0:
+            headers["Preference-Applied"] = f"wait={int(wait_s)}"
+            # Until the job ends, the time is up, the client leaves or the server begins to shut down:
+            # then the admitted job is answered as it stands (202 with its Location unless finished).
+            await first(
+                wait_until_finished(state.waits.blocking, submission.job_id, wait_s),
+                disconnected(request.receive),
+                state.waits.shutdown.wait(),
+            )
+            job = None
     if job is None:
         job = await service.view(state, principal, submission.job_id, links=links)
     return _job_response(job, 200 if job.status.is_terminal and wait_s > 0 else 202, headers)
@@ -149,7 +174,14 @@ async def cancel_generation(
             "`status` and `progress` events, then one `job` event; each frame's JSON `data` is "
             "described by GenerationStreamEvent."
         ),
-        **problem_responses(*LIMITED_READ),
+        **problem_responses(
+            *LIMITED_READ,
+            described={
+                429: "Too many reads for this API key (`rate_limited`), or waiting refused: "
+                f"{TOO_MANY_WAITS}.",
+                503: WAITS[503],
+            },
+        ),
     },
 )
 async def generation_events(
@@ -170,8 +202,14 @@ async def generation_events(
         return job.model_dump(mode="json")
 
     resume_from = last_event_id if last_event_id and _is_stream_id(last_event_id) else "0-0"
-    return StreamingResponse(
-        sse_stream(state.redis_async, job_id, resume_from, final_job, request.is_disconnected),
+    waits = state.waits
+    lease = await waits.acquire(principal)  # 429 / 503 before the stream starts
+    stream = sse_stream(
+        waits.blocking, job_id, resume_from, final_job, request.is_disconnected, waits.shutdown
+    )
+    return LeasedStreamingResponse(
+        stream,
+        release=lambda: waits.release(lease),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
