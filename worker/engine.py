@@ -262,7 +262,8 @@ class GenerationEngine:
         :func:`coalesce_key` in one pipeline call.
 
         The callbacks are per request (same order as ``requests``). Returns one outcome per request: its
-        result, or the :class:`EngineError` that ended it (canceled, out of memory, invalid) — one
+        result, or the :class:`EngineError` that ended it (canceled, out of memory, invalid, its images
+        could not be encoded) — one
         request's failure is not the others'. ``on_canceled[i]`` is called as soon as request ``i`` is
         known to be canceled (before the first step, or after the step its cancel check said so), while
         the others go on. Anything else raised (a bug) propagates and concerns the whole group.
@@ -395,10 +396,14 @@ class GenerationEngine:
             encode_started = time.perf_counter()
             mine = [image for image, owner in zip(output.images, rows, strict=True) if owner is job]
             seeds = job.request.image_seeds()
-            images = [
-                encode_image(image, job.request, seed, index, self.model.model)
-                for index, (image, seed) in enumerate(zip(mine, seeds, strict=True))
-            ]
+            try:  # an image that cannot be encoded fails its own job, not the group's
+                images = [
+                    encode_image(image, job.request, seed, index, self.model.model)
+                    for index, (image, seed) in enumerate(zip(mine, seeds, strict=True))
+                ]
+            except EngineError as exc:
+                job.outcome = exc
+                continue
             job.outcome = GenerationResult(
                 images=images,
                 warnings=warnings,
