@@ -22,7 +22,6 @@ batched kernels round differently, so "same request + same seed → same bytes" 
 from __future__ import annotations
 
 import gc
-import io
 import logging
 import threading
 import time
@@ -34,6 +33,7 @@ import torch
 from PIL import Image
 
 from schemas.generation import GenerationRequest
+from schemas.images import decode_base64_image, open_upright
 from worker.encoding import EncodedImage, encode_image
 from worker.errors import (
     EngineError,
@@ -80,10 +80,8 @@ def image_generators(seeds: list[int]) -> list[torch.Generator]:
 
 
 def decode_init_image(value: str, mode: str = "RGB") -> Image.Image:
-    from schemas.images import decode_base64_image
-
-    with Image.open(io.BytesIO(decode_base64_image(value))) as image:
-        return image.convert(mode)
+    """An init image or mask as the pipeline takes it: upright (EXIF orientation applied), in ``mode``."""
+    return open_upright(decode_base64_image(value), mode)
 
 
 @dataclass(frozen=True)
