@@ -5,6 +5,8 @@ Everything ends in one stdlib handler on the root logger whose ``ProcessorFormat
 (``structlog.get_logger()``) and plain ``logging.getLogger()`` users — ours, uvicorn's, RQ's — pass
 through the same processors, so every line carries the same keys and the context variables bound with
 ``structlog.contextvars.bind_contextvars`` (``request_id`` in the API, ``job_id`` in the worker).
+Values come from clients too (a URL path, a header): readable lines escape their control characters
+(``\x1b``, ``\n``), so none can drive the terminal or forge a line; JSON lines escape them by nature.
 """
 
 from __future__ import annotations
