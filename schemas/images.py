@@ -8,6 +8,10 @@ In two steps, so that no pixel is decoded on the API's event loop: request valid
 (:func:`probe_base64_image`: strict base64, then the header only — format, size, the pixel limit — which PIL
 reads without decoding pixels), and the API decodes it fully (:func:`vet_base64_image`) in a worker thread,
 after the key's rate-limit token was taken, before it is stored.
+
+Images are seen upright: a camera JPEG stores a portrait photo as landscape pixels plus an EXIF
+``Orientation`` tag, and every size check and every decode (:func:`open_upright`) applies that tag, as
+viewers do. The stored file stays as sent.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import io
 import re
 from dataclasses import dataclass
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 MAX_INIT_IMAGE_BYTES = 10 * 1024 * 1024
 MAX_INIT_IMAGE_PIXELS = 4096 * 4096
@@ -26,11 +30,13 @@ ACCEPTED_FORMATS = frozenset({"PNG", "JPEG", "WEBP"})
 _DATA_URL = re.compile(r"^data:image/[a-z0-9.+-]+;base64,", re.IGNORECASE)
 _FORMAT_NAMES = "PNG, JPEG or WebP"
 _OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
+_ORIENTATION = 0x0112  # EXIF Orientation; 5-8 turn the image a quarter (width and height swap)
 
 
 @dataclass(frozen=True)
 class VettedImage:
-    """An init image that decoded fully; ``data`` is the original file, unchanged."""
+    """An init image that decoded fully; ``data`` is the original file, unchanged; ``width`` and
+    ``height`` are its upright size (EXIF orientation applied)."""
 
     data: bytes
     format: str
@@ -67,6 +73,8 @@ def vet_image(data: bytes, *, decode: bool = True) -> VettedImage:
                 raise ValueError(f"image is {width}x{height}, more than {MAX_INIT_IMAGE_PIXELS} pixels")
             if decode:
                 image.load()  # a truncated or corrupt body fails here, not later on a GPU worker
+            if image.getexif().get(_ORIENTATION) in (5, 6, 7, 8):  # header data: no pixels decoded
+                width, height = height, width
     except UnidentifiedImageError:
         # PIL's message names the buffer it read ("<_io.BytesIO object at 0x7f…>"): no use to a client.
         message = f"not an image: the base64 decodes to bytes that are no {_FORMAT_NAMES} file"
@@ -74,6 +82,12 @@ def vet_image(data: bytes, *, decode: bool = True) -> VettedImage:
     except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ValueError(f"image could not be decoded: {_OBJECT_REPR.sub('the image', str(exc))}") from None
     return VettedImage(data=data, format=fmt, width=width, height=height)
+
+
+def open_upright(data: bytes, mode: str = "RGB") -> Image.Image:
+    """Decode a (vetted) image file to ``mode``, turned as its EXIF orientation says."""
+    with Image.open(io.BytesIO(data)) as opened:
+        return ImageOps.exif_transpose(opened).convert(mode)
 
 
 def vet_base64_image(value: str) -> VettedImage:

@@ -92,7 +92,8 @@ class JobErrorCode(StrEnum):
     fewer images or a smaller size. invalid_request: refused by the engine. model_unavailable: no worker
     serves the model any more (the message says why), or the worker could not use it. lora_unavailable: a
     requested LoRA could not be used. content_check_failed: the image classifier failed, so nothing was
-    released unchecked. storage_unavailable / storage_error: the
+    released unchecked. encoding_failed: an image could not be encoded in the requested format.
+    storage_unavailable / storage_error: the
     images could not be stored. generation_failed: the pipeline failed. timed_out: ran longer than the
     job timeout. internal_error: a bug on the server's side.
     """
@@ -108,6 +109,7 @@ class JobErrorCode(StrEnum):
     MODEL_UNAVAILABLE = "model_unavailable"  # the worker could not use its model, or none serves it
     LORA_UNAVAILABLE = "lora_unavailable"  # a requested LoRA is not on this worker or would not load
     CONTENT_CHECK_FAILED = "content_check_failed"  # the image classifier failed: nothing passes unchecked
+    ENCODING_FAILED = "encoding_failed"  # an image could not be encoded (with its metadata) as asked
     STORAGE_UNAVAILABLE = "storage_unavailable"  # storage unreachable past the retry deadline
     STORAGE_ERROR = "storage_error"  # storage refused the request (permissions, bucket, ...)
     GENERATION_FAILED = "generation_failed"  # the pipeline failed in a way it reported on purpose

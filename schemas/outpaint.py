@@ -16,6 +16,8 @@ from typing import Self
 from PIL import Image, ImageChops, ImageDraw
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from schemas.images import open_upright
+
 MAX_OUTPAINT = 1024  # pixels per side
 MAX_FEATHER = 128
 
@@ -94,8 +96,7 @@ def _mask(width: int, height: int, grow: Outpaint) -> Image.Image:
 
 def outpaint_canvas(init_image: bytes, grow: Outpaint) -> tuple[bytes, bytes]:
     """The grown canvas and its mask, as PNG files, for an (already vetted) init image."""
-    with Image.open(io.BytesIO(init_image)) as opened:
-        image = opened.convert("RGB")
+    image = open_upright(init_image)
     canvas, mask = _repeat_edges(image, grow), _mask(image.width, image.height, grow)
     return _png(canvas), _png(mask)
 

@@ -5,6 +5,8 @@ Everything ends in one stdlib handler on the root logger whose ``ProcessorFormat
 (``structlog.get_logger()``) and plain ``logging.getLogger()`` users — ours, uvicorn's, RQ's — pass
 through the same processors, so every line carries the same keys and the context variables bound with
 ``structlog.contextvars.bind_contextvars`` (``request_id`` in the API, ``job_id`` in the worker).
+Values come from clients too (a URL path, a header): readable lines escape their control characters
+(``\x1b``, ``\n``), so none can drive the terminal or forge a line; JSON lines escape them by nature.
 """
 
 from __future__ import annotations
@@ -114,6 +116,36 @@ def redact_secrets(logger: WrappedLogger, method_name: str, event_dict: EventDic
     return event_dict
 
 
+# Characters a terminal acts on rather than prints: C0 and C1 controls, DEL, and the bidirectional
+# overrides and isolates (which reorder what follows them). A request path, a header or a prompt can
+# carry any of them; in a readable log they would move the cursor, recolour, retitle the terminal or
+# forge a line. (JSON lines escape the controls already.)
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_NAMED_ESCAPES: Final = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+#: Fields whose line breaks are meant (a traceback, a stack): only their other controls are escaped.
+_MULTILINE_KEYS: Final = frozenset({"exception", "stack"})
+
+
+def _escape_control(match: re.Match[str]) -> str:
+    char = match.group()
+    return _NAMED_ESCAPES.get(char) or (f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}")
+
+
+def escape_control_characters(text: str, *, keep_line_breaks: bool = False) -> str:
+    """``text`` with every control character written as an escape (``\\x1b``, ``\\n``): printable."""
+    if keep_line_breaks:
+        return "\n".join(_CONTROL.sub(_escape_control, line) for line in text.split("\n"))
+    return _CONTROL.sub(_escape_control, text)
+
+
+def _escape_controls(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+    """structlog processor for readable lines: escape control characters in every string value."""
+    for key, value in event_dict.items():
+        if isinstance(value, str) and not key.startswith("_"):
+            event_dict[key] = escape_control_characters(value, keep_line_breaks=key in _MULTILINE_KEYS)
+    return event_dict
+
+
 def _drop_formatter_artifacts(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
     """Drop ``message``/``asctime``, which another handler's formatter (pytest's, Sentry's) may have set
     on a stdlib record before ours ran: ``ExtraAdder`` would report them as extras. Neither can be a
@@ -147,7 +179,8 @@ def _renderers(environment: str, stream: TextIO) -> list[Processor]:
         # Plain tracebacks: the rich formatter structlog picks when rich is installed prints local
         # variables, which is exactly where a secret sits when something fails.
         return [
-            structlog.dev.ConsoleRenderer(colors=colors, exception_formatter=structlog.dev.plain_traceback)
+            _escape_controls,
+            structlog.dev.ConsoleRenderer(colors=colors, exception_formatter=structlog.dev.plain_traceback),
         ]
     # Tracebacks become one "exception" string field of the JSON line; scrub it like any other string.
     return [structlog.processors.format_exc_info, redact_secrets, structlog.processors.JSONRenderer()]

@@ -81,6 +81,13 @@ JOBS_RUNNING = Gauge(
 WORKER_READY = Gauge(
     "darkroom_worker_ready", "1 once this worker's model is loaded and warm.", ["model"], registry=None
 )
+STORAGE_WRITES_REFUSED = Counter(
+    "darkroom_storage_writes_refused_total",
+    "Uploads the storage refused until an operator acts (no_space, quota_exceeded, read_only, "
+    "file_too_large); each failed its job at once with storage_error.",
+    ["reason"],
+    registry=None,
+)
 WEBHOOK_ATTEMPTS = Counter(
     "darkroom_webhook_attempts_total",
     "Webhook delivery attempts, by outcome (delivered, retry, failed, gone).",
@@ -105,6 +112,7 @@ ROLES: Mapping[Role, tuple[MetricWrapperBase, ...]] = {
         IMAGES_FILTERED,
         JOBS_RUNNING,
         WORKER_READY,
+        STORAGE_WRITES_REFUSED,
     ),
     "webhooks": (WEBHOOK_ATTEMPTS,),
 }

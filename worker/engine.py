@@ -22,7 +22,6 @@ batched kernels round differently, so "same request + same seed → same bytes" 
 from __future__ import annotations
 
 import gc
-import io
 import logging
 import threading
 import time
@@ -34,6 +33,7 @@ import torch
 from PIL import Image
 
 from schemas.generation import GenerationRequest
+from schemas.images import decode_base64_image, open_upright
 from worker.encoding import EncodedImage, encode_image
 from worker.errors import (
     EngineError,
@@ -80,10 +80,8 @@ def image_generators(seeds: list[int]) -> list[torch.Generator]:
 
 
 def decode_init_image(value: str, mode: str = "RGB") -> Image.Image:
-    from schemas.images import decode_base64_image
-
-    with Image.open(io.BytesIO(decode_base64_image(value))) as image:
-        return image.convert(mode)
+    """An init image or mask as the pipeline takes it: upright (EXIF orientation applied), in ``mode``."""
+    return open_upright(decode_base64_image(value), mode)
 
 
 @dataclass(frozen=True)
@@ -262,7 +260,8 @@ class GenerationEngine:
         :func:`coalesce_key` in one pipeline call.
 
         The callbacks are per request (same order as ``requests``). Returns one outcome per request: its
-        result, or the :class:`EngineError` that ended it (canceled, out of memory, invalid) — one
+        result, or the :class:`EngineError` that ended it (canceled, out of memory, invalid, its images
+        could not be encoded) — one
         request's failure is not the others'. ``on_canceled[i]`` is called as soon as request ``i`` is
         known to be canceled (before the first step, or after the step its cancel check said so), while
         the others go on. Anything else raised (a bug) propagates and concerns the whole group.
@@ -395,10 +394,14 @@ class GenerationEngine:
             encode_started = time.perf_counter()
             mine = [image for image, owner in zip(output.images, rows, strict=True) if owner is job]
             seeds = job.request.image_seeds()
-            images = [
-                encode_image(image, job.request, seed, index, self.model.model)
-                for index, (image, seed) in enumerate(zip(mine, seeds, strict=True))
-            ]
+            try:  # an image that cannot be encoded fails its own job, not the group's
+                images = [
+                    encode_image(image, job.request, seed, index, self.model.model)
+                    for index, (image, seed) in enumerate(zip(mine, seeds, strict=True))
+                ]
+            except EngineError as exc:
+                job.outcome = exc
+                continue
             job.outcome = GenerationResult(
                 images=images,
                 warnings=warnings,

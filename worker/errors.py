@@ -45,6 +45,12 @@ class ContentCheckFailed(EngineError):
     code: JobErrorCode = JobErrorCode.CONTENT_CHECK_FAILED
 
 
+class EncodingFailed(EngineError):
+    """An image could not be encoded (with its metadata) in the requested format: that job's failure only."""
+
+    code: JobErrorCode = JobErrorCode.ENCODING_FAILED
+
+
 class LoraUnavailable(EngineError):
     """A requested LoRA adapter is not on this worker's list, or its weights could not be loaded."""
 

@@ -38,7 +38,7 @@ from services.clients import REDIS_UNAVAILABLE, retry_while_redis_down
 from services.content_safety import ImageClassifier, Verdict
 from services.jobs import JobRecord, JobStore, Lifecycle, Transition, utcnow
 from services.jobs.outcome import Canceled, Failed, Outcome, Succeeded
-from services.storage import Storage, StorageError, StorageUnavailable
+from services.storage import Storage, StorageError, StorageUnavailable, StorageWriteRefused
 from services.storage.keys import image_key
 from worker import coalescing
 from worker.coalescing import Coalescing
@@ -322,6 +322,9 @@ def failure(job_id: str, exc: Exception) -> Outcome:
         return Failed(JobErrorCode(exc.code), str(exc))
     if isinstance(exc, StorageUnavailable):
         return Failed(JobErrorCode.STORAGE_UNAVAILABLE, str(exc))
+    if isinstance(exc, StorageWriteRefused):  # a full disk: the operator must act; every job fails now
+        metrics.STORAGE_WRITES_REFUSED.labels(exc.reason).inc()
+        log.error("storage refuses writes", job_id=job_id, reason=exc.reason, error=str(exc))
     if isinstance(exc, StorageError):
         return Failed(JobErrorCode.STORAGE_ERROR, str(exc))
     # A bug of ours: record it on the job rather than leave it "running".

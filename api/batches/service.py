@@ -252,11 +252,10 @@ async def view(
         replies = await pipe.execute()
     statuses = [value.decode() if value else None for value in replies[: len(ids)]]
     expiry = state.settings.url_expiry
-    page = [
-        render_item(JobRecord.from_hash(job_id, raw), links, expiry)
-        for job_id, raw in zip(page_ids, replies[len(ids) :], strict=True)
-        if raw
-    ]
+    records = (
+        JobRecord.from_stored(job_id, raw) for job_id, raw in zip(page_ids, replies[len(ids) :], strict=True)
+    )
+    page = [render_item(record, links, expiry) for record in records if record is not None]
     end = offset + len(page_ids)
     return render_batch(
         record,

@@ -204,8 +204,7 @@ async def _read(state: AppState, job_id: str) -> tuple[JobRecord | None, list[di
         pipe.hgetall(job_key(job_id))
         pipe.hgetall(webhooks_key(job_id))
         raw_job, raw_deliveries = await pipe.execute()
-    record = JobRecord.from_hash(job_id, raw_job) if raw_job else None
-    return record, decode_deliveries(raw_deliveries)
+    return JobRecord.from_stored(job_id, raw_job), decode_deliveries(raw_deliveries)
 
 
 def _owned(record: JobRecord | None, principal: str, job_id: str) -> JobRecord:
@@ -217,7 +216,7 @@ def _owned(record: JobRecord | None, principal: str, job_id: str) -> JobRecord:
 
 async def load(state: AppState, principal: str, job_id: str) -> JobRecord:
     raw = cast(dict[bytes, bytes], await state.redis_async.hgetall(job_key(job_id)))
-    return _owned(JobRecord.from_hash(job_id, raw) if raw else None, principal, job_id)
+    return _owned(JobRecord.from_stored(job_id, raw), principal, job_id)
 
 
 async def view(state: AppState, principal: str, job_id: str, *, links: Storage) -> Job:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -11,6 +12,8 @@ from typing import Any
 
 from schemas.jobs import JobStatus
 from schemas.webhooks import WebhookEvent, canonical_events
+
+log = logging.getLogger(__name__)
 
 
 def new_job_id() -> str:
@@ -64,6 +67,21 @@ class JobRecord:
         """Whether this job's webhook asked for ``event`` — by its name or, in a record stored before
         the names were unified, by an alias."""
         return bool(self.webhook) and event in canonical_events((self.webhook or {}).get("events", []))
+
+    @classmethod
+    def from_stored(cls, job_id: str, raw: Mapping[bytes, bytes]) -> JobRecord | None:
+        """The record in ``raw`` (a job hash as read), or None if there is no whole record there: an
+        empty or partial hash (a write that landed after Redis lost the record, say) is no job, for
+        every reader alike (a 404 for the API, "job gone" for the worker), never a crash."""
+        if not raw or b"status" not in raw or b"created_at" not in raw:
+            if raw:
+                log.warning("job %s: partial record without status/created_at ignored", job_id)
+            return None
+        try:
+            return cls.from_hash(job_id, raw)
+        except (KeyError, ValueError, UnicodeDecodeError) as exc:
+            log.warning("job %s: unreadable record ignored: %s", job_id, exc)
+            return None
 
     @classmethod
     def from_hash(cls, job_id: str, raw: Mapping[bytes, bytes]) -> JobRecord:

@@ -24,7 +24,7 @@ class JobStore:
 
     def get(self, job_id: str) -> JobRecord | None:
         raw = cast(Mapping[bytes, bytes], self.redis.hgetall(job_key(job_id)))
-        return JobRecord.from_hash(job_id, raw) if raw and b"status" in raw else None
+        return JobRecord.from_stored(job_id, raw)
 
     def running_job_ids(self) -> list[str]:
         members = cast(set[bytes], self.redis.smembers(RUNNING_SET))

@@ -7,7 +7,13 @@ storage.url_for(key, timedelta(hours=1))        # API, on every read: URLs expir
 """
 
 from services.storage.base import MAX_URL_LIFETIME, Storage
-from services.storage.errors import InvalidKey, ObjectNotFound, StorageError, StorageUnavailable
+from services.storage.errors import (
+    InvalidKey,
+    ObjectNotFound,
+    StorageError,
+    StorageUnavailable,
+    StorageWriteRefused,
+)
 from services.storage.factory import storage_from_url
 from services.storage.keys import image_key, init_image_key, mask_image_key, validate_key
 from services.storage.local import FileStorage
@@ -26,6 +32,7 @@ __all__ = [
     "Storage",
     "StorageError",
     "StorageUnavailable",
+    "StorageWriteRefused",
     "call_with_backoff",
     "image_key",
     "init_image_key",

@@ -11,6 +11,19 @@ class StorageError(Exception):
     code = "storage_error"
 
 
+class StorageWriteRefused(StorageError):
+    """The backend cannot take writes until an operator acts: a full disk, a quota, a read-only mount.
+
+    Not an outage: retrying only holds the GPU until the deadline, so it fails the job at once (its
+    code stays ``storage_error``). ``reason`` is the metric label (``no_space``, ``quota_exceeded``,
+    ``read_only``, ``file_too_large``).
+    """
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 class StorageUnavailable(StorageError):
     """The backend could not be reached (or kept failing with 5xx) even after retries: try again later."""
 

@@ -6,6 +6,7 @@ HMAC like S3's presigned URLs, so they can be handed to clients that hold no API
 """
 
 import contextlib
+import errno
 import hashlib
 import hmac
 import os
@@ -17,7 +18,13 @@ from pathlib import Path
 from urllib.parse import quote, urlencode, urlsplit
 
 from services.storage.base import check_content_type, url_lifetime_seconds
-from services.storage.errors import InvalidKey, ObjectNotFound, StorageError, StorageUnavailable
+from services.storage.errors import (
+    InvalidKey,
+    ObjectNotFound,
+    StorageError,
+    StorageUnavailable,
+    StorageWriteRefused,
+)
 from services.storage.keys import validate_key
 
 FILE_MODE = 0o644
@@ -36,6 +43,13 @@ DEFAULT_CONTENT_TYPE = "application/octet-stream"
 
 # OS errors that retrying will not fix: they mean a misconfigured root or a key clashing with a folder.
 _PERMANENT_OS_ERRORS = (PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+# OS errors that last until an operator frees space or remounts: failed at once, never retried.
+_REFUSED_WRITES = {
+    errno.ENOSPC: "no_space",
+    errno.EDQUOT: "quota_exceeded",
+    errno.EROFS: "read_only",
+    errno.EFBIG: "file_too_large",
+}
 
 
 class FileStorage:
@@ -192,12 +206,15 @@ def _write_atomically(path: Path, data: bytes) -> None:
 
 @contextlib.contextmanager
 def _translated_os_errors(action: str, key: str | None) -> Iterator[None]:
-    """OS errors become `StorageError` (configuration: permissions, a key clashing with a folder) or
-    `StorageUnavailable` (everything else: a full disk, a vanished mount), so callers handle one family."""
+    """OS errors become `StorageError` (configuration: permissions, a key clashing with a folder),
+    `StorageWriteRefused` (a full disk or quota, a read-only mount: retrying cannot help) or
+    `StorageUnavailable` (everything else: a vanished mount, an I/O error), so callers handle one family."""
     where = f"file {action} {key!r}" if key else f"file {action}"
     try:
         yield
     except _PERMANENT_OS_ERRORS as exc:
         raise StorageError(f"{where}: {exc}") from exc
     except OSError as exc:
+        if exc.errno in _REFUSED_WRITES:
+            raise StorageWriteRefused(f"{where}: {exc}", _REFUSED_WRITES[exc.errno]) from exc
         raise StorageUnavailable(f"{where}: {exc}") from exc

@@ -237,3 +237,19 @@ def test_rejects_unknown_environment_and_level() -> None:
         configure_logging("staging")
     with pytest.raises(ValueError, match="level"):
         configure_logging("production", "LOUD")
+
+
+def test_development_lines_escape_control_characters_from_requests(configure: Configure) -> None:
+    """A URL path (or any value) with terminal escapes or line breaks prints as escapes, on one line: it
+    can neither drive the terminal nor forge a log line. JSON lines escape them already."""
+    buffer = configure("development")
+    path = "/v1/generations/\x1b]0;pwned\x07\x1b[2J\r\n2026-01-01 [info] forged\u202e"
+    structlog.get_logger("x").info("request", path=path)
+    logging.getLogger("y").warning("stdlib too: %s", path)
+    output = buffer.getvalue()
+    assert "\x1b" not in output and "\x07" not in output and "\r" not in output and "\u202e" not in output
+    assert output.count("\n") == 2  # one line each
+    assert "\\x1b]0;pwned\\x07\\x1b[2J\\r\\n2026-01-01 [info] forged\\u202e" in output
+    production = configure("production")
+    structlog.get_logger("x").info("request", path=path)
+    assert json_lines(production)[0]["path"] == path  # JSON keeps the value exact, escaped by JSON itself

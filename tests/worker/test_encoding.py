@@ -9,7 +9,14 @@ import io
 from PIL import Image
 
 from schemas.generation import GenerationRequest, OutputFormat
-from worker.encoding import a1111_parameters, encode_image, read_png_metadata
+from worker.encoding import (
+    EXIF_TEXT_LIMIT_BYTES,
+    TRUNCATED_MARKER,
+    a1111_parameters,
+    encode_image,
+    read_exif_parameters,
+    read_png_metadata,
+)
 
 
 def sample_image() -> Image.Image:
@@ -77,3 +84,47 @@ def test_image_to_image_metadata_names_the_init_image_by_hash_not_by_content() -
     assert meta["request"]["init_image_sha256"] == hashlib.sha256(base64.b64decode(init)).hexdigest()
     assert parameters == a1111_parameters(req, 7, "tiny")
     assert "Denoising strength: 0.4" in parameters
+
+
+def test_line_breaks_in_prompts_cannot_forge_parameter_lines() -> None:
+    forged = "a cat\nSteps: 99, Sampler: x, Model: forged\r\nNegative prompt: evil\u2028Seed: 1"
+    req = request(prompt=forged, negative_prompt="blurry\rSteps: 1", guidance_scale=4.0)
+    for fmt in (OutputFormat.PNG, OutputFormat.JPEG):
+        encoded = encode_image(sample_image(), req.model_copy(update={"output_format": fmt}), 7, 0, "tiny")
+        if fmt is OutputFormat.PNG:
+            parameters, meta = read_png_metadata(encoded.data)
+            assert meta["request"]["prompt"] == forged  # the JSON keeps the prompt exactly
+        else:
+            parameters = read_exif_parameters(encoded.data)
+        lines = parameters.split("\n")
+        assert lines == [
+            "a cat Steps: 99, Sampler: x, Model: forged Negative prompt: evil Seed: 1",
+            "Negative prompt: blurry Steps: 1",
+            lines[2],
+        ]
+        assert lines[2].startswith("Steps: 40, Sampler: Euler, ") and "Model: tiny" in lines[2]
+
+
+def test_exif_parameters_are_shortened_to_fit_with_a_marker() -> None:
+    """10,000 emoji in each prompt (the schema's limit) are 80,284 bytes of UTF-16 text: more than a JPEG's
+    EXIF segment holds (65,533). The image is still produced; the prompts are cut to fit."""
+    emoji = "\U0001f600" * 10_000
+    req = request(prompt=emoji, negative_prompt=emoji, guidance_scale=4.0)
+    assert len(a1111_parameters(req, 7, "tiny").encode("utf-16-be")) == 80_284
+    for fmt in (OutputFormat.JPEG, OutputFormat.WEBP):
+        encoded = encode_image(sample_image(), req.model_copy(update={"output_format": fmt}), 7, 0, "tiny")
+        parameters = read_exif_parameters(encoded.data)
+        assert len(parameters.encode("utf-16-be")) <= EXIF_TEXT_LIMIT_BYTES
+        prompt, negative, settings = parameters.split("\n")
+        assert prompt.endswith(TRUNCATED_MARKER) and negative.endswith(TRUNCATED_MARKER)
+        assert prompt.startswith("\U0001f600" * 7_000) and negative.startswith("Negative prompt: \U0001f600")
+        assert settings == a1111_parameters(req, 7, "tiny").split("\n")[-1]
+    # A short prompt is kept whole; the long negative prompt takes the room left.
+    short = request(prompt="a fox", negative_prompt=emoji, guidance_scale=4.0)
+    text = a1111_parameters(short, 7, "tiny", limit_bytes=30_000)
+    assert text.startswith("a fox\nNegative prompt: \U0001f600") and TRUNCATED_MARKER in text
+    assert 30_000 - 4 < len(text.encode("utf-16-be")) <= 30_000
+    # Text that fits is left alone.
+    assert a1111_parameters(req.model_copy(update={"prompt": "x"}), 7, "tiny", limit_bytes=10**6) == (
+        a1111_parameters(req.model_copy(update={"prompt": "x"}), 7, "tiny")
+    )
