@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Request, Response
+from fastapi import APIRouter, Header, Path, Request, Response
 from fastapi.responses import StreamingResponse
 
 from api.auth import PrincipalDep
@@ -15,6 +15,11 @@ from api.generations import service
 from api.generations.events import sse_stream, wait_until_finished
 from api.generations.prefer import preferred_wait
 from schemas.jobs import CreateGeneration, Job
+
+JobId = Annotated[
+    str,
+    Path(description="The job's id (`gen_` and 32 hex digits); any other value is 404 `not_found`."),
+]
 
 router = APIRouter(prefix="/v1/generations", tags=["generations"])
 
@@ -109,7 +114,9 @@ async def create_generation(
     response_description="The job.",
     responses=problem_responses(*READ),
 )
-async def get_generation(job_id: str, state: StateDep, principal: PrincipalDep, links: LinksDep) -> Response:
+async def get_generation(
+    job_id: JobId, state: StateDep, principal: PrincipalDep, links: LinksDep
+) -> Response:
     """The job with image URLs signed now (they expire; read again for fresh ones)."""
     return _job_response(await service.view(state, principal, job_id, links=links), 200)
 
@@ -128,7 +135,7 @@ async def get_generation(job_id: str, state: StateDep, principal: PrincipalDep, 
     },
 )
 async def cancel_generation(
-    job_id: str, state: StateDep, principal: PrincipalDep, links: LinksDep
+    job_id: JobId, state: StateDep, principal: PrincipalDep, links: LinksDep
 ) -> Response:
     """Queued → canceled at once (200). Running → interrupted at the next step (202). Finished → 409."""
     job = await service.cancel(state, principal, job_id, links=links)
@@ -149,7 +156,7 @@ async def cancel_generation(
     },
 )
 async def generation_events(
-    job_id: str,
+    job_id: JobId,
     request: Request,
     state: StateDep,
     principal: PrincipalDep,
