@@ -49,8 +49,8 @@ _MEANINGS: dict[int, tuple[str, dict[str, Any]]] = {
     429: ("Too many submissions for this API key (`rate_limited`).", _RETRY_AFTER),
     500: ("A bug on the server's side (`internal_error`); the detail quotes the request id.", {}),
     503: (
-        "A dependency is unreachable (`redis_unavailable`, `storage_unavailable`) or the queue is full "
-        "(`queue_full`).",
+        "A dependency is unreachable (`redis_unavailable`, `storage_unavailable`), Redis is full "
+        "(`redis_out_of_memory`) or the queue is full (`queue_full`).",
         _RETRY_AFTER,
     ),
 }
