@@ -91,7 +91,15 @@ def test_a_full_redis_is_503_not_ready_and_workers_wait_it_out(stack: Stack) -> 
         stack.stop_worker()
         queued = client.post("/v1/generations", json=SHORT).json()["id"]
         fill(connection)
+        worker_log = stack.log_dir / "worker.log"  # appended to by every worker the stack starts
+        readies = worker_log.read_text(errors="replace").count("worker ready")
         stack.start_worker()
+        deadline = time.monotonic() + 120
+        # Model loaded and "worker ready" logged: next it registers with RQ, which a full Redis refuses.
+        while worker_log.read_text(errors="replace").count("worker ready") == readies:
+            assert stack.processes["worker"].poll() is None, stack.logs("worker")
+            assert time.monotonic() < deadline, stack.logs("worker")
+            time.sleep(0.1)
         time.sleep(HELD_FULL_S)
         late = stack.processes["worker"]
         assert late.poll() is None, stack.logs("worker")
