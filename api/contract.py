@@ -36,6 +36,15 @@ _MEANINGS: dict[int, tuple[str, dict[str, Any]]] = {
     409: ("The request conflicts with the resource's state.", {}),
     413: ("The body is larger than the API accepts (`payload_too_large`).", {}),
     415: ("The body is not JSON (`unsupported_media_type`): send `Content-Type: application/json`.", {}),
+    416: (
+        "The range starts past the resource's end (`range_not_satisfiable`).",
+        {
+            "Content-Range": {
+                "description": "`bytes */<size>`: the resource's size.",
+                "schema": {"type": "string"},
+            }
+        },
+    ),
     422: ("Validation error (`validation_error`, `malformed_json`) or a rule violation.", {}),
     429: (
         "Too many requests for this API key (`rate_limited`), or it holds its share of the queue "
@@ -44,8 +53,8 @@ _MEANINGS: dict[int, tuple[str, dict[str, Any]]] = {
     ),
     500: ("A bug on the server's side (`internal_error`); the detail quotes the request id.", {}),
     503: (
-        "A dependency is unreachable (`redis_unavailable`, `storage_unavailable`) or the queue is full "
-        "(`queue_full`).",
+        "A dependency is unreachable (`redis_unavailable`, `storage_unavailable`), Redis is full "
+        "(`redis_out_of_memory`) or the queue is full (`queue_full`).",
         _RETRY_AFTER,
     ),
 }

@@ -24,6 +24,7 @@ from starlette.responses import JSONResponse, Response
 
 from schemas.openai_images import openai_error
 from schemas.problems import PROBLEM_CONTENT_TYPE, FieldError, Problem, problem_type
+from services.clients import out_of_memory
 from services.storage import StorageUnavailable
 
 log = structlog.get_logger(__name__)
@@ -61,6 +62,8 @@ OPENAI_COMPATIBLE_PREFIX = "/v1/images/"
 
 REDIS_RETRY_AFTER_S = 1
 """Retry-After for Redis outages: short, because a restart or failover usually takes seconds."""
+REDIS_FULL_RETRY_AFTER_S = 5
+"""Retry-After for a Redis at ``maxmemory``: memory comes back as jobs expire or an operator steps in."""
 STORAGE_RETRY_AFTER_S = 5
 """Retry-After for object-store outages: the API already retried (botocore) before giving up."""
 
@@ -415,6 +418,23 @@ async def _redis_unavailable_handler(request: Request, exc: Exception) -> Respon
     )
 
 
+async def _redis_response_error_handler(request: Request, exc: Exception) -> Response:
+    """Redis at ``maxmemory`` (``noeviction``) refuses writes — as ``-OOM``, or from inside a script as a
+    script error: 503 ``redis_out_of_memory`` with ``Retry-After``. Any other error reply is our bug."""
+    if not out_of_memory(exc):
+        return await _internal_error_handler(request, exc)
+    log.warning("redis out of memory", path=request.url.path, error=str(exc))
+    problem = Problem(
+        type=problem_type("redis_out_of_memory"),
+        title=status_title(503),
+        status=503,
+        detail="The job store is full and refuses new writes; retry later.",
+        instance=request.url.path,
+        code="redis_out_of_memory",
+    )
+    return problem_response(problem, {"Retry-After": str(REDIS_FULL_RETRY_AFTER_S)})
+
+
 async def _storage_unavailable_handler(request: Request, exc: Exception) -> Response:
     """The object store is unreachable (only an init image upload needs it on the request path)."""
     return _dependency_unavailable(
@@ -450,5 +470,6 @@ def install_error_handlers(app: FastAPI) -> None:
         redis.exceptions.TimeoutError,
     ):
         app.add_exception_handler(redis_error, _redis_unavailable_handler)
+    app.add_exception_handler(redis.exceptions.ResponseError, _redis_response_error_handler)  # OOM included
     app.add_exception_handler(StorageUnavailable, _storage_unavailable_handler)
     app.add_exception_handler(Exception, _internal_error_handler)

@@ -48,16 +48,33 @@ TINY_WORKERS = "rq:workers:darkroom:tiny"
 WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"darkroom-test-webhook-secret-32b").decode()
 
 
+#: uvicorn's HTTP protocol in production: httptools plus a cap on request heads, a deadline for them and a
+#: cap on connections that have not sent one (``api/http_protocol.py``). Dockerfile.api sets ``UVICORN_HTTP``.
+HTTP_PROTOCOL = "api.http_protocol:LimitedHttpProtocol"
+#: uvicorn's own limits as the images set them (``UVICORN_*`` in Dockerfile.api; docs/operate/deploy.md):
+#: idle kept-alive connections closed after 5 s, at most 1024 connections per process (beyond: 503), the
+#: kernel's accept queue, and h11's head cap for anyone who switches ``--http`` to h11.
+PRODUCTION_LIMITS = {
+    "timeout-keep-alive": "5",
+    "limit-concurrency": "1024",
+    "backlog": "2048",
+    "h11-max-incomplete-event-size": "32768",
+}
+
+
 def uvicorn_command(port: int, *, workers: int = 1, production: bool = False) -> list[str]:
-    """``uvicorn api.main:app`` on loopback; in production mode as Dockerfile.api runs it: loop and parser
-    pinned, uvicorn's access log off (the app writes its own line), ``workers`` processes."""
+    """``uvicorn api.main:app`` on loopback; in production mode as Dockerfile.api runs it: loop pinned, the
+    httptools parser with our limits on request heads (``api.http_protocol``), the connection limits of
+    ``PRODUCTION_LIMITS``, uvicorn's access log off (the app writes its own line), ``workers`` processes."""
     command = [sys.executable, "-m", "uvicorn", "api.main:app", "--host", LOOPBACK, "--port", str(port)]
     if not production:
         return command
     if importlib.util.find_spec("uvloop") is not None:
         command += ["--loop", "uvloop"]
     if importlib.util.find_spec("httptools") is not None:
-        command += ["--http", "httptools"]
+        command += ["--http", HTTP_PROTOCOL]
+    for option, value in PRODUCTION_LIMITS.items():
+        command += [f"--{option}", value]
     return [*command, "--no-access-log", "--workers", str(workers)]
 
 

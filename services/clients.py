@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import secrets
 import threading
 import time
@@ -51,13 +52,43 @@ REDIS_CONNECT_TIMEOUT_S = 2.0
 #: Ordinary commands answer in milliseconds; RQ's blocking dequeue uses a client of its own (see workers).
 REDIS_SOCKET_TIMEOUT_S = 5.0
 #: "Redis cannot be reached right now" (down, restarting, loading its AOF, too slow), as opposed to a bug.
+#: Redis at ``maxmemory`` under ``noeviction`` refuses writes (``-OOM``) but still answers reads: transient
+#: too — memory comes back as jobs expire or an operator raises the limit — so workers wait it out like a
+#: restart, and the API answers 503 ``redis_out_of_memory``. Scripts' refusals are translated to this class
+#: by the clients ``make_redis`` builds (see :func:`out_of_memory`).
 REDIS_UNAVAILABLE: tuple[type[Exception], ...] = (
     redis.exceptions.ConnectionError,  # BusyLoadingError (still loading the AOF) is a subclass
     redis.exceptions.TimeoutError,
+    redis.exceptions.OutOfMemoryError,
 )
+
+#: What Redis says when ``maxmemory`` is reached under ``noeviction``: as the reply itself (``-OOM ...``,
+#: which redis-py raises as ``OutOfMemoryError``) or, from a Lua script, inside its error (Redis 6 wraps
+#: it as ``ERR Error running script ... -OOM command not allowed ...``, a plain ``ResponseError``).
+OOM_MESSAGE = "command not allowed when used memory > 'maxmemory'"
 
 T = TypeVar("T")
 log = structlog.get_logger(__name__)
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is Redis refusing a write at ``maxmemory`` (directly, or from inside a script)."""
+    return isinstance(exc, redis.exceptions.OutOfMemoryError) or (
+        isinstance(exc, redis.exceptions.ResponseError) and OOM_MESSAGE in str(exc)
+    )
+
+
+class _Redis(Redis):
+    """``Redis`` whose scripts' ``-OOM`` refusals raise ``OutOfMemoryError`` like any other command's, so
+    ``except REDIS_UNAVAILABLE`` sees every one of them (Redis 6 reports it as a script error)."""
+
+    def parse_response(self, connection: Any, command_name: str | bytes, **options: Any) -> Any:
+        try:
+            return super().parse_response(connection, command_name, **options)
+        except redis.exceptions.ResponseError as exc:
+            if not isinstance(exc, redis.exceptions.OutOfMemoryError) and out_of_memory(exc):
+                raise redis.exceptions.OutOfMemoryError(str(exc)) from exc
+            raise
 
 
 def make_redis(url: str, *, socket_timeout: float | None = REDIS_SOCKET_TIMEOUT_S) -> Redis:
@@ -67,7 +98,7 @@ def make_redis(url: str, *, socket_timeout: float | None = REDIS_SOCKET_TIMEOUT_
     retry reconnects instead of failing the first command on each of them. Commands we send are safe to
     repeat (the job-status script checks the current status first, so a repeated transition is refused).
     """
-    return Redis.from_url(
+    return _Redis.from_url(
         url,
         socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
         socket_timeout=socket_timeout,
@@ -84,8 +115,10 @@ def retry_while_redis_down(
     should_stop: Callable[[], bool] = lambda: False,
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
+    jitter: Callable[[], float] = random.random,
 ) -> T:
-    """Run ``operation``, retrying while Redis is unreachable (backoff 0.25 s doubling to 2 s), for workers.
+    """Run ``operation``, retrying while Redis is unreachable or refuses writes at ``maxmemory`` (backoff
+    0.25 s doubling to 2 s, each wait jittered down by up to half), for workers.
 
     Gives up, re-raising the last error, once ``deadline_s`` has passed or ``should_stop()`` says so (a
     worker asked to shut down must not wait for Redis forever). Other errors propagate at once.
@@ -100,7 +133,8 @@ def retry_while_redis_down(
             if remaining <= 0 or should_stop():
                 raise
             log.warning("redis.unavailable", operation=what, retry_in_s=delay, error=str(exc))
-            sleep(min(delay, remaining))
+            # Jittered (half to all of the delay): workers refused together do not come back in step.
+            sleep(min(delay * (0.5 + 0.5 * jitter()), remaining))
             delay = min(delay * 2, 2.0)
 
 
@@ -116,6 +150,9 @@ def shared_url_signing_key(redis: Redis, settings: Settings) -> bytes:
     """
     if settings.url_signing_key is not None:
         return settings.url_signing_key.get_secret_value().encode()
+    existing = redis.get(URL_SIGNING_KEY)  # read first: a Redis at maxmemory refuses even a SET NX
+    if existing:
+        return cast(bytes, existing)
     redis.set(URL_SIGNING_KEY, secrets.token_hex(32), nx=True)
     key = redis.get(URL_SIGNING_KEY)
     if not key:  # deleted between SET and GET (a FLUSHALL): one more round settles it

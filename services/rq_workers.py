@@ -1,10 +1,11 @@
 """RQ workers that ride out a Redis restart instead of quitting: the base of both of our worker processes.
 
 Out of the box RQ waits for Redis only inside its blocking dequeue. A Redis error anywhere else — the
-heartbeat after a job, the suspension check, the bookkeeping around a job, the state written on SIGTERM —
-reaches the bare ``except`` of ``Worker.work`` and the worker *quits* (exit 0, or 1 on a traceback while
-registering its death); the scheduler process that fires delayed jobs (our webhook retries) dies on the
-first error and is only restarted by a maintenance pass minutes later. So a Redis restart used to take
+heartbeat after a job, the suspension check, the bookkeeping around a job, the state written on SIGTERM,
+the registration at start — reaches the bare ``except`` of ``Worker.work`` (or escapes ``bootstrap``) and
+the worker *quits* (exit 0, or 1 on a traceback while registering its death); the scheduler process that
+fires delayed jobs (our webhook retries) dies on the first error and is only restarted by a maintenance
+pass minutes later. So a Redis restart used to take
 every worker down with it.
 
 :class:`ResilientWorker` waits for Redis at each of those places (backoff capped at 2 s, until a stop is
@@ -103,6 +104,19 @@ class ResilientWorker(SimpleWorker):
         parent = super().heartbeat
         self.wait_for_redis(lambda: parent(timeout), "worker heartbeat")
 
+    def register_birth(self) -> None:
+        # Runs once, in ``bootstrap`` before RQ's loop: a Redis at maxmemory refuses it (one MULTI, so nothing
+        # is half-written) and the worker used to exit on it, again and again under its supervisor.
+        parent = super().register_birth
+        self.wait_for_redis(parent, "register worker")
+
+    def set_state(self, state: str, pipeline: Any = None) -> None:
+        if pipeline is not None:  # only queues the command on the caller's pipeline
+            super().set_state(state, pipeline=pipeline)
+            return
+        parent = super().set_state
+        self.wait_for_redis(lambda: parent(state), "set worker state")
+
     def check_for_suspension(self, burst: bool) -> None:
         parent = super().check_for_suspension
         self.wait_for_redis(lambda: parent(burst), "check for suspension")
@@ -171,7 +185,7 @@ class ResilientWorker(SimpleWorker):
             self.wait_for_redis(lambda: self.requeue_interrupted(job, queue), "put back interrupted job")
         finally:
             self.after_job(job, queue)
-        self.wait_for_redis(lambda: self.set_state(WorkerStatus.IDLE), "set worker state")
+        self.set_state(WorkerStatus.IDLE)  # waits for Redis itself
 
     def run_job(self, job: Job, queue: Queue) -> None:
         """What ``SimpleWorker.execute_job`` does, minus the state change ``execute_job`` makes after it."""

@@ -207,6 +207,25 @@ class Settings(BaseSettings):
         "queue_share_exceeded while others "
         "still get in. 1: no per-key share.",
     )
+    http_max_header_bytes: int = Field(
+        32 * 1024,
+        ge=1024,
+        description="Largest request head (request line and headers) the API reads before authentication; a "
+        "larger one is answered 431 and the connection closed. Applies under --http api.http_protocol:"
+        "LimitedHttpProtocol, as the shipped images run uvicorn.",
+    )
+    http_header_timeout: timedelta = Field(
+        timedelta(seconds=10),
+        gt=timedelta(0),
+        description="How long a connection may take to send a request's head (from connecting, or from its "
+        "first byte on a kept-alive connection); then it is closed (408 if part of a head came).",
+    )
+    http_max_pending_connections: int = Field(
+        256,
+        ge=1,
+        description="Connections per API process still sending their first request head (or silent); past "
+        "this the oldest of them is closed, so idle sockets cannot crowd out real requests.",
+    )
     max_wait: timedelta = Field(timedelta(seconds=60), description="Largest accepted 'Prefer: wait=N'.")
     openai_images_wait: timedelta = Field(
         timedelta(seconds=120),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, Query, Response
+from fastapi import APIRouter, Depends, Header, Path, Query, Response
 
 from api.auth import PrincipalDep
 from api.batches import service
@@ -12,6 +12,11 @@ from api.contract import LIMITED_READ, READ, SUBMIT, problem_responses
 from api.deps import LinksDep, StateDep
 from api.limits import read_token, submission_token
 from schemas.batches import DEFAULT_PAGE, MAX_PAGE, Batch, BatchList, CreateBatch
+
+BatchId = Annotated[
+    str,
+    Path(description="The batch's id (`batch_` and 32 hex digits); any other value is 404 `not_found`."),
+]
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
@@ -104,7 +109,7 @@ async def list_batches(
     responses=problem_responses(*LIMITED_READ, 422),
 )
 async def get_batch(
-    batch_id: str,
+    batch_id: BatchId,
     state: StateDep,
     principal: PrincipalDep,
     links: LinksDep,
@@ -129,7 +134,9 @@ async def get_batch(
         ),
     },
 )
-async def cancel_batch(batch_id: str, state: StateDep, principal: PrincipalDep, links: LinksDep) -> Response:
+async def cancel_batch(
+    batch_id: BatchId, state: StateDep, principal: PrincipalDep, links: LinksDep
+) -> Response:
     """Queued items → canceled at once; running ones → stop at their next step (202 until they have).
     A batch that has already ended → 409 ``batch_already_finished``."""
     batch = await service.cancel(state, principal, batch_id, links=links)

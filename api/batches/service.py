@@ -40,7 +40,7 @@ from services.admission import batch_cost, key_share
 from services.batch_views import render_batch, render_batch_summary, render_item
 from services.jobs import JobRecord, decode_deliveries, job_key, new_job_id, utcnow
 from services.jobs.batches import BatchRecord, new_batch_id
-from services.jobs.keys import batch_key, batch_webhooks_key, items_key, owner_batches_key
+from services.jobs.keys import batch_key, batch_webhooks_key, is_batch_id, items_key, owner_batches_key
 from services.queue import batch_queue
 from services.storage import Storage
 
@@ -235,6 +235,8 @@ async def view(
     links: Storage,
 ) -> Batch:
     """The batch, counts over all items, and items ``offset``..``offset + limit`` with fresh URLs."""
+    if not is_batch_id(batch_id):  # before any key is built from it: the same 404 as a made-up id
+        raise NotFound(f"no batch {batch_id!r}")
     redis = state.redis_async
     async with redis.pipeline(transaction=False) as pipe:
         pipe.hgetall(batch_key(batch_id))

@@ -6,7 +6,7 @@ import re
 from contextlib import AsyncExitStack
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi import APIRouter, Depends, Header, Path, Request, Response
 from fastapi.responses import StreamingResponse
 
 from api.auth import PrincipalDep
@@ -27,6 +27,11 @@ from api.generations.prefer import preferred_wait
 from api.limits import read_token, submission_token
 from api.waits import LeasedStreamingResponse, disconnected, first
 from schemas.jobs import CreateGeneration, Job
+
+JobId = Annotated[
+    str,
+    Path(description="The job's id (`gen_` and 32 hex digits); any other value is 404 `not_found`."),
+]
 
 router = APIRouter(prefix="/v1/generations", tags=["generations"])
 
@@ -137,7 +142,9 @@ async def create_generation(
     dependencies=[Depends(read_token)],
     responses=problem_responses(*LIMITED_READ),
 )
-async def get_generation(job_id: str, state: StateDep, principal: PrincipalDep, links: LinksDep) -> Response:
+async def get_generation(
+    job_id: JobId, state: StateDep, principal: PrincipalDep, links: LinksDep
+) -> Response:
     """The job with image URLs signed now (they expire; read again for fresh ones)."""
     return _job_response(await service.view(state, principal, job_id, links=links), 200)
 
@@ -156,7 +163,7 @@ async def get_generation(job_id: str, state: StateDep, principal: PrincipalDep, 
     },
 )
 async def cancel_generation(
-    job_id: str, state: StateDep, principal: PrincipalDep, links: LinksDep
+    job_id: JobId, state: StateDep, principal: PrincipalDep, links: LinksDep
 ) -> Response:
     """Queued → canceled at once (200). Running → interrupted at the next step (202). Finished → 409."""
     job = await service.cancel(state, principal, job_id, links=links)
@@ -185,7 +192,7 @@ async def cancel_generation(
     },
 )
 async def generation_events(
-    job_id: str,
+    job_id: JobId,
     request: Request,
     state: StateDep,
     principal: PrincipalDep,

@@ -29,6 +29,7 @@ from services import metrics
 from services.admission import key_share
 from services.job_views import render_job
 from services.jobs import JobRecord, decode_deliveries, job_key, new_job_id, utcnow, webhooks_key
+from services.jobs.keys import is_job_id
 from services.queue import job_queue
 from services.rq_records import queue_position_async, remove_from_queue
 from services.storage import Storage, StorageError, init_image_key, mask_image_key
@@ -200,6 +201,8 @@ async def submit(
 
 async def _read(state: AppState, job_id: str) -> tuple[JobRecord | None, list[dict[str, Any]]]:
     """The job's record and webhook deliveries in one round trip."""
+    if not is_job_id(job_id):  # before any key is built from it: the same 404 as a made-up id
+        return None, []
     async with state.redis_async.pipeline(transaction=False) as pipe:
         pipe.hgetall(job_key(job_id))
         pipe.hgetall(webhooks_key(job_id))
@@ -215,6 +218,8 @@ def _owned(record: JobRecord | None, principal: str, job_id: str) -> JobRecord:
 
 
 async def load(state: AppState, principal: str, job_id: str) -> JobRecord:
+    if not is_job_id(job_id):  # before any key is built from it: the same 404 as a made-up id
+        return _owned(None, principal, job_id)
     raw = cast(dict[bytes, bytes], await state.redis_async.hgetall(job_key(job_id)))
     return _owned(JobRecord.from_stored(job_id, raw), principal, job_id)
 

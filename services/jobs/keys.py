@@ -26,6 +26,8 @@ Shared:
 
 from __future__ import annotations
 
+import re
+
 JOB_PREFIX = "darkroom:job:"
 BATCH_PREFIX = "darkroom:batch:"
 RUNNING_SET = "darkroom:jobs:running"
@@ -33,6 +35,25 @@ OUTBOX = "darkroom:outbox"
 OUTBOX_GROUP = "darkroom:outbox:dispatch"
 _OWNER_BATCHES_PREFIX = "darkroom:batches-of:"
 _QUEUED_OF_PREFIX = "darkroom:queued-of:"
+
+
+# The ids we mint (``records.new_job_id``, ``batches.new_batch_id``). An id from a URL is checked against its
+# own format before any key is built from it: ``gen_x:events`` would otherwise name another key (of another
+# type), which answers WRONGTYPE (a 500) where a made-up id answers 404 — an existence oracle.
+JOB_ID_PATTERN = r"gen_[0-9a-f]{32}"
+BATCH_ID_PATTERN = r"batch_[0-9a-f]{32}"
+_JOB_ID = re.compile(JOB_ID_PATTERN)
+_BATCH_ID = re.compile(BATCH_ID_PATTERN)
+
+
+def is_job_id(value: str) -> bool:
+    """Whether ``value`` has the form of a job id (``gen_`` + 32 lowercase hex digits)."""
+    return _JOB_ID.fullmatch(value) is not None
+
+
+def is_batch_id(value: str) -> bool:
+    """Whether ``value`` has the form of a batch id (``batch_`` + 32 lowercase hex digits)."""
+    return _BATCH_ID.fullmatch(value) is not None
 
 
 def job_key(job_id: str) -> str:

@@ -10,6 +10,7 @@ import errno
 import hashlib
 import hmac
 import os
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -118,6 +119,19 @@ class FileStorage:
                 return path.read_bytes()
             except (FileNotFoundError, IsADirectoryError) as exc:
                 raise ObjectNotFound(f"no object stored under {key!r}") from exc
+
+    def file_for(self, key: str) -> tuple[Path, os.stat_result]:
+        """The regular file holding `key` and its `os.stat_result`, for serving it in pieces (the API
+        streams it, so no request holds a whole image in memory); `ObjectNotFound` if there is none."""
+        path = self.path_for(key)
+        with _translated_os_errors("stat", key):
+            try:
+                result = path.stat()
+            except FileNotFoundError as exc:
+                raise ObjectNotFound(f"no object stored under {key!r}") from exc
+        if not stat.S_ISREG(result.st_mode):
+            raise ObjectNotFound(f"no object stored under {key!r}")
+        return path, result
 
     def url_for(self, key: str, expires_in: timedelta) -> str:
         """`public_base_url` + the quoted key, plus `expires` and `signature` when signing is on."""

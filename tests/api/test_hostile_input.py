@@ -538,6 +538,32 @@ def test_odd_paths_are_404_problems(client: httpx.Client, path: str) -> None:
     assert_problem(client.get(path), 404, "not_found")
 
 
+@pytest.mark.parametrize(
+    "template",
+    [
+        "/v1/generations/{job}:events",  # a stream: WRONGTYPE on HGETALL before ids were validated
+        "/v1/generations/{job}:events/events",
+        "/v1/batches/{batch}:items",  # a list
+        "/v1/generations/{batch}",  # another kind's id
+        "/v1/batches/{job}",
+        "/v1/generations/gen_{made_up}",  # the control: a made-up id of the right form
+        "/v1/batches/batch_{made_up}",
+    ],
+)
+def test_ids_naming_other_keys_are_404_like_made_up_ids(client: httpx.Client, template: str) -> None:
+    """Issue #16 case 10: a path id is checked against its own format before a Redis key is built from
+    it, so another key's name (``<id>:events``, ``<id>:items``) is the same 404 as a made-up id: no 500,
+    no existence oracle."""
+    job = client.post("/v1/generations", json=GOOD).json()["id"]
+    batch = client.post("/v1/batches", json={"template": GOOD, "count": 1}).json()["id"]
+    path = template.format(job=job, batch=batch, made_up="0" * 32)
+    for method in ("GET", "POST") if not path.endswith("/events") else ("GET",):
+        target = path if method == "GET" else path + "/cancel"
+        response = client.request(method, target)
+        print(f"{method} {target.replace(job, '<job>').replace(batch, '<batch>')} -> {response.status_code}")
+        assert_problem(response, 404, "not_found")
+
+
 @pytest.mark.parametrize("method", ["PUT", "DELETE", "PATCH"])
 def test_wrong_methods_are_405_problems(client: httpx.Client, method: str) -> None:
     assert_problem(client.request(method, "/v1/generations", json=GOOD), 405, "method_not_allowed")

@@ -131,6 +131,13 @@ def test_api_image_healthcheck_and_port(services: dict[str, Any]) -> None:
     assert any(str(port).endswith(":8000") for port in api["ports"])
     assert "/readyz" in " ".join(api["healthcheck"]["test"])
 
+    limits = {name: value for name, value in api["environment"].items() if name.startswith("DARKROOM_HTTP_")}
+    assert set(limits) == {
+        "DARKROOM_HTTP_MAX_HEADER_BYTES",
+        "DARKROOM_HTTP_HEADER_TIMEOUT",
+        "DARKROOM_HTTP_MAX_PENDING_CONNECTIONS",
+    }
+
 
 def test_webhooks_reuse_the_api_image_with_their_own_command(services: dict[str, Any]) -> None:
     webhooks = services["webhooks"]

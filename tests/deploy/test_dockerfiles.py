@@ -3,6 +3,7 @@ never gets torch."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import re
 import shutil
@@ -212,6 +213,19 @@ def test_api_image_runtime_contract() -> None:
     assert ("CMD", '["uvicorn", "api.main:app"]') in stage
     healthcheck = next(arguments for keyword, arguments in stage if keyword == "HEALTHCHECK")
     assert "/healthz" in healthcheck and "urllib.request" in healthcheck
+
+
+def test_api_image_runs_uvicorn_with_the_limits_devtools_tests() -> None:
+    """Issue #16 case 8: the image's uvicorn options are the ones ``uvicorn_command(production=True)``
+    passes, which tests/api/test_http_limits.py runs; the protocol class can be imported."""
+    from devtools.stack import HTTP_PROTOCOL, PRODUCTION_LIMITS
+
+    environment = env_of(final_stage(instructions(DOCKERFILES["api"])))
+    assert environment["UVICORN_HTTP"] == HTTP_PROTOCOL
+    for option, value in PRODUCTION_LIMITS.items():
+        assert environment["UVICORN_" + option.upper().replace("-", "_")] == value, option
+    module, _, name = HTTP_PROTOCOL.partition(":")
+    assert hasattr(importlib.import_module(module), name)
 
 
 def test_constraints_satisfy_pyproject() -> None:

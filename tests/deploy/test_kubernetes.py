@@ -390,6 +390,10 @@ def test_api_probes_and_graceful_shutdown(rendered: Rendered) -> None:
     assert graceful >= Settings().max_wait.total_seconds(), "a `Prefer: wait` request must be able to finish"
     assert pod_spec(api)["terminationGracePeriodSeconds"] > pre_stop + graceful
     assert "HF_TOKEN" not in json.dumps(c)
+    # Limits before authentication, set explicitly (docs/operate/deploy.md), each a valid setting.
+    limits = {name: value for name, value in env.items() if name.startswith("DARKROOM_HTTP_")}
+    assert len(limits) == 3
+    Settings(**{name.removeprefix("DARKROOM_").lower(): value for name, value in limits.items()})
 
 
 def test_webhook_worker_runs_the_webhook_process(rendered: Rendered) -> None:

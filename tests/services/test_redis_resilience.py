@@ -44,9 +44,16 @@ def flaky(failures: int) -> tuple[list[int], Callable[[], str]]:
 def test_retry_while_redis_down_backs_off_until_redis_answers() -> None:
     clock = FakeClock()
     calls, operation = flaky(5)
-    result = retry_while_redis_down(operation, what="t", deadline_s=60, sleep=clock.sleep, clock=clock)
+    result = retry_while_redis_down(
+        operation, what="t", deadline_s=60, sleep=clock.sleep, clock=clock, jitter=lambda: 1.0
+    )
     assert result == "ok" and len(calls) == 6
     assert clock.sleeps == [0.25, 0.5, 1.0, 2.0, 2.0]  # doubling, capped at 2 s
+    clock, (calls, operation) = FakeClock(), flaky(3)
+    retry_while_redis_down(
+        operation, what="t", deadline_s=60, sleep=clock.sleep, clock=clock, jitter=lambda: 0.0
+    )
+    assert clock.sleeps == [0.125, 0.25, 0.5]  # jittered down by up to half
 
 
 def test_retry_while_redis_down_gives_up_at_the_deadline_or_on_a_stop_request() -> None:
