@@ -12,12 +12,14 @@ replay, a full queue, the key's share reached: ``give_back_submission``).
 
 from __future__ import annotations
 
+import redis.exceptions
 from fastapi import Request
 
 from api.auth import ANONYMOUS
 from api.deps import app_state
 from api.errors import ApiError
 from api.state import AppState
+from services.clients import out_of_memory
 from services.rate_limit import TokenGate, retry_after_s
 
 
@@ -50,8 +52,15 @@ async def submission_token(request: Request) -> None:
 
 
 async def read_token(request: Request) -> None:
-    """One token from the key's read bucket, or 429 ``rate_limited``."""
-    await _take(app_state(request).read_gate, request, "reads")
+    """One token from the key's read bucket, or 429 ``rate_limited``.
+
+    A Redis at ``maxmemory`` refuses the bucket's write but still answers reads: then the read goes
+    ahead uncounted, since a full job store must not also hide every client's jobs from them."""
+    try:
+        await _take(app_state(request).read_gate, request, "reads")
+    except redis.exceptions.RedisError as exc:
+        if not out_of_memory(exc):
+            raise
 
 
 async def give_back_submission(state: AppState, principal: str) -> None:
