@@ -4,8 +4,9 @@ Issue 16, case 6. One real webhook process (``python -m services.webhooks``, def
 share and attempt deadline unless overridden), a private Redis, loopback receivers. Two phases:
 
 - **attack off**: B's events only, paced (``--b-rate`` per second) to one normal receiver;
-- **attack on**: first A's — ``--a-receivers`` hanging and as many trickling receivers (a header line a
-  second), ``--a-events`` events each, like a batch finishing — then B's, paced the same way.
+- **attack on**: first A's (jobs of API key ``key-a``; B's are ``key-b``'s) — ``--a-receivers`` hanging
+  and as many trickling receivers (a header line a second), ``--a-events`` events each, like a batch
+  finishing — then B's, paced the same way.
 
 Lateness is ``received − event``: when B's receiver got the webhook minus when the job finished (both on
 this machine's monotonic clock). B's deliveries not received within ``--wait`` seconds are counted as
@@ -73,7 +74,7 @@ def run_phase(settings: Settings, args: argparse.Namespace, attack: bool, tmp: P
         )
         slow: list[SlowReceiver] = []
         try:
-            create_job(clients, storage, normal.url)  # warm-up: the worker is up once it lands
+            create_job(clients, storage, normal.url, owner="key-b")  # warm-up: the worker is up once it lands
             normal.wait_for(1, timeout=30)
             if attack:
                 for _ in range(args.a_receivers):
@@ -81,10 +82,10 @@ def run_phase(settings: Settings, args: argparse.Namespace, attack: bool, tmp: P
                     slow.append(SlowReceiver("trickle", interval_s=1.0).start())
                 for _ in range(args.a_events):
                     for receiver in slow:
-                        create_job(clients, storage, receiver.url)
+                        create_job(clients, storage, receiver.url, owner="key-a")
             created: dict[str, float] = {}
             for _ in range(args.b_events):
-                created[create_job(clients, storage, normal.url)] = time.monotonic()
+                created[create_job(clients, storage, normal.url, owner="key-b")] = time.monotonic()
                 time.sleep(1.0 / args.b_rate)
             deadline = time.monotonic() + args.wait
             while len(normal.requests) < args.b_events + 1 and time.monotonic() < deadline:

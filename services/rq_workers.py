@@ -16,6 +16,7 @@ whose loop survives Redis errors too. Tasks must tolerate being run again (ours 
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import signal
 import sys
@@ -25,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import structlog
+from redis.connection import AbstractConnection
 from rq import SimpleWorker
 from rq.defaults import DEFAULT_LOGGING_DATE_FORMAT, DEFAULT_LOGGING_FORMAT
 from rq.exceptions import StopRequested
@@ -50,6 +52,12 @@ class ResilientScheduler(RQScheduler):
     dequeue waiting and hands it the next job, which nobody will ever read — it sits in RQ's intermediate
     list until a maintenance pass, minutes later. So the scheduler asks the kernel to stop it with its
     parent (Linux ``PR_SET_PDEATHSIG``; SIGTERM, so that it still releases its lock).
+
+    That left a window — the scheduler's last loop, up to a second or more on a busy machine — in which
+    the dead worker's dequeue still took jobs; with a shared Redis a freshly enqueued webhook attempt
+    vanished from its queue (tests/services/test_redis_resilience.py). So the first thing the scheduler
+    does is close its copies of every Redis connection it inherited (it opens its own): with the worker
+    dead, nothing holds its sockets open any more and Redis drops its waiting dequeue at once.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -58,9 +66,24 @@ class ResilientScheduler(RQScheduler):
 
     def work(self) -> None:
         _die_with(self._parent_pid)
+        _close_inherited_redis_connections()
         retry_while_redis_down(
             super().work, what="rq scheduler loop", should_stop=lambda: bool(self._stop_requested)
         )
+
+
+def _close_inherited_redis_connections() -> None:
+    """In a forked child: close this process's copy of every Redis connection its parent had open.
+
+    ``disconnect()`` in a process other than the one that connected only closes the file descriptor (no
+    ``shutdown``), so the parent's connections are untouched while it lives."""
+    pid = os.getpid()
+    for obj in gc.get_objects():
+        if isinstance(obj, AbstractConnection) and obj.pid != pid:
+            try:
+                obj.disconnect()
+            except Exception:  # best effort: a connection that will not close stays as before
+                log.debug("inherited redis connection not closed", exc_info=True)
 
 
 def _die_with(parent_pid: int) -> None:

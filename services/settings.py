@@ -353,6 +353,15 @@ class Settings(BaseSettings):
         description="Webhook attempts one webhook process sends at once to one receiver (host and port); "
         "more wait their turn, rescheduled about a second later, without holding a slot.",
     )
+    webhook_per_key: int = Field(
+        8,
+        ge=1,
+        le=1024,
+        description="Webhook attempts one webhook process sends at once for one API key (the job's or "
+        "batch's owner), whatever their receivers; more wait their turn like a busy host's. The default, a "
+        "quarter of the default concurrency, leaves 3/4 of the slots to others however many bad receivers "
+        "one key has.",
+    )
     webhook_max_attempts: int = Field(
         8, ge=1, le=50, description="Attempts per webhook event before its delivery is marked failed."
     )

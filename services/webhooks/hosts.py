@@ -1,4 +1,5 @@
-"""How many attempts go to one receiver at once: a per-host share of the webhook process's slots.
+"""How many attempts go to one receiver, or come from one API key, at once: shares of the webhook
+process's slots.
 
 Why: a receiver that hangs, or trickles its answer, keeps each attempt sent to it busy up to the attempt
 deadline. Without a share, a burst of events for that receiver fills every slot of the webhook process
@@ -9,6 +10,10 @@ waiting inside a slot that others need.
 "Host" is the URL's host and port as written (``hooks.example.com:443``): what a receiver controls and
 what its capacity is tied to. The count is per webhook process, in memory — nothing to leak when a
 process dies; with several webhook processes a receiver sees at most ``per_host`` times their number.
+
+The same counter gives each API key (the job's or batch's ``owner``) its share, ``per_key``: a tenant
+with many misbehaving receivers would otherwise hold ``per_host`` slots on each of them and, with enough
+hosts, all of them — the per-host share alone protects other receivers, not other tenants.
 """
 
 from __future__ import annotations
@@ -32,11 +37,11 @@ def host_key(url: str) -> str:
 
 
 class HostLimiter:
-    """Counts attempts in flight per host; :meth:`try_acquire` never blocks."""
+    """Counts attempts in flight per host (or per API key: any string); :meth:`try_acquire` never blocks."""
 
     def __init__(self, per_host: int) -> None:
         if per_host < 1:
-            raise ValueError("per_host must be at least 1")
+            raise ValueError("the share must be at least 1")
         self.per_host = per_host
         self._lock = threading.Lock()
         self._in_flight: Counter[str] = Counter()
@@ -60,11 +65,12 @@ class HostLimiter:
             return self._in_flight[host]
 
 
-_process_limiters: dict[int, HostLimiter] = {}
+_process_limiters: dict[tuple[str, int], HostLimiter] = {}
 _process_lock = threading.Lock()
 
 
-def process_limiter(per_host: int) -> HostLimiter:
-    """This process's limiter for ``per_host`` (one shared by every attempt thread)."""
+def process_limiter(share: int, scope: str = "host") -> HostLimiter:
+    """This process's limiter of ``scope`` (``host`` or ``key``) for ``share`` (one shared by every
+    attempt thread; hosts and keys are counted apart)."""
     with _process_lock:
-        return _process_limiters.setdefault(per_host, HostLimiter(per_host))
+        return _process_limiters.setdefault((scope, share), HostLimiter(share))

@@ -63,8 +63,9 @@ def enqueue_attempt(
     ``JSONSerializer`` (``services.queue.webhook_queue``), never pickle. ``task``: ``BATCH_WEBHOOK_TASK``
     for a batch's message (``job_id`` is then the batch id).
 
-    ``waited``: how many times this attempt was already put back because its receiver's host had no free
-    slot (``services.webhooks.hosts``); such a retake gets an id of its own, the original's being taken.
+    ``waited``: how many times this attempt was already put back because its receiver's host (or its API
+    key) had no free slot (``services.webhooks.hosts``); such a retake gets an id of its own, the
+    original's being taken.
     """
     rq_id = task_job_id(msg_id, attempt)
     if waited:

@@ -56,7 +56,7 @@ RETRYING = "retrying"
 FAILED = "failed"
 GONE = "gone"
 SKIPPED = "skipped"
-WAITING = "waiting"  # the receiver's host had no free slot: put back on the queue, not attempted
+WAITING = "waiting"  # the receiver's host or the API key had no free slot: put back, not attempted
 
 
 class WebhookConfigError(RuntimeError):
@@ -80,6 +80,8 @@ class DeliveryContext:
     batches: BatchStore | None = None  # for batch.completed messages
     #: Per-host share of the process's slots; None: no limit (tests that drive one attempt at a time).
     limiter: HostLimiter | None = None
+    #: Per-API-key share of the process's slots (the subject's owner); None: no limit.
+    key_limiter: HostLimiter | None = None
     #: Total time one HTTP exchange may take (``services.webhooks.deadline``); None: phase timeouts only.
     deadline_s: float | None = None
     clock: Callable[[], datetime] = utcnow
@@ -101,7 +103,8 @@ class DeliveryContext:
             url_expiry=s.url_expiry,
             task_timeout=task_timeout(s.webhook_attempt_deadline),
             batches=BatchStore(clients.redis),
-            limiter=process_limiter(s.webhook_per_host),
+            limiter=process_limiter(s.webhook_per_host, "host"),
+            key_limiter=process_limiter(s.webhook_per_key, "key"),
             deadline_s=s.webhook_attempt_deadline.total_seconds(),
         )
 
@@ -117,7 +120,7 @@ def retry_policy(settings: Settings) -> RetryPolicy:
 
 def deliver_webhook(job_id: str, msg_id: str, attempt: int, waited: int = 0) -> str:
     """RQ entry point (``services.queue.WEBHOOK_TASK``): attempt ``attempt`` of message ``msg_id``
-    (``waited``: times it was put back for want of a slot on its receiver's host).
+    (``waited``: times it was put back for want of a slot on its receiver's host or its API key's share).
 
     Retried whole through a Redis outage of up to ``DARKROOM_REDIS_RETRY_DEADLINE``: failing would leave the
     delivery ``pending`` with no next attempt scheduled. If Redis went away after the request was sent,
@@ -152,6 +155,7 @@ class Subject:
     payload: Callable[[str, str], bytes]  # (event type, timestamp) -> the bytes to sign and send
     save: Callable[[str, dict[str, Any]], None]  # (msg_id, delivery record)
     task: str
+    owner: str = "anonymous"  # the API key whose share of the webhook process the attempt counts against
 
 
 def _payload(event_type: str, timestamp: str, data: dict[str, Any]) -> bytes:
@@ -176,9 +180,10 @@ def run_delivery_attempt(
 ) -> str:
     """Make attempt number ``attempt`` (1-based) for one message, record it, schedule the next if due.
 
-    Returns ``delivered``, ``retrying``, ``failed``, ``gone``, ``waiting`` (the receiver's host had no
-    free slot: the attempt was put back on the queue, to run a moment later), or ``skipped`` (the job or
-    its delivery record expired, or this attempt already happened: a re-run task must not send twice).
+    Returns ``delivered``, ``retrying``, ``failed``, ``gone``, ``waiting`` (the receiver's host or the
+    job's API key had no free slot: the attempt was put back on the queue, to run a moment later), or
+    ``skipped`` (the job or its delivery record expired, or this attempt already happened: a re-run task
+    must not send twice).
     """
     bound = log.bind(job_id=job_id, msg_id=msg_id, attempt=attempt)
     loaded = _job_subject(ctx, job_id, msg_id)
@@ -200,6 +205,7 @@ def _job_subject(ctx: DeliveryContext, job_id: str, msg_id: str) -> tuple[Subjec
         payload=lambda event_type, at: build_payload(job, event_type, at, ctx.storage, ctx.url_expiry),
         save=lambda msg, entry: ctx.store.put_delivery(job_id, msg, entry),
         task=WEBHOOK_TASK,
+        owner=record.owner,
     )
     return subject, delivery
 
@@ -237,6 +243,7 @@ def _batch_subject(ctx: DeliveryContext, batch_id: str, msg_id: str) -> tuple[Su
         payload=payload,
         save=lambda msg, entry: batches.put_delivery(batch_id, msg, entry, batch.retention_s),
         task=BATCH_WEBHOOK_TASK,
+        owner=record.owner,
     )
     return subject, delivery
 
@@ -252,14 +259,20 @@ def _attempt(
     if _already_done(delivery, attempt):
         bound.info("webhook.skipped", reason="already_done", state=delivery.get("state"))
         return SKIPPED
-    host = host_key(subject.url)
-    if ctx.limiter is not None and not ctx.limiter.try_acquire(host):
-        return _wait_for_host(ctx, subject, delivery["msg_id"], attempt, waited, bound)
+    # The key's share first, then the host's: both free or neither held (a busy one puts the attempt back).
+    shares = [(ctx.key_limiter, subject.owner, "key"), (ctx.limiter, host_key(subject.url), "host")]
+    held: list[tuple[HostLimiter, str]] = []
     try:
+        for limiter, name, scope in shares:
+            if limiter is None:
+                continue
+            if not limiter.try_acquire(name):
+                return _wait_for_slot(ctx, subject, delivery["msg_id"], attempt, waited, scope, bound)
+            held.append((limiter, name))
         return _send(ctx, subject, delivery, attempt, bound)
     finally:
-        if ctx.limiter is not None:
-            ctx.limiter.release(host)
+        for limiter, name in held:
+            limiter.release(name)
 
 
 def _already_done(delivery: dict[str, Any], attempt: int) -> bool:
@@ -270,13 +283,13 @@ def _already_done(delivery: dict[str, Any], attempt: int) -> bool:
 _HOST_WAIT_MAX_S = 15.0
 
 
-def _wait_for_host(
-    ctx: DeliveryContext, subject: Subject, msg_id: str, attempt: int, waited: int, bound: Any
+def _wait_for_slot(
+    ctx: DeliveryContext, subject: Subject, msg_id: str, attempt: int, waited: int, scope: str, bound: Any
 ) -> str:
     """Put the attempt back on the queue a little later: the receiver's host has ``per_host`` attempts in
-    flight. The wait doubles each time (from about a second) up to the attempt deadline — by then a slot
-    has surely come free — so a receiver with a long backlog costs a few requeues per attempt, not one a
-    second."""
+    flight (``scope`` ``host``), or the subject's API key has ``per_key`` (``key``). The wait doubles each
+    time (from about a second) up to the attempt deadline — by then a slot has surely come free — so a
+    receiver or key with a long backlog costs a few requeues per attempt, not one a second."""
     ceiling = min(float(2 ** min(waited, 10)), ctx.deadline_s or _HOST_WAIT_MAX_S)
     delay = max(1.0, ceiling * (0.75 + 0.5 * ctx.rand()))
     enqueue_attempt(
@@ -289,7 +302,7 @@ def _wait_for_host(
         task=subject.task,
         waited=waited + 1,
     )
-    bound.info("webhook.waiting_for_host", waited=waited + 1, next_in_s=round(delay, 3))
+    bound.info(f"webhook.waiting_for_{scope}", waited=waited + 1, next_in_s=round(delay, 3))
     return WAITING
 
 

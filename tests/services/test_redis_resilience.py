@@ -3,8 +3,13 @@ is tests/api/test_redis_outage.py)."""
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import redis as redis_lib
@@ -117,3 +122,53 @@ def test_a_stop_request_and_the_teardown_during_an_outage_raise_nothing(
             signal.signal(sig, handler)
     assert worker.stopped_on_request
     worker.teardown()  # the worker's key expires by itself
+
+
+# A process that holds a Redis connection, forks a child (as the worker forks its scheduler) that closes
+# what it inherited unless told not to, then waits in a blocking dequeue on that connection.
+_FORKS_THEN_DEQUEUES = """
+import os, sys, time
+import redis
+from services.rq_workers import _close_inherited_redis_connections
+connection = redis.Redis.from_url(sys.argv[1])
+connection.ping()
+child = os.fork()
+if child == 0:
+    if sys.argv[2] == "close":
+        _close_inherited_redis_connections()
+    time.sleep(30)
+    os._exit(0)
+print(child, flush=True)
+connection.blpop(["probe"], timeout=0)
+"""
+
+
+def test_a_forked_child_does_not_keep_a_killed_workers_dequeue_alive(redis_url: str) -> None:
+    """Why a webhook attempt once vanished from its queue in a long test run: a webhook worker killed
+    while waiting in its dequeue left that socket open in its scheduler child, so Redis handed the next
+    job on the queue to a dead process. The scheduler now closes the connections it inherited (without
+    that call — ``keep`` — the pushed job is taken and this test fails)."""
+    client = redis_lib.Redis.from_url(redis_url)
+    process = subprocess.Popen(
+        [sys.executable, "-c", _FORKS_THEN_DEQUEUES, redis_url, "close"],
+        cwd=Path(__file__).resolve().parents[2],
+        stdout=subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    child = int(process.stdout.readline())
+    try:
+        blocked = lambda: client.info("clients")["blocked_clients"]  # noqa: E731
+        deadline = time.monotonic() + 10
+        while blocked() == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert blocked() == 1
+        process.kill()
+        process.wait(timeout=10)
+        deadline = time.monotonic() + 2
+        while blocked() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        client.rpush("probe", "job")
+        assert client.llen("probe") == 1  # not taken by a dequeue nobody will ever read
+    finally:
+        os.kill(child, signal.SIGKILL)
+        client.close()

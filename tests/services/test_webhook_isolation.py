@@ -6,6 +6,8 @@ sockets (``slow_receiver``) that never answer or trickle one header line at a ti
   (lateness = received − event, p50/p99 printed), and each of A's receivers holds at most its share.
 - A trickling answer is cut at the attempt deadline, recorded as an attempt with its error, and retried.
 - One host gets exactly ``DARKROOM_WEBHOOK_PER_HOST`` attempts at once, never more.
+- One API key with many misbehaving hosts holds at most ``DARKROOM_WEBHOOK_PER_KEY`` attempts at once,
+  so another key's webhooks still arrive on time.
 - An attempt whose process was killed mid-request is recorded and retried once RQ finds its task abandoned.
 
 Timing bounds are sanity bounds (seconds); ``bench/isolation_webhooks.py`` measures under more load.
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from typing import Literal
 
 from rq.registry import ScheduledJobRegistry, StartedJobRegistry
 
@@ -25,7 +28,7 @@ from services.settings import Settings
 from services.storage import FileStorage
 from services.webhooks.scheduling import task_job_id
 from tests.fixtures.http_receiver import HttpReceiver
-from tests.fixtures.slow_receiver import SlowReceiver
+from tests.fixtures.slow_receiver import InFlight, SlowReceiver
 from tests.services import test_webhook_worker as worker_tests
 from tests.services.test_webhook_tasks import create_job
 from tests.services.test_webhook_worker import StartWorker, delivery_state, stop, wait_until, worker_env
@@ -85,6 +88,57 @@ def test_hanging_and_trickling_receivers_do_not_delay_another_tenants_webhooks(
     )
     assert p99 < 2.0, lateness  # sanity bound: before, B waited behind A's attempts (tens of seconds)
     assert held[0] <= 2 and held[1] <= 2, held
+
+
+def test_one_key_with_many_bad_hosts_holds_only_its_share_and_another_keys_webhooks_stay_on_time(
+    settings: Settings,
+    clients: ServiceClients,
+    storage: FileStorage,
+    webhook_receiver: HttpReceiver,
+    start_worker: StartWorker,
+) -> None:
+    """Key A's 8 hosts x per-host share 2 = 16 attempts would fill all 8 slots; its share is 3."""
+    env = worker_env(
+        settings,
+        DARKROOM_WEBHOOK_CONCURRENCY="8",
+        DARKROOM_WEBHOOK_PER_HOST="2",
+        DARKROOM_WEBHOOK_PER_KEY="3",
+        DARKROOM_WEBHOOK_ATTEMPT_DEADLINE="PT3S",
+        DARKROOM_WEBHOOK_MAX_ATTEMPTS="2",
+    )
+    group = InFlight()
+    modes: list[Literal["hang", "trickle"]] = ["hang", "trickle"] * 4
+    receivers = [SlowReceiver(mode, interval_s=0.3, group=group).start() for mode in modes]
+    try:
+        worker = start_worker(env=env)
+        create_job(clients, storage, webhook_receiver.url, owner="key-b")  # the worker is up once it lands
+        webhook_receiver.wait_for(1, timeout=20)
+
+        for _ in range(3):  # key A: a batch's worth of events for each of its misbehaving hosts
+            for receiver in receivers:
+                create_job(clients, storage, receiver.url, owner="key-a")
+        wait_until(lambda: group.current >= 3, timeout=10, what="key A's attempts in flight")
+
+        created: dict[str, float] = {}
+        for _ in range(10):  # key B
+            created[create_job(clients, storage, webhook_receiver.url, owner="key-b")] = time.monotonic()
+        received = webhook_receiver.wait_for(11, timeout=30)[1:]
+        lateness = [r.received_at - created[json.loads(r.body)["data"]["id"]] for r in received]
+        a_in_flight_then = group.current
+        assert stop(worker) == 0
+    finally:
+        for receiver in receivers:
+            receiver.close()
+
+    p50, p99 = statistics.median(lateness), percentile(lateness, 0.99)
+    print(
+        f"\nkey A with 8 hanging/trickling hosts (share 3 of 8 slots): key B's webhook lateness p50 "
+        f"{p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms (n={len(lateness)}); key A held at most {group.max} "
+        f"attempts at once ({a_in_flight_then} when B's had all arrived), "
+        f"{sum(r.accepted for r in receivers)} connections in all"
+    )
+    assert group.max <= 3, group.max  # never more than its share, however many hosts
+    assert p99 < 2.0, lateness  # sanity bound: without the share B waited for A's deadlines (3 s each)
 
 
 def test_a_trickling_answer_is_cut_at_the_deadline_recorded_and_retried(

@@ -64,11 +64,12 @@ def create_job(
     *,
     events: Sequence[str] = ("completed",),
     status: JobStatus = JobStatus.SUCCEEDED,
+    owner: str = "anonymous",
 ) -> str:
-    """A job moved to ``status`` by the real lifecycle, as the API and a GPU worker would (its events are
-    in the outbox); a succeeded job gets one stored image."""
+    """A job of API key ``owner`` moved to ``status`` by the real lifecycle, as the API and a GPU worker
+    would (its events are in the outbox); a succeeded job gets one stored image."""
     webhook = {"url": webhook_url, "events": list(events)} if webhook_url else None
-    record = queued_job(clients.redis, webhook=webhook)
+    record = queued_job(clients.redis, webhook=webhook, owner=owner)
     lifecycle = clients.lifecycle
     if status is JobStatus.CANCELED:
         assert lifecycle.cancel_queued(record.id, "canceled while queued").applied
