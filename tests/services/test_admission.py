@@ -282,6 +282,8 @@ def test_the_largest_batch_allowed_never_holds_redis_for_long(redis_url: str) ->
     connection.config_set("slowlog-log-slower-than", 0)
     connection.config_set("slowlog-max-len", 100_000)
     connection.slowlog_reset()
+    connection.execute_command("MEMORY", "PURGE")
+    before = int(connection.info("memory")["used_memory"])
     try:
         admission = _run(
             redis_url,
@@ -293,6 +295,14 @@ def test_the_largest_batch_allowed_never_holds_redis_for_long(redis_url: str) ->
     assert admission.outcome == "queued" and len(queue.job_ids) == 1000
     print(f"\nlargest batch (1,000 × 7,876-byte prompts): longest Redis command {longest:.1f} ms")
     assert longest < 50, f"admission held Redis for {longest:.1f} ms"
+    # Per item: the request (8,058 bytes of JSON) in the job hash, plus the event stream (1.2 KB with
+    # the shipped stream-node-max-bytes 1024; 4.3 KB at Redis's default), RQ's hash (1.9 KB), list and
+    # share entries. 15.6 KB before; ~12.5 KB now.
+    connection.slowlog_reset()
+    connection.execute_command("MEMORY", "PURGE")
+    per_item = (int(connection.info("memory")["used_memory"]) - before) / 1000
+    print(f"Redis bytes per item {per_item:.0f}")
+    assert per_item < 8058 + 5000
     assert not connection.keys("darkroom:staging:*")
     stored = JobStore(connection, timedelta(days=1)).get(items[-1].id)
     assert stored is not None and stored.request["prompt"] == BIG_PROMPT
