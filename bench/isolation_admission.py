@@ -3,7 +3,9 @@
 One API process (uvicorn, its own process) on a private Redis, two API keys. For each case key A runs the
 attack from threads while key B submits and reads; B's GET and POST latencies (p50/p99) and its 5xx are
 recorded with the attack off and on, and A's answers are counted. Case 4 measures Redis bytes per batch
-item (``INFO memory`` before/after a 1,000-item batch) and what a 10,000-emoji ``count: 1000`` batch gets.
+item (``INFO memory`` before/after the largest batch allowed: 1,000 items, just under 8 MiB), how long
+that batch's admission holds Redis (worst PING beside it, longest SLOWLOG entry), and what a 10,000-emoji
+``count: 1000`` batch gets.
 
     python -m bench.isolation_admission [--seconds 15] [--attackers 4]
 
@@ -160,11 +162,32 @@ def run(seconds: float, attackers: int) -> dict[str, Any]:
             # Case 4: bytes per batch item, and the amplifying batch.
             conn.execute_command("MEMORY", "PURGE")
             before = int(conn.info("memory")["used_memory"])
+            # The largest batch allowed (just under 8 MiB of requests): how long does it hold Redis? Worst
+            # PING of a client looping beside it, and the longest command Redis logged.
+            worst_ping = [0.0]
+            stop = threading.Event()
+
+            def pinger() -> None:
+                client = redis.Redis.from_url(server.url)
+                while not stop.is_set():
+                    sent = time.perf_counter()
+                    client.ping()
+                    worst_ping[0] = max(worst_ping[0], time.perf_counter() - sent)
+
+            conn.config_set("slowlog-log-slower-than", 0)
+            conn.config_set("slowlog-max-len", 100_000)
+            conn.slowlog_reset()
+            pinging = threading.Thread(target=pinger, daemon=True)
+            pinging.start()
             with _client(url, BOB) as bob:
-                prompt = "\U0001f600" * 500
+                prompt = "\U0001f600" * 1969  # 7,876 bytes: 1,000 items store just under 8 MiB
                 started = time.perf_counter()
                 ok = bob.post("/v1/batches", json={"template": {**BODY, "prompt": prompt}, "count": 1000})
                 admit_s = time.perf_counter() - started
+                stop.set()
+                pinging.join()
+                longest_ms = max(e["duration"] for e in conn.slowlog_get(100_000)) / 1000
+                conn.config_set("slowlog-log-slower-than", 10_000)
                 time.sleep(3)  # Redis shrinks the idle client's query buffer (clientsCron)
                 after = int(conn.info("memory")["used_memory"])
                 huge = bob.post(
@@ -176,6 +199,8 @@ def run(seconds: float, attackers: int) -> dict[str, Any]:
                 "prompt_utf8_bytes": len(prompt.encode()),
                 "bytes_per_item": (after - before) / 1000,
                 "admit_ms": admit_s * 1000,
+                "worst_ping_ms_during_admission": worst_ping[0] * 1000,
+                "longest_redis_command_ms": longest_ms,
                 "emoji_10k_count_1000_status": huge.status_code,
                 "emoji_10k_count_1000_code": huge.json().get("code"),
             }

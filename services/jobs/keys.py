@@ -18,6 +18,10 @@ Per API key and queue:
 - ``darkroom:queued-of:{owner}:{queue key}``  sorted set: the key's job ids waiting on that queue, by
   admission time (ms): its share of the queue's ceiling (``DARKROOM_QUEUE_SHARE_PER_KEY``)
 
+While a batch is being admitted (``services.admission.BatchAdmitter``; expire after a few minutes):
+- ``darkroom:staging:{batch id}:{job id}``  an item's job hash, its ``:events`` and its ``:rq`` (RQ's job
+  hash), written before the admission script, which renames them into place or leaves them to be deleted
+
 Shared:
 - ``darkroom:jobs:running``  set of job hash keys whose status is running (what lost-job recovery scans)
 - ``darkroom:outbox``        stream: the webhook events status changes caused, consumed by the webhook
@@ -35,6 +39,7 @@ OUTBOX = "darkroom:outbox"
 OUTBOX_GROUP = "darkroom:outbox:dispatch"
 _OWNER_BATCHES_PREFIX = "darkroom:batches-of:"
 _QUEUED_OF_PREFIX = "darkroom:queued-of:"
+_STAGING_PREFIX = "darkroom:staging:"
 
 
 # The ids we mint (``records.new_job_id``, ``batches.new_batch_id``). An id from a URL is checked against its
@@ -89,3 +94,9 @@ def queued_of_key(owner: str, queue_key: str) -> str:
     """Sorted set of the job ids an API key has waiting on one queue (score: admission time, ms): its share
     of that queue's ceiling. Admission adds, the lifecycle removes (the job hash names it: ``queued_in``)."""
     return f"{_QUEUED_OF_PREFIX}{owner}:{queue_key}"
+
+
+def staging_prefix(batch_id: str) -> str:
+    """What a batch's staged item keys start with: ``prefix .. job id`` (the job hash), ``.. ':events'``,
+    ``.. ':rq'``. Nothing reads them but the batch admission script."""
+    return f"{_STAGING_PREFIX}{batch_id}:"

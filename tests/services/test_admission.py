@@ -14,7 +14,7 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from schemas.jobs import JobStatus
-from services.admission import Admission, Admitter, BatchAdmitter, IdempotencyClaim
+from services.admission import Admission, Admitter, BatchAdmitter, IdempotencyClaim, StagingLost
 from services.jobs import JobRecord, JobStore, Lifecycle, new_job_id, utcnow
 from services.jobs.batches import BatchRecord, new_batch_id
 from services.queue import batch_queue, generation_queue
@@ -255,3 +255,106 @@ def test_a_batch_is_admitted_whole_or_not_at_all_with_one_token_and_replays(redi
     assert connection.hget(f"darkroom:batch:{third.id}", "completed_at") is not None
     again = lifecycle.cancel_queued(third_items[1].id, "canceled")
     assert not again.applied and again.batch_done is None
+
+
+# --- the largest batch allowed (issue #16, case 4): how long it holds Redis, and all or nothing ------------
+
+#: Just under DARKROOM_MAX_BATCH_STORED_BYTES (8 MiB): 1,000 items of 1,969 emoji (7,876 bytes as UTF-8).
+BIG_PROMPT = "\U0001f600" * 1969
+
+
+def _big_batch(n: int = 1000) -> tuple[BatchRecord, list[JobRecord]]:
+    batch, items = _batch(n)
+    for item in items:
+        item.request["prompt"] = BIG_PROMPT
+    return batch, items
+
+
+def test_the_largest_batch_allowed_never_holds_redis_for_long(redis_url: str) -> None:
+    """One script writing 8 MB of items held every other client for ~100 ms; staged, the script only
+    renames and queues (~10 ms here). Measured as Redis measures itself: the longest command in SLOWLOG
+    while the batch is admitted (a PING loop beside it says the same, with the machine's noise added)."""
+    batch, items = _big_batch()
+    settings = Settings(auth_disabled=True, queue_share_per_key=1)
+    connection = redis_lib.Redis.from_url(redis_url)
+    connection.flushdb()
+    queue = batch_queue(connection, settings)
+    connection.config_set("slowlog-log-slower-than", 0)
+    connection.config_set("slowlog-max-len", 100_000)
+    connection.slowlog_reset()
+    connection.execute_command("MEMORY", "PURGE")
+    before = int(connection.info("memory")["used_memory"])
+    try:
+        admission = _run(
+            redis_url,
+            lambda client: BatchAdmitter(client, queue, settings, None).admit(batch, items, "alice"),
+        )
+        longest = max(entry["duration"] for entry in connection.slowlog_get(100_000)) / 1000
+    finally:
+        connection.config_set("slowlog-log-slower-than", 10_000)
+    assert admission.outcome == "queued" and len(queue.job_ids) == 1000
+    print(f"\nlargest batch (1,000 × 7,876-byte prompts): longest Redis command {longest:.1f} ms")
+    assert longest < 50, f"admission held Redis for {longest:.1f} ms"
+    # Per item: the request (8,058 bytes of JSON) in the job hash, plus the event stream (1.2 KB with
+    # the shipped stream-node-max-bytes 1024; 4.3 KB at Redis's default), RQ's hash (1.9 KB), list and
+    # share entries. 15.6 KB before; ~12.5 KB now.
+    connection.slowlog_reset()
+    connection.execute_command("MEMORY", "PURGE")
+    per_item = (int(connection.info("memory")["used_memory"]) - before) / 1000
+    print(f"Redis bytes per item {per_item:.0f}")
+    assert per_item < 8058 + 5000
+    assert not connection.keys("darkroom:staging:*")
+    stored = JobStore(connection, timedelta(days=1)).get(items[-1].id)
+    assert stored is not None and stored.request["prompt"] == BIG_PROMPT
+    assert connection.ttl(f"darkroom:job:{items[-1].id}") > 3000
+    assert connection.ttl(f"darkroom:job:{items[-1].id}:events") > 3000
+    assert connection.ttl(f"rq:job:{items[-1].id}") == -1  # as Queue.enqueue leaves it
+
+
+def test_a_refused_big_batch_leaves_nothing_behind(redis_url: str) -> None:
+    """Refused after its items were staged (the token bucket says no): no record, no event stream, no RQ
+    job, nothing queued, no share held, no staging left; and a batch whose staging expired before the
+    script ran is not admitted either."""
+    connection = redis_lib.Redis.from_url(redis_url)
+    connection.flushdb()
+    settings = Settings(auth_disabled=True, queue_share_per_key=1)
+    queue = batch_queue(connection, settings)
+    batch, items = _big_batch(200)
+    lost, lost_items = _batch(3)
+
+    async def body(client: aredis.Redis) -> Admission:
+        refused = await BatchAdmitter(client, queue, settings, RateLimit(per_minute=60, burst=10)).admit(
+            batch, items, "alice", cost=11
+        )
+        admitter = BatchAdmitter(client, queue, settings, None)
+        stage = admitter._stage
+
+        async def stage_then_expire(
+            prefix: str, batch: BatchRecord, items: list[JobRecord], share_key: str
+        ) -> None:
+            await stage(prefix, batch, items, share_key)
+            await client.delete(f"{prefix}{lost_items[1].id}:rq")  # as if its TTL ran out
+
+        admitter._stage = stage_then_expire  # type: ignore[method-assign]
+        try:
+            await admitter.admit(lost, lost_items, "alice")
+        except StagingLost:
+            pass
+        else:
+            raise AssertionError("a batch with expired staging was admitted")
+        return refused
+
+    refused = _run(redis_url, body)
+    assert refused.outcome == "rate_limited"
+    every = [i.id for i in items + lost_items]
+    assert not connection.exists(
+        *(f"darkroom:job:{i}" for i in every),
+        *(f"darkroom:job:{i}:events" for i in every),
+        *(f"rq:job:{i}" for i in every),
+        f"darkroom:batch:{batch.id}",
+        f"darkroom:batch:{lost.id}",
+    )
+    assert queue.job_ids == [] and not connection.keys("darkroom:staging:*")
+    assert not connection.keys("darkroom:queued-of:*") or not connection.zcard(
+        connection.keys("darkroom:queued-of:*")[0]
+    )
