@@ -43,13 +43,6 @@ def render_batch(
     """``statuses``: every item's status, in order (None for an expired item record)."""
     counted = Counter(status for status in statuses if status is not None)
     counts = BatchCounts(total=record.total, **{status.value: counted[status.value] for status in JobStatus})
-    webhook = None
-    if record.webhook:
-        webhook = BatchWebhookStatus(
-            url=record.webhook["url"],
-            events=record.webhook["events"],
-            deliveries=[WebhookDelivery.model_validate(d) for d in deliveries or []],
-        )
     return Batch(
         id=record.id,
         model=record.model,
@@ -60,7 +53,20 @@ def render_batch(
         counts=counts,
         items=items,
         next_offset=next_offset,
-        webhook=webhook,
+        webhook=_webhook_status(record, deliveries),
+    )
+
+
+def _webhook_status(
+    record: BatchRecord, deliveries: list[dict[str, Any]] | None
+) -> BatchWebhookStatus | None:
+    """The batch's webhook and its ``batch.completed`` delivery records, as both views show them."""
+    if not record.webhook:
+        return None
+    return BatchWebhookStatus(
+        url=record.webhook["url"],
+        events=record.webhook["events"],
+        deliveries=[WebhookDelivery.model_validate(d) for d in deliveries or []],
     )
 
 
@@ -76,13 +82,6 @@ def render_batch_summary(record: BatchRecord, deliveries: list[dict[str, Any]] |
         status = BatchStatus.CANCELED if record.cancel_requested else BatchStatus.COMPLETED
     else:
         status = BatchStatus.QUEUED if queued == record.total else BatchStatus.RUNNING
-    webhook = None
-    if record.webhook:
-        webhook = BatchWebhookStatus(
-            url=record.webhook["url"],
-            events=record.webhook["events"],
-            deliveries=[WebhookDelivery.model_validate(d) for d in deliveries or []],
-        )
     return Batch(
         id=record.id,
         model=record.model,
@@ -91,7 +90,7 @@ def render_batch_summary(record: BatchRecord, deliveries: list[dict[str, Any]] |
         completed_at=record.completed_at,
         cancel_requested=record.cancel_requested,
         counts=counts,
-        webhook=webhook,
+        webhook=_webhook_status(record, deliveries),
     )
 
 
