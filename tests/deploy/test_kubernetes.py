@@ -361,11 +361,51 @@ def test_scaled_object_counts_queued_and_running_jobs(rendered: Rendered) -> Non
     if namespace:
         for selector in selectors(query):
             assert ("namespace", "=", namespace) in selector.matchers, f"{rendered.name}: {selector}"
+    # KEDA's activation step (0 <-> 1 replica) wakes the fleet on one queued or running job.
+    assert metadata["activationThreshold"] == "0"
     behavior = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
-    down = behavior["scaleDown"]
-    assert down["stabilizationWindowSeconds"] >= 300
-    assert all(p["type"] == "Pods" and p["value"] == 1 and p["periodSeconds"] >= 60 for p in down["policies"])
-    assert down.get("selectPolicy") == "Min"
+    up, down = behavior["scaleUp"], behavior["scaleDown"]
+    # Up at least by doubling every 15 s: a backlog waits for one pod start, not for the autoscaler.
+    assert up["stabilizationWindowSeconds"] == 0
+    assert up["selectPolicy"] == "Max"
+    assert {"type": "Percent", "value": 100, "periodSeconds": 15} in up["policies"]
+    # Down only after 10 minutes of lower demand, and never more than 10 % of the pods a minute.
+    assert down["stabilizationWindowSeconds"] >= 600
+    for policy in down["policies"]:
+        assert policy["periodSeconds"] >= 60
+        assert (policy["type"], policy["value"]) in {("Pods", 1), ("Percent", 10)}, policy
+    # The fallback (Prometheus unreachable) holds at least the warm floor.
+    assert spec["minReplicaCount"] <= spec["fallback"]["replicas"] <= spec["maxReplicaCount"]
+
+
+def test_base_worker_scaling_suits_a_few_gpus() -> None:
+    """The base is for a handful of GPUs: one warm, a few at most, one pod removed per 5 minutes."""
+    spec = _render("base").get("ScaledObject", "darkroom-worker")["spec"]
+    assert (spec["minReplicaCount"], spec["maxReplicaCount"]) == (1, 4)
+    down = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
+    assert down["policies"] == [{"type": "Pods", "value": 1, "periodSeconds": 300}]
+
+
+def test_production_worker_scaling_is_the_simulated_fleet_policy() -> None:
+    """The production overlay ships what bench/fleet_sim.py's `keda-remedy` simulates, field for field."""
+    from bench.fleet_sim import autoscalers
+
+    spec = _render("overlays/production").get("ScaledObject", "darkroom-worker")["spec"]
+    remedy = autoscalers(spec["maxReplicaCount"])["keda-remedy"]
+    assert spec["minReplicaCount"] == remedy.min_replicas
+    assert spec["maxReplicaCount"] == remedy.max_replicas
+    assert spec["pollingInterval"] == remedy.polling_s
+    behavior = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+    up, down = behavior["scaleUp"], behavior["scaleDown"]
+    assert sorted(up["policies"], key=lambda p: p["type"]) == [
+        {"type": "Percent", "value": round(remedy.up_percent * 100), "periodSeconds": remedy.up_period_s},
+        {"type": "Pods", "value": remedy.up_pods, "periodSeconds": remedy.up_period_s},
+    ]
+    assert down["stabilizationWindowSeconds"] == remedy.down_window_s
+    assert down["policies"] == [
+        {"type": "Percent", "value": round(remedy.down_percent * 100), "periodSeconds": remedy.down_period_s}
+    ]
+    assert remedy.down_pods == 0
 
 
 def test_worker_rollout_fits_the_gpu_budget() -> None:
