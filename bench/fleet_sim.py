@@ -161,6 +161,15 @@ class Costs:
                 for key, size in redis["memory_per_job"]["keys"].items()
             ),
         }
+        # The fleet design keeps the same keys while a job is live (minus RQ's result, which it drops) and
+        # the job hash + events until the trim: today's sizes of those keys, until the archive stream
+        # measures its own (a trimmed record can only be smaller).
+        sizes = redis["memory_per_job"]["keys"]
+        record = sum(size for key, size in sizes.items() if key.startswith("darkroom:job:"))
+        rq_job = sum(size for key, size in sizes.items() if key.startswith("rq:job:"))
+        if record:
+            values["memory_bytes_per_live_job"] = record + rq_job
+            values["memory_bytes_per_finished_job"] = record
         if "job_with_webhook" in redis:
             values["redis_cpu_ms_per_delivery_shipped"] = max(
                 0.0, redis["job_with_webhook"]["net"]["cpu_ms"] - redis["job"]["net"]["cpu_ms"]

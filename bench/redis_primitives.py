@@ -19,17 +19,22 @@ the idle server's own background over the same wall time; the time inside comman
 - ``lease_pass_script_*``: one ``EVALSHA`` of a pass shaped like the new design's (read the lease; if ours,
   extend it and read the stale end of the running ZSET ``LIMIT 0 100``; if another's, stop): the
   non-holder's call every worker makes each heartbeat, and the holder's pass on 1,000 and 10,000 running;
-- ``zset_bytes_per_member``: ``MEMORY USAGE`` of the 10,000-member running ZSET per member.
+- ``zset_bytes_per_member``: ``MEMORY USAGE`` of the 10,000-member running ZSET per member;
+- ``lost_job_requeue``: what recovering one lost job costs with the shipped ``Lifecycle.requeue`` (the
+  transition both designs' recovery asks for): a ``recover_lost_jobs`` pass that reads and requeues 100
+  lost jobs, minus the next pass (nothing running any more: an empty read), per job. Jobs are written as
+  the test fixtures write them (job hash, RQ job, claimed through the lifecycle).
 
 Results: ``bench/results/redis-primitives.json``. Its ``fleet_sim_inputs`` object is read by
 ``bench.fleet_sim`` (see its docstring): per heartbeat ZADD, per position read, per lease try (the
-non-holder's script call) and per recovery pass (the holder's, 10,000 running, nothing stale). The cost
-per lost job needs the lifecycle's requeue and is left to the recovery stream's measurement.
+non-holder's script call), per recovery pass (the holder's, 10,000 running, nothing stale) and per lost
+job.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import tempfile
 import time
@@ -38,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
+import structlog
 
 from bench.common import machine_facts, write_results
 from devtools.redis_server import RedisServer
@@ -120,6 +126,55 @@ def fill_running(client: redis.Redis, members: int, stale: int) -> None:
         client.zadd(RUNNING, scores)
 
 
+def lost_job_requeue(url: str, lost: int = 100) -> dict[str, Any]:
+    """Redis CPU to recover one lost job (read it, requeue it at the front through the lifecycle)."""
+    from datetime import timedelta
+    from typing import cast
+
+    from rq import Queue
+    from rq.serializers import JSONSerializer
+
+    from schemas.generation import GenerationRequest
+    from schemas.jobs import JobStatus
+    from services.jobs import JobRecord, JobStore, Lifecycle, encode_fields, job_key, new_job_id, utcnow
+    from services.jobs.recovery import recover_lost_jobs
+    from services.rq_records import GENERATION_TASK
+
+    client = redis.Redis.from_url(url)
+    client.flushall()
+    retention = timedelta(days=1)
+    store, lifecycle = JobStore(client, retention), Lifecycle(client, retention)
+    queue = Queue("darkroom", connection=client, serializer=JSONSerializer)
+    request = (
+        GenerationRequest(prompt="x", seed=1).normalized().model_dump(mode="json", exclude={"init_image"})
+    )
+    silent = utcnow() - timedelta(minutes=5)
+    for _ in range(lost):
+        record = JobRecord(id=new_job_id(), status=JobStatus.QUEUED, created_at=silent, request=request)
+        client.hset(job_key(record.id), mapping=cast(Any, encode_fields(record.creation_fields())))
+        queue.enqueue(GENERATION_TASK, record.id, job_id=record.id)
+        client.lrem(queue.key, 0, record.id)  # dequeued by a worker that then died
+        assert lifecycle.claim(record, "darkroom-dead-1", at=silent).applied
+
+    def one_pass() -> tuple[float, int]:
+        before = cpu_s(client)
+        done = recover_lost_jobs(store, lifecycle, queue, lost_after=timedelta(seconds=30), max_attempts=3)
+        return cpu_s(client) - before, len(done)
+
+    with_lost, requeued = one_pass()
+    # The same jobs are queued again, out of the running set: the next passes find nothing to read.
+    reading = sorted(one_pass()[0] for _ in range(3))[1]
+    client.flushall()
+    client.close()
+    return {
+        "lost": lost,
+        "requeued": requeued,
+        "cpu_us_per_call": round(max(0.0, with_lost - reading) * 1e6 / max(requeued, 1), 2),
+        "pass_cpu_ms_with_lost": round(with_lost * 1e3, 3),
+        "pass_cpu_ms_empty": round(reading * 1e3, 3),
+    }
+
+
 def run(calls: int, idle_s: float = 2.0) -> dict[str, Any]:
     with (
         tempfile.TemporaryDirectory(prefix="darkroom-primitives-") as tmp,
@@ -197,6 +252,7 @@ def run(calls: int, idle_s: float = 2.0) -> dict[str, Any]:
 
         out["position_two_gets"] = measure(client, position, calls, idle)
         client.close()
+        out["lost_job_requeue"] = lost_job_requeue(server.url)
     return {"redis_version": version, "idle_cpu_us_per_s": round(idle * 1e6, 1), "primitives": out}
 
 
@@ -207,6 +263,7 @@ def fleet_sim_inputs(primitives: dict[str, Any]) -> dict[str, float]:
         "redis_us_per_position_read": primitives["position_two_gets"]["cpu_us_per_call"],
         "redis_us_per_lease_try": primitives["lease_pass_script_non_holder"]["cpu_us_per_call"],
         "redis_us_per_recovery_pass": primitives["lease_pass_script_holder_10000"]["cpu_us_per_call"],
+        "redis_us_per_lost_job": primitives["lost_job_requeue"]["cpu_us_per_call"],
     }
 
 
@@ -217,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=20_000, help="calls per primitive")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
+    # The recovery pass logs every requeue (a warning each): not what this report is about.
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
     measured = run(args.calls)
     results = {
         "machine": machine_facts(),

@@ -28,7 +28,11 @@ def test_primitives_are_measured_and_feed_the_fleet_sim() -> None:
     assert primitives["zrangebyscore_10000_stale_100"]["command_usec_per_call"] > 0
     # A ZSET member (job key + score) costs bytes, not kilobytes.
     assert 50 < primitives["zset_bytes_per_member"] < 500
+    # Recovering a lost job (read + lifecycle requeue) is measured with the shipped lifecycle.
+    assert primitives["lost_job_requeue"]["requeued"] == primitives["lost_job_requeue"]["lost"] == 100
+    assert primitives["lost_job_requeue"]["cpu_us_per_call"] > 0
     inputs = fleet_sim_inputs(primitives)
+    assert "redis_us_per_lost_job" in inputs
     costs = Costs()
     costs.apply(inputs, "test")
     assert all(costs.origin(name) == "test" for name in inputs)
