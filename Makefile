@@ -117,9 +117,11 @@ check-deploy: install
 constraints: install
 	$(BIN)/python deploy/docker/freeze_constraints.py > deploy/docker/constraints.txt
 
-## CPU benchmarks (service overhead, API load, Redis cost) and the fleet simulation; see BENCHMARKS.md.
+## CPU benchmarks (service overhead, API load, Redis cost, the fleet design's Redis primitives) and the
+## fleet simulation of both designs; see BENCHMARKS.md.
 bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m bench.service --wait-quiet 1.2
+	$(BIN)/python -m bench.redis_primitives
 	$(BIN)/python -m bench.fleet_sim
 
 ## The GPU benchmark (full-size SD3.5-M architecture, random weights) on a CUDA machine.

@@ -299,6 +299,8 @@ class Autoscaler:
 
 
 def autoscalers(workers: int) -> dict[str, Autoscaler]:
+    """The three ways of sizing the fleet. ``keda-remedy`` is what deploy/k8s/overlays/production ships
+    (tests/deploy checks the two field for field); ``keda-shipped`` is the base ScaledObject before it."""
     return {
         "fixed": Autoscaler("fixed", workers, workers, fixed=True),
         "keda-shipped": Autoscaler("keda-shipped", 1, workers),
