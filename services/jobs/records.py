@@ -24,6 +24,12 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def beat_ms(moment: datetime) -> str:
+    """``moment`` as whole milliseconds since the epoch: a job's score in the running set (its last sign
+    of life, on the clock of the worker that wrote ``heartbeat_at``), as the Lua scripts store it."""
+    return str(int(moment.timestamp() * 1000))
+
+
 @dataclass
 class JobRecord:
     """A job as stored: keys, not URLs. ``request`` is the normalised request without the init image."""
