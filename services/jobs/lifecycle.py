@@ -150,6 +150,27 @@ if queued_in then
     redis.call('ZREM', queued_in, ARGV[1])
   end
 end
+-- The queue's order (services.queue_order; records admitted before it name no hash): a claim advances the
+-- queue's highest claimed sequence number and its claim-gap EWMA (Redis's clock, gaps capped at a minute);
+-- a requeue, which puts the job at the front, gives it that number (next in line).
+local order = redis.call('HGET', KEYS[1], 'queue_order')
+if order and to == 'running' and current == 'queued' then
+  local seq = tonumber(redis.call('HGET', KEYS[1], 'queue_seq') or '0')
+  if seq > tonumber(redis.call('HGET', order, 'claimed') or '0') then
+    redis.call('HSET', order, 'claimed', seq)
+  end
+  local t = redis.call('TIME')
+  local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local last = tonumber(redis.call('HGET', order, 'claimed_at_ms') or '0')
+  if last > 0 then
+    local gap = math.min(math.max(now_ms - last, 0), 60000)
+    local ewma = tonumber(redis.call('HGET', order, 'gap_ms') or gap)
+    redis.call('HSET', order, 'gap_ms', string.format('%.1f', 0.9 * ewma + 0.1 * gap))
+  end
+  redis.call('HSET', order, 'claimed_at_ms', now_ms)
+elseif order and to == 'queued' and current ~= 'queued' then
+  redis.call('HSET', KEYS[1], 'queue_seq', redis.call('HGET', order, 'claimed') or 0)
+end
 -- A batch counts its running items too, so its counts are read from its hash alone (GET /v1/batches).
 local item_of = redis.call('HGET', KEYS[1], 'batch_id')
 if item_of and ((to == 'running') ~= (current == 'running')) then

@@ -55,6 +55,10 @@ class JobRecord:
     attempt: int = 1
     owner: str = "anonymous"  # the API key name that created the job; other keys get 404 for it
     batch_id: str | None = None  # the batch (POST /v1/batches) this job is an item of
+    # Its place in its queue's order (services.queue_order): the enqueue sequence number admission (or a
+    # requeue) gave it, and the hash of its queue's counters. None for records admitted before them.
+    queue_seq: int | None = None
+    queue_order: str | None = None
 
     def creation_fields(self) -> dict[str, Any]:
         """What a new job's hash starts with (the admission scripts, and tests that build jobs)."""
@@ -121,6 +125,8 @@ class JobRecord:
             attempt=int(data.get("attempt") or 1),
             owner=data.get("owner") or "anonymous",
             batch_id=data.get("batch_id") or None,
+            queue_seq=int(data["queue_seq"]) if data.get("queue_seq") else None,
+            queue_order=data.get("queue_order") or None,
         )
 
 
