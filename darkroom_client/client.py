@@ -234,8 +234,9 @@ class DarkroomClient:
         Follows the event stream, resuming after a dropped connection and falling back to polling when
         streaming keeps failing. While the job is queued it polls instead, because the queue position is
         computed on read and never streamed — every ``poll_interval`` seconds, or as much longer as the
-        server's ``Retry-After`` hint asks (it scales with the expected wait). ``on_progress`` gets the job each time its status, queue
-        position or step changes. Raises :class:`WaitTimeout` (the job keeps running) after ``timeout``.
+        server's ``Retry-After`` hint asks (it scales with the expected wait). ``on_progress`` gets the
+        job each time its status, queue position or step changes. Raises :class:`WaitTimeout` (the job
+        keeps running) after ``timeout``.
         """
         current = job if isinstance(job, Job) else self.get(job)
         return _Waiter(self, current, timeout, on_progress, poll_interval).run()
