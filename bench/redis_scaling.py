@@ -216,7 +216,7 @@ def queue_position(client: redis.Redis, url: str, depth: int, calls: int) -> dic
 def run(fleets: list[int], depths: list[int], reads: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as scratch, RedisServer(Path(scratch)) as server:
         client = redis.Redis.from_url(server.url)
-        version = cast(dict[str, Any], client.info("server"))["redis_version"]
+        version = client.info("server")["redis_version"]
         results = {
             "machine": {"platform": platform.platform(), "python": platform.python_version()},
             "redis_version": version,
