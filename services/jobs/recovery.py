@@ -71,6 +71,13 @@ local stale = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[3], 'LIMI
 return {1, redis.call('EXISTS', KEYS[3]), stale}
 """
 
+_DROP_IF_ENDED = """
+-- KEYS: 1 the running set, 2 a job hash. A member whose job is not running (nor there) leaves the set; a
+-- job claimed again meanwhile stays (its claim scored it afresh).
+if redis.call('HGET', KEYS[2], 'status') ~= 'running' then return redis.call('ZREM', KEYS[1], KEYS[2]) end
+return 0
+"""
+
 _RELEASE = """
 -- KEYS: 1 the lease; ARGV: 1 the caller's name. Let go of the lease only if we hold it.
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -201,7 +208,10 @@ def recover_lost_jobs(
             store.forget_running(job_id)
             done.append(Recovered(job_id, "dropped", 0))
             continue
-        if record.status is not JobStatus.RUNNING:  # it moved on since the read above
+        if record.status is not JobStatus.RUNNING:
+            # Moved on since the read above (its transition took it out of the set), or left behind by a
+            # migration that raced with its end: either way it must not take a place in every pass.
+            redis.register_script(_DROP_IF_ENDED)(keys=[RUNNING_SET, job_key(job_id)])
             continue
         last_sign_of_life = record.heartbeat_at or record.started_at or record.created_at
         if moment - last_sign_of_life < lost_after:

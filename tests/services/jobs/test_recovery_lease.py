@@ -176,3 +176,12 @@ def test_jobs_in_the_running_set_of_before_the_upgrade_are_migrated_and_recovere
     [done] = fleet.recover()
     assert (done.job_id, done.action) == (lost, "requeued")
     assert fleet.status(alive) is JobStatus.RUNNING
+
+
+def test_a_member_whose_job_is_no_longer_running_leaves_the_set(redis_url: str) -> None:
+    """A stray member (a migration that raced with the job's end) would take a place in every pass."""
+    fleet = Fleet(redis_url)
+    job_id = fleet.running_job(silent_for=60)
+    fleet.redis.hset(job_key(job_id), "status", "succeeded")  # ended without its transition: a stray
+    assert fleet.recover() == []
+    assert fleet.redis.zscore(RUNNING_SET, job_key(job_id)) is None
