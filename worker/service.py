@@ -15,6 +15,7 @@ process exits 1 so its supervisor restarts it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import socket
@@ -159,13 +160,13 @@ class RecoveryLoop:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop the loop and give the lease back, so another worker's next pass need not wait its ttl."""
         self._stop.set()
-        self._thread.join(timeout=5)
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
         if self.lease is not None:
-            try:
+            with contextlib.suppress(*REDIS_UNAVAILABLE):  # it expires by itself
                 self.lease.release()
-            except REDIS_UNAVAILABLE:  # it expires by itself
-                pass
 
 
 def worker_name() -> str:
