@@ -238,8 +238,10 @@ class DarkroomClient:
         job each time its status, queue position or step changes. Raises :class:`WaitTimeout` (the job
         keeps running) after ``timeout``.
         """
-        current = job if isinstance(job, Job) else self.get(job)
-        return _Waiter(self, current, timeout, on_progress, poll_interval).run()
+        current, hint = (job, None) if isinstance(job, Job) else self._get_polled(job)
+        waiter = _Waiter(self, current, timeout, on_progress, poll_interval)
+        waiter.hint = hint
+        return waiter.run()
 
     def download(
         self, image: ImageResult | str, path: str | os.PathLike[str], *, verify: bool = True
