@@ -26,6 +26,17 @@ _RETRY_AFTER = {
     "Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}
 }
 
+#: On a job that has not ended (202 of a submission, 200 of a read): when polling again is worth it.
+POLL_HINT = {
+    "Retry-After": {
+        "description": "While the job is queued or running: seconds until a poll is worth making (an "
+        "integer). Queued: the time its place in line takes at the queue's recent pace, 1 to 30. "
+        "Running: its remaining steps at its pace so far, 1 to 5. Absent once the job has ended. A "
+        "hint: reading sooner is allowed, it only costs a read.",
+        "schema": {"type": "integer", "minimum": 1, "maximum": 30},
+    }
+}
+
 # What each error status means on this API, with the codes a client can branch on.
 _MEANINGS: dict[int, tuple[str, dict[str, Any]]] = {
     401: (

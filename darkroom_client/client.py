@@ -118,6 +118,14 @@ def _parse_job(response: httpx.Response) -> Job:
     return Job.model_validate_json(response.content, context=NORMALIZED_CONTEXT)
 
 
+def _retry_after(response: httpx.Response) -> float | None:
+    """``Retry-After`` in its seconds form (what the API sends on a job still queued or running)."""
+    try:
+        return max(0.0, float(response.headers["retry-after"]))
+    except (KeyError, ValueError):
+        return None
+
+
 def _not_a_stream(response: httpx.Response) -> DarkroomError:
     content_type = response.headers.get("content-type", "none")
     problem = Problem(
@@ -186,7 +194,12 @@ class DarkroomClient:
 
     def get(self, job_id: str) -> Job:
         """The job now, with image URLs freshly signed (they expire: read again rather than store them)."""
-        return _parse_job(self._http.get(_job_path(job_id)))
+        return self._get_polled(job_id)[0]
+
+    def _get_polled(self, job_id: str) -> tuple[Job, float | None]:
+        """:meth:`get`, and the server's ``Retry-After`` hint for the next poll (seconds; None if absent)."""
+        response = self._http.get(_job_path(job_id))
+        return _parse_job(response), _retry_after(response)
 
     def cancel(self, job_id: str) -> Job:
         """Queued: canceled at once. Running: stops at the next denoising step (the job says so soon after).
@@ -220,11 +233,15 @@ class DarkroomClient:
 
         Follows the event stream, resuming after a dropped connection and falling back to polling when
         streaming keeps failing. While the job is queued it polls instead, because the queue position is
-        computed on read and never streamed. ``on_progress`` gets the job each time its status, queue
-        position or step changes. Raises :class:`WaitTimeout` (the job keeps running) after ``timeout``.
+        computed on read and never streamed — every ``poll_interval`` seconds, or as much longer as the
+        server's ``Retry-After`` hint asks (it scales with the expected wait). ``on_progress`` gets the
+        job each time its status, queue position or step changes. Raises :class:`WaitTimeout` (the job
+        keeps running) after ``timeout``.
         """
-        current = job if isinstance(job, Job) else self.get(job)
-        return _Waiter(self, current, timeout, on_progress, poll_interval).run()
+        current, hint = (job, None) if isinstance(job, Job) else self._get_polled(job)
+        waiter = _Waiter(self, current, timeout, on_progress, poll_interval)
+        waiter.hint = hint
+        return waiter.run()
 
     def download(
         self, image: ImageResult | str, path: str | os.PathLike[str], *, verify: bool = True
@@ -437,6 +454,7 @@ class _Waiter:
         self.finished_unseen = False  # a terminal status arrived but its job event did not
         self.left_queue = False
         self.outage = _Outage(poll_interval)
+        self.hint: float | None = None  # the last read's Retry-After: the next poll waits at least that
         self._seen: tuple[object, ...] | None = None
 
     def run(self) -> Job:
@@ -505,11 +523,18 @@ class _Waiter:
     # --- polling -----------------------------------------------------------------------------------------
 
     def _read_job(self, pause: float) -> Job | None:
-        """Sleep ``pause``, then read the job; None while riding out a short outage (503, refused)."""
+        """Sleep ``pause`` — or longer, as the previous read's ``Retry-After`` asked (the server scales it
+        to the expected wait) — then read the job; None while riding out a short outage (503, refused)."""
+        if pause > 0 and self.hint is not None:
+            pause = max(pause, self.hint)
         pause = self.outage.pause(pause)
         remaining = self._remaining()
         time.sleep(pause if remaining is None else max(0.0, min(pause, remaining)))
-        return self.outage.read(lambda: self.client.get(self.job.id))
+        polled = self.outage.read(lambda: self.client._get_polled(self.job.id))
+        if polled is None:
+            return None
+        job, self.hint = polled
+        return job
 
     def _adopt(self, job: Job | None) -> None:
         if job is not None:
@@ -580,6 +605,7 @@ class _BatchWaiter:
         self.on_progress = on_progress
         self.poll_interval = poll_interval
         self.outage = _Outage(poll_interval)
+        self.hint: float | None = None  # the last read's Retry-After: the next poll waits at least that
         self._seen: tuple[object, ...] | None = None
 
     def run(self) -> Batch:

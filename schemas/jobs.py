@@ -159,7 +159,14 @@ class Job(ResponseModel):
 
     id: str
     status: JobStatus
-    queue_position: int | None = Field(None, description="While queued: 1 = next to run.")
+    queue_position: int | None = Field(
+        None,
+        description="While queued: the place in line, 1 = next to run (null otherwise). Counted in O(1) "
+        "from the queue's enqueue order: exact while jobs leave in order; an estimate otherwise — a job "
+        "canceled while ahead still counts until a job behind it starts (too high), a lost job put back at "
+        "the front (position 1) and a job started early with an identical one ahead of it are not "
+        "counted (too low). Never below 1.",
+    )
     progress: Progress | None = None
     created_at: datetime
     started_at: datetime | None = None

@@ -54,6 +54,7 @@ from services.jobs.keys import (
     items_key,
     job_key,
     owner_batches_key,
+    queue_order_key,
     queued_of_key,
     staging_prefix,
 )
@@ -96,7 +97,7 @@ _ADMIT = (
     + """
 -- KEYS: 1 job hash, 2 job events, 3 RQ job hash, 4 RQ queue list, 5 RQ's set of queues,
 --       6 Idempotency-Key (unused when ARGV[4] == ''), 7 rate bucket (unused when ARGV[2] == ''),
---       8 the key's queued ids on this queue (its share)
+--       8 the key's queued ids on this queue (its share), 9 the queue's order counters (services.queue_order)
 -- ARGV: 1 queue ceiling, 2 bucket capacity or '', 3 tokens per ms, 4 Idempotency-Key value or '',
 --       5 its ttl s, 6 the key's share of the ceiling, 7 job retention s, 8 events maxlen, 9 first event,
 --       10 job id, 11 n job fields, 12.. job fields (name, value...), then RQ job fields (name, value...)
@@ -125,7 +126,9 @@ local position = redis.call('RPUSH', KEYS[4], ARGV[10])
 redis.call('ZADD', KEYS[8], now, ARGV[10])
 redis.call('EXPIRE', KEYS[8], ARGV[7])
 if ARGV[4] ~= '' then redis.call('SET', KEYS[6], ARGV[4], 'EX', ARGV[5]) end
-return {'queued', position}
+-- Its place in the queue's order: the next enqueue sequence number (services.queue_order).
+redis.call('HSET', KEYS[1], 'queue_seq', redis.call('HINCRBY', KEYS[9], 'pushed', 1), 'queue_order', KEYS[9])
+return {'queued', position, redis.call('HGET', KEYS[9], 'gap_ms') or ''}
 """
 )
 
@@ -136,11 +139,13 @@ Outcome = Literal["queued", "replay", "queue_full", "share_exceeded", "rate_limi
 class Admission:
     """What the script decided. ``value``: queue position (queued), queue depth (queue_full), the key's
     queued jobs there (share_exceeded), milliseconds until a token (rate_limited); ``existing``: the
-    stored Idempotency-Key entry (replay)."""
+    stored Idempotency-Key entry (replay); ``gap_ms``: the queue's recent time between claims
+    (``services.queue_order``; queued, when known)."""
 
     outcome: Outcome
     value: int = 0
     existing: dict[str, Any] | None = None
+    gap_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -190,6 +195,7 @@ class Admitter:
             idempotency.key if idempotency else job_key(record.id),
             rate.bucket_key(principal) if rate else job_key(record.id),
             queued_of_key(principal, self.queue.key),
+            queue_order_key(self.queue.key),
         ]
         ceiling = self.settings.max_queue_depth
         args: list[str | bytes | int] = [
@@ -225,12 +231,13 @@ def key_share(ceiling: int, fraction: float) -> int:
     return max(1, int(ceiling * fraction))
 
 
-def _admission(raw_outcome: bytes | str, value: Any) -> Admission:
-    """What a script answered: ``{outcome, value}``, the value an Idempotency-Key entry for a replay."""
+def _admission(raw_outcome: bytes | str, value: Any, gap_ms: Any = b"") -> Admission:
+    """What a script answered: ``{outcome, value}``, the value an Idempotency-Key entry for a replay;
+    a ``queued`` answer may add the queue's claim gap (ms, '' when not known yet)."""
     outcome = cast(Outcome, raw_outcome.decode() if isinstance(raw_outcome, bytes) else raw_outcome)
     if outcome == "replay":
         return Admission("replay", existing=json.loads(value))
-    return Admission(outcome, value=int(value))
+    return Admission(outcome, value=int(value), gap_ms=float(gap_ms) if gap_ms else None)
 
 
 def _flatten(fields: dict[str, Any]) -> list[str | bytes]:
@@ -250,7 +257,7 @@ _ADMIT_BATCH = (
 -- KEYS: 1 batch hash, 2 batch items list, 3 RQ batch queue list, 4 RQ's set of queues,
 --       5 Idempotency-Key (unused when ARGV[4] == ''), 6 batch-token bucket (unused when ARGV[2] == ''),
 --       7 the owner's batches (sorted set of batch hash keys by creation time, for GET /v1/batches),
---       8 the owner's queued ids on the batch queue (its share)
+--       8 the owner's queued ids on the batch queue (its share), 9 the queue's order counters
 -- ARGV: 1 queue ceiling, 2 bucket capacity or '', 3 tokens per ms, 4 Idempotency-Key value or '',
 --       5 its ttl s, 6 the key's share of the ceiling, 7 retention s, 8 n items, 9 job key prefix,
 --       10 RQ job key prefix, 11 staging prefix, 12 tokens this batch costs, 13 n batch fields,
@@ -296,10 +303,14 @@ redis.call('ZADD', KEYS[7], now, KEYS[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', now - 2000 * tonumber(ARGV[7]))
 redis.call('EXPIRE', KEYS[7], 2 * tonumber(ARGV[7]))
 redis.call('SADD', KEYS[4], KEYS[3])
+-- The items' places in the queue's order: the next n enqueue sequence numbers (services.queue_order).
+local seq = redis.call('HINCRBY', KEYS[9], 'pushed', n) - n
 for j = first, #ARGV do
   local id = ARGV[j]
   local staging, job, rq_job = ARGV[11] .. id, ARGV[9] .. id, ARGV[10] .. id
   redis.call('RENAME', staging, job)
+  seq = seq + 1
+  redis.call('HSET', job, 'queue_seq', seq, 'queue_order', KEYS[9])
   redis.call('EXPIRE', job, ARGV[7])
   redis.call('RENAME', staging .. ':events', job .. ':events')
   redis.call('EXPIRE', job .. ':events', ARGV[7])
@@ -385,6 +396,7 @@ class BatchAdmitter:
             rate.bucket_key(principal) if rate else batch_key(batch.id),
             owner_batches_key(batch.owner),
             share_key,
+            queue_order_key(self.queue.key),
         ]
         ceiling = self.settings.max_batch_queue_depth
         prefix = staging_prefix(batch.id)

@@ -15,6 +15,7 @@ process exits 1 so its supervisor restarts it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import socket
@@ -34,7 +35,7 @@ from services.clients import REDIS_UNAVAILABLE, build_clients, make_redis
 from services.content_safety import load_classifier
 from services.fleet import Presence
 from services.jobs import JobStore, Lifecycle
-from services.jobs.recovery import recover_lost_jobs, release_interrupted_job
+from services.jobs.recovery import RecoveryLease, recover_lost_jobs, release_interrupted_job
 from services.queue import batch_queue, generation_queue
 from services.rq_workers import ResilientWorker
 from services.settings import Settings
@@ -98,13 +99,27 @@ class GenerationWorker(ResilientWorker):
 class RecoveryLoop:
     """Runs lost-job recovery every heartbeat interval from a side thread, for as long as the worker runs.
 
+    Every worker runs the loop, but with a ``holder`` name only the worker holding the fleet's recovery
+    lease makes the pass (``services.jobs.recovery.RecoveryLease``: ttl three heartbeat intervals, renewed
+    each pass, given back on stop); the others cost Redis one small script call per interval.
+
     After a Redis outage every running job's heartbeat is stale, its worker alive or not: no worker could
     write one. So once Redis answers again, passes pause for ``lost_after`` — time enough for live workers
     to beat again — instead of taking over (and redoing) jobs that are about to finish.
     """
 
-    def __init__(self, store: JobStore, lifecycle: Lifecycle, queue: Queue, settings: Settings) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        lifecycle: Lifecycle,
+        queue: Queue,
+        settings: Settings,
+        *,
+        holder: str | None = None,
+    ) -> None:
         self.store, self.lifecycle, self.queue, self.settings = store, lifecycle, queue, settings
+        ttl = 3 * settings.heartbeat_interval
+        self.lease = RecoveryLease(store.redis, holder, ttl) if holder is not None else None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="lost-job-recovery", daemon=True)
         self._outage = False
@@ -120,6 +135,7 @@ class RecoveryLoop:
                 self.queue,
                 lost_after=self.settings.lost_after,
                 max_attempts=self.settings.max_attempts,
+                lease=self.lease,
             )
         except REDIS_UNAVAILABLE as exc:
             self._outage = True
@@ -144,8 +160,13 @@ class RecoveryLoop:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop the loop and give the lease back, so another worker's next pass need not wait its ttl."""
         self._stop.set()
-        self._thread.join(timeout=5)
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        if self.lease is not None:
+            with contextlib.suppress(*REDIS_UNAVAILABLE):  # it expires by itself
+                self.lease.release()
 
 
 def worker_name() -> str:
@@ -234,7 +255,7 @@ def run_worker(settings: Settings, *, burst: bool = False) -> int:
             context.let_go(held)
 
     worker.on_interrupted = release
-    recovery = RecoveryLoop(clients.store, clients.lifecycle, worker.queues[0], settings)
+    recovery = RecoveryLoop(clients.store, clients.lifecycle, worker.queues[0], settings, holder=name)
     recovery.run_once()  # before the first job: pick up what a previous incarnation of us left running
     recovery.start()
     presence = Presence(

@@ -12,6 +12,7 @@ from fastapi.responses import StreamingResponse
 from api.auth import PrincipalDep
 from api.contract import (
     LIMITED_READ,
+    POLL_HINT,
     READ,
     SERVER_BUSY,
     SUBMIT,
@@ -27,6 +28,7 @@ from api.generations.prefer import preferred_wait
 from api.limits import read_token, submission_token
 from api.waits import LeasedStreamingResponse, disconnected, first
 from schemas.jobs import CreateGeneration, Job
+from services import queue_order
 
 JobId = Annotated[
     str,
@@ -61,7 +63,7 @@ _LOCATION = {"Location": {"description": "The job's URL.", "schema": {"type": "s
                 "Preference-Applied": {"description": "wait=N, as honoured.", "schema": {"type": "string"}},
             },
         },
-        202: {"headers": _LOCATION},
+        202: {"headers": {**_LOCATION, **POLL_HINT}},
         **problem_responses(
             *SUBMIT,
             described={
@@ -117,7 +119,7 @@ async def create_generation(
             await held.enter_async_context(state.waits.hold(principal))
         submission = await service.submit(state, principal, body, idempotency_key, links=links)
         headers = {"Location": f"/v1/generations/{submission.job_id}"}
-        job = submission.job
+        job, hint = submission.job, submission.retry_after
         if wait_s > 0:
             headers["Preference-Applied"] = f"wait={int(wait_s)}"
             # Until the job ends, the time is up, the client leaves or the server begins to shut down:
@@ -129,7 +131,8 @@ async def create_generation(
             )
             job = None
     if job is None:
-        job = await service.view(state, principal, submission.job_id, links=links)
+        job, hint = await service.polled_view(state, principal, submission.job_id, links=links)
+    headers.update(queue_order.header(hint))
     return _job_response(job, 200 if job.status.is_terminal and wait_s > 0 else 202, headers)
 
 
@@ -140,13 +143,15 @@ async def create_generation(
     operation_id="getGeneration",
     response_description="The job.",
     dependencies=[Depends(read_token)],
-    responses=problem_responses(*LIMITED_READ),
+    responses={200: {"headers": POLL_HINT}, **problem_responses(*LIMITED_READ)},
 )
 async def get_generation(
     job_id: JobId, state: StateDep, principal: PrincipalDep, links: LinksDep
 ) -> Response:
-    """The job with image URLs signed now (they expire; read again for fresh ones)."""
-    return _job_response(await service.view(state, principal, job_id, links=links), 200)
+    """The job with image URLs signed now (they expire; read again for fresh ones). While it is queued or
+    running, ``Retry-After`` says when a poll is worth making."""
+    job, hint = await service.polled_view(state, principal, job_id, links=links)
+    return _job_response(job, 200, queue_order.header(hint))
 
 
 @router.post(

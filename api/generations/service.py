@@ -25,7 +25,7 @@ from schemas.generation import GenerationRequest
 from schemas.images import vet_base64_image
 from schemas.jobs import CreateGeneration, Job, JobStatus
 from schemas.problems import FieldError
-from services import metrics
+from services import metrics, queue_order
 from services.admission import key_share
 from services.job_views import render_job
 from services.jobs import JobRecord, decode_deliveries, job_key, new_job_id, utcnow, webhooks_key
@@ -43,6 +43,7 @@ class Submission:
     job_id: str
     created: bool  # False when an Idempotency-Key replay returned an existing job
     job: Job | None = None  # the new job as admitted (None for a replay: read it)
+    retry_after: int | None = None  # the polling hint for ``job`` (services.queue_order)
 
 
 def _store_init_image(
@@ -196,7 +197,8 @@ async def submit(
         queue_position=admission.value,  # the queue's length right after our push: we are last in line
         deliveries=[] if webhook else None,
     )
-    return Submission(job_id=job_id, created=True, job=job)
+    hint = queue_order.queued_retry_after(admission.value, admission.gap_ms)
+    return Submission(job_id=job_id, created=True, job=job, retry_after=hint)
 
 
 async def _read(state: AppState, job_id: str) -> tuple[JobRecord | None, list[dict[str, Any]]]:
@@ -226,19 +228,35 @@ async def load(state: AppState, principal: str, job_id: str) -> JobRecord:
 
 async def view(state: AppState, principal: str, job_id: str, *, links: Storage) -> Job:
     """The public job, with URLs signed now and the current queue position."""
+    job, _ = await polled_view(state, principal, job_id, links=links)
+    return job
+
+
+async def polled_view(
+    state: AppState, principal: str, job_id: str, *, links: Storage
+) -> tuple[Job, int | None]:
+    """:func:`view`, and the ``Retry-After`` hint for a poller (None once the job has ended). A queued
+    job's position costs one ``HMGET`` of its queue's counters (``services.queue_order``), whatever its
+    place; only a record admitted before those counters falls back to ``LPOS``."""
     record, deliveries = await _read(state, job_id)
     record = _owned(record, principal, job_id)
     position = None
+    gap_ms = None
     if record.status is JobStatus.QUEUED:
-        queue = job_queue(state.clients.redis, state.settings, record)
-        position = await queue_position_async(state.redis_async, queue, job_id)
-    return render_job(
+        if record.queue_seq is not None and record.queue_order:
+            order = await queue_order.read_order_async(state.redis_async, record.queue_order)
+            position, gap_ms = order.position(record.queue_seq), order.gap_ms
+        else:
+            queue = job_queue(state.clients.redis, state.settings, record)
+            position = await queue_position_async(state.redis_async, queue, job_id)
+    job = render_job(
         record,
         links,
         state.settings.url_expiry,
         queue_position=position,
         deliveries=deliveries if record.webhook else None,
     )
+    return job, queue_order.retry_after(job, gap_ms)
 
 
 def _cancel(state: AppState, record: JobRecord) -> None:

@@ -23,7 +23,18 @@ While a batch is being admitted (``services.admission.BatchAdmitter``; expire af
   hash), written before the admission script, which renames them into place or leaves them to be deleted
 
 Shared:
-- ``darkroom:jobs:running``  set of job hash keys whose status is running (what lost-job recovery scans)
+- ``darkroom:jobs:running-by-beat``  sorted set of the job hash keys whose status is running, scored by
+                             each job's last sign of life (ms since the epoch, the worker's clock: claim and
+                             every heartbeat move it). Lost-job recovery reads only the stale end
+                             (``ZRANGEBYSCORE -inf (now - lost_after)``), never the jobs that beat.
+                             (Until this layout it was a plain set under ``darkroom:jobs:running``; recovery
+                             moves any members left there into the sorted set, then deletes them.)
+- ``darkroom:jobs:recovery-lease``  string, the name of the worker whose recovery loop makes the passes
+                             (``SET NX PX``, renewed by its holder each pass; expires when the holder dies)
+- ``darkroom:queue-order:{queue key}``  hash per RQ queue: ``pushed`` (the last enqueue sequence number
+                             given), ``claimed`` (the highest sequence number claimed), ``claimed_at_ms`` and
+                             ``gap_ms`` (an EWMA of the time between claims, Redis's clock): a queued job's
+                             ``queue_seq`` minus ``claimed`` is its place in line, in O(1)
 - ``darkroom:outbox``        stream: the webhook events status changes caused, consumed by the webhook
                              process as the consumer group ``darkroom:outbox:dispatch`` (see ``outbox``)
 """
@@ -34,7 +45,11 @@ import re
 
 JOB_PREFIX = "darkroom:job:"
 BATCH_PREFIX = "darkroom:batch:"
-RUNNING_SET = "darkroom:jobs:running"
+RUNNING_SET = "darkroom:jobs:running-by-beat"
+#: The running set before it was scored (a plain SET): a new name, so an old one can never answer WRONGTYPE.
+LEGACY_RUNNING_SET = "darkroom:jobs:running"
+RECOVERY_LEASE = "darkroom:jobs:recovery-lease"
+QUEUE_ORDER_PREFIX = "darkroom:queue-order:"
 OUTBOX = "darkroom:outbox"
 OUTBOX_GROUP = "darkroom:outbox:dispatch"
 _OWNER_BATCHES_PREFIX = "darkroom:batches-of:"
@@ -100,3 +115,10 @@ def staging_prefix(batch_id: str) -> str:
     """What a batch's staged item keys start with: ``prefix .. job id`` (the job hash), ``.. ':events'``,
     ``.. ':rq'``. Nothing reads them but the batch admission script."""
     return f"{_STAGING_PREFIX}{batch_id}:"
+
+
+def queue_order_key(queue_key: str) -> str:
+    """Hash of one RQ queue's order counters (enqueue sequence, highest claimed, claim rate): a queued
+    job's place in line in O(1). Admission and the lifecycle write it; the job hash names it
+    (``queue_order``)."""
+    return f"{QUEUE_ORDER_PREFIX}{queue_key}"

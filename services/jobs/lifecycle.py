@@ -9,9 +9,10 @@ in one atomic step it:
   heartbeat judged stale) — of two racing changes exactly one wins;
 - writes the new status and its fields, and appends the change to the job's event stream (SSE and
   ``Prefer: wait`` readers never miss one);
-- keeps the running set (what recovery scans), the owner's share of its queue (``queued_in``: see
-  ``services.admission``), a batch's count of running items, and RQ's records (the queue list, RQ's job
-  hash, its started registry — built by ``services.rq_records``) in step with the status;
+- keeps the running set (a sorted set by last sign of life, so recovery reads only its stale end), the
+  owner's share of its queue (``queued_in``: see ``services.admission``), a batch's count of running
+  items, and RQ's records (the queue list, RQ's job hash, its started registry — built by
+  ``services.rq_records``) in step with the status;
 - on a terminal status, restarts the retention clock of the job's keys, counts the job into its batch and,
   for the batch's last item, stamps the batch completed;
 - appends the webhook events the change causes — the job's ``generation.*`` as its webhook subscribed,
@@ -60,7 +61,7 @@ from services.jobs.keys import (
 )
 from services.jobs.outbox import new_msg_id
 from services.jobs.outcome import Canceled, Failed, Outcome
-from services.jobs.records import JobRecord, encode_fields, utcnow
+from services.jobs.records import JobRecord, beat_ms, encode_fields, utcnow
 from services.rq_records import RqChange
 
 log = structlog.get_logger(__name__)
@@ -130,10 +131,12 @@ local first_field = 15 + 2 * n_rq + n_stale
 redis.call('HSET', KEYS[1], 'status', to)
 for i = first_field, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*', 'type', 'status', 'data', ARGV[4])
+-- The running set (what lost-job recovery reads): a sorted set scored by each job's last sign of life, in
+-- ms on the worker's clock, as its ``heartbeat_at`` (the claim passes it as the field ``beat_ms``).
 if to == 'running' then
-  redis.call('SADD', KEYS[4], KEYS[1])
+  redis.call('ZADD', KEYS[4], redis.call('HGET', KEYS[1], 'beat_ms') or 0, KEYS[1])
 else
-  redis.call('SREM', KEYS[4], KEYS[1])
+  redis.call('ZREM', KEYS[4], KEYS[1])
 end
 -- The owner's share of its queue (services.admission): an id leaves it with ``queued``, and comes back
 -- on a requeue. Records admitted before shares existed name no set.
@@ -146,6 +149,27 @@ if queued_in then
   elseif current == 'queued' and to ~= 'queued' then
     redis.call('ZREM', queued_in, ARGV[1])
   end
+end
+-- The queue's order (services.queue_order; records admitted before it name no hash): a claim advances the
+-- queue's highest claimed sequence number and its claim-gap EWMA (Redis's clock, gaps capped at a minute);
+-- a requeue, which puts the job at the front, gives it that number (next in line).
+local order = redis.call('HGET', KEYS[1], 'queue_order')
+if order and to == 'running' and current == 'queued' then
+  local seq = tonumber(redis.call('HGET', KEYS[1], 'queue_seq') or '0')
+  if seq > tonumber(redis.call('HGET', order, 'claimed') or '0') then
+    redis.call('HSET', order, 'claimed', seq)
+  end
+  local t = redis.call('TIME')
+  local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local last = tonumber(redis.call('HGET', order, 'claimed_at_ms') or '0')
+  if last > 0 then
+    local gap = math.min(math.max(now_ms - last, 0), 60000)
+    local ewma = tonumber(redis.call('HGET', order, 'gap_ms') or gap)
+    redis.call('HSET', order, 'gap_ms', string.format('%.1f', 0.9 * ewma + 0.1 * gap))
+  end
+  redis.call('HSET', order, 'claimed_at_ms', now_ms)
+elseif order and to == 'queued' and current ~= 'queued' then
+  redis.call('HSET', KEYS[1], 'queue_seq', redis.call('HGET', order, 'claimed') or 0)
 end
 -- A batch counts its running items too, so its counts are read from its hash alone (GET /v1/batches).
 local item_of = redis.call('HGET', KEYS[1], 'batch_id')
@@ -226,11 +250,14 @@ return 1
 )
 
 _BEAT = """
--- KEYS: job hashes; ARGV: 1 worker name, 2 moment. Beats only the jobs still running under this worker.
+-- KEYS: 1 the running set, 2.. job hashes; ARGV: 1 worker name, 2 moment (ISO), 3 the same moment in ms.
+-- Beats only the jobs still running under this worker: their heartbeat and their running-set score.
 local beaten = 0
-for _, key in ipairs(KEYS) do
+for i = 2, #KEYS do
+  local key = KEYS[i]
   if redis.call('HGET', key, 'status') == 'running' and redis.call('HGET', key, 'worker') == ARGV[1] then
-    redis.call('HSET', key, 'heartbeat_at', ARGV[2])
+    redis.call('HSET', key, 'heartbeat_at', ARGV[2], 'beat_ms', ARGV[3])
+    redis.call('ZADD', KEYS[1], 'XX', ARGV[3], key)
     beaten = beaten + 1
   end
 end
@@ -281,11 +308,11 @@ class Lifecycle:
 
         Safe to repeat with the same ``at``: if an earlier try applied but its reply was lost with the
         connection, the job holds exactly this claim (our name, our ``started_at``) and that counts as
-        applied. ``heartbeat_at`` restarts with the claim, so a previous run's stale beat cannot get this
-        run requeued.
+        applied. ``heartbeat_at`` restarts with the claim (and with it the job's score in the running
+        set, ``beat_ms``), so a previous run's stale beat cannot get this run requeued.
         """
         moment = at or utcnow()
-        fields = {"started_at": moment, "heartbeat_at": moment, "worker": worker}
+        fields = {"started_at": moment, "heartbeat_at": moment, "beat_ms": beat_ms(moment), "worker": worker}
         done = self._change(record.id, JobStatus.RUNNING, _QUEUED, fields, moment, rq=rq)
         done = self._repeated(done, record.id, JobStatus.RUNNING, worker, "started_at", moment, _QUEUED)
         if done.applied:
@@ -310,11 +337,13 @@ class Lifecycle:
         return bool(self._progress(keys=keys, args=args))
 
     def beat(self, job_ids: Iterable[str], worker: str) -> int:
-        """Heartbeat each job still running under ``worker``, in one round trip; how many were."""
+        """Heartbeat each job still running under ``worker``, in one round trip; how many were. Each
+        beat also moves the job's score in the running set, so recovery never reads a job that beats."""
         keys = [job_key(job_id) for job_id in sorted(set(job_ids))]
         if not keys:
             return 0
-        return int(self._beat(keys=keys, args=[worker, utcnow().isoformat()]))
+        moment = utcnow()
+        return int(self._beat(keys=[RUNNING_SET, *keys], args=[worker, moment.isoformat(), beat_ms(moment)]))
 
     def finish(
         self, record: JobRecord, worker: str, outcome: Outcome, *, at: datetime | None = None

@@ -24,6 +24,12 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def beat_ms(moment: datetime) -> str:
+    """``moment`` as whole milliseconds since the epoch: a job's score in the running set (its last sign
+    of life, on the clock of the worker that wrote ``heartbeat_at``), as the Lua scripts store it."""
+    return str(int(moment.timestamp() * 1000))
+
+
 @dataclass
 class JobRecord:
     """A job as stored: keys, not URLs. ``request`` is the normalised request without the init image."""
@@ -49,6 +55,10 @@ class JobRecord:
     attempt: int = 1
     owner: str = "anonymous"  # the API key name that created the job; other keys get 404 for it
     batch_id: str | None = None  # the batch (POST /v1/batches) this job is an item of
+    # Its place in its queue's order (services.queue_order): the enqueue sequence number admission (or a
+    # requeue) gave it, and the hash of its queue's counters. None for records admitted before them.
+    queue_seq: int | None = None
+    queue_order: str | None = None
 
     def creation_fields(self) -> dict[str, Any]:
         """What a new job's hash starts with (the admission scripts, and tests that build jobs)."""
@@ -115,6 +125,8 @@ class JobRecord:
             attempt=int(data.get("attempt") or 1),
             owner=data.get("owner") or "anonymous",
             batch_id=data.get("batch_id") or None,
+            queue_seq=int(data["queue_seq"]) if data.get("queue_seq") else None,
+            queue_order=data.get("queue_order") or None,
         )
 
 

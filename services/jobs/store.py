@@ -27,12 +27,13 @@ class JobStore:
         return JobRecord.from_stored(job_id, raw)
 
     def running_job_ids(self) -> list[str]:
-        members = cast(set[bytes], self.redis.smembers(RUNNING_SET))
+        """Every running job's id (O(running): for tests and tools; recovery reads only the stale end)."""
+        members = cast(list[bytes], self.redis.zrange(RUNNING_SET, 0, -1))
         return sorted(member.decode().removeprefix(JOB_PREFIX) for member in members)
 
     def forget_running(self, job_id: str) -> None:
         """Drop an expired job from the running set (its record is gone: nothing left to recover)."""
-        self.redis.srem(RUNNING_SET, job_key(job_id))
+        self.redis.zrem(RUNNING_SET, job_key(job_id))
 
     def events_since(
         self, job_id: str, last_id: str = "0-0", count: int = 500

@@ -26,7 +26,7 @@ def test_every_phase_runs_and_reports(tmp_path: Path, tiny_model_dir: Path, tiny
     monitor = redis["job_with_webhook_monitor"]
     assert {"api", "worker", "webhooks"} <= set(monitor["by_process"])
     assert redis["memory_per_job"]["total_bytes"] > 0
-    assert redis["recovery_pass"]["commands"] >= redis["recovery_pass"]["running"]
+    assert redis["recovery_pass"]["commands"] < redis["recovery_pass"]["running"]  # O(lost): none here
     assert redis["lpos"]["by_position"]
 
     api = results["api"]["1"]

@@ -11,6 +11,7 @@ import base64
 import hashlib
 import json
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -27,6 +28,7 @@ from darkroom_client import (
     WaitTimeout,
 )
 from darkroom_client.client import STREAM_FAILURES_BEFORE_POLLING
+from schemas.generation import GenerationRequest
 from tests.darkroom_client.conftest import SMALL, TINY, UNSERVED_MODEL, RecordingTransport
 from tests.fixtures.stack import ROOT, Stack
 
@@ -239,3 +241,24 @@ def test_an_error_page_that_is_not_a_problem_still_becomes_a_darkroom_error() ->
     assert (error.status, error.code, error.problem.title) == (502, "bad_gateway", "Bad Gateway")
     assert error.retryable and error.retry_after == 3.0
     assert error.detail == "<html><body>Bad gateway</body></html>"
+
+
+def test_wait_polls_a_queued_job_no_faster_than_its_retry_after() -> None:
+    """The server scales Retry-After to the expected wait; the client's poll loop honours it."""
+    request = GenerationRequest(prompt="x", seed=1).normalized()
+    queued = Job(
+        id="gen_1", status=JobStatus.QUEUED, queue_position=3, created_at=datetime.now(UTC), request=request
+    )
+    done = queued.model_copy(update={"status": JobStatus.SUCCEEDED, "queue_position": None})
+    polls: list[float] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        polls.append(time.monotonic())
+        job, headers = (queued, {"Retry-After": "1"}) if len(polls) < 3 else (done, {})
+        return httpx.Response(200, content=job.model_dump_json(), headers=headers)
+
+    with DarkroomClient("http://api.example", transport=httpx.MockTransport(answer)) as client:
+        finished = client.wait("gen_1", timeout=30, poll_interval=0.01)
+    assert finished.status is JobStatus.SUCCEEDED
+    assert len(polls) == 3
+    assert all(later - earlier >= 0.95 for earlier, later in zip(polls, polls[1:], strict=False))

@@ -10,6 +10,7 @@ from rq.serializers import JSONSerializer
 
 from schemas.jobs import JobStatus
 from services.jobs import JobStore, Lifecycle, utcnow
+from services.jobs.keys import RECOVERY_LEASE
 from services.settings import Settings
 from tests.fixtures.jobs import queued_job
 from tests.fixtures.redis import RedisServerFactory
@@ -40,3 +41,27 @@ def test_recovery_pauses_after_an_outage_instead_of_robbing_live_workers(
     loop.run_once()
     stored = store.get(record.id)
     assert stored is not None and stored.status is JobStatus.QUEUED and stored.attempt == 2
+
+
+def test_only_one_workers_loop_recovers_and_a_stopping_one_hands_the_lease_on(redis_url: str) -> None:
+    connection = redis_lib.Redis.from_url(redis_url)
+    store = JobStore(connection, timedelta(days=1))
+    lifecycle = Lifecycle(connection, timedelta(days=1))
+    queue = Queue("darkroom", connection=connection, serializer=JSONSerializer)
+    settings = Settings(lost_after=timedelta(seconds=20))
+    first, second = (
+        RecoveryLoop(store, lifecycle, queue, settings, holder=name) for name in ("worker-a", "worker-b")
+    )
+    first.run_once()  # worker-a takes the lease
+    record = queued_job(connection, queue=queue)
+    connection.lrem(queue.key, 0, record.id)  # RQ's dequeue
+    assert lifecycle.claim(record, "worker-dead", at=utcnow() - timedelta(seconds=60)).applied
+    second.run_once()
+    stored = store.get(record.id)
+    assert stored is not None and stored.status is JobStatus.RUNNING  # worker-b does not hold the lease
+    first.stop()  # never started: stop only gives the lease back
+    assert connection.get(RECOVERY_LEASE) is None
+    second.run_once()
+    stored = store.get(record.id)
+    assert stored is not None and stored.status is JobStatus.QUEUED and stored.attempt == 2
+    assert connection.get(RECOVERY_LEASE) == b"worker-b"

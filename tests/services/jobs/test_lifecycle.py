@@ -245,7 +245,7 @@ def test_each_transition_appends_exactly_its_events(
         return
     record = world.record(job.id)
     assert record.status is status
-    running = redis_client.sismember(RUNNING_SET, job_key(job.id))
+    running = redis_client.zscore(RUNNING_SET, job_key(job.id)) is not None
     assert bool(running) is (status is JobStatus.RUNNING)
     on_queue = rq_records.queue_position(redis_client, world.queue, job.id) is not None
     assert on_queue is (status is JobStatus.QUEUED)
