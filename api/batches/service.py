@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, cast
 
+import anyio
 import structlog
 from fastapi.concurrency import run_in_threadpool
 
@@ -46,6 +47,8 @@ from services.storage import Storage
 
 log = structlog.get_logger(__name__)
 IDEMPOTENCY_PREFIX = "darkroom:idempotency:batch:"
+#: Archived items of one page read from storage at a time.
+_ARCHIVE_READS = 16
 
 
 @dataclass(frozen=True)
@@ -243,20 +246,29 @@ async def view(
         pipe.lrange(items_key(batch_id), 0, -1)
         pipe.hgetall(batch_webhooks_key(batch_id))
         raw_batch, raw_ids, raw_deliveries = await pipe.execute()
-    record = _owned(BatchRecord.from_hash(batch_id, raw_batch) if raw_batch else None, principal, batch_id)
-    ids = [raw.decode() for raw in raw_ids]
+    if raw_batch and b"archived_at" not in raw_batch:
+        record = _owned(BatchRecord.from_hash(batch_id, raw_batch), principal, batch_id)
+        ids = [raw.decode() for raw in raw_ids]
+        deliveries = decode_deliveries(raw_deliveries)
+        statuses: list[str | None] | None = None
+    else:  # archived (its items may be leaving Redis) or gone from Redis: the archive has it all
+        archived = await run_in_threadpool(state.clients.archive.batch, batch_id)
+        if archived is None:
+            raise NotFound(f"no batch {batch_id!r}")
+        record = _owned(archived.record, principal, batch_id)
+        ids, statuses, deliveries = archived.item_ids, archived.statuses, archived.deliveries
     page_ids = ids[offset : offset + limit]
     async with redis.pipeline(transaction=False) as pipe:
-        for job_id in ids:
+        for job_id in ids if statuses is None else []:
             pipe.hget(job_key(job_id), "status")
         for job_id in page_ids:
             pipe.hgetall(job_key(job_id))
         replies = await pipe.execute()
-    statuses = [value.decode() if value else None for value in replies[: len(ids)]]
+    if statuses is None:
+        statuses = [value.decode() if value else None for value in replies[: len(ids)]]
+        replies = replies[len(ids) :]
     expiry = state.settings.url_expiry
-    records = (
-        JobRecord.from_stored(job_id, raw) for job_id, raw in zip(page_ids, replies[len(ids) :], strict=True)
-    )
+    records = await _page_records(state, page_ids, replies)
     page = [render_item(record, links, expiry) for record in records if record is not None]
     end = offset + len(page_ids)
     return render_batch(
@@ -264,8 +276,29 @@ async def view(
         statuses,
         items=page,
         next_offset=end if end < len(ids) else None,
-        deliveries=decode_deliveries(raw_deliveries) if record.webhook else None,
+        deliveries=deliveries if record.webhook else None,
     )
+
+
+async def _page_records(
+    state: AppState, job_ids: list[str], raw: list[dict[bytes, bytes]]
+) -> list[JobRecord | None]:
+    """A page's item records from their Redis hashes, each missing one from its archive (read in the
+    threadpool, several at a time): items leave Redis after their batch is archived."""
+    records = [JobRecord.from_stored(job_id, hash_) for job_id, hash_ in zip(job_ids, raw, strict=True)]
+    missing = [n for n, found in enumerate(records) if found is None]
+    if not missing:
+        return records
+    limiter = anyio.CapacityLimiter(_ARCHIVE_READS)
+
+    async def fetch(n: int) -> None:
+        archived = await anyio.to_thread.run_sync(state.clients.archive.job, job_ids[n], limiter=limiter)
+        records[n] = archived.record if archived else None
+
+    async with anyio.create_task_group() as group:
+        for n in missing:
+            group.start_soon(fetch, n)
+    return records
 
 
 async def list_batches(state: AppState, principal: str, offset: int, limit: int) -> BatchList:
@@ -288,11 +321,14 @@ async def list_batches(state: AppState, principal: str, offset: int, limit: int)
         raw_batch, raw_deliveries = replies[2 * n], replies[2 * n + 1]
         batch_id = key.removeprefix(batch_key(""))
         record = BatchRecord.from_hash(batch_id, raw_batch) if raw_batch else None
+        deliveries = decode_deliveries(raw_deliveries)
+        if record is None and is_batch_id(batch_id):  # left Redis: its archive (None past retention)
+            archived = await run_in_threadpool(state.clients.archive.batch, batch_id)
+            record, deliveries = (archived.record, archived.deliveries) if archived else (None, [])
         if record is None or record.owner != principal:
             gone.append(key)
             continue
-        deliveries = decode_deliveries(raw_deliveries) if record.webhook else None
-        page.append(render_batch_summary(record, deliveries))
+        page.append(render_batch_summary(record, deliveries if record.webhook else None))
     if gone:
         await redis.zrem(index, *gone)
     more = len(raw_keys) > limit

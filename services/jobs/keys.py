@@ -3,7 +3,7 @@
 One module, so the layout can be read in one place (docs/architecture.md has the whole picture) and the
 Lua scripts, which must derive some keys themselves, spell them from the same prefixes.
 
-Per job (all expire after ``job_retention``, restarted when the job ends):
+Per job (all expire after ``job_retention``, restarted when the job ends; cut to minutes once archived):
 - ``darkroom:job:{id}``           hash: status, timestamps, request, outcome fields (JSON values)
 - ``darkroom:job:{id}:events``    stream: {type: status|progress, data: JSON} for SSE and ``Prefer: wait``
 - ``darkroom:job:{id}:webhooks``  hash: msg_id -> JSON delivery record (event, state, attempts)
@@ -22,7 +22,15 @@ While a batch is being admitted (``services.admission.BatchAdmitter``; expire af
 - ``darkroom:staging:{batch id}:{job id}``  an item's job hash, its ``:events`` and its ``:rq`` (RQ's job
   hash), written before the admission script, which renames them into place or leaves them to be deleted
 
+Once finished (``services.jobs.archiver``): a job's or batch's keys above stay only
+``DARKROOM_FINISHED_TTL`` (minutes) after its record is archived to storage as one JSON object
+(``services.jobs.archive``: ``records/jobs/{id}.json``, ``records/batches/{id}.json``); reads fall through
+to it within ``DARKROOM_JOB_RETENTION``. A batch hash gets ``archived_at`` when its archive is written.
+
 Shared:
+- ``darkroom:archive:due``   sorted set: ``job:{id}`` / ``batch:{id}`` to archive, by due time (ms); the
+                             terminal transition adds them, the archiver takes, postpones or removes them
+- ``darkroom:archive:lease`` string: the token of the one archiver working now (expires unless renewed)
 - ``darkroom:jobs:running``  set of job hash keys whose status is running (what lost-job recovery scans)
 - ``darkroom:outbox``        stream: the webhook events status changes caused, consumed by the webhook
                              process as the consumer group ``darkroom:outbox:dispatch`` (see ``outbox``)
@@ -37,6 +45,8 @@ BATCH_PREFIX = "darkroom:batch:"
 RUNNING_SET = "darkroom:jobs:running"
 OUTBOX = "darkroom:outbox"
 OUTBOX_GROUP = "darkroom:outbox:dispatch"
+ARCHIVE_DUE = "darkroom:archive:due"
+ARCHIVE_LEASE = "darkroom:archive:lease"
 _OWNER_BATCHES_PREFIX = "darkroom:batches-of:"
 _QUEUED_OF_PREFIX = "darkroom:queued-of:"
 _STAGING_PREFIX = "darkroom:staging:"
