@@ -65,6 +65,10 @@ _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
 """
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 
 
 def webhooks_settled(deliveries: list[dict[str, Any]], awaited: str | None) -> bool:
@@ -100,6 +104,7 @@ class Archiver:
 
     def __post_init__(self) -> None:
         self._renew = self.redis.register_script(_RENEW)
+        self._release = self.redis.register_script(_RELEASE)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._next_sweep = 0.0
@@ -115,7 +120,8 @@ class Archiver:
         return bool(self.redis.set(ARCHIVE_LEASE, self.token, nx=True, px=lease_ms))
 
     def release_lease(self) -> None:
-        self._renew(keys=[ARCHIVE_LEASE], args=[self.token, 1])
+        """Hand the lease back (if still ours), so another process takes over at once."""
+        self._release(keys=[ARCHIVE_LEASE], args=[self.token])
 
     # --- one pass ------------------------------------------------------------------------------------------
 
