@@ -10,7 +10,8 @@ atomic step as the status change, so no finished job can be missed. This loop, o
    event's record not yet made by the outbox dispatcher: the entry is postponed (by about the time the
    job has waited, 5 s to 5 min: O(checks) stays small for slow receivers). After half the retention it
    is archived anyway, pending deliveries and all, rather than lost with the Redis keys;
-3. a batch item waits for its batch: it is dropped from the set while the batch is unarchived, and the
+3. a batch item waits for its batch: it is dropped from the set while the batch is unarchived (atomically
+   with the batch's archiving, in a script), and the
    batch's archiving puts all of its items back, due at once (a batch page reads its items from Redis
    while the batch is there);
 4. writes the archive object (idempotent: the same key, the whole document);
@@ -29,6 +30,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -65,6 +67,16 @@ _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
 """
+# KEYS: 1 the item's batch hash, 2 the due set; ARGV: 1 the item's entry. Atomic with the batch's archiving
+# (which marks ``archived_at`` and re-adds its items in one MULTI): an item is dropped only while its batch
+# is unarchived, so it is always re-added after.
+_WAIT_FOR_BATCH = """
+if redis.call('EXISTS', KEYS[1]) == 1 and redis.call('HEXISTS', KEYS[1], 'archived_at') == 0 then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  return 1
+end
+return 0
+"""
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -98,6 +110,8 @@ class Archiver:
     lease: timedelta = timedelta(seconds=30)
     interval: timedelta = timedelta(seconds=1)
     batch_size: int = BATCH_SIZE
+    #: Entries of a pass archived at once (threads: the work is waiting on storage and Redis).
+    concurrency: int = 16
     #: The ``file://`` root to sweep archives past retention from, daily (None: S3 lifecycle does it).
     sweep_root: Path | None = None
     token: str = field(default_factory=lambda: secrets.token_hex(8))
@@ -105,6 +119,7 @@ class Archiver:
     def __post_init__(self) -> None:
         self._renew = self.redis.register_script(_RENEW)
         self._release = self.redis.register_script(_RELEASE)
+        self._wait_for_batch = self.redis.register_script(_WAIT_FOR_BATCH)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._next_sweep = 0.0
@@ -131,19 +146,23 @@ class Archiver:
             return 0
         now_ms = int(time.time() * 1000)
         due = cast(list[bytes], self.redis.zrangebyscore(ARCHIVE_DUE, "-inf", now_ms, 0, self.batch_size))
-        archived = 0
-        for raw in due:
-            member = raw.decode()
-            kind, _, subject = member.partition(":")
-            try:
-                outcome = self.archive_batch(subject) if kind == "batch" else self.archive_job(subject)
-            except REDIS_UNAVAILABLE:
-                raise
-            except Exception:  # a storage outage or a corrupt record: left due, retried next pass
-                log.exception("archive.failed", member=member)
-                continue
-            archived += outcome == "archived"
-        return archived
+        members = [raw.decode() for raw in due]
+        if len(members) <= 1:
+            outcomes = [self._one(member) for member in members]
+        else:  # each is a storage write of tens of ms on S3: several at once keep up with the fleet
+            with ThreadPoolExecutor(min(self.concurrency, len(members)), "archiver") as pool:
+                outcomes = list(pool.map(self._one, members))
+        return outcomes.count("archived")
+
+    def _one(self, member: str) -> str:
+        kind, _, subject = member.partition(":")
+        try:
+            return self.archive_batch(subject) if kind == "batch" else self.archive_job(subject)
+        except REDIS_UNAVAILABLE:
+            raise
+        except Exception:  # a storage outage or a corrupt record: left due, retried next pass
+            log.exception("archive.failed", member=member)
+            return "failed"
 
     def archive_job(self, job_id: str) -> str:
         """Archive one job and trim its keys; what happened (archived, postponed, waiting_for_batch, gone)."""
@@ -154,11 +173,8 @@ class Archiver:
             return "gone"
         fields = document["job"]
         batch_id = fields.get("batch_id")
-        if batch_id and self.redis.hexists(batch_key(batch_id), "created_at"):
-            if not self.redis.hexists(batch_key(batch_id), "archived_at"):
-                # Re-added, due at once, when the batch is archived (``archive_batch``).
-                self.redis.zrem(ARCHIVE_DUE, member)
-                return "waiting_for_batch"
+        if batch_id and self._wait_for_batch(keys=[batch_key(batch_id), ARCHIVE_DUE], args=[member]):
+            return "waiting_for_batch"  # re-added, due at once, when the batch is archived
         webhook = _json(fields.get("webhook"))
         awaited = _awaited(webhook, f"generation.{fields.get('status')}")
         if self._postponed(member, document["webhooks"], awaited, fields.get("completed_at")):
