@@ -193,7 +193,7 @@ class Settings(BaseSettings):
         gt=timedelta(0),
         description="How long a finished job's (or batch's) Redis keys stay once its record is archived to "
         "storage (reads then fall through to the archive, within DARKROOM_JOB_RETENTION). Redis holds "
-        "about finished jobs/s x this x ~13 KB.",
+        "about finished jobs/s x this x ~7 KB (BENCHMARKS.md).",
     )
     idempotency_ttl: timedelta = Field(
         timedelta(hours=24), description="How long an Idempotency-Key is kept."

@@ -115,6 +115,8 @@ def test_a_trimmed_job_reads_as_before(api: Api) -> None:
             )
             == (409, "job_already_finished")
         )
+        # The archive object itself is never served as a file, signed URL or not.
+        assert client.get(f"/v1/files/records/jobs/{record.id}.json").status_code == 404
     with api.client(BOB) as other:
         assert other.get(path).status_code == 404  # another key's job stays hidden
         assert other.post(f"{path}/cancel").status_code == 404
