@@ -53,7 +53,8 @@ def setup_logging(settings: Settings) -> None:
 def run_worker(settings: Settings, *, burst: bool = False) -> int:
     """Work the webhook queue until SIGTERM/SIGINT (or, with ``burst``, until it is empty); exit status.
 
-    In burst mode the scheduler runs once at start: retries that are not yet due stay scheduled.
+    In burst mode the scheduler runs once at start: retries that are not yet due stay scheduled; finished
+    jobs whose webhooks are then settled are archived before it returns.
     Call ``setup_logging`` first.
     """
     clients = build_clients(settings)
@@ -94,6 +95,9 @@ def run_worker(settings: Settings, *, burst: bool = False) -> int:
             concurrency=settings.webhook_concurrency,
         )
         worker.work(burst=burst, with_scheduler=True, logging_level="INFO")
+        if burst:  # what the attempts settled can leave Redis now
+            while archiver.run_once():
+                pass
     finally:
         archiver.stop()
         dispatcher.stop()
