@@ -40,6 +40,7 @@ from services import metrics
 from services.admission import batch_cost, key_share
 from services.batch_views import render_batch, render_batch_summary, render_item
 from services.jobs import JobRecord, decode_deliveries, job_key, new_job_id, utcnow
+from services.jobs.archive import ArchivedBatch
 from services.jobs.batches import BatchRecord, new_batch_id
 from services.jobs.keys import batch_key, batch_webhooks_key, is_batch_id, items_key, owner_batches_key
 from services.queue import batch_queue
@@ -305,7 +306,8 @@ async def list_batches(state: AppState, principal: str, offset: int, limit: int)
     """The caller's batches, newest first: ``offset``..``offset + limit`` of its index, each with status
     and counts over all of its items (no items: ``GET /v1/batches/{id}`` pages them). Two round trips
     whatever the batches hold: the counts are the batch hash's own (``render_batch_summary``), no item is
-    read. Index entries whose batch has expired are dropped as they are met."""
+    read. A batch that has left Redis is read from its archive (several at a time, in the threadpool).
+    Index entries whose batch has expired (or passed its retention) are dropped as they are met."""
     index = owner_batches_key(principal)
     redis = state.redis_async
     raw_keys = cast(list[bytes], await redis.zrevrange(index, offset, offset + limit))  # +1: more?
@@ -317,14 +319,17 @@ async def list_batches(state: AppState, principal: str, offset: int, limit: int)
         replies = await pipe.execute()
     page: list[Batch] = []
     gone: list[str] = []
+    ids = [key.removeprefix(batch_key("")) for key in keys]
+    archived = await _archived_batches(
+        state, [batch_id for n, batch_id in enumerate(ids) if not replies[2 * n] and is_batch_id(batch_id)]
+    )
     for n, key in enumerate(keys):
         raw_batch, raw_deliveries = replies[2 * n], replies[2 * n + 1]
-        batch_id = key.removeprefix(batch_key(""))
+        batch_id = ids[n]
         record = BatchRecord.from_hash(batch_id, raw_batch) if raw_batch else None
         deliveries = decode_deliveries(raw_deliveries)
-        if record is None and is_batch_id(batch_id):  # left Redis: its archive (None past retention)
-            archived = await run_in_threadpool(state.clients.archive.batch, batch_id)
-            record, deliveries = (archived.record, archived.deliveries) if archived else (None, [])
+        if record is None and (found := archived.get(batch_id)) is not None:  # left Redis: its archive
+            record, deliveries = found.record, found.deliveries
         if record is None or record.owner != principal:
             gone.append(key)
             continue
@@ -333,6 +338,22 @@ async def list_batches(state: AppState, principal: str, offset: int, limit: int)
         await redis.zrem(index, *gone)
     more = len(raw_keys) > limit
     return BatchList(data=page, next_offset=offset + limit if more else None)
+
+
+async def _archived_batches(state: AppState, batch_ids: list[str]) -> dict[str, ArchivedBatch]:
+    """The archives of these batches that exist and are within the retention, read concurrently."""
+    found: dict[str, ArchivedBatch] = {}
+    limiter = anyio.CapacityLimiter(_ARCHIVE_READS)
+
+    async def fetch(batch_id: str) -> None:
+        archived = await anyio.to_thread.run_sync(state.clients.archive.batch, batch_id, limiter=limiter)
+        if archived is not None:
+            found[batch_id] = archived
+
+    async with anyio.create_task_group() as group:
+        for batch_id in batch_ids:
+            group.start_soon(fetch, batch_id)
+    return found
 
 
 def _cancel(state: AppState, batch_id: str, model: str | None) -> None:

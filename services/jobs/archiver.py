@@ -123,7 +123,8 @@ class Archiver:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._next_sweep = 0.0
-        self.ttl_s = max(1, int(self.finished_ttl.total_seconds()))
+        # Never longer than the retention the keys already had.
+        self.ttl_s = max(1, int(min(self.finished_ttl, self.archive.retention).total_seconds()))
 
     # --- the lease -----------------------------------------------------------------------------------------
 

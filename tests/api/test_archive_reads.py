@@ -22,7 +22,15 @@ from services.api_keys import hash_key, new_key
 from services.jobs import utcnow
 from services.jobs.archive import JobArchive
 from services.jobs.archiver import Archiver
-from services.jobs.keys import batch_key, batch_webhooks_key, events_key, items_key, job_key, webhooks_key
+from services.jobs.keys import (
+    batch_key,
+    batch_webhooks_key,
+    events_key,
+    items_key,
+    job_key,
+    owner_batches_key,
+    webhooks_key,
+)
 from services.settings import Settings
 from services.storage import FileStorage
 from tests.api import serve
@@ -178,3 +186,21 @@ def test_a_batch_archived_but_not_yet_trimmed_reads_as_before(api: Api) -> None:
     api.trim(*job_keys(items[0]))
     with api.client() as client:
         assert unsigned(client.get(path).json()) == unsigned(before)
+
+
+def test_a_batch_past_its_retention_is_404_and_leaves_the_list(api: Api) -> None:
+    old_id, old_items = queued_batch(api.redis, 2, owner="alice")
+    for item in old_items:
+        finish_job(api.redis, api.storage, item, at=utcnow() - RETENTION - timedelta(hours=1))
+    kept_id, kept_items = queued_batch(api.redis, 1, owner="alice")
+    finish_job(api.redis, api.storage, kept_items[0])
+    api.archive_all()
+    for batch_id, items in ((old_id, old_items), (kept_id, kept_items)):
+        api.trim(batch_key(batch_id), items_key(batch_id), batch_webhooks_key(batch_id))
+        api.trim(*(key for item in items for key in job_keys(item)))
+    with api.client() as client:
+        assert client.get(f"/v1/batches/{old_id}").status_code == 404
+        assert client.get(f"/v1/generations/{old_items[0]}").status_code == 404
+        listed = client.get("/v1/batches").json()["data"]
+        assert [batch["id"] for batch in listed] == [kept_id]
+    assert api.redis.zrange(owner_batches_key("alice"), 0, -1) == [batch_key(kept_id).encode()]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from redis import Redis
 
-from services.jobs import JobStore, utcnow
+from services.jobs import JobStore, Lifecycle, utcnow
 from services.jobs.archive import JobArchive, batch_object_key, job_object_key, snapshot_job, sweep_files
 from services.jobs.archiver import Archiver, webhooks_settled
 from services.jobs.keys import ARCHIVE_DUE, batch_key, events_key, items_key, job_key, webhooks_key
@@ -223,3 +223,16 @@ def test_sweep_removes_file_archives_past_retention(redis_client: Redis, storage
     os.utime(path, (aged, aged))
     assert sweep_files(storage.root, RETENTION) == 1
     assert not storage.exists(job_object_key(old.id)) and storage.exists(job_object_key(new.id))
+
+
+def test_every_way_a_job_ends_marks_it_once(redis_client: Redis, storage: FileStorage) -> None:
+    lifecycle = Lifecycle(redis_client, RETENTION)
+    canceled, unserved = queued_job(redis_client), queued_job(redis_client)
+    assert lifecycle.cancel_queued(canceled.id, "canceled while queued").applied
+    assert lifecycle.fail_unserved(unserved.id, "nobody serves it").applied
+    assert not lifecycle.cancel_queued(canceled.id, "again").applied  # refused: no second mark
+    assert set(due(redis_client)) == {f"job:{canceled.id}", f"job:{unserved.id}"}
+    assert archiver_on(redis_client, storage).run_once() == 2
+    archived = JobArchive(storage, RETENTION).job(unserved.id)
+    assert archived is not None and archived.record.error is not None
+    assert archived.record.error["type"] == "model_unavailable"
