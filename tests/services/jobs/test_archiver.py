@@ -236,3 +236,15 @@ def test_every_way_a_job_ends_marks_it_once(redis_client: Redis, storage: FileSt
     archived = JobArchive(storage, RETENTION).job(unserved.id)
     assert archived is not None and archived.record.error is not None
     assert archived.record.error["type"] == "model_unavailable"
+
+
+def test_a_delivery_pending_for_half_the_retention_no_longer_holds_the_record(
+    redis_client: Redis, storage: FileStorage
+) -> None:
+    """Rather than lose the record with its Redis keys, it is archived with the delivery still pending."""
+    record = finished_job(redis_client, storage, webhook=HOOK, at=utcnow() - RETENTION / 2)
+    delivery = {"event": "generation.succeeded", "msg_id": "msg_1", "state": "pending", "attempts": []}
+    JobStore(redis_client, RETENTION).add_delivery(record.id, "msg_1", {**delivery, "created_at": "t"})
+    assert archiver_on(redis_client, storage).run_once() == 1
+    archived = JobArchive(storage, RETENTION).job(record.id)
+    assert archived is not None and [d["state"] for d in archived.deliveries] == ["pending"]
