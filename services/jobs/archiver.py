@@ -6,8 +6,9 @@ atomic step as the status change, so no finished job can be missed. This loop, o
 (``darkroom:archive:lease``, renewed while it works), takes the due entries in order and for each:
 
 1. reads the record; gone (expired, or trimmed by an earlier run): the entry is dropped;
-2. waits while its webhook events are not settled — a delivery record still ``pending``, or the terminal
-   event's record not yet made by the outbox dispatcher: the entry is postponed (by about the time the
+2. waits while its webhook events are not settled — a delivery record still ``pending``, or the record of
+   an event it emitted (its terminal event, ``generation.started``) not yet made by the outbox dispatcher
+   (``webhooks_settled``): the entry is postponed (by about the time the
    job has waited, 5 s to 5 min: O(checks) stays small for slow receivers). After half the retention it
    is archived anyway, pending deliveries and all, rather than lost with the Redis keys;
 3. a batch item waits for its batch: it is dropped from the set while the batch is unarchived (atomically
@@ -29,7 +30,7 @@ import json
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -83,21 +84,26 @@ return 0
 """
 
 
-def webhooks_settled(deliveries: list[dict[str, Any]], awaited: str | None) -> bool:
-    """Whether nothing more will happen to these delivery records: none is ``pending`` and, if the
-    subject's webhook subscribed to ``awaited`` (its terminal event), that event's record exists — or the
-    receiver said 410 (``gone``), after which the dispatcher makes no more records."""
+def webhooks_settled(deliveries: list[dict[str, Any]], awaited: Iterable[str] = ()) -> bool:
+    """Whether nothing more will happen to these delivery records: none is ``pending`` and each event in
+    ``awaited`` (what the subject's webhook subscribed to and the subject emitted: ``generation.started``,
+    its terminal event) has its record — made by the outbox dispatcher a moment after the event — or the
+    receiver said 410 (``gone``), after which the dispatcher makes no more records. ``progress`` events
+    are not awaited: how many were sent is not kept."""
     if any(delivery.get("state") == "pending" for delivery in deliveries):
         return False
-    if awaited is None or any(delivery.get("state") == "gone" for delivery in deliveries):
+    if any(delivery.get("state") == "gone" for delivery in deliveries):
         return True
-    return any(delivery.get("event") == awaited for delivery in deliveries)
+    recorded = {delivery.get("event") for delivery in deliveries}
+    return all(event in recorded for event in awaited)
 
 
-def _awaited(webhook: dict[str, Any] | None, event: str) -> str | None:
+def _awaited(webhook: dict[str, Any] | None, *emitted: str) -> list[str]:
+    """Of the events ``emitted``, those the webhook subscribed to."""
     if not webhook:
-        return None
-    return event if event in canonical_events(webhook.get("events", [])) else None
+        return []
+    subscribed = canonical_events(webhook.get("events", []))
+    return [event for event in emitted if event in subscribed]
 
 
 @dataclass
@@ -177,7 +183,10 @@ class Archiver:
         if batch_id and self._wait_for_batch(keys=[batch_key(batch_id), ARCHIVE_DUE], args=[member]):
             return "waiting_for_batch"  # re-added, due at once, when the batch is archived
         webhook = _json(fields.get("webhook"))
-        awaited = _awaited(webhook, f"generation.{fields.get('status')}")
+        emitted = [f"generation.{fields.get('status')}"]
+        if fields.get("started_at"):  # it ran (a job canceled while queued never started)
+            emitted.append(WebhookEvent.GENERATION_STARTED.value)
+        awaited = _awaited(webhook, *emitted)
         if self._postponed(member, document["webhooks"], awaited, fields.get("completed_at")):
             return "postponed"
         size = self.archive.put(document)
@@ -214,7 +223,7 @@ class Archiver:
         return "archived"
 
     def _postponed(
-        self, member: str, deliveries: list[dict[str, Any]], awaited: str | None, completed_at: str | None
+        self, member: str, deliveries: list[dict[str, Any]], awaited: list[str], completed_at: str | None
     ) -> bool:
         """Postpone ``member`` if its webhooks are not settled (and it has not waited half the retention)."""
         if webhooks_settled(deliveries, awaited):

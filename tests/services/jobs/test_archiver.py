@@ -109,16 +109,29 @@ def test_a_pending_delivery_holds_the_archive_until_it_is_final(
 @pytest.mark.parametrize(
     ("deliveries", "awaited", "settled"),
     [
-        ([], None, True),
-        ([], "generation.succeeded", False),
-        ([{"event": "generation.started", "state": "delivered"}], "generation.succeeded", False),
-        ([{"event": "generation.succeeded", "state": "failed"}], "generation.succeeded", True),
-        ([{"event": "generation.started", "state": "gone"}], "generation.succeeded", True),
-        ([{"event": "generation.succeeded", "state": "pending"}], "generation.succeeded", False),
-        ([{"event": "generation.started", "state": "pending"}], None, False),
+        ([], [], True),
+        ([], ["generation.succeeded"], False),
+        ([{"event": "generation.started", "state": "delivered"}], ["generation.succeeded"], False),
+        ([{"event": "generation.succeeded", "state": "failed"}], ["generation.succeeded"], True),
+        ([{"event": "generation.started", "state": "gone"}], ["generation.succeeded"], True),
+        ([{"event": "generation.succeeded", "state": "pending"}], ["generation.succeeded"], False),
+        ([{"event": "generation.started", "state": "pending"}], [], False),
+        (
+            [{"event": "generation.succeeded", "state": "delivered"}],
+            ["generation.succeeded", "generation.started"],
+            False,
+        ),
+        (
+            [
+                {"event": "generation.started", "state": "delivered"},
+                {"event": "generation.succeeded", "state": "delivered"},
+            ],
+            ["generation.succeeded", "generation.started"],
+            True,
+        ),
     ],
 )
-def test_webhooks_settled(deliveries: list[dict[str, str]], awaited: str | None, settled: bool) -> None:
+def test_webhooks_settled(deliveries: list[dict[str, str]], awaited: list[str], settled: bool) -> None:
     assert webhooks_settled(list(deliveries), awaited) is settled
 
 
