@@ -21,6 +21,7 @@ from api.contract import problem_responses
 from api.deps import StateDep
 from api.errors import ApiError, NotFound
 from api.state import AppState
+from services.jobs.archive import RECORDS_PREFIX
 from services.storage import FileStorage, InvalidKey, ObjectNotFound
 
 router = APIRouter(tags=["files"])
@@ -157,6 +158,8 @@ async def _serve(
     inner = getattr(storage, "inner", storage)  # unwrap RetryingStorage
     if not isinstance(inner, FileStorage):
         raise NotFound(detail="this server stores images in S3; use the URLs on the job")
+    if key.startswith(RECORDS_PREFIX):  # archived job records: read through the API, never as files
+        raise NotFound(detail="no such file")
     if inner.signs_urls and not inner.verify_url(key, expires, signature):
         raise NotFound(detail="no such file, or its URL expired: read the job again for a fresh URL")
     try:

@@ -31,6 +31,7 @@ from redis import Redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from services.jobs.archive import JobArchive
 from services.jobs.lifecycle import Lifecycle
 from services.jobs.store import JobStore
 from services.settings import Settings, get_settings
@@ -198,6 +199,11 @@ class ServiceClients:
     @property
     def store(self) -> JobStore:
         return self._get("store", lambda: JobStore(self.redis, self.settings.job_retention))
+
+    @property
+    def archive(self) -> JobArchive:
+        """Finished jobs and batches once they have left Redis (``services.jobs.archive``)."""
+        return self._get("archive", lambda: JobArchive(self.storage, self.settings.job_retention))
 
     @property
     def lifecycle(self) -> Lifecycle:

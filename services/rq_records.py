@@ -178,17 +178,18 @@ def put_back_at_front(redis: Redis, queue: Queue, job_id: str) -> bool:
 
 def finish_taken_job(queue: Queue, job_id: str, result: str, worker_name: str) -> None:
     """Close the RQ job of a coalesced partner as RQ closes the job it ran itself: finished, a result, in
-    the finished registry, expiring after its ``result_ttl``. Bookkeeping only: our record has the outcome."""
+    the finished registry, expiring after its ``result_ttl`` — or, with ``result_ttl`` 0, deleted at once.
+    Bookkeeping only: our record has the outcome, and nothing reads RQ's results."""
     job = Job.fetch(job_id, connection=queue.connection, serializer=queue.serializer)
     ttl = job.get_result_ttl(DEFAULT_RESULT_TTL_S)
     job.ended_at = now()
     with queue.connection.pipeline() as pipe:
         job.set_status(JobStatus.FINISHED, pipeline=pipe)
         job.save(pipeline=pipe, include_meta=False, include_result=False)
-        Result.create(
-            job, Result.Type.SUCCESSFUL, ttl, return_value=result, worker_name=worker_name, pipeline=pipe
-        )
-        if ttl != 0:
+        if ttl != 0:  # as RQ's worker: a result_ttl of 0 (our default) keeps no result
+            Result.create(
+                job, Result.Type.SUCCESSFUL, ttl, return_value=result, worker_name=worker_name, pipeline=pipe
+            )
             FinishedJobRegistry(queue=queue).add(job, ttl, pipe)
         job.cleanup(ttl, pipeline=pipe, remove_from_queue=False)
         pipe.execute()

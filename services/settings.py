@@ -181,9 +181,20 @@ class Settings(BaseSettings):
         description="Prefix of each model's batch-item queue; its workers serve it when the main is empty.",
     )
     job_timeout: timedelta = Field(timedelta(minutes=10), description="Longest a generation job may run.")
-    result_ttl: timedelta = Field(timedelta(days=1), description="How long RQ keeps a finished job.")
+    result_ttl: timedelta = Field(
+        timedelta(0),
+        description="How long RQ keeps a finished job and its result (0: dropped at once; nothing reads "
+        "them, the outcome is on our job record).",
+    )
     failure_ttl: timedelta = Field(timedelta(days=7), description="How long RQ keeps a failed job.")
     job_retention: timedelta = Field(timedelta(days=7), description="How long job records stay readable.")
+    finished_ttl: timedelta = Field(
+        timedelta(minutes=5),
+        gt=timedelta(0),
+        description="How long a finished job's (or batch's) Redis keys stay once its record is archived to "
+        "storage (reads then fall through to the archive, within DARKROOM_JOB_RETENTION). Redis holds "
+        "about finished jobs/s x this x ~7 KB (BENCHMARKS.md).",
+    )
     idempotency_ttl: timedelta = Field(
         timedelta(hours=24), description="How long an Idempotency-Key is kept."
     )

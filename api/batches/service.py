@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, cast
 
+import anyio
 import structlog
 from fastapi.concurrency import run_in_threadpool
 
@@ -39,6 +40,7 @@ from services import metrics
 from services.admission import batch_cost, key_share
 from services.batch_views import render_batch, render_batch_summary, render_item
 from services.jobs import JobRecord, decode_deliveries, job_key, new_job_id, utcnow
+from services.jobs.archive import ArchivedBatch
 from services.jobs.batches import BatchRecord, new_batch_id
 from services.jobs.keys import batch_key, batch_webhooks_key, is_batch_id, items_key, owner_batches_key
 from services.queue import batch_queue
@@ -46,6 +48,8 @@ from services.storage import Storage
 
 log = structlog.get_logger(__name__)
 IDEMPOTENCY_PREFIX = "darkroom:idempotency:batch:"
+#: Archived items of one page read from storage at a time.
+_ARCHIVE_READS = 16
 
 
 @dataclass(frozen=True)
@@ -243,20 +247,29 @@ async def view(
         pipe.lrange(items_key(batch_id), 0, -1)
         pipe.hgetall(batch_webhooks_key(batch_id))
         raw_batch, raw_ids, raw_deliveries = await pipe.execute()
-    record = _owned(BatchRecord.from_hash(batch_id, raw_batch) if raw_batch else None, principal, batch_id)
-    ids = [raw.decode() for raw in raw_ids]
+    if raw_batch and b"archived_at" not in raw_batch:
+        record = _owned(BatchRecord.from_hash(batch_id, raw_batch), principal, batch_id)
+        ids = [raw.decode() for raw in raw_ids]
+        deliveries = decode_deliveries(raw_deliveries)
+        statuses: list[str | None] | None = None
+    else:  # archived (its items may be leaving Redis) or gone from Redis: the archive has it all
+        archived = await run_in_threadpool(state.clients.archive.batch, batch_id)
+        if archived is None:
+            raise NotFound(f"no batch {batch_id!r}")
+        record = _owned(archived.record, principal, batch_id)
+        ids, statuses, deliveries = archived.item_ids, archived.statuses, archived.deliveries
     page_ids = ids[offset : offset + limit]
     async with redis.pipeline(transaction=False) as pipe:
-        for job_id in ids:
+        for job_id in ids if statuses is None else []:
             pipe.hget(job_key(job_id), "status")
         for job_id in page_ids:
             pipe.hgetall(job_key(job_id))
         replies = await pipe.execute()
-    statuses = [value.decode() if value else None for value in replies[: len(ids)]]
+    if statuses is None:
+        statuses = [value.decode() if value else None for value in replies[: len(ids)]]
+        replies = replies[len(ids) :]
     expiry = state.settings.url_expiry
-    records = (
-        JobRecord.from_stored(job_id, raw) for job_id, raw in zip(page_ids, replies[len(ids) :], strict=True)
-    )
+    records = await _page_records(state, page_ids, replies)
     page = [render_item(record, links, expiry) for record in records if record is not None]
     end = offset + len(page_ids)
     return render_batch(
@@ -264,15 +277,37 @@ async def view(
         statuses,
         items=page,
         next_offset=end if end < len(ids) else None,
-        deliveries=decode_deliveries(raw_deliveries) if record.webhook else None,
+        deliveries=deliveries if record.webhook else None,
     )
+
+
+async def _page_records(
+    state: AppState, job_ids: list[str], raw: list[dict[bytes, bytes]]
+) -> list[JobRecord | None]:
+    """A page's item records from their Redis hashes, each missing one from its archive (read in the
+    threadpool, several at a time): items leave Redis after their batch is archived."""
+    records = [JobRecord.from_stored(job_id, hash_) for job_id, hash_ in zip(job_ids, raw, strict=True)]
+    missing = [n for n, found in enumerate(records) if found is None]
+    if not missing:
+        return records
+    limiter = anyio.CapacityLimiter(_ARCHIVE_READS)
+
+    async def fetch(n: int) -> None:
+        archived = await anyio.to_thread.run_sync(state.clients.archive.job, job_ids[n], limiter=limiter)
+        records[n] = archived.record if archived else None
+
+    async with anyio.create_task_group() as group:
+        for n in missing:
+            group.start_soon(fetch, n)
+    return records
 
 
 async def list_batches(state: AppState, principal: str, offset: int, limit: int) -> BatchList:
     """The caller's batches, newest first: ``offset``..``offset + limit`` of its index, each with status
     and counts over all of its items (no items: ``GET /v1/batches/{id}`` pages them). Two round trips
     whatever the batches hold: the counts are the batch hash's own (``render_batch_summary``), no item is
-    read. Index entries whose batch has expired are dropped as they are met."""
+    read. A batch that has left Redis is read from its archive (several at a time, in the threadpool).
+    Index entries whose batch has expired (or passed its retention) are dropped as they are met."""
     index = owner_batches_key(principal)
     redis = state.redis_async
     raw_keys = cast(list[bytes], await redis.zrevrange(index, offset, offset + limit))  # +1: more?
@@ -284,19 +319,41 @@ async def list_batches(state: AppState, principal: str, offset: int, limit: int)
         replies = await pipe.execute()
     page: list[Batch] = []
     gone: list[str] = []
+    ids = [key.removeprefix(batch_key("")) for key in keys]
+    archived = await _archived_batches(
+        state, [batch_id for n, batch_id in enumerate(ids) if not replies[2 * n] and is_batch_id(batch_id)]
+    )
     for n, key in enumerate(keys):
         raw_batch, raw_deliveries = replies[2 * n], replies[2 * n + 1]
-        batch_id = key.removeprefix(batch_key(""))
+        batch_id = ids[n]
         record = BatchRecord.from_hash(batch_id, raw_batch) if raw_batch else None
+        deliveries = decode_deliveries(raw_deliveries)
+        if record is None and (found := archived.get(batch_id)) is not None:  # left Redis: its archive
+            record, deliveries = found.record, found.deliveries
         if record is None or record.owner != principal:
             gone.append(key)
             continue
-        deliveries = decode_deliveries(raw_deliveries) if record.webhook else None
-        page.append(render_batch_summary(record, deliveries))
+        page.append(render_batch_summary(record, deliveries if record.webhook else None))
     if gone:
         await redis.zrem(index, *gone)
     more = len(raw_keys) > limit
     return BatchList(data=page, next_offset=offset + limit if more else None)
+
+
+async def _archived_batches(state: AppState, batch_ids: list[str]) -> dict[str, ArchivedBatch]:
+    """The archives of these batches that exist and are within the retention, read concurrently."""
+    found: dict[str, ArchivedBatch] = {}
+    limiter = anyio.CapacityLimiter(_ARCHIVE_READS)
+
+    async def fetch(batch_id: str) -> None:
+        archived = await anyio.to_thread.run_sync(state.clients.archive.batch, batch_id, limiter=limiter)
+        if archived is not None:
+            found[batch_id] = archived
+
+    async with anyio.create_task_group() as group:
+        for batch_id in batch_ids:
+            group.start_soon(fetch, batch_id)
+    return found
 
 
 def _cancel(state: AppState, batch_id: str, model: str | None) -> None:

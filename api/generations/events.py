@@ -73,12 +73,16 @@ async def sse_stream(
     final_job: Callable[[], Awaitable[dict[str, Any]]],
     is_disconnected: Callable[[], Awaitable[bool]],
     shutdown: asyncio.Event,
+    *,
+    archived: Callable[[str], list[tuple[str, dict[str, Any]]]] | None = None,
 ) -> AsyncIterator[bytes]:
     """``status`` and ``progress`` events as they happen, then one ``job`` event with the final job.
 
     If Redis becomes unreachable mid-stream, or the server begins to shut down (``shutdown`` is set), the
     stream just ends (the status line went out long ago, so there is no 503 to send): clients reconnect
     with ``Last-Event-ID`` — to another replica — and miss nothing. ``redis`` is the waits' own pool.
+    ``archived``: the events after a stream id, for a job that has left Redis (``services.jobs.archive``):
+    replayed from there, then the stream ends as for any finished job.
     """
     yield b"retry: 2000\n\n"
     job = await final_job()
@@ -86,7 +90,11 @@ async def sse_stream(
         # Already over: replay what the client has not seen and close. Waiting for events would hang a
         # client that reconnects after the final status (its Last-Event-ID is the last entry there is).
         try:
-            for entry_id, event in await read_events(redis, job_id, last_id, block_ms=None):
+            if archived is not None:
+                replay = archived(last_id)
+            else:
+                replay = await read_events(redis, job_id, last_id, block_ms=None)
+            for entry_id, event in replay:
                 last_id = entry_id
                 yield sse_message(event["type"], event["data"], entry_id)
         except REDIS_UNAVAILABLE as exc:

@@ -207,7 +207,8 @@ async def generation_events(
     ] = None,
 ) -> Response:
     """``status`` and ``progress`` events as they happen, then a ``job`` event with the final job; closes."""
-    await service.load(state, principal, job_id)  # 404 before the stream starts
+    # 404 before the stream starts; a job that has left Redis replays its archived events
+    _, archived = await service.load_with_archive(state, principal, job_id)
 
     async def final_job() -> dict[str, Any]:
         job = await service.view(state, principal, job_id, links=links)
@@ -217,7 +218,13 @@ async def generation_events(
     waits = state.waits
     lease = await waits.acquire(principal)  # 429 / 503 before the stream starts
     stream = sse_stream(
-        waits.blocking, job_id, resume_from, final_job, request.is_disconnected, waits.shutdown
+        waits.blocking,
+        job_id,
+        resume_from,
+        final_job,
+        request.is_disconnected,
+        waits.shutdown,
+        archived=archived.events_after if archived else None,
     )
     return LeasedStreamingResponse(
         stream,

@@ -29,6 +29,7 @@ from services import metrics, queue_order
 from services.admission import key_share
 from services.job_views import render_job
 from services.jobs import JobRecord, decode_deliveries, job_key, new_job_id, utcnow, webhooks_key
+from services.jobs.archive import ArchivedJob
 from services.jobs.keys import is_job_id
 from services.queue import job_queue
 from services.rq_records import queue_position_async, remove_from_queue
@@ -202,14 +203,27 @@ async def submit(
 
 
 async def _read(state: AppState, job_id: str) -> tuple[JobRecord | None, list[dict[str, Any]]]:
-    """The job's record and webhook deliveries in one round trip."""
+    """The job's record and webhook deliveries in one round trip — or, once the job has left Redis, from
+    its archive (``services.jobs.archive``: None past the retention)."""
     if not is_job_id(job_id):  # before any key is built from it: the same 404 as a made-up id
         return None, []
     async with state.redis_async.pipeline(transaction=False) as pipe:
         pipe.hgetall(job_key(job_id))
         pipe.hgetall(webhooks_key(job_id))
         raw_job, raw_deliveries = await pipe.execute()
-    return JobRecord.from_stored(job_id, raw_job), decode_deliveries(raw_deliveries)
+    record = JobRecord.from_stored(job_id, raw_job)
+    if record is not None:
+        return record, decode_deliveries(raw_deliveries)
+    archived = await archived_job(state, job_id)
+    return (archived.record, archived.deliveries) if archived else (None, [])
+
+
+async def archived_job(state: AppState, job_id: str) -> ArchivedJob | None:
+    """The job as archived once it left Redis (a storage read, in the threadpool); None if it was never
+    archived or ended more than ``DARKROOM_JOB_RETENTION`` ago."""
+    if not is_job_id(job_id):
+        return None
+    return await run_in_threadpool(state.clients.archive.job, job_id)
 
 
 def _owned(record: JobRecord | None, principal: str, job_id: str) -> JobRecord:
@@ -220,10 +234,23 @@ def _owned(record: JobRecord | None, principal: str, job_id: str) -> JobRecord:
 
 
 async def load(state: AppState, principal: str, job_id: str) -> JobRecord:
+    record, _ = await load_with_archive(state, principal, job_id)
+    return record
+
+
+async def load_with_archive(
+    state: AppState, principal: str, job_id: str
+) -> tuple[JobRecord, ArchivedJob | None]:
+    """The caller's job, from Redis or else its archive — which is returned too (None: read from Redis),
+    for a reader that also needs what the archive kept (the events an SSE stream replays)."""
     if not is_job_id(job_id):  # before any key is built from it: the same 404 as a made-up id
-        return _owned(None, principal, job_id)
+        return _owned(None, principal, job_id), None
     raw = cast(dict[bytes, bytes], await state.redis_async.hgetall(job_key(job_id)))
-    return _owned(JobRecord.from_stored(job_id, raw), principal, job_id)
+    record = JobRecord.from_stored(job_id, raw)
+    if record is not None:
+        return _owned(record, principal, job_id), None
+    archived = await archived_job(state, job_id)
+    return _owned(archived.record if archived else None, principal, job_id), archived
 
 
 async def view(state: AppState, principal: str, job_id: str, *, links: Storage) -> Job:
@@ -260,6 +287,8 @@ async def polled_view(
 
 
 def _cancel(state: AppState, record: JobRecord) -> None:
+    if record.status.is_terminal:  # read from the archive, perhaps: nothing in Redis to change
+        raise Conflict(f"job {record.id} is already {record.status.value}", code="job_already_finished")
     queue = job_queue(state.clients.redis, state.settings, record)
     previous = state.clients.lifecycle.cancel(record.id, "canceled while queued", rq=remove_from_queue(queue))
     if previous is None:

@@ -3,7 +3,7 @@
 One module, so the layout can be read in one place (docs/architecture.md has the whole picture) and the
 Lua scripts, which must derive some keys themselves, spell them from the same prefixes.
 
-Per job (all expire after ``job_retention``, restarted when the job ends):
+Per job (all expire after ``job_retention``, restarted when the job ends; cut to minutes once archived):
 - ``darkroom:job:{id}``           hash: status, timestamps, request, outcome fields (JSON values)
 - ``darkroom:job:{id}:events``    stream: {type: status|progress, data: JSON} for SSE and ``Prefer: wait``
 - ``darkroom:job:{id}:webhooks``  hash: msg_id -> JSON delivery record (event, state, attempts)
@@ -22,6 +22,11 @@ While a batch is being admitted (``services.admission.BatchAdmitter``; expire af
 - ``darkroom:staging:{batch id}:{job id}``  an item's job hash, its ``:events`` and its ``:rq`` (RQ's job
   hash), written before the admission script, which renames them into place or leaves them to be deleted
 
+Once finished (``services.jobs.archiver``): a job's or batch's keys above stay only
+``DARKROOM_FINISHED_TTL`` (minutes) after its record is archived to storage as one JSON object
+(``services.jobs.archive``: ``records/jobs/{id}.json``, ``records/batches/{id}.json``); reads fall through
+to it within ``DARKROOM_JOB_RETENTION``. A batch hash gets ``archived_at`` when its archive is written.
+
 Shared:
 - ``darkroom:jobs:running-by-beat``  sorted set of the job hash keys whose status is running, scored by
                              each job's last sign of life (ms since the epoch, the worker's clock: claim and
@@ -35,6 +40,9 @@ Shared:
                              given), ``claimed`` (the highest sequence number claimed), ``claimed_at_ms`` and
                              ``gap_ms`` (an EWMA of the time between claims, Redis's clock): a queued job's
                              ``queue_seq`` minus ``claimed`` is its place in line, in O(1)
+- ``darkroom:archive:due``   sorted set: ``job:{id}`` / ``batch:{id}`` to archive, by due time (ms); the
+                             terminal transition adds them, the archiver takes, postpones or removes them
+- ``darkroom:archive:lease`` string: the token of the one archiver working now (expires unless renewed)
 - ``darkroom:outbox``        stream: the webhook events status changes caused, consumed by the webhook
                              process as the consumer group ``darkroom:outbox:dispatch`` (see ``outbox``)
 """
@@ -52,6 +60,8 @@ RECOVERY_LEASE = "darkroom:jobs:recovery-lease"
 QUEUE_ORDER_PREFIX = "darkroom:queue-order:"
 OUTBOX = "darkroom:outbox"
 OUTBOX_GROUP = "darkroom:outbox:dispatch"
+ARCHIVE_DUE = "darkroom:archive:due"
+ARCHIVE_LEASE = "darkroom:archive:lease"
 _OWNER_BATCHES_PREFIX = "darkroom:batches-of:"
 _QUEUED_OF_PREFIX = "darkroom:queued-of:"
 _STAGING_PREFIX = "darkroom:staging:"

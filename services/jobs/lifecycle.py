@@ -13,8 +13,9 @@ in one atomic step it:
   owner's share of its queue (``queued_in``: see ``services.admission``), a batch's count of running
   items, and RQ's records (the queue list, RQ's job hash, its started registry — built by
   ``services.rq_records``) in step with the status;
-- on a terminal status, restarts the retention clock of the job's keys, counts the job into its batch and,
-  for the batch's last item, stamps the batch completed;
+- on a terminal status, restarts the retention clock of the job's keys, marks the job (and a batch it
+  completes) due for the archive (``services.jobs.archiver``), counts the job into its batch and, for the
+  batch's last item, stamps the batch completed;
 - appends the webhook events the change causes — the job's ``generation.*`` as its webhook subscribed,
   and ``batch.completed`` when this was the batch's last item — to the **outbox** (``darkroom:outbox``),
   which the webhook process consumes (``services.webhooks.dispatcher``).
@@ -53,6 +54,7 @@ from schemas.webhooks import EVENT_ALIASES
 from services import metrics, rq_records
 from services.jobs.batches import BatchStore
 from services.jobs.keys import (
+    ARCHIVE_DUE,
     BATCH_PREFIX,
     OUTBOX,
     RUNNING_SET,
@@ -207,6 +209,10 @@ if terminal[to] and not terminal[current] then
     events = events + 1
   end
   for _, key in ipairs({KEYS[1], KEYS[2], KEYS[1] .. ':webhooks'}) do redis.call('EXPIRE', key, ARGV[9]) end
+  -- To be archived to storage, then trimmed from Redis (services.jobs.archiver; key derived: one Redis).
+  local t = redis.call('TIME')
+  local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  redis.call('ZADD', ARCHIVE_DUE, 'NX', now_ms, 'job:' .. ARGV[1])
   -- A batch item counts itself into its batch; the last one ends the batch (key derived: one Redis).
   local batch_id = redis.call('HGET', KEYS[1], 'batch_id')
   local batch_key = batch_id and (BATCH_PREFIX .. batch_id) or ''
@@ -220,6 +226,7 @@ if terminal[to] and not terminal[current] then
         redis.call('EXPIRE', key, retention)
       end
       ended = batch_id
+      redis.call('ZADD', ARCHIVE_DUE, 'NX', now_ms, 'batch:' .. batch_id)
       if subscribed(redis.call('HGET', batch_key, 'webhook'), 'batch.completed') then
         emit(KEYS[3], ARGV[11], 'batch.completed', 'batch', batch_id, moment)
         events = events + 1
@@ -228,7 +235,7 @@ if terminal[to] and not terminal[current] then
   end
 end
 return {1, current, ended, events, started_at}
-""".replace("BATCH_PREFIX", repr(BATCH_PREFIX))
+""".replace("BATCH_PREFIX", repr(BATCH_PREFIX)).replace("ARCHIVE_DUE", repr(ARCHIVE_DUE))
 )
 
 _PROGRESS = (

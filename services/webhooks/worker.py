@@ -1,5 +1,6 @@
 """The webhook worker process: an RQ worker on the webhook queue, with the scheduler that fires retries,
-and the outbox dispatcher (a side thread) that turns the events of status changes into first attempts.
+the outbox dispatcher (a side thread) that turns the events of status changes into first attempts, and
+the archiver (another) that moves finished jobs out of Redis once their webhooks are settled.
 
 Why threads in one process (``services.rq_workers.PooledWorker``): an attempt is a few milliseconds of our
 work around one HTTP exchange that may wait up to the attempt deadline on a slow receiver. One attempt at
@@ -30,6 +31,7 @@ from rq.serializers import JSONSerializer
 
 from services import metrics
 from services.clients import build_clients, close_process_clients, make_redis, set_process_clients
+from services.jobs.archiver import Archiver, file_root
 from services.logging import configure_logging
 from services.queue import webhook_queue
 from services.rq_workers import PooledWorker
@@ -51,7 +53,8 @@ def setup_logging(settings: Settings) -> None:
 def run_worker(settings: Settings, *, burst: bool = False) -> int:
     """Work the webhook queue until SIGTERM/SIGINT (or, with ``burst``, until it is empty); exit status.
 
-    In burst mode the scheduler runs once at start: retries that are not yet due stay scheduled.
+    In burst mode the scheduler runs once at start: retries that are not yet due stay scheduled; finished
+    jobs whose webhooks are then settled are archived before it returns.
     Call ``setup_logging`` first.
     """
     clients = build_clients(settings)
@@ -72,10 +75,18 @@ def run_worker(settings: Settings, *, burst: bool = False) -> int:
         task_timeout=task_timeout(settings.webhook_attempt_deadline),
         claim_idle=settings.outbox_claim_idle,
     )
+    # Finished jobs whose webhooks are settled go to storage and leave Redis (services.jobs.archiver).
+    archiver = Archiver(
+        redis=clients.redis,
+        archive=clients.archive,
+        finished_ttl=settings.finished_ttl,
+        sweep_root=file_root(clients.storage),
+    )
     if burst:  # what is in the outbox now becomes attempts, then the worker drains them
         dispatcher.drain()
     else:
         dispatcher.start()
+        archiver.start()
     try:
         worker = PooledWorker(
             [webhook_queue(connection, settings)],
@@ -84,7 +95,11 @@ def run_worker(settings: Settings, *, burst: bool = False) -> int:
             concurrency=settings.webhook_concurrency,
         )
         worker.work(burst=burst, with_scheduler=True, logging_level="INFO")
+        if burst:  # what the attempts settled can leave Redis now
+            while archiver.run_once():
+                pass
     finally:
+        archiver.stop()
         dispatcher.stop()
         dispatcher.redis.close()
         connection.close()

@@ -128,3 +128,32 @@ def test_an_unclaimed_job_is_put_back_once(redis_client: Redis) -> None:
     assert rq_records.put_back_at_front(redis_client, queue, record.id)
     assert not rq_records.put_back_at_front(redis_client, queue, record.id)
     assert queue.job_ids == [record.id]
+
+
+def test_rq_keeps_no_finished_job_by_default(redis_client: Redis) -> None:
+    """``result_ttl`` 0 (the default: nothing reads RQ's results, our record has the outcome): a job RQ ran
+    leaves neither its hash, nor a result, nor a finished-registry entry."""
+    assert Settings().result_ttl == timedelta(0)
+    queue = make_queue(redis_client)
+    ttl = int(Settings().result_ttl.total_seconds())
+    job = queue.enqueue(f"{__name__}.started_executions", result_ttl=ttl)
+    SimpleWorker([queue], connection=redis_client, serializer=JSONSerializer).work(burst=True)
+    assert not Job.exists(job.id, connection=redis_client)
+    assert list(redis_client.scan_iter(match=f"*{job.id}*")) == []
+    assert FinishedJobRegistry(queue=queue).get_job_ids() == []
+
+
+def test_a_partner_closed_with_result_ttl_0_leaves_nothing(redis_client: Redis) -> None:
+    queue = make_queue(redis_client)
+    lifecycle = Lifecycle(redis_client, timedelta(days=1))
+    record = queued_job(redis_client, queue=queue)
+    job = Job.fetch(record.id, connection=redis_client, serializer=JSONSerializer)
+    job.result_ttl = 0
+    job.save()
+    assert lifecycle.claim(record, "worker-a", rq=rq_records.taken_by(queue, record.id, "worker-a")).applied
+
+    rq_records.finish_taken_job(queue, record.id, "succeeded", "worker-a")
+
+    assert not Job.exists(record.id, connection=redis_client)
+    assert list(redis_client.scan_iter(match=f"rq:results:{record.id}*")) == []
+    assert FinishedJobRegistry(queue=queue).get_job_ids() == []

@@ -27,7 +27,7 @@ from rq.registry import ScheduledJobRegistry
 
 from devtools.net import free_port
 from services.clients import ServiceClients, build_clients
-from services.jobs.keys import OUTBOX
+from services.jobs.keys import ARCHIVE_DUE, OUTBOX, job_key
 from services.queue import webhook_queue
 from services.settings import Settings
 from services.storage import FileStorage
@@ -221,3 +221,25 @@ def test_sigterm_during_an_attempt_finishes_and_records_it(
     delivery = delivery_state(clients, job_id, "delivered")()
     assert delivery is not None, clients.store.deliveries(job_id)
     assert [a["status_code"] for a in delivery["attempts"]] == [200]
+
+
+def test_a_job_is_archived_once_its_webhook_is_delivered(
+    settings: Settings,
+    clients: ServiceClients,
+    storage: FileStorage,
+    webhook_receiver: HttpReceiver,
+    start_worker: StartWorker,
+) -> None:
+    """The archiver runs in this process: a finished job whose delivery is final goes to storage and its
+    Redis keys get the short TTL (its loop in a long-running worker; a pass at the end in burst mode)."""
+    webhook_receiver.script([200])
+    job_id = create_job(clients, storage, webhook_receiver.url)
+
+    worker = start_worker("--burst")
+    assert worker.wait(timeout=PROCESS_TIMEOUT_S) == 0
+
+    archived = clients.archive.job(job_id)
+    assert archived is not None and [d["state"] for d in archived.deliveries] == ["delivered"]
+    assert archived.record == clients.store.get(job_id)
+    assert 0 < clients.redis.ttl(job_key(job_id)) <= settings.finished_ttl.total_seconds()
+    assert clients.redis.zcard(ARCHIVE_DUE) == 0
