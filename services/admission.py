@@ -43,9 +43,11 @@ from typing import Any, Literal, cast
 
 import redis.asyncio as aredis
 from redis import exceptions as redis_exceptions
+from redis.commands.core import AsyncScript
 from rq import Queue
 
 from schemas.jobs import JobStatus
+from services import metrics
 from services.jobs.batches import BatchRecord
 from services.jobs.keys import (
     JOB_PREFIX,
@@ -60,6 +62,7 @@ from services.jobs.keys import (
 from services.jobs.lifecycle import EVENTS_MAXLEN
 from services.jobs.records import JobRecord, encode_fields
 from services.rate_limit import TAKE_TOKEN_LUA, RateLimit
+from services.replication import NotReplicated, ReplicaAcks, ScriptArgs, ScriptKeys, run_replicated_async
 from services.rq_records import generation_job_fields, job_hash_key, job_hash_prefix, queues_set_key
 from services.settings import Settings
 
@@ -171,6 +174,8 @@ class Admitter:
         self.settings = settings
         self.rate_limit = rate_limit
         self.retention_s = max(1, int(settings.job_retention.total_seconds()))
+        self._redis = redis
+        self._acks = ReplicaAcks.from_settings(settings)
         self._script = redis.register_script(_ADMIT)
 
     async def admit(
@@ -203,7 +208,25 @@ class Admitter:
             *job_fields,
             *rq_fields,
         ]
-        return _admission(*await self._script(keys=keys, args=args))
+        return _admission(*await _replicated(self._script, keys, args, self._redis, self._acks))
+
+
+async def _replicated(
+    script: AsyncScript, keys: ScriptKeys, args: ScriptArgs, redis: aredis.Redis, acks: ReplicaAcks
+) -> Any:
+    """An admission script's answer, once ``acks`` replicas hold what it wrote (``services.replication``).
+
+    An admission no replica acknowledged in time raises ``NotReplicated`` (503 ``redis_unavailable``):
+    the job is on the primary, so the client's retry with the same Idempotency-Key gets it back, while
+    without a key a retry may admit a second job. A refusal or a replay wrote nothing: it is answered."""
+    try:
+        return await run_replicated_async(script, keys, args, redis, acks)
+    except NotReplicated as exc:
+        outcome = exc.result[0] if exc.result else b""
+        if outcome not in (b"queued", "queued"):
+            return exc.result
+        metrics.REPLICA_ACK_TIMEOUTS.labels("admission").inc()
+        raise
 
 
 def _check_args(
@@ -362,6 +385,7 @@ class BatchAdmitter:
         self.settings = settings
         self.rate_limit = rate_limit
         self._redis = redis
+        self._acks = ReplicaAcks.from_settings(settings)
         self._script = redis.register_script(_ADMIT_BATCH)
 
     async def admit(
@@ -407,7 +431,7 @@ class BatchAdmitter:
         try:
             if not replay:
                 await self._stage(prefix, batch, items, share_key)
-            outcome, value = await self._script(keys=keys, args=args)
+            outcome, value = await _replicated(self._script, keys, args, self._redis, self._acks)
         except BaseException:
             await self._unstage(prefix, ids)
             raise

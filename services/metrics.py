@@ -99,10 +99,26 @@ OUTBOX_BACKLOG = Gauge(
     "Webhook events written by status changes and not yet turned into deliveries by a webhook process.",
     registry=None,
 )
+# Every role writes what the others must not lose: the API admissions, the workers jobs' ends.
+REPLICA_ACK_TIMEOUTS = Counter(
+    "darkroom_redis_replica_ack_timeouts_total",
+    "Writes that fewer than DARKROOM_REDIS_MIN_REPLICA_ACKS replicas acknowledged in time (Redis WAIT), "
+    "by what was written (admission: answered 503; job_end: logged, the worker went on).",
+    ["write"],
+    registry=None,
+)
 
 #: The families each kind of process exports.
 ROLES: Mapping[Role, tuple[MetricWrapperBase, ...]] = {
-    "api": (HTTP_REQUESTS, HTTP_LATENCY, SUBMISSIONS, QUEUE_DEPTH, OUTBOX_BACKLOG, JOBS),
+    "api": (
+        HTTP_REQUESTS,
+        HTTP_LATENCY,
+        SUBMISSIONS,
+        QUEUE_DEPTH,
+        OUTBOX_BACKLOG,
+        JOBS,
+        REPLICA_ACK_TIMEOUTS,
+    ),
     "worker": (
         QUEUE_WAIT,
         RUN_TIME,
@@ -113,8 +129,9 @@ ROLES: Mapping[Role, tuple[MetricWrapperBase, ...]] = {
         JOBS_RUNNING,
         WORKER_READY,
         STORAGE_WRITES_REFUSED,
+        REPLICA_ACK_TIMEOUTS,
     ),
-    "webhooks": (WEBHOOK_ATTEMPTS,),
+    "webhooks": (WEBHOOK_ATTEMPTS, REPLICA_ACK_TIMEOUTS),
 }
 
 _lock = threading.Lock()
