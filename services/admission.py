@@ -62,7 +62,14 @@ from services.jobs.keys import (
 from services.jobs.lifecycle import EVENTS_MAXLEN
 from services.jobs.records import JobRecord, encode_fields
 from services.rate_limit import TAKE_TOKEN_LUA, RateLimit
-from services.replication import NotReplicated, ReplicaAcks, ScriptArgs, ScriptKeys, run_replicated_async
+from services.replication import (
+    NotReplicated,
+    ReplicaAcks,
+    ScriptArgs,
+    ScriptKeys,
+    run_replicated_async,
+    wait_for_replicas_async,
+)
 from services.rq_records import generation_job_fields, job_hash_key, job_hash_prefix, queues_set_key
 from services.settings import Settings
 
@@ -218,15 +225,23 @@ async def _replicated(
 
     An admission no replica acknowledged in time raises ``NotReplicated`` (503 ``redis_unavailable``):
     the job is on the primary, so the client's retry with the same Idempotency-Key gets it back, while
-    without a key a retry may admit a second job. A refusal or a replay wrote nothing: it is answered."""
+    without a key a retry may admit a second job. A refusal wrote nothing: it is answered. A replay wrote
+    nothing either, but the job it returns may be the one whose acknowledgement timed out: it too waits
+    until a replica holds everything written before it."""
     try:
-        return await run_replicated_async(script, keys, args, redis, acks)
+        answer = await run_replicated_async(script, keys, args, redis, acks)
     except NotReplicated as exc:
-        outcome = exc.result[0] if exc.result else b""
-        if outcome not in (b"queued", "queued"):
-            return exc.result
-        metrics.REPLICA_ACK_TIMEOUTS.labels("admission").inc()
-        raise
+        answer = exc.result
+        if answer[0] in (b"queued", "queued"):
+            metrics.REPLICA_ACK_TIMEOUTS.labels("admission").inc()
+            raise
+    if answer[0] in (b"replay", "replay"):
+        try:
+            await wait_for_replicas_async(redis, acks)
+        except NotReplicated:
+            metrics.REPLICA_ACK_TIMEOUTS.labels("admission").inc()
+            raise
+    return answer
 
 
 def _check_args(

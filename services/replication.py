@@ -60,6 +60,8 @@ class ReplicaAcks:
 
 
 NO_ACKS = ReplicaAcks()
+#: Written (and expiring) by :func:`wait_for_replicas_async`, only so that its ``WAIT`` has a write to count.
+PROBE_KEY = "darkroom:replication:probe"
 
 
 def run_replicated(
@@ -101,6 +103,20 @@ async def run_replicated_async(
             _raise_if_out_of_memory(exc)
             raise
     return _checked(result, int(acknowledged), acks)
+
+
+async def wait_for_replicas_async(client: aredis.Redis, acks: ReplicaAcks) -> None:
+    """Wait until ``acks`` replicas hold everything the primary had written before this call, whoever
+    wrote it: for an answer that wrote nothing itself (an Idempotency-Key replay of a job whose own
+    ``WAIT`` timed out). ``WAIT`` only counts its connection's writes, so it follows a write of ours
+    (:data:`PROBE_KEY`, expiring), which the replication stream orders after every earlier one."""
+    if acks.replicas == 0:
+        return
+    async with client.pipeline(transaction=False) as pipe:
+        pipe.set(PROBE_KEY, b"1", px=60_000)
+        pipe.wait(acks.replicas, acks.timeout_ms)
+        _, acknowledged = await pipe.execute()
+    _checked(None, int(acknowledged), acks)
 
 
 def _checked(result: Any, acknowledged: int, acks: ReplicaAcks) -> Any:

@@ -182,6 +182,7 @@ class Settings(BaseSettings):
     redis_replica_ack_timeout: timedelta = Field(
         timedelta(seconds=1),
         gt=timedelta(0),
+        le=timedelta(seconds=4),  # WAIT must end before the clients' 5 s socket timeout
         description="How long an admission or a job's end waits for DARKROOM_REDIS_MIN_REPLICA_ACKS. A "
         "submission not acknowledged in time answers 503 redis_unavailable (its Idempotency-Key replay "
         "returns the same job); a job's end is logged and the worker goes on.",

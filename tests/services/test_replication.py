@@ -24,6 +24,7 @@ from services.queue import generation_queue
 from services.replication import NotReplicated, ReplicaAcks, run_replicated
 from services.settings import Settings
 from tests.fixtures.jobs import REQUEST, lifecycle_record, running_job
+from tests.fixtures.redis import wait_in_sync
 
 ACKS = ReplicaAcks(replicas=1, timeout_ms=300)
 SET_SCRIPT = "redis.call('SET', KEYS[1], ARGV[1]) return ARGV[1]"
@@ -127,5 +128,10 @@ def test_an_admission_no_replica_acknowledges_raises_and_its_replay_returns_the_
     assert ack_timeouts("admission") == before + 1
     with redis.Redis.from_url(primary.url) as client:
         assert client.exists(f"darkroom:job:{second.id}")  # on the primary: a replay must find it
-    assert _admit(primary.url, _record(), claim) == "replay"  # wrote nothing: answered at once
     assert _admit(primary.url, _record(), None, max_queue_depth=1) == "queue_full"  # refused: answered
+    # A replay wrote nothing, but may return a job no replica has yet: it waits for one all the same.
+    with pytest.raises(NotReplicated):
+        _admit(primary.url, _record(), claim)
+    replica.start()
+    wait_in_sync(primary)
+    assert _admit(primary.url, _record(), claim) == "replay"
