@@ -8,7 +8,7 @@ everything this connection wrote. Only then is the write acknowledged: it is on 
 replicas, and a failover to one of them keeps it.
 
 ``WAIT`` counts what *its own connection* wrote, so the script and the ``WAIT`` travel in one pipeline
-(one connection, one round trip: redis-py's pipelines also ``SCRIPT LOAD`` a script the server lacks).
+(one connection, one round trip).
 A ``WAIT`` that times out does not undo the write (Redis has no such thing): it is on the primary only.
 :class:`NotReplicated` says so; callers decide (the API answers 503 ``redis_unavailable`` and an
 ``Idempotency-Key`` replay returns the same job; a worker logs and goes on).
@@ -70,18 +70,27 @@ def run_replicated(
     """``script(keys, args)``, then — when ``acks`` asks for replicas — ``WAIT`` on the same connection.
 
     Returns the script's answer; raises :class:`NotReplicated` (carrying it) when too few replicas
-    acknowledged. A script's ``-OOM`` is raised as ``OutOfMemoryError``, as ``make_redis``'s clients do."""
+    acknowledged. A script's ``-OOM`` is raised as ``OutOfMemoryError``, as ``make_redis``'s clients do.
+    ``EVALSHA`` first, loading the script only when the server lacks it (a restarted or promoted one):
+    redis-py's own pipelined scripts ask ``SCRIPT EXISTS`` first, a round trip on every call."""
     if acks.replicas == 0:
         return script(keys=keys, args=args)
-    with client.pipeline(transaction=False) as pipe:
-        script(keys=keys, args=args, client=pipe)
-        pipe.wait(acks.replicas, acks.timeout_ms)
-        try:
-            result, acknowledged = pipe.execute()
-        except redis.exceptions.ResponseError as exc:
-            _raise_if_out_of_memory(exc)
-            raise
-    return _checked(result, int(acknowledged), acks)
+    for attempt in (1, 2):
+        with client.pipeline(transaction=False) as pipe:
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+            pipe.wait(acks.replicas, acks.timeout_ms)
+            try:
+                result, acknowledged = pipe.execute()
+            except redis.exceptions.NoScriptError:
+                if attempt == 2:
+                    raise
+                client.script_load(script.script)
+                continue
+            except redis.exceptions.ResponseError as exc:
+                _raise_if_out_of_memory(exc)
+                raise
+        return _checked(result, int(acknowledged), acks)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 async def run_replicated_async(
@@ -94,15 +103,22 @@ async def run_replicated_async(
     """:func:`run_replicated` on an asyncio client."""
     if acks.replicas == 0:
         return await script(keys=keys, args=args)
-    async with client.pipeline(transaction=False) as pipe:
-        await script(keys=keys, args=args, client=pipe)
-        pipe.wait(acks.replicas, acks.timeout_ms)
-        try:
-            result, acknowledged = await pipe.execute()
-        except redis.exceptions.ResponseError as exc:
-            _raise_if_out_of_memory(exc)
-            raise
-    return _checked(result, int(acknowledged), acks)
+    for attempt in (1, 2):
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+            pipe.wait(acks.replicas, acks.timeout_ms)
+            try:
+                result, acknowledged = await pipe.execute()
+            except redis.exceptions.NoScriptError:
+                if attempt == 2:
+                    raise
+                await client.script_load(script.script)
+                continue
+            except redis.exceptions.ResponseError as exc:
+                _raise_if_out_of_memory(exc)
+                raise
+        return _checked(result, int(acknowledged), acks)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 async def wait_for_replicas_async(client: aredis.Redis, acks: ReplicaAcks) -> None:

@@ -135,3 +135,13 @@ def test_an_admission_no_replica_acknowledges_raises_and_its_replay_returns_the_
     replica.start()
     wait_in_sync(primary)
     assert _admit(primary.url, _record(), claim) == "replay"
+
+
+def test_a_server_without_the_script_gets_it_loaded(redis_pair: tuple[RedisServer, RedisServer]) -> None:
+    """A promoted replica or a restarted primary has no cached scripts: EVALSHA's NOSCRIPT loads it."""
+    primary, _ = redis_pair
+    client = make_redis(primary.url)
+    script = client.register_script(SET_SCRIPT)
+    client.script_flush()
+    assert run_replicated(script, ["k"], ["v3"], client, ACKS) == b"v3"
+    assert client.script_exists(script.sha) == [True]
