@@ -99,7 +99,7 @@ OUTBOX_BACKLOG = Gauge(
     "Webhook events written by status changes and not yet turned into deliveries by a webhook process.",
     registry=None,
 )
-# Every role writes what the others must not lose: the API admissions, the workers jobs' ends.
+# The API waits for replicas after admissions, GPU workers after job ends (the webhook process does neither).
 REPLICA_ACK_TIMEOUTS = Counter(
     "darkroom_redis_replica_ack_timeouts_total",
     "Writes that fewer than DARKROOM_REDIS_MIN_REPLICA_ACKS replicas acknowledged in time (Redis WAIT), "
@@ -131,7 +131,7 @@ ROLES: Mapping[Role, tuple[MetricWrapperBase, ...]] = {
         STORAGE_WRITES_REFUSED,
         REPLICA_ACK_TIMEOUTS,
     ),
-    "webhooks": (WEBHOOK_ATTEMPTS, REPLICA_ACK_TIMEOUTS),
+    "webhooks": (WEBHOOK_ATTEMPTS,),
 }
 
 _lock = threading.Lock()

@@ -125,12 +125,12 @@ def test_a_primary_killed_mid_burst_loses_no_acknowledged_job(ha_stack: tuple[Re
     submitter = Submitter(stack.api_url)
     burst = threading.Thread(target=submitter.run, name="burst")
     burst.start()
-    with stack.client() as client:
+    with stack.client() as client, stack.redis() as watch:
 
         def ready_to_kill() -> bool:
             with submitter.lock:
                 enough = len(submitter.accepted) >= KILL_AFTER_ACCEPTED
-            return enough and stack.redis().scard("darkroom:jobs:running") > 0
+            return enough and watch.scard("darkroom:jobs:running") > 0
 
         wait_until(ready_to_kill, 120, "jobs accepted and one running")
         old = ha.primary()
