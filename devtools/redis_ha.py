@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Self
+from urllib.parse import quote
 
 import redis
 
@@ -39,12 +40,21 @@ class RedisHA:
         down_after_ms: int = 1000,
         failover_timeout_ms: int = 3000,
         service_name: str = SERVICE_NAME,
+        password: str | None = None,
+        sentinel_password: str | None = None,
     ) -> None:
+        """``password``: the Redis nodes' ``requirepass`` (and replicas' ``masterauth``);
+        ``sentinel_password``: the Sentinels' own ``requirepass``. Either may be set alone."""
         if replicas < 1 or sentinels < 1:
             raise ValueError("a replicated Redis needs at least one replica and one Sentinel")
         self.data_dir = Path(data_dir)
         self.service_name = service_name
-        self.servers = [RedisServer(self.data_dir / "node-0", appendonly=appendonly)]
+        self.password = password
+        self.sentinel_password = sentinel_password
+        self._node_config = {"requirepass": password, "masterauth": password} if password else {}
+        self.servers = [
+            RedisServer(self.data_dir / "node-0", appendonly=appendonly, extra_config=self._node_config)
+        ]
         self._replicas = replicas
         self._sentinel_count = sentinels
         self._appendonly = appendonly
@@ -56,7 +66,11 @@ class RedisHA:
     def url(self) -> str:
         """``redis+sentinel://127.0.0.1:P1,127.0.0.1:P2,.../<service>/0``: for ``DARKROOM_REDIS_URL``."""
         hosts = ",".join(f"{LOOPBACK}:{sentinel.port}" for sentinel in self.sentinels)
-        return f"redis+sentinel://{hosts}/{self.service_name}/0"
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        query = (
+            f"?sentinel_password={quote(self.sentinel_password, safe='')}" if self.sentinel_password else ""
+        )
+        return f"redis+sentinel://{auth}{hosts}/{self.service_name}/0{query}"
 
     def start(self) -> Self:
         """Start the primary, its replicas (in sync before this returns), then the Sentinels."""
@@ -67,6 +81,7 @@ class RedisHA:
                     self.data_dir / f"node-{index}",
                     appendonly=self._appendonly,
                     replica_of=(LOOPBACK, primary.port),
+                    extra_config=self._node_config,
                 )
                 self.servers.append(replica.start())
             self._wait_for_replicas(primary, self._replicas, timeout=10.0)
@@ -77,9 +92,13 @@ class RedisHA:
                 quorum=self._sentinel_count // 2 + 1,
                 down_after_ms=self._down_after_ms,
                 failover_timeout_ms=self._failover_timeout_ms,
+                auth_pass=self.password,
             )
+            sentinel_config = {"requirepass": self.sentinel_password} if self.sentinel_password else {}
             for index in range(self._sentinel_count):
-                sentinel = RedisServer(self.data_dir / f"sentinel-{index}", sentinel=monitor)
+                sentinel = RedisServer(
+                    self.data_dir / f"sentinel-{index}", sentinel=monitor, extra_config=sentinel_config
+                )
                 self.sentinels.append(sentinel.start())
             self._wait_until(lambda: self._sentinels_know(replicas=self._replicas), 15.0, "sentinels ready")
         except BaseException:
@@ -98,7 +117,9 @@ class RedisHA:
             if not sentinel.is_running():
                 continue
             try:
-                with redis.Redis(LOOPBACK, sentinel.port, socket_timeout=1.0) as client:
+                with redis.Redis(
+                    LOOPBACK, sentinel.port, socket_timeout=1.0, password=self.sentinel_password
+                ) as client:
                     host, port = client.sentinel_get_master_addr_by_name(self.service_name)
                     return str(host), int(port)
             except (redis.ConnectionError, redis.TimeoutError, TypeError):
@@ -145,7 +166,9 @@ class RedisHA:
         """Every Sentinel has found the replicas and the other Sentinels (a failover needs both)."""
         for sentinel in self.sentinels:
             try:
-                with redis.Redis(LOOPBACK, sentinel.port, socket_timeout=1.0) as client:
+                with redis.Redis(
+                    LOOPBACK, sentinel.port, socket_timeout=1.0, password=self.sentinel_password
+                ) as client:
                     state = client.sentinel_master(self.service_name)
             except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError):
                 return False
@@ -156,10 +179,11 @@ class RedisHA:
                 return False
         return True
 
-    @staticmethod
-    def _is_writable(port: int) -> bool:
+    def _is_writable(self, port: int) -> bool:
         try:
-            with redis.Redis(LOOPBACK, port, socket_timeout=1.0, socket_connect_timeout=1.0) as client:
+            with redis.Redis(
+                LOOPBACK, port, socket_timeout=1.0, socket_connect_timeout=1.0, password=self.password
+            ) as client:
                 return client.info("replication").get("role") == "master"
         except (redis.ConnectionError, redis.TimeoutError):
             return False
@@ -167,7 +191,9 @@ class RedisHA:
     def _wait_for_replicas(self, primary: RedisServer, count: int, timeout: float) -> None:
         def synced() -> bool:
             try:
-                with redis.Redis(LOOPBACK, primary.port, socket_timeout=1.0) as client:
+                with redis.Redis(
+                    LOOPBACK, primary.port, socket_timeout=1.0, password=self.password
+                ) as client:
                     info = client.info("replication")
             except (redis.ConnectionError, redis.TimeoutError):
                 return False

@@ -29,14 +29,15 @@ import redis.asyncio as aredis
 import redis.exceptions
 import structlog
 from redis import Redis
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.asyncio.sentinel import Sentinel as AsyncSentinel
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
 from services.jobs.lifecycle import Lifecycle
 from services.jobs.store import JobStore
-from services.redis_connect import is_sentinel_url, parse_sentinel_url
+from services.redis_connect import SentinelTarget, is_sentinel_url, parse_sentinel_url
 from services.replication import ReplicaAcks
 from services.settings import Settings, get_settings
 from services.storage import FileStorage, RetryPolicy, Storage, storage_from_url
@@ -125,6 +126,17 @@ class _AsyncRedis(aredis.Redis):
             raise
 
 
+def _sentinel_kwargs(target: SentinelTarget, *, async_client: bool) -> dict[str, Any]:
+    """How to reach each Sentinel: short timeouts and no retry of our own. redis-py asks the Sentinels
+    one after the other; its default retry (three times, with seconds of backoff) would make one dead or
+    misconfigured Sentinel cost ~7 s before the next is asked, on every new connection."""
+    no_retry = AsyncRetry(NoBackoff(), 0) if async_client else Retry(NoBackoff(), 0)
+    kwargs = target.sentinel_kwargs(
+        connect_timeout=REDIS_CONNECT_TIMEOUT_S, socket_timeout=REDIS_SOCKET_TIMEOUT_S
+    )
+    return {**kwargs, "retry": no_retry}
+
+
 def make_redis(url: str, *, socket_timeout: float | None = REDIS_SOCKET_TIMEOUT_S) -> Redis:
     """A sync, bytes-mode Redis client with explicit timeouts; ``url`` may name a Sentinel-managed primary
     (``services.redis_connect``).
@@ -144,9 +156,7 @@ def make_redis(url: str, *, socket_timeout: float | None = REDIS_SOCKET_TIMEOUT_
     target = parse_sentinel_url(url)
     sentinel = Sentinel(
         target.sentinels,
-        sentinel_kwargs=target.sentinel_kwargs(
-            connect_timeout=REDIS_CONNECT_TIMEOUT_S, socket_timeout=REDIS_SOCKET_TIMEOUT_S
-        ),
+        sentinel_kwargs=_sentinel_kwargs(target, async_client=False),
         **target.node_kwargs(),
     )
     return cast(Redis, sentinel.master_for(target.service_name, redis_class=_Redis, **options))
@@ -172,9 +182,7 @@ def make_async_redis(
         target = parse_sentinel_url(url)
         sentinel = AsyncSentinel(
             target.sentinels,
-            sentinel_kwargs=target.sentinel_kwargs(
-                connect_timeout=REDIS_CONNECT_TIMEOUT_S, socket_timeout=REDIS_SOCKET_TIMEOUT_S
-            ),
+            sentinel_kwargs=_sentinel_kwargs(target, async_client=True),
             **target.node_kwargs(),
         )
         client = sentinel.master_for(target.service_name, redis_class=_AsyncRedis, **options)

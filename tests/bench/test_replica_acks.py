@@ -1,4 +1,4 @@
-"""``bench/replica_acks.py`` at tiny scale: it runs against a real primary and replica and writes its shape."""
+"""``bench/replica_acks.py`` at tiny scale: against a real primary and replica, results of the right shape."""
 
 from __future__ import annotations
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import pytest
 import redis
@@ -75,3 +76,23 @@ def test_a_replica_refusing_a_write_counts_as_unavailable(
     assert isinstance(caught.value, REDIS_UNAVAILABLE)
     client.execute_command("REPLICAOF", "NO", "ONE")  # what a failover does to it
     assert client.set("k", "v")
+
+
+def test_redis_and_sentinel_passwords_are_each_sent_where_they_belong(tmp_path: Path) -> None:
+    """``user:pass@`` authenticates to the Redis nodes, ``?sentinel_password=`` to the Sentinels."""
+    with RedisHA(tmp_path / "ha", password="node-secret", sentinel_password="sentinel-secret") as ha:
+        assert ":node-secret@" in ha.url and ha.url.endswith("?sentinel_password=sentinel-secret")
+        client = make_redis(ha.url)
+        assert client.set("k", "v") and client.get("k") == b"v"
+        without_sentinel_password = make_redis(ha.url.split("?", 1)[0])
+        started = time.monotonic()
+        with pytest.raises(redis.exceptions.ConnectionError):  # no Sentinel answers: MasterNotFoundError
+            without_sentinel_password.get("k")
+        assert time.monotonic() - started < 2.0, "each Sentinel is asked once, not retried with backoff"
+        ha.sentinels[0].stop()  # the first one listed is down: the next one answers at once
+        started = time.monotonic()
+        assert make_redis(ha.url).get("k") == b"v"
+        assert time.monotonic() - started < 2.0
+        without_node_password = make_redis(ha.url.replace(":node-secret@", ""))
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            without_node_password.get("k")
