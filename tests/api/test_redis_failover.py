@@ -6,7 +6,8 @@ URL and ``DARKROOM_REDIS_MIN_REPLICA_ACKS=1``. Clients retry a 503 with the same
 docs tell them to. Checked: every submission that got a 202 ends in exactly one terminal state (one
 terminal ``status`` event in its stream, matching its record, on the promoted primary); the API answers
 nothing but 202 and 503 ``redis_unavailable`` (problem+json, Retry-After) meanwhile; the API, the worker
-and the webhook process reconnect by themselves (same processes, a job submitted afterwards succeeds).
+and the webhook process reconnect by themselves (same processes; a job submitted afterwards succeeds and
+its webhook is delivered).
 
 The killed primary is restarted after the failover, as an orchestrator restarts a crashed pod: Sentinel
 turns it into the new primary's replica, so ``WAIT`` has a replica to count again. Figures are printed
@@ -28,6 +29,7 @@ import pytest
 from devtools.redis_ha import RedisHA
 from schemas.problems import PROBLEM_CONTENT_TYPE
 from tests.api.test_load import CHEAPEST, assert_exactly_one_terminal_state_each, drain
+from tests.fixtures.http_receiver import HttpReceiver
 from tests.fixtures.stack import Stack, stack_env
 
 JOBS = 200
@@ -119,7 +121,9 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> floa
 
 @pytest.mark.slow  # ~2 min on a shared 2-core machine: the stack, the burst and its drain
 @pytest.mark.timeout(900)
-def test_a_primary_killed_mid_burst_loses_no_acknowledged_job(ha_stack: tuple[RedisHA, Stack]) -> None:
+def test_a_primary_killed_mid_burst_loses_no_acknowledged_job(
+    ha_stack: tuple[RedisHA, Stack], webhook_receiver: HttpReceiver
+) -> None:
     ha, stack = ha_stack
     figures: dict[str, float] = {}
     submitter = Submitter(stack.api_url)
@@ -156,8 +160,12 @@ def test_a_primary_killed_mid_burst_loses_no_acknowledged_job(ha_stack: tuple[Re
         assert outcomes == Counter({"succeeded": JOBS}), outcomes
         for name in ("api", "worker", "webhooks"):  # the same processes: reconnected, not restarted
             assert stack.processes[name].poll() is None, stack.logs(name)
-        after = client.post("/v1/generations", json={**CHEAPEST, "seed": 10_000}).json()["id"]
+        # A job after the switch runs, and its webhook leaves through the webhook process, reconnected.
+        hook = {"webhook_url": webhook_receiver.url + "/hook"}
+        after = client.post("/v1/generations", json={**CHEAPEST, "seed": 10_000, **hook}).json()["id"]
         assert stack.wait_for(after, {"succeeded", "failed"})["status"] == "succeeded"
+        [delivered] = webhook_receiver.wait_for(1, timeout=30)
+        assert after in delivered.body.decode()
         assert ha.primary().port == new.port
     statuses = dict(sorted(submitter.statuses.items()))
     print(
