@@ -467,7 +467,8 @@ def install_error_handlers(app: FastAPI) -> None:
     for redis_error in (
         redis.exceptions.ConnectionError,  # BusyLoadingError is a subclass, registered for clarity
         redis.exceptions.BusyLoadingError,
-        redis.exceptions.TimeoutError,
+        redis.exceptions.TimeoutError,  # NotReplicated (too few replicas acknowledged) is a subclass
+        redis.exceptions.ReadOnlyError,  # a replica answered: the primary is moving (a failover)
     ):
         app.add_exception_handler(redis_error, _redis_unavailable_handler)
     app.add_exception_handler(redis.exceptions.ResponseError, _redis_response_error_handler)  # OOM included

@@ -29,7 +29,7 @@ from api.webhook_docs import install_webhook_docs
 from services import metrics
 from services.admission import Admitter, BatchAdmitter
 from services.api_keys import KeyRing
-from services.clients import REDIS_CONNECT_TIMEOUT_S, build_clients
+from services.clients import build_clients, make_async_redis
 from services.content_safety import PromptFilter
 from services.jobs.unserved import UnservedSweep
 from services.logging import configure_logging
@@ -113,25 +113,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         clients = build_clients(resolved)
         # Event streams block in XREAD for at most a few seconds at a time, so a socket timeout just above
         # that bounds every call: SSE and ``Prefer: wait`` never hang on a Redis that stopped answering.
-        redis_async = aredis.Redis.from_url(
-            resolved.redis_url,
-            socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
-            socket_timeout=READ_TIMEOUT_S,
-            health_check_interval=30,
-        )
+        redis_async = make_async_redis(resolved.redis_url, socket_timeout=READ_TIMEOUT_S)
         # Waits block on a pool of their own, as large as the waits this process admits (api/waits.py):
         # however many are open, the pool above still serves every GET, POST and /readyz.
         waits = Waits(
             redis=redis_async,
-            blocking=aredis.Redis.from_pool(  # owns the pool: aclose() closes it
-                aredis.BlockingConnectionPool.from_url(
-                    resolved.redis_url,
-                    max_connections=resolved.max_waits,
-                    timeout=REDIS_CONNECT_TIMEOUT_S,
-                    socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
-                    socket_timeout=READ_TIMEOUT_S,
-                    health_check_interval=30,
-                )
+            blocking=make_async_redis(  # owns its pool: aclose() closes it
+                resolved.redis_url,
+                socket_timeout=READ_TIMEOUT_S,
+                max_connections=resolved.max_waits,
+                blocking=True,
             ),
             per_key=resolved.max_waits_per_key,
             per_process=resolved.max_waits,

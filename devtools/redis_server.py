@@ -26,6 +26,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -105,6 +106,23 @@ def _tail(path: Path, offset: int = 0, lines: int = 30) -> str:
     return "\n".join(kept) if kept else "<log is empty>"
 
 
+@dataclass(frozen=True)
+class SentinelMonitor:
+    """What a Sentinel watches: the primary ``name`` at ``host:port``, and how fast it gives up on it.
+
+    ``down_after_ms``: silence after which one Sentinel deems the primary down (a quorum of them must agree
+    before a failover); ``failover_timeout_ms`` paces retries of a failed failover (Redis' defaults, 30 s
+    and 3 min, suit production; tests want seconds)."""
+
+    name: str
+    host: str
+    port: int
+    quorum: int = 2
+    down_after_ms: int = 1000
+    failover_timeout_ms: int = 3000
+    auth_pass: str | None = None
+
+
 class RedisServer:
     """One ``redis-server`` process that we own: started, probed, stopped and cleaned up by us.
 
@@ -125,12 +143,19 @@ class RedisServer:
         binary: Path | None = None,
         startup_timeout: float = 10.0,
         extra_config: Mapping[str, str] | None = None,
+        replica_of: tuple[str, int] | None = None,
+        sentinel: SentinelMonitor | None = None,
     ) -> None:
         """Prepare (but do not start) a server.
 
         ``port=None`` picks a free loopback port, re-picked if another process grabs it first; an explicit
         port is used as is and a clash is an error. ``extra_config`` values are raw redis.conf values
         (``{"requirepass": "secret"}``) and override the defaults.
+
+        ``replica_of``: start as a replica of that primary (``replicaof``; ``masterauth`` is our own
+        ``requirepass``, as in a replicated set that shares one password). ``sentinel``: run as a Redis
+        Sentinel (``redis-server sentinel.conf --sentinel``) watching that primary instead of as a data node.
+        Sentinel rewrites its own config file as it learns the topology; ours is rendered anew at each start.
         """
         if port is not None and not 1 <= port <= 65535:
             raise ValueError(f"port must be between 1 and 65535, got {port}")
@@ -140,6 +165,8 @@ class RedisServer:
         self.appendonly = appendonly
         self.startup_timeout = startup_timeout
         self.extra_config = dict(extra_config or {})
+        self.replica_of = replica_of
+        self.sentinel = sentinel
         self._binary = binary
         self._auto_port = port is None
         self._port = free_port() if port is None else port
@@ -273,6 +300,8 @@ class RedisServer:
 
         ``noeviction`` matters: under memory pressure Redis would otherwise silently drop queued jobs.
         """
+        if self.sentinel is not None:
+            return self._sentinel_config(self.sentinel)
         settings: dict[str, str] = {
             "bind": LOOPBACK,
             "port": str(self._port),
@@ -288,16 +317,43 @@ class RedisServer:
             # not the 4.3 KB a default 4 KB node preallocates.
             "stream-node-max-bytes": "1024",
         }
+        if self.replica_of is not None:
+            settings["replicaof"] = f"{self.replica_of[0]} {self.replica_of[1]}"
+            if self.password:
+                settings["masterauth"] = _quote(self.password)
         settings.update(self.extra_config)
         return "".join(f"{key} {value}\n" for key, value in settings.items())
+
+    def _sentinel_config(self, monitor: SentinelMonitor) -> str:
+        """A Sentinel's config: where it listens, and the one primary it watches."""
+        name = monitor.name
+        lines = [
+            f"bind {LOOPBACK}",
+            f"port {self._port}",
+            "protected-mode yes",
+            "daemonize no",
+            f"dir {_quote(str(self.data_dir))}",
+            f"logfile {_quote(str(self.log_path))}",
+            f"sentinel monitor {name} {monitor.host} {monitor.port} {monitor.quorum}",
+            f"sentinel down-after-milliseconds {name} {monitor.down_after_ms}",
+            f"sentinel failover-timeout {name} {monitor.failover_timeout_ms}",
+            f"sentinel parallel-syncs {name} 1",
+        ]
+        if monitor.auth_pass:
+            lines.append(f"sentinel auth-pass {name} {_quote(monitor.auth_pass)}")
+        lines += [f"{key} {value}" for key, value in self.extra_config.items()]
+        return "".join(line + "\n" for line in lines)
 
     def _start_once(self, binary: Path) -> None:
         self.config_path.write_text(self._config(), encoding="utf-8")
         log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with self.log_path.open("ab") as log:
             try:
+                command = [str(binary), str(self.config_path)]
+                if self.sentinel is not None:
+                    command.append("--sentinel")
                 process = subprocess.Popen(
-                    [str(binary), str(self.config_path)],
+                    command,
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,

@@ -34,6 +34,7 @@ import redis
 from devtools.net import LOOPBACK, free_port
 from devtools.redis_server import RedisServer
 from services.api_keys import hash_key
+from services.clients import make_redis
 
 ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 180.0
@@ -125,6 +126,8 @@ class Stack:
     one process ("api", "worker", "webhooks"). ``storage_url`` defaults to a folder under ``tmp``.
     ``api_keys`` (``{name: token}``) turns authentication on with those keys; without them it is off.
     With ``backend`` the stack runs only its API, in front of that stack's Redis, workers and storage.
+    ``redis_url``: a Redis someone else runs (a ``redis+sentinel://`` URL, ``devtools.redis_ha``); the
+    stack then starts none and stops none.
     """
 
     def __init__(
@@ -141,6 +144,7 @@ class Stack:
         webhooks: bool = True,
         api_keys: Mapping[str, str] | None = None,
         backend: Stack | None = None,
+        redis_url: str | None = None,
     ) -> None:
         if backend is not None and (storage_url is not None or not api):
             raise ValueError("a stack in front of a backend runs an API and uses the backend's storage")
@@ -153,6 +157,7 @@ class Stack:
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.commands: dict[str, list[str]] = {}
         self.redis_server: RedisServer | None = backend.redis_server if backend else None
+        self._external_redis_url: str | None = backend._external_redis_url if backend else redis_url
         self.env: dict[str, str] = {}
         self._extra_env = dict(env or {})
         self._process_env = {name: dict(values) for name, values in (process_env or {}).items()}
@@ -173,6 +178,8 @@ class Stack:
 
     @property
     def redis_url(self) -> str:
+        if self._external_redis_url is not None:
+            return self._external_redis_url
         if self.redis_server is None:
             raise RuntimeError("the stack is not started")
         return self.redis_server.url
@@ -191,7 +198,7 @@ class Stack:
         return httpx.Client(base_url=self.api_url, timeout=timeout, headers=headers, **kwargs)
 
     def redis(self) -> redis.Redis:
-        return redis.Redis.from_url(self.redis_url)
+        return make_redis(self.redis_url)  # a Sentinel URL too
 
     def wait_for(self, job_id: str, statuses: set[str], timeout: float = 60.0) -> dict[str, Any]:
         """Poll the job until its status is in ``statuses`` (bounded: fails after ``timeout``)."""
@@ -267,7 +274,7 @@ class Stack:
     def start(self) -> Self:
         """Start Redis (unless borrowed) and the processes asked for; return once they are ready."""
         try:
-            if self.redis_server is None:
+            if self.redis_server is None and self._external_redis_url is None:
                 # Like production Redis (deploy/k8s/base/redis.yaml): append-only file, fsync every second.
                 self.redis_server = RedisServer(self.tmp / "redis", appendonly=True).start()
             self.env = self._environment()

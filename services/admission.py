@@ -43,9 +43,11 @@ from typing import Any, Literal, cast
 
 import redis.asyncio as aredis
 from redis import exceptions as redis_exceptions
+from redis.commands.core import AsyncScript
 from rq import Queue
 
 from schemas.jobs import JobStatus
+from services import metrics
 from services.jobs.batches import BatchRecord
 from services.jobs.keys import (
     JOB_PREFIX,
@@ -61,6 +63,14 @@ from services.jobs.keys import (
 from services.jobs.lifecycle import EVENTS_MAXLEN
 from services.jobs.records import JobRecord, encode_fields
 from services.rate_limit import TAKE_TOKEN_LUA, RateLimit
+from services.replication import (
+    NotReplicated,
+    ReplicaAcks,
+    ScriptArgs,
+    ScriptKeys,
+    run_replicated_async,
+    wait_for_replicas_async,
+)
 from services.rq_records import generation_job_fields, job_hash_key, job_hash_prefix, queues_set_key
 from services.settings import Settings
 
@@ -176,6 +186,8 @@ class Admitter:
         self.settings = settings
         self.rate_limit = rate_limit
         self.retention_s = max(1, int(settings.job_retention.total_seconds()))
+        self._redis = redis
+        self._acks = ReplicaAcks.from_settings(settings)
         self._script = redis.register_script(_ADMIT)
 
     async def admit(
@@ -209,7 +221,33 @@ class Admitter:
             *job_fields,
             *rq_fields,
         ]
-        return _admission(*await self._script(keys=keys, args=args))
+        return _admission(*await _replicated(self._script, keys, args, self._redis, self._acks))
+
+
+async def _replicated(
+    script: AsyncScript, keys: ScriptKeys, args: ScriptArgs, redis: aredis.Redis, acks: ReplicaAcks
+) -> Any:
+    """An admission script's answer, once ``acks`` replicas hold what it wrote (``services.replication``).
+
+    An admission no replica acknowledged in time raises ``NotReplicated`` (503 ``redis_unavailable``):
+    the job is on the primary, so the client's retry with the same Idempotency-Key gets it back, while
+    without a key a retry may admit a second job. A refusal wrote nothing: it is answered. A replay wrote
+    nothing either, but the job it returns may be the one whose acknowledgement timed out: it too waits
+    until a replica holds everything written before it."""
+    try:
+        answer = await run_replicated_async(script, keys, args, redis, acks)
+    except NotReplicated as exc:
+        answer = exc.result
+        if answer[0] in (b"queued", "queued"):
+            metrics.REPLICA_ACK_TIMEOUTS.labels("admission").inc()
+            raise
+    if answer[0] in (b"replay", "replay"):
+        try:
+            await wait_for_replicas_async(redis, acks)
+        except NotReplicated:
+            metrics.REPLICA_ACK_TIMEOUTS.labels("admission").inc()
+            raise
+    return answer
 
 
 def _check_args(
@@ -373,6 +411,7 @@ class BatchAdmitter:
         self.settings = settings
         self.rate_limit = rate_limit
         self._redis = redis
+        self._acks = ReplicaAcks.from_settings(settings)
         self._script = redis.register_script(_ADMIT_BATCH)
 
     async def admit(
@@ -419,7 +458,7 @@ class BatchAdmitter:
         try:
             if not replay:
                 await self._stage(prefix, batch, items, share_key)
-            outcome, value = await self._script(keys=keys, args=args)
+            outcome, value = await _replicated(self._script, keys, args, self._redis, self._acks)
         except BaseException:
             await self._unstage(prefix, ids)
             raise

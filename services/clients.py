@@ -25,15 +25,21 @@ from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
 import httpx
+import redis.asyncio as aredis
 import redis.exceptions
 import structlog
 from redis import Redis
-from redis.backoff import ExponentialBackoff
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
+from redis.sentinel import Sentinel
 
 from services.jobs.archive import JobArchive
 from services.jobs.lifecycle import Lifecycle
 from services.jobs.store import JobStore
+from services.redis_connect import SentinelTarget, is_sentinel_url, parse_sentinel_url
+from services.replication import ReplicaAcks
 from services.settings import Settings, get_settings
 from services.storage import FileStorage, RetryPolicy, Storage, storage_from_url
 from services.webhooks.delivery import make_webhook_client
@@ -57,10 +63,15 @@ REDIS_SOCKET_TIMEOUT_S = 5.0
 #: too — memory comes back as jobs expire or an operator raises the limit — so workers wait it out like a
 #: restart, and the API answers 503 ``redis_out_of_memory``. Scripts' refusals are translated to this class
 #: by the clients ``make_redis`` builds (see :func:`out_of_memory`).
+#: A failover is the same to us: Sentinel has no primary to name yet (``MasterNotFoundError``, a
+#: ``ConnectionError``), or a connection still reaches the demoted primary (``READONLY``; our clients then
+#: drop that connection, so the next command reconnects to wherever the address now leads), or too few
+#: replicas acknowledged a write in time (``services.replication.NotReplicated``, a ``TimeoutError``).
 REDIS_UNAVAILABLE: tuple[type[Exception], ...] = (
     redis.exceptions.ConnectionError,  # BusyLoadingError (still loading the AOF) is a subclass
     redis.exceptions.TimeoutError,
     redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ReadOnlyError,
 )
 
 #: What Redis says when ``maxmemory`` is reached under ``noeviction``: as the reply itself (``-OOM ...``,
@@ -79,33 +90,109 @@ def out_of_memory(exc: BaseException) -> bool:
     )
 
 
+def _raise_out_of_memory(exc: redis.exceptions.ResponseError) -> None:
+    """A script's ``-OOM`` refusal (Redis 6 reports it as a script error) as ``OutOfMemoryError``."""
+    if not isinstance(exc, redis.exceptions.OutOfMemoryError) and out_of_memory(exc):
+        raise redis.exceptions.OutOfMemoryError(str(exc)) from exc
+
+
 class _Redis(Redis):
     """``Redis`` whose scripts' ``-OOM`` refusals raise ``OutOfMemoryError`` like any other command's, so
-    ``except REDIS_UNAVAILABLE`` sees every one of them (Redis 6 reports it as a script error)."""
+    ``except REDIS_UNAVAILABLE`` sees every one of them (Redis 6 reports it as a script error).
+
+    A ``READONLY`` reply (a ``redis://`` name that moved to a new primary, a primary demoted under us)
+    also drops its connection, so that the next command connects anew instead of asking the replica again.
+    """
 
     def parse_response(self, connection: Any, command_name: str | bytes, **options: Any) -> Any:
         try:
             return super().parse_response(connection, command_name, **options)
         except redis.exceptions.ResponseError as exc:
-            if not isinstance(exc, redis.exceptions.OutOfMemoryError) and out_of_memory(exc):
-                raise redis.exceptions.OutOfMemoryError(str(exc)) from exc
+            if isinstance(exc, redis.exceptions.ReadOnlyError):
+                connection.disconnect()
+            _raise_out_of_memory(exc)
             raise
 
 
+class _AsyncRedis(aredis.Redis):
+    """The asyncio twin of :class:`_Redis`, for the API."""
+
+    async def parse_response(self, connection: Any, command_name: str | bytes, **options: Any) -> Any:
+        try:
+            return await super().parse_response(connection, command_name, **options)
+        except redis.exceptions.ResponseError as exc:
+            if isinstance(exc, redis.exceptions.ReadOnlyError):
+                await connection.disconnect()
+            _raise_out_of_memory(exc)
+            raise
+
+
+def _sentinel_kwargs(target: SentinelTarget, *, async_client: bool) -> dict[str, Any]:
+    """How to reach each Sentinel: short timeouts and no retry of our own. redis-py asks the Sentinels
+    one after the other; its default retry (three times, with seconds of backoff) would make one dead or
+    misconfigured Sentinel cost ~7 s before the next is asked, on every new connection."""
+    no_retry = AsyncRetry(NoBackoff(), 0) if async_client else Retry(NoBackoff(), 0)
+    kwargs = target.sentinel_kwargs(
+        connect_timeout=REDIS_CONNECT_TIMEOUT_S, socket_timeout=REDIS_SOCKET_TIMEOUT_S
+    )
+    return {**kwargs, "retry": no_retry}
+
+
 def make_redis(url: str, *, socket_timeout: float | None = REDIS_SOCKET_TIMEOUT_S) -> Redis:
-    """A sync, bytes-mode Redis client with explicit timeouts.
+    """A sync, bytes-mode Redis client with explicit timeouts; ``url`` may name a Sentinel-managed primary
+    (``services.redis_connect``).
 
     One quick retry on a connection error: after a Redis restart every pooled connection is dead, and the
     retry reconnects instead of failing the first command on each of them. Commands we send are safe to
     repeat (the job-status script checks the current status first, so a repeated transition is refused).
     """
-    return _Redis.from_url(
-        url,
-        socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
-        socket_timeout=socket_timeout,
-        health_check_interval=30,
-        retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), retries=1),
+    options: dict[str, Any] = {
+        "socket_connect_timeout": REDIS_CONNECT_TIMEOUT_S,
+        "socket_timeout": socket_timeout,
+        "health_check_interval": 30,
+        "retry": Retry(ExponentialBackoff(cap=0.2, base=0.05), retries=1),
+    }
+    if not is_sentinel_url(url):
+        return _Redis.from_url(url, **options)
+    target = parse_sentinel_url(url)
+    sentinel = Sentinel(
+        target.sentinels,
+        sentinel_kwargs=_sentinel_kwargs(target, async_client=False),
+        **target.node_kwargs(),
     )
+    return cast(Redis, sentinel.master_for(target.service_name, redis_class=_Redis, **options))
+
+
+def make_async_redis(
+    url: str, *, socket_timeout: float, max_connections: int | None = None, blocking: bool = False
+) -> aredis.Redis:
+    """The API's asyncio client, built as :func:`make_redis` builds the workers' (Sentinel URLs too).
+
+    ``blocking``: a pool of ``max_connections`` whose callers wait for a free connection instead of failing
+    (the API's waits). Sentinel's pool has no blocking flavour; there the pool is capped all the same, and
+    the waits it serves are capped at the same number by ``api.waits``, so none is refused.
+    """
+    options: dict[str, Any] = {
+        "socket_connect_timeout": REDIS_CONNECT_TIMEOUT_S,
+        "socket_timeout": socket_timeout,
+        "health_check_interval": 30,
+    }
+    if max_connections is not None:
+        options["max_connections"] = max_connections
+    if is_sentinel_url(url):
+        target = parse_sentinel_url(url)
+        sentinel = AsyncSentinel(
+            target.sentinels,
+            sentinel_kwargs=_sentinel_kwargs(target, async_client=True),
+            **target.node_kwargs(),
+        )
+        client = sentinel.master_for(target.service_name, redis_class=_AsyncRedis, **options)
+        return cast(aredis.Redis, client)
+    if blocking:
+        # from_pool: the client owns the pool, so aclose() closes it.
+        pool = aredis.BlockingConnectionPool.from_url(url, timeout=REDIS_CONNECT_TIMEOUT_S, **options)
+        return _AsyncRedis.from_pool(pool)
+    return _AsyncRedis.from_url(url, **options)
 
 
 def retry_while_redis_down(
@@ -208,7 +295,12 @@ class ServiceClients:
     @property
     def lifecycle(self) -> Lifecycle:
         """Every status change of a job goes through it (``services.jobs.lifecycle``)."""
-        return self._get("lifecycle", lambda: Lifecycle(self.redis, self.settings.job_retention))
+        return self._get(
+            "lifecycle",
+            lambda: Lifecycle(
+                self.redis, self.settings.job_retention, acks=ReplicaAcks.from_settings(self.settings)
+            ),
+        )
 
     @property
     def storage(self) -> Storage:

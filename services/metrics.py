@@ -99,10 +99,26 @@ OUTBOX_BACKLOG = Gauge(
     "Webhook events written by status changes and not yet turned into deliveries by a webhook process.",
     registry=None,
 )
+# The API waits for replicas after admissions, GPU workers after job ends (the webhook process does neither).
+REPLICA_ACK_TIMEOUTS = Counter(
+    "darkroom_redis_replica_ack_timeouts_total",
+    "Writes that fewer than DARKROOM_REDIS_MIN_REPLICA_ACKS replicas acknowledged in time (Redis WAIT), "
+    "by what was written (admission: answered 503; job_end: logged, the worker went on).",
+    ["write"],
+    registry=None,
+)
 
 #: The families each kind of process exports.
 ROLES: Mapping[Role, tuple[MetricWrapperBase, ...]] = {
-    "api": (HTTP_REQUESTS, HTTP_LATENCY, SUBMISSIONS, QUEUE_DEPTH, OUTBOX_BACKLOG, JOBS),
+    "api": (
+        HTTP_REQUESTS,
+        HTTP_LATENCY,
+        SUBMISSIONS,
+        QUEUE_DEPTH,
+        OUTBOX_BACKLOG,
+        JOBS,
+        REPLICA_ACK_TIMEOUTS,
+    ),
     "worker": (
         QUEUE_WAIT,
         RUN_TIME,
@@ -113,6 +129,7 @@ ROLES: Mapping[Role, tuple[MetricWrapperBase, ...]] = {
         JOBS_RUNNING,
         WORKER_READY,
         STORAGE_WRITES_REFUSED,
+        REPLICA_ACK_TIMEOUTS,
     ),
     "webhooks": (WEBHOOK_ATTEMPTS,),
 }

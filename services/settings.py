@@ -18,6 +18,7 @@ from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_valid
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from schemas.models import MODEL_NAME_PATTERN
+from services.redis_connect import is_sentinel_url, parse_sentinel_url
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-3.5-medium"
 TINY_MODEL = "tiny"
@@ -165,7 +166,26 @@ class Settings(BaseSettings):
     # --- queue and job records ---------------------------------------------------------------------------
     redis_url: str = Field(
         "redis://127.0.0.1:6379/0",
-        description="The one Redis of the service (queues, job records, events); run it with AOF on.",
+        description="The one Redis of the service (queues, job records, events); run it with AOF on. "
+        "'redis://', 'rediss://' or 'unix://' for one Redis; 'redis+sentinel://[user:pass@]host1:26379,"
+        "host2:26379/service_name[/db][?sentinel_password=...]' (or 'rediss+sentinel://') for a primary that "
+        "Redis Sentinel names and fails over (docs/operate/reliability.md).",
+    )
+    redis_min_replica_acks: int = Field(
+        0,
+        ge=0,
+        le=16,
+        description="Replicas that must acknowledge (Redis WAIT) an admission before its 202, and a job's "
+        "end before its worker moves on. 0: no wait (one Redis). 1 with a primary and a replica: what was "
+        "acknowledged survives the primary's loss.",
+    )
+    redis_replica_ack_timeout: timedelta = Field(
+        timedelta(seconds=1),
+        gt=timedelta(0),
+        le=timedelta(seconds=4),  # WAIT must end before the clients' 5 s socket timeout
+        description="How long an admission or a job's end waits for DARKROOM_REDIS_MIN_REPLICA_ACKS. A "
+        "submission not acknowledged in time answers 503 redis_unavailable (its Idempotency-Key replay "
+        "returns the same job); a job's end is logged and the worker goes on.",
     )
     queue_name: str = Field(
         "darkroom",
@@ -426,6 +446,14 @@ class Settings(BaseSettings):
             except ValueError:
                 return value
         return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, url: str) -> str:
+        """A malformed Sentinel URL stops start-up with what is wrong, not the first command."""
+        if is_sentinel_url(url):
+            parse_sentinel_url(url)
+        return url
 
     @model_validator(mode="after")
     def _heartbeats_fit(self) -> Settings:

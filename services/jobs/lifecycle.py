@@ -64,6 +64,7 @@ from services.jobs.keys import (
 from services.jobs.outbox import new_msg_id
 from services.jobs.outcome import Canceled, Failed, Outcome
 from services.jobs.records import JobRecord, beat_ms, encode_fields, utcnow
+from services.replication import NO_ACKS, NotReplicated, ReplicaAcks, run_replicated
 from services.rq_records import RqChange
 
 log = structlog.get_logger(__name__)
@@ -297,9 +298,11 @@ class Transition:
 class Lifecycle:
     """Makes the transitions. Thread-safe (redis-py pools connections); one per process is enough."""
 
-    def __init__(self, redis: Redis, retention: timedelta) -> None:
+    def __init__(self, redis: Redis, retention: timedelta, *, acks: ReplicaAcks = NO_ACKS) -> None:
+        """``acks``: replicas that must hold a job's end before it counts as made (services.replication)."""
         self.redis = redis
         self.retention_s = max(1, int(retention.total_seconds()))
+        self.acks = acks
         self._transition = redis.register_script(_TRANSITION)
         self._progress = redis.register_script(_PROGRESS)
         self._beat = redis.register_script(_BEAT)
@@ -506,7 +509,7 @@ class Lifecycle:
         args += rq.stale_executions
         for name, value in encode_fields({**fields}).items():
             args += [name, value]
-        applied, previous, *rest = self._transition(keys=keys, args=args)
+        applied, previous, *rest = self._run_transition(to, keys, args)
         transition = Transition(
             applied=bool(applied),
             previous=JobStatus(previous.decode()) if previous else None,
@@ -517,6 +520,20 @@ class Lifecycle:
         if transition.applied:
             log.debug("job transition", job_id=job_id, to=to.value, previous=transition.previous)
         return transition
+
+    def _run_transition(self, to: JobStatus, keys: list[str], args: list[str | int]) -> Any:
+        """The transition script; a job's end also waits for ``self.acks`` replicas. Not acknowledged in
+        time (no replica, or one far behind): the end is on the primary only — logged, and reported made
+        all the same. Should that primary be lost before its replica catches up, the job is found running
+        with a stale heartbeat on the new one and lost-job recovery runs it again: it still ends once."""
+        if not to.is_terminal or self.acks.replicas == 0:
+            return self._transition(keys=keys, args=args)
+        try:
+            return run_replicated(self._transition, keys, args, self.redis, self.acks)
+        except NotReplicated as exc:
+            log.warning("job end not acknowledged by a replica", job_id=args[0], to=to.value, error=str(exc))
+            metrics.REPLICA_ACK_TIMEOUTS.labels("job_end").inc()
+            return exc.result
 
     def _repeated(
         self,

@@ -14,11 +14,13 @@ from typing import Any
 import pytest
 import yaml
 
+from services.redis_connect import parse_sentinel_url
 from services.settings import Settings
 from tests.deploy import ROOT, parse_duration
 
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 OVERRIDES = [ROOT / "deploy" / "compose" / "two-gpus.yml"]
+SENTINEL_OVERRIDE = ROOT / "deploy" / "compose" / "redis-sentinel.yml"
 DARKROOM_SERVICES = ("api", "worker", "webhooks")
 
 
@@ -213,7 +215,9 @@ def _compose_cli() -> list[str] | None:
     return None
 
 
-@pytest.mark.parametrize("overrides", [[], OVERRIDES], ids=["base", "two-gpus"])
+@pytest.mark.parametrize(
+    "overrides", [[], OVERRIDES, [SENTINEL_OVERRIDE]], ids=["base", "two-gpus", "redis-sentinel"]
+)
 def test_docker_compose_config_accepts_the_files(overrides: list[Path], tmp_path: Path) -> None:
     cli = _compose_cli()
     if cli is None:
@@ -258,3 +262,23 @@ def test_two_gpu_override_pins_distinct_devices() -> None:
             assert "count" not in device, "with device_ids, count must not be set"
             device_ids.extend(device["device_ids"])
     assert len(device_ids) == len(set(device_ids)) >= 2
+
+
+def test_sentinel_override_points_every_darkroom_process_at_the_sentinels() -> None:
+    """One URL for all three processes, naming every Sentinel and the primary they monitor, and WAIT on."""
+    override = yaml.load(SENTINEL_OVERRIDE.read_text(), Loader=_ComposeLoader)
+    services = override["services"]
+    sentinels = sorted(name for name in services if name.startswith("sentinel-"))
+    assert len(sentinels) == 3
+    urls = {services[name]["environment"]["DARKROOM_REDIS_URL"] for name in ("api", "worker", "webhooks")}
+    [url] = urls
+    settings = Settings(
+        redis_url=url,
+        redis_min_replica_acks=services["api"]["environment"]["DARKROOM_REDIS_MIN_REPLICA_ACKS"],
+    )
+    target = parse_sentinel_url(settings.redis_url)
+    assert sorted(host for host, _ in target.sentinels) == sentinels
+    assert settings.redis_min_replica_acks == 1
+    script = services["sentinel-1"]["entrypoint"][-1]
+    assert f"sentinel monitor {target.service_name} redis 6379 2" in script
+    assert services["redis-replica"]["command"][1:4] == ["--replicaof", "redis", "6379"]

@@ -18,6 +18,7 @@ import pytest
 import referencing
 import yaml
 
+from services.redis_connect import parse_sentinel_url
 from services.settings import Settings
 from tests.deploy import ROOT
 from tests.deploy import kustomize as kz
@@ -25,7 +26,7 @@ from tests.deploy.crd_schemas import CUSTOM_RESOURCE_SCHEMAS, K8S_DEFS
 from tests.deploy.promql import problems, selectors
 
 K8S = ROOT / "deploy" / "k8s"
-KUSTOMIZATIONS = ("base", "overlays/dev", "overlays/production")
+KUSTOMIZATIONS = ("base", "overlays/dev", "overlays/production", "overlays/sentinel")
 #: The oldest Kubernetes the manifests claim (docs/operate/deploy.md), and the newest schemas the package
 #: ships.
 K8S_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
@@ -469,6 +470,16 @@ def test_production_uses_an_external_redis() -> None:
     assert production.find("Service", "darkroom-redis") is None
     url = production.get("ConfigMap", "darkroom-config")["data"]["DARKROOM_REDIS_URL"]
     assert "darkroom-redis" not in url
+
+
+def test_the_sentinel_overlay_finds_the_primary_through_sentinel_and_waits_for_a_replica() -> None:
+    sentinel = _render("overlays/sentinel")
+    assert not sentinel.of("StatefulSet"), "Redis is the operator's (a chart), not ours"
+    settings = settings_for(sentinel.get("ConfigMap", "darkroom-config")["data"])
+    target = parse_sentinel_url(settings.redis_url)
+    assert target.service_name == "mymaster" and all(port == 26379 for _, port in target.sentinels)
+    assert settings.redis_min_replica_acks == 1
+    assert {o["metadata"]["namespace"] for o in sentinel.objects} == {"darkroom"}
 
 
 # --- the resolver against the real kustomize -----------------------------------------------------------
