@@ -40,6 +40,7 @@ from services.rq_workers import ResilientWorker
 from services.settings import Settings
 from services.storage import RetryPolicy
 from worker import tasks
+from worker.cancel_watch import CancelWatch
 from worker.coalescing import Coalescing
 from worker.engine import GenerationEngine
 from worker.pipeline_loader import load_pipeline
@@ -201,6 +202,9 @@ def run_worker(settings: Settings, *, burst: bool = False) -> int:
         image_classifier=classifier,
         model=settings.served_model,
     )
+    # Cancel requests reach the worker on its own channel: its denoising loop never asks Redis per step.
+    context.cancels = CancelWatch(clients.redis, clients.lifecycle, name)
+    context.cancels.start()
     tasks.install_context(context)
     metrics.JOBS_RUNNING.labels(settings.served_model).set(0)  # the series exists before the first job
     metrics.WORKER_READY.labels(settings.served_model).set(1)
@@ -263,6 +267,7 @@ def run_worker(settings: Settings, *, burst: bool = False) -> int:
         if ready_file is not None:
             ready_file.unlink(missing_ok=True)
         tasks.install_context(None)
+        context.cancels.close()
         connection.close()
         clients.close()
     if not burst and not worker.stopped_on_request:

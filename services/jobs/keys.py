@@ -26,6 +26,8 @@ Shared:
 - ``darkroom:jobs:running``  set of job hash keys whose status is running (what lost-job recovery scans)
 - ``darkroom:outbox``        stream: the webhook events status changes caused, consumed by the webhook
                              process as the consumer group ``darkroom:outbox:dispatch`` (see ``outbox``)
+
+Pub/sub (no key): ``darkroom:cancel:{worker}``, the ids of that worker's running jobs asked to stop.
 """
 
 from __future__ import annotations
@@ -100,3 +102,8 @@ def staging_prefix(batch_id: str) -> str:
     """What a batch's staged item keys start with: ``prefix .. job id`` (the job hash), ``.. ':events'``,
     ``.. ':rq'``. Nothing reads them but the batch admission script."""
     return f"{_STAGING_PREFIX}{batch_id}:"
+
+
+def cancel_channel(worker: str) -> str:
+    """Pub/sub channel of one worker: the ids of its running jobs asked to stop (``worker.cancel_watch``)."""
+    return f"darkroom:cancel:{worker}"
