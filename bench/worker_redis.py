@@ -114,17 +114,18 @@ def step_loop(tmp: Path, steps: int, step_s: float, jobs: int) -> dict[str, Any]
         time.sleep(steps * step_s)
         idle = redis_cost.delta(idle_before, redis_cost.snapshot(client), per=1)
         before = redis_cost.snapshot(client)
+        hooks_s = 0.0  # the worker's own time in the step hooks: what the GPU waits for between steps
         for record in records:
             if watch is not None:
                 watch.watch(record.id)
-            reporter, should_cancel = (
-                runner.ProgressReporter(ctx, record),
-                runner.cancel_check(ctx, record.id),
-            )
+            reporter = runner.ProgressReporter(ctx, record)
+            should_cancel = runner.cancel_check(ctx, record.id)
             for step in range(1, steps + 1):
                 time.sleep(step_s)  # the GPU's step
+                started = time.perf_counter()
                 assert not should_cancel()
                 reporter(step, steps)
+                hooks_s += time.perf_counter() - started
             if watch is not None:
                 watch.forget(record.id)
         after = redis_cost.snapshot(client)
@@ -140,6 +141,7 @@ def step_loop(tmp: Path, steps: int, step_s: float, jobs: int) -> dict[str, Any]
         "progress_interval_s": interval.total_seconds(),
         "per_job": raw,
         "per_job_cpu_ms_idle_subtracted": round(net_cpu_ms, 4),
+        "worker_hook_ms_per_job": round(hooks_s * 1000 / jobs, 3),
     }
 
 
@@ -168,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"[bench] step loop, {steps} steps of {SD35_STEP_S * 1000:.1f} ms: "
                 f"{loop['per_job']['commands']} commands/job {loop['per_job']['by_command']}, "
-                f"{loop['per_job_cpu_ms_idle_subtracted']:.3f} ms Redis CPU/job",
+                f"{loop['per_job_cpu_ms_idle_subtracted']:.3f} ms Redis CPU/job, "
+                f"worker's step hooks {loop['worker_hook_ms_per_job']:.2f} ms/job",
                 flush=True,
             )
     finally:

@@ -25,7 +25,7 @@ from typing import Any
 
 import structlog
 from prometheus_client import start_http_server
-from rq.job import Job
+from rq.job import Job, JobStatus
 from rq.queue import Queue
 from rq.serializers import JSONSerializer
 
@@ -87,8 +87,11 @@ class GenerationWorker(ResilientWorker):
     def after_job(self, job: Job, queue: Queue) -> None:
         """A run can end with its record still ``running`` under our name (Redis was away for longer than
         the runner retries) or ``queued`` but off the queue (Redis went away between dequeue and claim):
-        put it back now rather than leave it to lost-job recovery."""
-        if self.on_interrupted is None:
+        put it back now rather than leave it to lost-job recovery.
+
+        A run that RQ recorded as finished returned normally: the runner recorded every claimed job's
+        outcome (or claimed none), so there is nothing to look at — one read of the record saved per job."""
+        if self.on_interrupted is None or job.get_status(refresh=False) == JobStatus.FINISHED:
             return
         try:
             self.wait_for_redis(lambda: self.on_interrupted(job.id), "release interrupted job")
