@@ -34,7 +34,7 @@ from rq.exceptions import StopRequested
 from rq.job import Job
 from rq.queue import Queue
 from rq.scheduler import RQScheduler
-from rq.suspension import is_suspended
+from rq.suspension import WORKERS_SUSPENDED
 from rq.timeouts import TimerDeathPenalty
 from rq.worker import WorkerStatus
 
@@ -183,7 +183,7 @@ class ResilientWorker(SimpleWorker):
 
     def check_for_suspension(self, burst: bool) -> None:
         # One EXISTS while not suspended (RQ's check also beats the worker, in a MULTI); RQ's own when it is.
-        suspended = self.wait_for_redis(lambda: bool(is_suspended(self.connection)), "check for suspension")
+        suspended = self.wait_for_redis(lambda: bool(self.connection.exists(WORKERS_SUSPENDED)), "suspension")
         if not suspended:
             return
         parent = super().check_for_suspension
