@@ -57,7 +57,7 @@ class CancelWatch:
             message = self._pubsub.get_message(timeout=0.5)
             if message is not None and message["type"] == "subscribe":
                 return
-        raise TimeoutError(f"redis did not confirm the subscription to {self.channel}")
+        raise redis.exceptions.TimeoutError(f"redis did not confirm the subscription to {self.channel}")
 
     def close(self) -> None:
         try:
