@@ -281,8 +281,11 @@ JOB_BODY: dict[str, Any] = {
 }
 
 
+WAIT_S = 60  # ``Prefer: wait`` of each job (at most the stack's DARKROOM_MAX_WAIT, 60 s by default)
+
+
 def _run_job(client: httpx.Client, body: dict[str, Any]) -> dict[str, Any]:
-    response = client.post("/v1/generations", json=body, headers={"Prefer": "wait=60"})
+    response = client.post("/v1/generations", json=body, headers={"Prefer": f"wait={WAIT_S}"})
     job = response.json()
     if response.status_code != 200 or job.get("status") != "succeeded":
         raise RuntimeError(f"job did not succeed: HTTP {response.status_code} {job}")

@@ -41,6 +41,7 @@ from services.jobs.outcome import Canceled, Failed, Outcome, Succeeded
 from services.storage import Storage, StorageError, StorageUnavailable, StorageWriteRefused
 from services.storage.keys import image_key
 from worker import coalescing
+from worker.cancel_watch import CancelWatch
 from worker.coalescing import Coalescing
 from worker.content_check import check_images
 from worker.engine import GenerationEngine, GenerationResult
@@ -66,6 +67,8 @@ class WorkerContext:
     image_classifier: ImageClassifier | None = None
     #: The served model's name (``Settings.served_model``): the ``model`` label of this worker's metrics.
     model: str = ""
+    #: Cancel requests pushed to this worker (None: the flag is read from Redis at every step).
+    cancels: CancelWatch | None = None
     _held: set[str] = field(default_factory=set, repr=False)
     _held_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -159,6 +162,9 @@ def _generate(
 
         return record_now
 
+    if ctx.cancels is not None:
+        for record, _ in loaded:
+            ctx.cancels.watch(record.id)
     try:
         return list(
             ctx.engine.generate_group(
@@ -171,6 +177,10 @@ def _generate(
     except Exception as exc:  # a bug of ours: every job of the call reports it
         logging.getLogger(__name__).exception("generation failed unexpectedly for %d job(s)", len(loaded))
         return [exc] * len(loaded)
+    finally:
+        if ctx.cancels is not None:
+            for record, _ in loaded:
+                ctx.cancels.forget(record.id)
 
 
 # --- the steps ---------------------------------------------------------------------------------------------
@@ -242,7 +252,12 @@ class ProgressReporter:
 
 
 def cancel_check(ctx: WorkerContext, job_id: str) -> Callable[[], bool]:
-    """``should_cancel`` for the engine: while Redis cannot be asked, the answer is "keep going"."""
+    """``should_cancel`` for the engine: pushed requests when the worker watches its cancel channel
+    (``ctx.cancels``: no Redis command per step), else a read of the flag; while Redis cannot be asked,
+    the answer is "keep going"."""
+    cancels = ctx.cancels
+    if cancels is not None:
+        return lambda: cancels.requested(job_id)
 
     def should_cancel() -> bool:
         try:

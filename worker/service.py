@@ -26,7 +26,7 @@ from typing import Any
 
 import structlog
 from prometheus_client import start_http_server
-from rq.job import Job
+from rq.job import Job, JobStatus
 from rq.queue import Queue
 from rq.serializers import JSONSerializer
 
@@ -41,6 +41,7 @@ from services.rq_workers import ResilientWorker
 from services.settings import Settings
 from services.storage import RetryPolicy
 from worker import tasks
+from worker.cancel_watch import CancelWatch
 from worker.coalescing import Coalescing
 from worker.engine import GenerationEngine
 from worker.pipeline_loader import load_pipeline
@@ -87,8 +88,11 @@ class GenerationWorker(ResilientWorker):
     def after_job(self, job: Job, queue: Queue) -> None:
         """A run can end with its record still ``running`` under our name (Redis was away for longer than
         the runner retries) or ``queued`` but off the queue (Redis went away between dequeue and claim):
-        put it back now rather than leave it to lost-job recovery."""
-        if self.on_interrupted is None:
+        put it back now rather than leave it to lost-job recovery.
+
+        A run that RQ recorded as finished returned normally: the runner recorded every claimed job's
+        outcome (or claimed none), so there is nothing to look at — one read of the record saved per job."""
+        if self.on_interrupted is None or job.get_status(refresh=False) == JobStatus.FINISHED:
             return
         try:
             self.wait_for_redis(lambda: self.on_interrupted(job.id), "release interrupted job")
@@ -222,6 +226,9 @@ def run_worker(settings: Settings, *, burst: bool = False) -> int:
         image_classifier=classifier,
         model=settings.served_model,
     )
+    # Cancel requests reach the worker on its own channel: its denoising loop never asks Redis per step.
+    context.cancels = CancelWatch(clients.redis, clients.lifecycle, name)
+    context.cancels.start()
     tasks.install_context(context)
     metrics.JOBS_RUNNING.labels(settings.served_model).set(0)  # the series exists before the first job
     metrics.WORKER_READY.labels(settings.served_model).set(1)
@@ -284,6 +291,7 @@ def run_worker(settings: Settings, *, burst: bool = False) -> int:
         if ready_file is not None:
             ready_file.unlink(missing_ok=True)
         tasks.install_context(None)
+        context.cancels.close()
         connection.close()
         clients.close()
     if not burst and not worker.stopped_on_request:

@@ -45,6 +45,8 @@ Shared:
 - ``darkroom:archive:lease`` string: the token of the one archiver working now (expires unless renewed)
 - ``darkroom:outbox``        stream: the webhook events status changes caused, consumed by the webhook
                              process as the consumer group ``darkroom:outbox:dispatch`` (see ``outbox``)
+
+Pub/sub (no key): ``darkroom:cancel:{worker}``, the ids of that worker's running jobs asked to stop.
 """
 
 from __future__ import annotations
@@ -132,3 +134,8 @@ def queue_order_key(queue_key: str) -> str:
     job's place in line in O(1). Admission and the lifecycle write it; the job hash names it
     (``queue_order``)."""
     return f"{QUEUE_ORDER_PREFIX}{queue_key}"
+
+
+def cancel_channel(worker: str) -> str:
+    """Pub/sub channel of one worker: the ids of its running jobs asked to stop (``worker.cancel_watch``)."""
+    return f"darkroom:cancel:{worker}"

@@ -58,6 +58,7 @@ from services.jobs.keys import (
     BATCH_PREFIX,
     OUTBOX,
     RUNNING_SET,
+    cancel_channel,
     events_key,
     job_key,
 )
@@ -376,9 +377,13 @@ class Lifecycle:
 
     def request_cancel(self, job_id: str) -> JobStatus | None:
         """Ask a running job to stop at its next denoising step (its worker then finishes it
-        ``canceled``). Returns the status it had: None if there is no such job; a terminal one if it had
-        ended (nothing is marked then)."""
+        ``canceled``; it hears of it on its cancel channel, ``worker.cancel_watch``). Returns the status
+        it had: None if there is no such job; a terminal one if it had ended (nothing is marked then)."""
         status = cast(bytes, self._request_cancel(keys=[job_key(job_id)], args=[]))
+        if status == b"running":  # its worker hears it at once, without asking Redis at every step
+            worker = cast(bytes | None, self.redis.hget(job_key(job_id), "worker"))
+            if worker:
+                self.redis.publish(cancel_channel(worker.decode()), job_id)
         return JobStatus(status.decode()) if status else None
 
     def cancel_requested(self, job_id: str) -> bool:

@@ -1,0 +1,72 @@
+"""The resilient worker between two jobs: what RQ's loop rewrote each time is written once, and what RQ's
+tools read (the worker key and its state, ``rq suspend``) stays true."""
+
+from __future__ import annotations
+
+import redis as redis_lib
+from rq import Queue, SimpleWorker
+from rq.suspension import resume, suspend
+from rq.worker import WorkerStatus
+
+from services.rq_workers import ResilientWorker
+
+
+def noop() -> str:
+    return "done"
+
+
+def commands_for(worker_class: type[SimpleWorker], connection: redis_lib.Redis, jobs: int) -> int:
+    """Commands Redis processed for a burst worker that runs ``jobs`` jobs (INFO's own call excluded)."""
+    connection.flushall()
+    queue = Queue("q", connection=connection)
+    for _ in range(jobs):
+        queue.enqueue(noop)
+    before = int(connection.info("stats")["total_commands_processed"])
+    worker = worker_class([queue], connection=connection)
+    assert worker.work(burst=True)
+    return int(connection.info("stats")["total_commands_processed"]) - before - 1
+
+
+def test_the_worker_does_not_rewrite_its_key_and_state_between_jobs(redis_client: redis_lib.Redis) -> None:
+    per_job = {
+        cls: (commands_for(cls, redis_client, 6) - commands_for(cls, redis_client, 1)) / 5
+        for cls in (SimpleWorker, ResilientWorker)
+    }
+    # RQ's loop: four heartbeats (3 commands each), two state writes and a MULTI'd suspension check per job.
+    # Of those 18 commands one beat is left (the beat RQ pipelines at the start of a job lives shorter), and
+    # the suspension check is one EXISTS: 12 fewer, 10 allowing for the noise of RQ's maintenance pass.
+    assert per_job[ResilientWorker] <= per_job[SimpleWorker] - 10, per_job
+
+
+def test_a_beat_is_sent_whenever_the_key_would_not_outlive_a_dequeue(redis_client: redis_lib.Redis) -> None:
+    worker = ResilientWorker([Queue("q", connection=redis_client)], connection=redis_client)
+    worker.register_birth()
+    worker.heartbeat()
+    assert redis_client.ttl(worker.key) >= worker.dequeue_timeout
+    redis_client.expire(worker.key, 100)  # as a beat during a job leaves it (job_monitoring_interval + 60)
+    worker.heartbeat()  # we did not set that ttl: skipped
+    assert redis_client.ttl(worker.key) == 100
+    with redis_client.pipeline() as pipeline:  # the beat RQ pipelines while a job runs
+        worker.heartbeat(90, pipeline=pipeline)
+        pipeline.execute()
+    worker.heartbeat()  # the key would die during the next dequeue: beaten
+    assert redis_client.ttl(worker.key) >= worker.dequeue_timeout
+    worker.set_state(WorkerStatus.IDLE)
+    redis_client.hset(worker.key, "state", "elsewhere")
+    worker.set_state(WorkerStatus.IDLE)  # already written: not again
+    assert redis_client.hget(worker.key, "state") == b"elsewhere"
+    worker.forget_beats()  # as after a Redis outage
+    worker.set_state(WorkerStatus.IDLE)
+    assert redis_client.hget(worker.key, "state") == b"idle"
+
+
+def test_suspended_workers_still_take_no_job(redis_client: redis_lib.Redis) -> None:
+    queue = Queue("q", connection=redis_client)
+    job = queue.enqueue(noop)
+    suspend(redis_client)
+    try:
+        assert not ResilientWorker([queue], connection=redis_client).work(burst=True)
+        assert job.id in queue.job_ids
+    finally:
+        resume(redis_client)
+    assert ResilientWorker([queue], connection=redis_client).work(burst=True)
