@@ -36,6 +36,7 @@ from services.rq_workers import PooledWorker
 from services.settings import Settings
 from services.webhooks.dispatcher import OutboxDispatcher
 from services.webhooks.scheduling import task_timeout
+from services.webhooks.tasks import send_first_attempt
 
 log = structlog.get_logger(__name__)
 
@@ -55,6 +56,12 @@ def run_worker(settings: Settings, *, burst: bool = False) -> int:
     Call ``setup_logging`` first.
     """
     clients = build_clients(settings)
+    # Every sending thread may be in a Redis command at once; redis-py's pool refuses a 101st connection
+    # ("Too many connections") by default, which would fail attempts for want of a socket.
+    pool = clients.redis.connection_pool
+    pool.max_connections = max(
+        pool.max_connections, settings.webhook_dispatch_concurrency + settings.webhook_concurrency + 8
+    )
     set_process_clients(clients)  # what ``deliver_webhook`` will use in this process
     metrics.export("webhooks")
     if settings.worker_metrics_port:
@@ -71,6 +78,8 @@ def run_worker(settings: Settings, *, burst: bool = False) -> int:
         queue=webhook_queue(clients.redis, settings),
         task_timeout=task_timeout(settings.webhook_attempt_deadline),
         claim_idle=settings.outbox_claim_idle,
+        send_first=send_first_attempt,
+        concurrency=settings.webhook_dispatch_concurrency,
     )
     if burst:  # what is in the outbox now becomes attempts, then the worker drains them
         dispatcher.drain()
