@@ -11,6 +11,8 @@ timer per request, so the receiver is not the bottleneck).
   the tail excluded);
 - **hang case**: the same, plus ``--hang-events`` events of one more API key to one receiver that reads
   the request and never answers — the others' rate should not drop;
+- **deliveries per CPU-second** of the webhook process (user + system): what it would deliver with a
+  core to itself — the machine this runs on is shared, so the rate alone says little;
 - **Redis commands per delivery**: ``total_commands_processed`` over the run / answers (the webhook
   process's start-up and idle polling included, the bench's job creation excluded).
 
@@ -33,7 +35,7 @@ from typing import Any
 import structlog
 from redis import Redis
 
-from bench.common import ROOT, machine_facts, percentile, write_results
+from bench.common import ROOT, cpu_seconds, machine_facts, percentile, write_results
 from devtools.rate_receiver import RateReceivers
 from devtools.redis_server import RedisServer
 from services.clients import build_clients
@@ -105,6 +107,8 @@ def run_case(settings: Settings, args: argparse.Namespace, hang: bool, tmp: Path
                 time.sleep(0.05)
             after = commands(clients.redis)
             times = list(receivers.answered_at)
+            cpu_s = cpu_seconds([worker.pid])
+            wall_s = time.monotonic() - started
         finally:
             worker.terminate()
             try:
@@ -123,6 +127,11 @@ def run_case(settings: Settings, args: argparse.Namespace, hang: bool, tmp: Path
         "first_answer_s": (times[0] - started) if times else None,
         "all_answered_s": (times[-1] - started) if times else None,
         "redis_commands_per_delivery": (after - before) / answered if answered else None,
+        # Load-independent: what one process would deliver per second with a whole core to itself (its
+        # start-up and idle polls included, so a lower bound).
+        "webhook_process_cpu_s": cpu_s,
+        "webhook_process_cores": cpu_s / wall_s,
+        "deliveries_per_cpu_s": answered / cpu_s if cpu_s else None,
         "create_s": created_s,
     }
 
@@ -163,7 +172,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{'hanging receiver' if case['hang'] else 'all answering  '}: "
             f"{case['deliveries_per_s']:.0f} deliveries/s "
             f"({case['answered']}/{case['events']} answered, all in {case['all_answered_s'] or 0:.1f} s; "
-            f"{case['redis_commands_per_delivery'] or 0:.1f} Redis commands/delivery)"
+            f"{case['redis_commands_per_delivery'] or 0:.1f} Redis commands/delivery; "
+            f"{case['deliveries_per_cpu_s'] or 0:.0f} deliveries per CPU-second of the webhook process, "
+            f"which used {case['webhook_process_cores']:.2f} cores)"
         )
     plain_args = vars(args) | {"out": None, "log_dir": None}
     path = write_results("webhook-rate", {"machine": facts, "args": plain_args, "cases": cases}, args.out)

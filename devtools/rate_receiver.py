@@ -10,6 +10,7 @@ and never answer. The loop runs in a thread of its own; counters are read from a
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import time
 from types import TracebackType
@@ -64,7 +65,9 @@ class RateReceivers:
 
     def __init__(self, ok_ports: int, *, hang_ports: int = 0, delay_s: float = 0.15) -> None:
         self.delay_s = delay_s
-        self._modes: list[Literal["ok", "hang"]] = ["ok"] * ok_ports + ["hang"] * hang_ports
+        ok: list[Literal["ok", "hang"]] = ["ok"]
+        hang: list[Literal["ok", "hang"]] = ["hang"]
+        self._modes = ok * ok_ports + hang * hang_ports
         self.ok_urls: list[str] = []
         self.hang_urls: list[str] = []
         self.answered_at: list[float] = []  # monotonic time of each ok answer, in order
@@ -90,7 +93,7 @@ class RateReceivers:
     async def _serve(self) -> None:
         for mode in self._modes:
             server = await self._loop.create_server(
-                lambda mode=mode: _Receiver(self, mode), LOOPBACK, 0, backlog=4096
+                functools.partial(_Receiver, self, mode), LOOPBACK, 0, backlog=4096
             )
             self._servers.append(server)
             port = server.sockets[0].getsockname()[1]

@@ -86,6 +86,7 @@ class OutboxDispatcher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._free = self.concurrency  # pool threads not sending; guarded by ``_slots``
+        self._acknowledged = 0  # entries the pool acknowledged; guarded by ``_slots``
         self._slots = threading.Condition()
         self._pool: ThreadPoolExecutor | None = None
         if self.send_first is not None:
@@ -171,6 +172,8 @@ class OutboxDispatcher:
                 task = BATCH_WEBHOOK_TASK if event.subject == "batch" else WEBHOOK_TASK
                 self.send_first(task, event.id, event.msg_id)
             outbox.acknowledge(self.store.redis, [entry_id])
+            with self._slots:
+                self._acknowledged += 1
         except Exception:
             msg_id = event.msg_id if event is not None else None
             log.exception("outbox.dispatch_failed", entry_id=entry_id, msg_id=msg_id)
@@ -243,16 +246,22 @@ class OutboxDispatcher:
             delay = min(delay * 2, 2.0)
 
     def drain(self) -> int:
-        """Dispatch everything in the outbox now, without waiting for more (burst mode); how many."""
+        """Dispatch everything in the outbox now, without waiting for more (burst mode); how many were
+        acknowledged (an event whose handling failed stays pending and is not counted)."""
         outbox.ensure_group(self.redis)
         self._next_claim = 0.0
         block, self.block = self.block, timedelta(0)
         try:
             total = 0
-            while handled := self.run_once():
+            while True:
+                before = self._acknowledged
+                handled = self.run_once()
+                if self._pool is not None:
+                    self.wait_idle()  # the pool's attempts acknowledge their entries as they end
+                    handled = self._acknowledged - before  # one that failed is not done
+                if not handled:
+                    return total
                 total += handled
-                self.wait_idle()  # the pool's attempts acknowledge their entries as they end
-            return total
         finally:
             self.block = block
 

@@ -390,7 +390,7 @@ def attempt_interrupted(
         reason = "the webhook process stopped during it"
     else:
         reason = f"{exc_type.__name__ if exc_type else 'unknown'} in the task"
-    record_interrupted(job.func_name, subject_id, msg_id, attempt, reason, job.started_at)
+    record_interrupted(job.func_name or WEBHOOK_TASK, subject_id, msg_id, attempt, reason, job.started_at)
 
 
 def record_interrupted(
