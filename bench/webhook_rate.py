@@ -71,6 +71,13 @@ def steady_rate(times: list[float]) -> float:
     return inside / (hi - lo) if hi > lo else float("nan")
 
 
+def user_and_system_s(pid: int) -> tuple[float, float]:
+    """CPU seconds ``pid`` spent in Python and libraries (user) and in the kernel (system: sockets)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / ticks, int(fields[12]) / ticks
+
+
 def commands(redis: Redis) -> int:
     return int(redis.info("stats")["total_commands_processed"])
 
@@ -108,6 +115,7 @@ def run_case(settings: Settings, args: argparse.Namespace, hang: bool, tmp: Path
             after = commands(clients.redis)
             times = list(receivers.answered_at)
             cpu_s = cpu_seconds([worker.pid])
+            user_s, system_s = user_and_system_s(worker.pid)
             wall_s = time.monotonic() - started
         finally:
             worker.terminate()
@@ -130,6 +138,8 @@ def run_case(settings: Settings, args: argparse.Namespace, hang: bool, tmp: Path
         # Load-independent: what one process would deliver per second with a whole core to itself (its
         # start-up and idle polls included, so a lower bound).
         "webhook_process_cpu_s": cpu_s,
+        "webhook_process_user_s": user_s,
+        "webhook_process_system_s": system_s,
         "webhook_process_cores": cpu_s / wall_s,
         "deliveries_per_cpu_s": answered / cpu_s if cpu_s else None,
         "create_s": created_s,
@@ -140,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.webhook_rate", description=__doc__)
     parser.add_argument("--events", type=int, default=3000, help="events to the answering receivers")
     parser.add_argument("--hang-events", type=int, default=100, help="events to the hanging receiver")
-    parser.add_argument("--receivers", type=int, default=64, help="answering receivers (ports)")
+    parser.add_argument("--receivers", type=int, default=128, help="answering receivers (ports)")
     parser.add_argument("--keys", type=int, default=64, help="API keys the events are spread over")
     parser.add_argument("--latency-ms", type=float, default=150.0, help="receivers answer after this")
     parser.add_argument("--wait", type=float, default=120.0, help="seconds to wait for all answers")

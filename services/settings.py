@@ -343,8 +343,8 @@ class Settings(BaseSettings):
         32,
         ge=1,
         le=1024,
-        description="Webhook attempts one webhook process sends at once (threads); a slow receiver holds "
-        "only its own.",
+        description="Webhook retries (and attempts that waited for a busy host's or key's share) one "
+        "webhook process sends at once (RQ threads); a slow receiver holds only its own.",
     )
     webhook_dispatch_concurrency: int = Field(
         256,

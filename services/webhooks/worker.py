@@ -1,5 +1,6 @@
 """The webhook worker process: an RQ worker on the webhook queue, with the scheduler that fires retries,
-and the outbox dispatcher (a side thread) that turns the events of status changes into first attempts.
+and the outbox dispatcher (a side thread and its pool) that turns the events of status changes into
+deliveries and sends their first attempts.
 
 Why threads in one process (``services.rq_workers.PooledWorker``): an attempt is a few milliseconds of our
 work around one HTTP exchange that may wait up to the attempt deadline on a slow receiver. One attempt at
@@ -8,14 +9,17 @@ a time let a receiver that hangs or trickles its answer delay every other tenant
 host gets at most ``DARKROOM_WEBHOOK_PER_HOST`` (``services.webhooks.hosts``) and each ends within
 ``DARKROOM_WEBHOOK_ATTEMPT_DEADLINE`` (``services.webhooks.deadline``). No fork per task: it would cost
 more than the task and rebuild the Redis, storage and httpx clients every time; this process never
-imports torch. Each attempt is still one RQ task, so RQ keeps its record, its timeout (a backstop) and
-its failure callback, which records and retries an attempt that failed however it failed.
+imports torch. Each retry is one RQ task, so RQ keeps its record, its timeout (a backstop) and its
+failure callback, which records and retries an attempt that failed however it failed. First attempts —
+nearly all deliveries — skip RQ: the dispatcher's ``DARKROOM_WEBHOOK_DISPATCH_CONCURRENCY`` threads send
+them, under the same shares and deadline, and the outbox entry left unacknowledged until the attempt is
+recorded stands for RQ's record (``services.webhooks.dispatcher``).
 
 ``with_scheduler=True`` is required: retries are enqueued with ``enqueue_in`` and only a scheduler moves
 them to the queue when due. With several workers, one holds the scheduler lock and the others stand by.
 
-SIGTERM is a warm shutdown: no new attempt starts, those in flight finish and are recorded, then the
-process exits 0.
+SIGTERM is a warm shutdown: no new attempt starts, those in flight (retries, then first attempts) finish
+and are recorded, then the process exits 0.
 A Redis restart is waited out (``services.rq_workers``), scheduler included; should the loop still end on
 its own, the process exits 1 so its supervisor restarts it.
 """
