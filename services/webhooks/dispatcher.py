@@ -40,7 +40,7 @@ from redis import Redis
 from rq import Queue
 from rq.job import Job as RQJob
 
-from services.clients import REDIS_UNAVAILABLE
+from services.clients import REDIS_UNAVAILABLE, retry_while_redis_down
 from services.jobs import outbox
 from services.jobs.batches import BatchStore
 from services.jobs.outbox import OutboxEvent
@@ -168,7 +168,7 @@ class OutboxDispatcher:
         try:
             if event is None:
                 log.warning("outbox.unreadable_entry_dropped", entry_id=entry_id)
-            elif self.handle(event) == SEND:
+            elif self._handle_riding_out_redis(event) == SEND:
                 task = BATCH_WEBHOOK_TASK if event.subject == "batch" else WEBHOOK_TASK
                 self.send_first(task, event.id, event.msg_id)
             outbox.acknowledge(self.store.redis, [entry_id])
@@ -181,6 +181,16 @@ class OutboxDispatcher:
             with self._slots:
                 self._free += 1
                 self._slots.notify_all()
+
+    def _handle_riding_out_redis(self, event: OutboxEvent) -> str:
+        """``handle``, retried through a Redis blip for up to half ``claim_idle``: past that the entry
+        is left pending, to be claimed again, rather than held by a thread that waits."""
+        return retry_while_redis_down(
+            lambda: self.handle(event),
+            what="outbox dispatch",
+            deadline_s=self.claim_idle.total_seconds() / 2,
+            should_stop=self._stop.is_set,
+        )
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until no first attempt is in flight; whether that happened within ``timeout``."""
