@@ -384,8 +384,9 @@ class Settings(BaseSettings):
     outbox_claim_idle: timedelta = Field(
         timedelta(seconds=30),
         gt=timedelta(0),
-        description="A webhook event a webhook process read but did not finish scheduling (it died) is "
-        "taken over by another after this long.",
+        description="A webhook event a webhook process read but did not finish (it died mid-attempt) is "
+        "taken over by another after this long, its first attempt made again. Keep it above "
+        "DARKROOM_WEBHOOK_ATTEMPT_DEADLINE, or a slow first attempt may be sent twice at once.",
     )
 
     # --- content safety (services/content_safety.py) -----------------------------------------------------

@@ -59,6 +59,14 @@ def run_worker(settings: Settings, *, burst: bool = False) -> int:
     In burst mode the scheduler runs once at start: retries that are not yet due stay scheduled.
     Call ``setup_logging`` first.
     """
+    if settings.outbox_claim_idle <= settings.webhook_attempt_deadline:
+        # A first attempt's outbox entry stays unacknowledged while it is sent: another process may claim
+        # it after claim_idle and send it again (same webhook-id) while the first is still waiting.
+        log.warning(
+            "webhooks.claim_idle_not_above_attempt_deadline",
+            outbox_claim_idle_s=settings.outbox_claim_idle.total_seconds(),
+            attempt_deadline_s=settings.webhook_attempt_deadline.total_seconds(),
+        )
     clients = build_clients(settings)
     # Every sending thread may be in a Redis command at once; redis-py's pool refuses a 101st connection
     # ("Too many connections") by default, which would fail attempts for want of a socket.
