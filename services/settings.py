@@ -377,8 +377,17 @@ class Settings(BaseSettings):
         32,
         ge=1,
         le=1024,
-        description="Webhook attempts one webhook process sends at once (threads); a slow receiver holds "
-        "only its own.",
+        description="Webhook retries (and attempts that waited for a busy host's or key's share) one "
+        "webhook process sends at once (RQ threads); a slow receiver holds only its own.",
+    )
+    webhook_dispatch_concurrency: int = Field(
+        256,
+        ge=1,
+        le=4096,
+        description="First attempts of new webhook events one webhook process sends at once, straight "
+        "from the outbox (threads); at 150 ms per receiver answer, 256 allow ~1,700 deliveries/s. Retries "
+        "and attempts waiting for a busy host's or key's share run on the DARKROOM_WEBHOOK_CONCURRENCY "
+        "threads.",
     )
     webhook_per_host: int = Field(
         4,
@@ -409,8 +418,9 @@ class Settings(BaseSettings):
     outbox_claim_idle: timedelta = Field(
         timedelta(seconds=30),
         gt=timedelta(0),
-        description="A webhook event a webhook process read but did not finish scheduling (it died) is "
-        "taken over by another after this long.",
+        description="A webhook event a webhook process read but did not finish (it died mid-attempt) is "
+        "taken over by another after this long, its first attempt made again. Keep it above "
+        "DARKROOM_WEBHOOK_ATTEMPT_DEADLINE, or a slow first attempt may be sent twice at once.",
     )
 
     # --- content safety (services/content_safety.py) -----------------------------------------------------

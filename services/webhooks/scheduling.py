@@ -1,8 +1,9 @@
 """Putting delivery attempts on the webhook queue, and the delivery record users read on the job.
 
-Sending happens on the webhook queue (``services.webhooks.tasks``), one attempt per RQ task, where a slow
-or broken receiver cannot hold a GPU. The first attempt of each event is scheduled by the outbox
-dispatcher (``services.webhooks.dispatcher``); each attempt schedules the next with backoff.
+Sending happens in the webhook process, where a slow or broken receiver cannot hold a GPU. The first
+attempt of each event is sent by the outbox dispatcher's pool (``services.webhooks.dispatcher``; queued
+here only without one); each attempt schedules the next with backoff on the webhook queue, one attempt per
+RQ task (``services.webhooks.tasks``).
 
 Each event has one ``msg_id`` (the Standard Webhooks ``webhook-id``) that all of its attempts share, and a
 delivery record on the job (or batch) that users can read (``webhook.deliveries``).

@@ -384,8 +384,23 @@ def attempt_interrupted(
     next one is scheduled by the usual policy. Without this such a delivery stayed ``pending`` with no
     attempt recorded and no retry. An attempt that was recorded (sent, or "not sent") is left alone."""
     subject_id, msg_id, attempt = job.args[:3]
+    if exc_type is not None and issubclass(exc_type, JobTimeoutException):
+        reason = "the task timed out"
+    elif exc_type is not None and issubclass(exc_type, AbandonedJobError):
+        reason = "the webhook process stopped during it"
+    else:
+        reason = f"{exc_type.__name__ if exc_type else 'unknown'} in the task"
+    record_interrupted(job.func_name or WEBHOOK_TASK, subject_id, msg_id, attempt, reason, job.started_at)
+
+
+def record_interrupted(
+    task: str, subject_id: str, msg_id: str, attempt: int, reason: str, started: datetime | None
+) -> None:
+    """Record attempt ``attempt`` as interrupted for ``reason`` and schedule the next by the usual policy,
+    unless it was recorded already (sent, or "not sent"). ``task`` says whether the subject is a job
+    (``WEBHOOK_TASK``) or a batch (``BATCH_WEBHOOK_TASK``)."""
     ctx = DeliveryContext.from_clients(process_clients())
-    load = _batch_subject if job.func_name == BATCH_WEBHOOK_TASK else _job_subject
+    load = _batch_subject if task == BATCH_WEBHOOK_TASK else _job_subject
     loaded = load(ctx, subject_id, msg_id)
     bound = log.bind(subject_id=subject_id, msg_id=msg_id, attempt=attempt)
     if loaded is None:
@@ -393,14 +408,7 @@ def attempt_interrupted(
     subject, delivery = loaded
     if _already_done(delivery, attempt):
         return
-    if exc_type is not None and issubclass(exc_type, JobTimeoutException):
-        reason = "the task timed out"
-    elif exc_type is not None and issubclass(exc_type, AbandonedJobError):
-        reason = "the webhook process stopped during it"
-    else:
-        reason = f"{exc_type.__name__ if exc_type else 'unknown'} in the task"
     now = ctx.clock()
-    started = job.started_at
     took_ms = max(0.0, (now - started).total_seconds() * 1000.0) if started is not None else 0.0
     record = DeliveryAttempt(
         at=started or now,
@@ -411,6 +419,22 @@ def attempt_interrupted(
     )
     # Retryable like any transport failure: whether the receiver got it is unknown (same webhook-id).
     _conclude(ctx, subject, delivery, attempt, record, httpx.ReadTimeout(record.error or ""), bound)
+
+
+def send_first_attempt(task: str, subject_id: str, msg_id: str) -> str:
+    """Attempt 1 of a message, made in the calling thread rather than as an RQ task: the outbox dispatcher
+    sends each new event's first attempt itself (``services.webhooks.dispatcher``); retries and waits for
+    a busy share still go through the webhook queue. An error of ours is recorded on the delivery as an
+    interrupted attempt and retried by the policy — what ``attempt_interrupted`` does for a failed task —
+    and logged; the result is then ``failed`` for the caller's count only."""
+    started = utcnow()
+    deliver = deliver_batch_webhook if task == BATCH_WEBHOOK_TASK else deliver_webhook
+    try:
+        return deliver(subject_id, msg_id, 1)
+    except Exception as exc:
+        log.exception("webhook.attempt_error", msg_id=msg_id, subject_id=subject_id)
+        record_interrupted(task, subject_id, msg_id, 1, f"{type(exc).__name__} in the attempt", started)
+        return FAILED
 
 
 #: Delivery state once no further attempt is due. A retryable verdict only gets here out of attempts.

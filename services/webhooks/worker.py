@@ -1,6 +1,7 @@
 """The webhook worker process: an RQ worker on the webhook queue, with the scheduler that fires retries,
-the outbox dispatcher (a side thread) that turns the events of status changes into first attempts, and
-the archiver (another) that moves finished jobs out of Redis once their webhooks are settled.
+and the outbox dispatcher (a side thread and its pool) that turns the events of status changes into
+deliveries and sends their first attempts, and the archiver (another side thread) that moves finished
+jobs out of Redis once their webhooks are settled.
 
 Why threads in one process (``services.rq_workers.PooledWorker``): an attempt is a few milliseconds of our
 work around one HTTP exchange that may wait up to the attempt deadline on a slow receiver. One attempt at
@@ -9,14 +10,17 @@ a time let a receiver that hangs or trickles its answer delay every other tenant
 host gets at most ``DARKROOM_WEBHOOK_PER_HOST`` (``services.webhooks.hosts``) and each ends within
 ``DARKROOM_WEBHOOK_ATTEMPT_DEADLINE`` (``services.webhooks.deadline``). No fork per task: it would cost
 more than the task and rebuild the Redis, storage and httpx clients every time; this process never
-imports torch. Each attempt is still one RQ task, so RQ keeps its record, its timeout (a backstop) and
-its failure callback, which records and retries an attempt that failed however it failed.
+imports torch. Each retry is one RQ task, so RQ keeps its record, its timeout (a backstop) and its
+failure callback, which records and retries an attempt that failed however it failed. First attempts —
+nearly all deliveries — skip RQ: the dispatcher's ``DARKROOM_WEBHOOK_DISPATCH_CONCURRENCY`` threads send
+them, under the same shares and deadline, and the outbox entry left unacknowledged until the attempt is
+recorded stands for RQ's record (``services.webhooks.dispatcher``).
 
 ``with_scheduler=True`` is required: retries are enqueued with ``enqueue_in`` and only a scheduler moves
 them to the queue when due. With several workers, one holds the scheduler lock and the others stand by.
 
-SIGTERM is a warm shutdown: no new attempt starts, those in flight finish and are recorded, then the
-process exits 0.
+SIGTERM is a warm shutdown: no new attempt starts, those in flight (retries, then first attempts) finish
+and are recorded, then the process exits 0.
 A Redis restart is waited out (``services.rq_workers``), scheduler included; should the loop still end on
 its own, the process exits 1 so its supervisor restarts it.
 """
@@ -38,6 +42,7 @@ from services.rq_workers import PooledWorker
 from services.settings import Settings
 from services.webhooks.dispatcher import OutboxDispatcher
 from services.webhooks.scheduling import task_timeout
+from services.webhooks.tasks import send_first_attempt
 
 log = structlog.get_logger(__name__)
 
@@ -57,7 +62,21 @@ def run_worker(settings: Settings, *, burst: bool = False) -> int:
     jobs whose webhooks are then settled are archived before it returns.
     Call ``setup_logging`` first.
     """
+    if settings.outbox_claim_idle <= settings.webhook_attempt_deadline:
+        # A first attempt's outbox entry stays unacknowledged while it is sent: another process may claim
+        # it after claim_idle and send it again (same webhook-id) while the first is still waiting.
+        log.warning(
+            "webhooks.claim_idle_not_above_attempt_deadline",
+            outbox_claim_idle_s=settings.outbox_claim_idle.total_seconds(),
+            attempt_deadline_s=settings.webhook_attempt_deadline.total_seconds(),
+        )
     clients = build_clients(settings)
+    # Every sending thread may be in a Redis command at once; redis-py's pool refuses a 101st connection
+    # ("Too many connections") by default, which would fail attempts for want of a socket.
+    pool = clients.redis.connection_pool
+    pool.max_connections = max(
+        pool.max_connections, settings.webhook_dispatch_concurrency + settings.webhook_concurrency + 8
+    )
     set_process_clients(clients)  # what ``deliver_webhook`` will use in this process
     metrics.export("webhooks")
     if settings.worker_metrics_port:
@@ -74,6 +93,8 @@ def run_worker(settings: Settings, *, burst: bool = False) -> int:
         queue=webhook_queue(clients.redis, settings),
         task_timeout=task_timeout(settings.webhook_attempt_deadline),
         claim_idle=settings.outbox_claim_idle,
+        send_first=send_first_attempt,
+        concurrency=settings.webhook_dispatch_concurrency,
     )
     # Finished jobs whose webhooks are settled go to storage and leave Redis (services.jobs.archiver).
     archiver = Archiver(

@@ -63,6 +63,62 @@ _PROMETHEUS_METADATA = {
     "additionalProperties": False,
 }
 
+_REDIS_CONNECTION = (
+    "address",
+    "addressFromEnv",
+    "host",
+    "hostFromEnv",
+    "port",
+    "portFromEnv",
+    "usernameFromEnv",
+    "passwordFromEnv",
+    "enableTLS",
+    "unsafeSsl",
+    "databaseIndex",
+)
+
+# KEDA's redis-streams scaler (2.10+ for lagCount), from its documented parameter list.
+_REDIS_STREAMS_METADATA = {
+    "type": "object",
+    "required": ["stream"],
+    "properties": {
+        key: {"type": "string", "minLength": 1}
+        for key in (
+            *_REDIS_CONNECTION,
+            "stream",
+            "consumerGroup",
+            "pendingEntriesCount",
+            "streamLength",
+            "lagCount",
+            "activationLagCount",
+        )
+    },
+    "additionalProperties": False,
+    "anyOf": [{"required": ["address"]}, {"required": ["addressFromEnv"]}, {"required": ["host"]}],
+    # lagCount is the lag of a consumer group: without the group KEDA falls back to the stream's length.
+    "dependentRequired": {"lagCount": ["consumerGroup"], "activationLagCount": ["lagCount"]},
+}
+
+# KEDA's redis (list) scaler.
+_REDIS_LIST_METADATA = {
+    "type": "object",
+    "required": ["listName"],
+    "properties": {
+        key: {"type": "string", "minLength": 1}
+        for key in (*_REDIS_CONNECTION, "listName", "listLength", "activationListLength")
+    },
+    "additionalProperties": False,
+    "anyOf": [{"required": ["address"]}, {"required": ["addressFromEnv"]}, {"required": ["host"]}],
+}
+
+
+def _metadata_for(trigger_type: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "if": {"properties": {"type": {"const": trigger_type}}},
+        "then": {"properties": {"metadata": schema}},
+    }
+
+
 SCALED_OBJECT = _resource(
     "keda.sh/v1alpha1",
     "ScaledObject",
@@ -141,8 +197,11 @@ SCALED_OBJECT = _resource(
                         "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
                     },
                     "additionalProperties": False,
-                    "if": {"properties": {"type": {"const": "prometheus"}}},
-                    "then": {"properties": {"metadata": _PROMETHEUS_METADATA}},
+                    "allOf": [
+                        _metadata_for("prometheus", _PROMETHEUS_METADATA),
+                        _metadata_for("redis-streams", _REDIS_STREAMS_METADATA),
+                        _metadata_for("redis", _REDIS_LIST_METADATA),
+                    ],
                 },
             },
         },

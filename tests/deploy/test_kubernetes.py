@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from importlib import resources
 from typing import Any
+from urllib.parse import urlsplit
 
 import jsonschema
 import kubernetes_validate
@@ -18,6 +19,7 @@ import pytest
 import referencing
 import yaml
 
+from services.jobs.keys import OUTBOX, OUTBOX_GROUP
 from services.redis_connect import parse_sentinel_url
 from services.settings import Settings
 from tests.deploy import ROOT
@@ -101,6 +103,7 @@ def test_renders_the_expected_objects(rendered: Rendered) -> None:
         ("PodDisruptionBudget", "darkroom-api"),
         ("Deployment", "darkroom-worker"),
         ("ScaledObject", "darkroom-worker"),
+        ("ScaledObject", "darkroom-webhooks"),
         ("Deployment", "darkroom-webhooks"),
         ("ServiceMonitor", "darkroom-api"),
         ("ServiceMonitor", "darkroom-worker"),
@@ -446,6 +449,28 @@ def test_webhook_worker_runs_the_webhook_process(rendered: Rendered) -> None:
         pod_spec(webhooks)["terminationGracePeriodSeconds"]
         > Settings().webhook_attempt_deadline.total_seconds()
     )
+
+
+def test_webhook_scaled_object_follows_the_outbox_lag_and_the_retry_queue(rendered: Rendered) -> None:
+    """KEDA reads the very stream, group and list the webhook process uses, on the Redis it uses."""
+    scaled = rendered.get("ScaledObject", "darkroom-webhooks")
+    spec = scaled["spec"]
+    assert spec["scaleTargetRef"]["name"] == "darkroom-webhooks"
+    assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"], "RQ's scheduler fires the retries"
+    triggers = {t["type"]: t["metadata"] for t in spec["triggers"]}
+    assert set(triggers) == {"redis-streams", "redis"}
+    lag = triggers["redis-streams"]
+    assert (lag["stream"], lag["consumerGroup"]) == (OUTBOX, OUTBOX_GROUP)
+    assert int(lag["lagCount"]) >= 1
+    assert "pendingEntriesCount" not in lag and "streamLength" not in lag, "lag, not pending or length"
+    webhooks = rendered.get("Deployment", "darkroom-webhooks")
+    settings = settings_for(container_env(rendered, webhooks, "webhooks"))
+    assert triggers["redis"]["listName"] == f"rq:queue:{settings.webhook_queue_name}"
+    url = urlsplit(settings.redis_url)
+    for metadata in triggers.values():
+        assert metadata["address"] == f"{url.hostname}:{url.port or 6379}", rendered.name
+        assert metadata.get("databaseIndex", "0") == (url.path.strip("/") or "0")
+        assert (metadata.get("enableTLS") == "true") == (url.scheme == "rediss"), rendered.name
 
 
 # --- Redis ---------------------------------------------------------------------------------------------

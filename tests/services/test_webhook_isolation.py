@@ -20,9 +20,9 @@ import statistics
 import time
 from typing import Literal
 
-from rq.registry import ScheduledJobRegistry, StartedJobRegistry
+from rq.registry import ScheduledJobRegistry
 
-from services.clients import ServiceClients, build_clients, close_process_clients, set_process_clients
+from services.clients import ServiceClients
 from services.queue import webhook_queue
 from services.settings import Settings
 from services.storage import FileStorage
@@ -188,9 +188,12 @@ def test_one_host_gets_exactly_its_share_of_attempts_at_once(
     assert most == 2  # the share is used (concurrently), and never exceeded
 
 
-def test_an_attempt_whose_process_was_killed_is_recorded_and_retried(
+def test_a_first_attempt_whose_process_was_killed_is_made_again_by_another(
     settings: Settings, clients: ServiceClients, storage: FileStorage, start_worker: StartWorker
 ) -> None:
+    """Attempt 1 is sent straight from the outbox consumer: its unacknowledged outbox entry is what says it
+    is under way. Another webhook process claims the entry once it has been idle ``claim_idle`` and makes
+    the attempt again (same ``webhook-id``), recording it and scheduling the retry as usual."""
     queue = webhook_queue(clients.redis, settings)
     with SlowReceiver("hang") as hanging:
         job_id = create_job(clients, storage, hanging.url)
@@ -201,16 +204,20 @@ def test_an_attempt_whose_process_was_killed_is_recorded_and_retried(
         [pending] = clients.store.deliveries(job_id)
         assert pending["state"] == "pending" and pending["attempts"] == []
 
-        # What RQ's maintenance does once the dead worker's heartbeat on the task has lapsed.
-        set_process_clients(build_clients(settings))  # the failure callback runs here, as in RQ's
+        survivor = start_worker(
+            env=worker_env(
+                settings, DARKROOM_WEBHOOK_ATTEMPT_DEADLINE="PT1S", DARKROOM_OUTBOX_CLAIM_IDLE="PT1S"
+            )
+        )
         try:
-            StartedJobRegistry(queue=queue).cleanup(timestamp=time.time() + 3600)
+            hanging.wait_for(2, timeout=30)  # the same attempt, made again
+            wait_until(lambda: bool(clients.store.deliveries(job_id)[0]["attempts"]), timeout=30)
         finally:
-            close_process_clients()
+            stop(survivor)
 
     [delivery] = clients.store.deliveries(job_id)
     [attempt] = delivery["attempts"]
     assert delivery["state"] == "pending"
     assert attempt["attempt"] == 1 and attempt["status_code"] is None
-    assert attempt["error"] == "attempt interrupted: the webhook process stopped during it"
+    assert attempt["error"] == "ReadTimeout: attempt deadline of 1s exceeded"
     assert task_job_id(delivery["msg_id"], 2) in ScheduledJobRegistry(queue=queue).get_job_ids()
