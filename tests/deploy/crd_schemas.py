@@ -112,6 +112,22 @@ _REDIS_LIST_METADATA = {
 }
 
 
+# KEDA's Sentinel variants of both: the same fields, the Redis found through Sentinels instead of an address.
+_SENTINEL_CONNECTION = ("addresses", "addressesFromEnv", "sentinelMaster", "sentinelMasterFromEnv")
+
+
+def _through_sentinels(schema: dict[str, Any]) -> dict[str, Any]:
+    names = [key for key in schema["properties"] if key not in ("address", "addressFromEnv", "host")]
+    return {
+        **{key: value for key, value in schema.items() if key != "anyOf"},
+        "properties": {key: {"type": "string", "minLength": 1} for key in (*names, *_SENTINEL_CONNECTION)},
+        "allOf": [
+            {"anyOf": [{"required": ["addresses"]}, {"required": ["addressesFromEnv"]}]},
+            {"anyOf": [{"required": ["sentinelMaster"]}, {"required": ["sentinelMasterFromEnv"]}]},
+        ],
+    }
+
+
 def _metadata_for(trigger_type: str, schema: dict[str, Any]) -> dict[str, Any]:
     return {
         "if": {"properties": {"type": {"const": trigger_type}}},
@@ -201,6 +217,8 @@ SCALED_OBJECT = _resource(
                         _metadata_for("prometheus", _PROMETHEUS_METADATA),
                         _metadata_for("redis-streams", _REDIS_STREAMS_METADATA),
                         _metadata_for("redis", _REDIS_LIST_METADATA),
+                        _metadata_for("redis-sentinel-streams", _through_sentinels(_REDIS_STREAMS_METADATA)),
+                        _metadata_for("redis-sentinel", _through_sentinels(_REDIS_LIST_METADATA)),
                     ],
                 },
             },

@@ -457,15 +457,27 @@ def test_webhook_scaled_object_follows_the_outbox_lag_and_the_retry_queue(render
     spec = scaled["spec"]
     assert spec["scaleTargetRef"]["name"] == "darkroom-webhooks"
     assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"], "RQ's scheduler fires the retries"
+    webhooks = rendered.get("Deployment", "darkroom-webhooks")
+    settings = settings_for(container_env(rendered, webhooks, "webhooks"))
+    through_sentinels = settings.redis_url.startswith(("redis+sentinel:", "rediss+sentinel:"))
+    stream_type, list_type = (
+        ("redis-sentinel-streams", "redis-sentinel") if through_sentinels else ("redis-streams", "redis")
+    )
     triggers = {t["type"]: t["metadata"] for t in spec["triggers"]}
-    assert set(triggers) == {"redis-streams", "redis"}
-    lag = triggers["redis-streams"]
+    assert set(triggers) == {stream_type, list_type}, rendered.name
+    lag = triggers[stream_type]
     assert (lag["stream"], lag["consumerGroup"]) == (OUTBOX, OUTBOX_GROUP)
     assert int(lag["lagCount"]) >= 1
     assert "pendingEntriesCount" not in lag and "streamLength" not in lag, "lag, not pending or length"
-    webhooks = rendered.get("Deployment", "darkroom-webhooks")
-    settings = settings_for(container_env(rendered, webhooks, "webhooks"))
-    assert triggers["redis"]["listName"] == f"rq:queue:{settings.webhook_queue_name}"
+    assert triggers[list_type]["listName"] == f"rq:queue:{settings.webhook_queue_name}"
+    if through_sentinels:
+        target = parse_sentinel_url(settings.redis_url)
+        for metadata in triggers.values():
+            addresses = ",".join(f"{host}:{port}" for host, port in target.sentinels)
+            assert metadata["addresses"] == addresses, rendered.name
+            assert metadata["sentinelMaster"] == target.service_name
+            assert metadata.get("databaseIndex", "0") == str(target.db)
+        return
     url = urlsplit(settings.redis_url)
     for metadata in triggers.values():
         assert metadata["address"] == f"{url.hostname}:{url.port or 6379}", rendered.name
