@@ -30,7 +30,7 @@ import redis
 from api.main import create_app
 from schemas.jobs import TERMINAL_STATUSES
 from schemas.problems import PROBLEM_CONTENT_TYPE
-from services.jobs import events_key, job_key
+from services.jobs import RUNNING_SET, events_key, job_key
 from services.settings import Settings
 from tests.api import serve
 from tests.fixtures.stack import TINY_QUEUE, TINY_WORKERS, Stack, start_stack
@@ -192,7 +192,7 @@ def assert_exactly_one_terminal_state_each(connection: redis.Redis, job_ids: lis
         assert terminal == [status.decode()], (job_id, status, terminal)
         outcomes[status.decode()] += 1
     assert connection.llen(TINY_QUEUE) == 0
-    assert connection.scard("darkroom:jobs:running") == 0
+    assert connection.zcard(RUNNING_SET) == 0
     return outcomes
 
 

@@ -28,6 +28,7 @@ import pytest
 
 from devtools.redis_ha import RedisHA
 from schemas.problems import PROBLEM_CONTENT_TYPE
+from services.jobs.keys import RUNNING_SET
 from tests.api.test_load import CHEAPEST, assert_exactly_one_terminal_state_each, drain
 from tests.fixtures.http_receiver import HttpReceiver
 from tests.fixtures.stack import Stack, stack_env
@@ -134,7 +135,7 @@ def test_a_primary_killed_mid_burst_loses_no_acknowledged_job(
         def ready_to_kill() -> bool:
             with submitter.lock:
                 enough = len(submitter.accepted) >= KILL_AFTER_ACCEPTED
-            return enough and watch.scard("darkroom:jobs:running") > 0
+            return enough and watch.zcard(RUNNING_SET) > 0
 
         wait_until(ready_to_kill, 120, "jobs accepted and one running")
         old = ha.primary()
