@@ -36,30 +36,13 @@ import structlog
 from redis import Redis
 
 from bench.common import ROOT, cpu_seconds, machine_facts, percentile, write_results
+from bench.isolation_webhooks import worker_env
 from devtools.rate_receiver import RateReceivers
 from devtools.redis_server import RedisServer
 from services.clients import build_clients
 from services.settings import Settings
 from services.storage import FileStorage
 from tests.services.test_webhook_tasks import SECRET, create_job
-
-
-def worker_env(settings: Settings, overrides: dict[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DARKROOM_")}
-    env.update(
-        {
-            "DARKROOM_REDIS_URL": settings.redis_url,
-            "DARKROOM_STORAGE_URL": settings.storage_url,
-            "DARKROOM_PUBLIC_URL": settings.public_url or "",
-            "DARKROOM_WEBHOOK_SECRET": SECRET,
-            "DARKROOM_WEBHOOK_ALLOW_PRIVATE": "true",
-            "DARKROOM_WEBHOOK_ALLOW_HTTP": "true",
-            "DARKROOM_WEBHOOK_MAX_ATTEMPTS": "2",
-            "DARKROOM_ENVIRONMENT": "production",
-            **overrides,
-        }
-    )
-    return env
 
 
 def steady_rate(times: list[float]) -> float:
