@@ -16,6 +16,9 @@ timer per request, so the receiver is not the bottleneck).
 - **Redis commands per delivery**: ``total_commands_processed`` over the run / answers (the webhook
   process's start-up and idle polling included, the bench's job creation excluded).
 
+The webhook process runs as the Kubernetes manifests run it: with ``DARKROOM_ARCHIVER_IN_WEBHOOK_PROCESS``
+false (the archiver is a process of its own there; here it does not run). ``--archiver-in-process`` runs it
+inside, as compose and ``make run`` do: its storage write per finished job then shares the process's CPU.
 Extra settings for the webhook process: ``--env DARKROOM_X=value`` (e.g. concurrency). Results go to
 ``bench/results/webhook-rate.json``.
 """
@@ -70,7 +73,8 @@ def run_case(settings: Settings, args: argparse.Namespace, hang: bool, tmp: Path
     clients.redis.flushall()
     storage = clients.storage
     assert isinstance(storage, FileStorage)
-    overrides = dict(item.split("=", 1) for item in args.env)
+    overrides = {"DARKROOM_ARCHIVER_IN_WEBHOOK_PROCESS": str(args.archiver_in_process).lower()}
+    overrides.update(item.split("=", 1) for item in args.env)
     receivers = RateReceivers(args.receivers, hang_ports=1 if hang else 0, delay_s=args.latency_ms / 1000)
     logs = args.log_dir or tmp
     with open(logs / f"webhooks-{'hang' if hang else 'plain'}.err", "wb") as err, receivers:
@@ -139,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wait", type=float, default=120.0, help="seconds to wait for all answers")
     parser.add_argument("--cases", default="plain,hang", help="plain, hang or both (comma-separated)")
     parser.add_argument("--env", action="append", default=[], help="DARKROOM_X=value for the worker")
+    parser.add_argument(
+        "--archiver-in-process", action="store_true", help="archive finished jobs in the webhook process too"
+    )
     parser.add_argument("--log-dir", type=Path, default=None, help="keep the webhook process's stderr here")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)

@@ -215,6 +215,13 @@ class Settings(BaseSettings):
         "storage (reads then fall through to the archive, within DARKROOM_JOB_RETENTION). Redis holds "
         "about finished jobs/s x this x ~7 KB (BENCHMARKS.md).",
     )
+    archiver_in_webhook_process: bool = Field(
+        True,
+        description="Whether the webhook process also archives finished jobs (a thread; one process at a "
+        "time holds the archive lease). Set false where archivers run as their own processes "
+        "(`python -m services.archiver`, as the Kubernetes manifests do): archiving writes one storage "
+        "object per finished job, CPU that webhook delivery at fleet rate needs.",
+    )
     idempotency_ttl: timedelta = Field(
         timedelta(hours=24), description="How long an Idempotency-Key is kept."
     )
@@ -384,10 +391,10 @@ class Settings(BaseSettings):
         256,
         ge=1,
         le=4096,
-        description="First attempts of new webhook events one webhook process sends at once, straight "
-        "from the outbox (threads); at 150 ms per receiver answer, 256 allow ~1,700 deliveries/s. Retries "
-        "and attempts waiting for a busy host's or key's share run on the DARKROOM_WEBHOOK_CONCURRENCY "
-        "threads.",
+        description="First attempts of new webhook events one webhook process has in flight at once, "
+        "straight from the outbox (one event loop: an attempt waiting on its receiver holds a socket, not a "
+        "thread; those waiting for a busy host's or key's share count too); at 150 ms per receiver answer, "
+        "256 allow ~1,700 deliveries/s. Retries run on the DARKROOM_WEBHOOK_CONCURRENCY threads.",
     )
     webhook_per_host: int = Field(
         4,

@@ -220,7 +220,7 @@ def vet_url(
 
 
 def build_pinned_request(
-    client: httpx.Client,
+    client: httpx.Client | httpx.AsyncClient,
     target: VettedTarget,
     method: str,
     *,

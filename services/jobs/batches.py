@@ -22,6 +22,7 @@ from datetime import datetime
 from typing import Any, cast
 
 from redis import Redis
+from redis.client import Pipeline
 
 from services.jobs.keys import batch_key, batch_webhooks_key, items_key, job_key
 from services.jobs.records import decode_deliveries, encode_fields
@@ -117,11 +118,23 @@ class BatchStore:
             added, _ = pipe.execute()
         return bool(added)
 
-    def put_delivery(self, batch_id: str, msg_id: str, delivery: Mapping[str, Any], ttl_s: int) -> None:
-        with self.redis.pipeline(transaction=False) as pipe:
+    def put_delivery(
+        self,
+        batch_id: str,
+        msg_id: str,
+        delivery: Mapping[str, Any],
+        ttl_s: int,
+        *,
+        pipe: Pipeline | None = None,
+    ) -> None:
+        """Save a delivery record; with ``pipe``, only add the commands to it (the caller executes)."""
+        if pipe is not None:
             pipe.hset(batch_webhooks_key(batch_id), msg_id, json.dumps(delivery, default=str))
             pipe.expire(batch_webhooks_key(batch_id), max(1, ttl_s))
-            pipe.execute()
+            return
+        with self.redis.pipeline(transaction=False) as own:
+            self.put_delivery(batch_id, msg_id, delivery, ttl_s, pipe=own)
+            own.execute()
 
     def get_delivery(self, batch_id: str, msg_id: str) -> dict[str, Any] | None:
         raw = self.redis.hget(batch_webhooks_key(batch_id), msg_id)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 from redis import Redis
+from redis.client import Pipeline
 from redis.exceptions import ResponseError
 
 from services.jobs.keys import OUTBOX, OUTBOX_GROUP
@@ -112,9 +113,14 @@ def acknowledge(redis: Redis, entry_ids: Sequence[str]) -> None:
     if not entry_ids:
         return
     with redis.pipeline(transaction=True) as pipe:
-        pipe.xack(OUTBOX, OUTBOX_GROUP, *entry_ids)
-        pipe.xdel(OUTBOX, *entry_ids)
+        stage_acknowledge(pipe, entry_ids)
         pipe.execute()
+
+
+def stage_acknowledge(pipe: Pipeline, entry_ids: Sequence[str]) -> None:
+    """``acknowledge`` as commands added to a transaction the caller executes (with what it records)."""
+    pipe.xack(OUTBOX, OUTBOX_GROUP, *entry_ids)
+    pipe.xdel(OUTBOX, *entry_ids)
 
 
 def backlog(redis: Redis) -> int:

@@ -9,6 +9,7 @@ from datetime import timedelta
 from typing import Any, cast
 
 from redis import Redis
+from redis.client import Pipeline
 
 from services.jobs.keys import JOB_PREFIX, RUNNING_SET, events_key, job_key, webhooks_key
 from services.jobs.records import JobRecord, decode_deliveries, decode_event
@@ -51,11 +52,17 @@ class JobStore:
             added, _ = pipe.execute()
         return bool(added)
 
-    def put_delivery(self, job_id: str, msg_id: str, delivery: Mapping[str, Any]) -> None:
-        with self.redis.pipeline(transaction=False) as pipe:
+    def put_delivery(
+        self, job_id: str, msg_id: str, delivery: Mapping[str, Any], *, pipe: Pipeline | None = None
+    ) -> None:
+        """Save a delivery record; with ``pipe``, only add the commands to it (the caller executes)."""
+        if pipe is not None:
             pipe.hset(webhooks_key(job_id), msg_id, json.dumps(delivery, default=str))
             pipe.expire(webhooks_key(job_id), self.retention_s)
-            pipe.execute()
+            return
+        with self.redis.pipeline(transaction=False) as own:
+            self.put_delivery(job_id, msg_id, delivery, pipe=own)
+            own.execute()
 
     def get_delivery(self, job_id: str, msg_id: str) -> dict[str, Any] | None:
         raw = self.redis.hget(webhooks_key(job_id), msg_id)

@@ -12,6 +12,9 @@ so a slow retry is not rejected by the receiver's replay window.
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import ipaddress
 import random
 import ssl
 import time
@@ -26,6 +29,7 @@ from pydantic import BaseModel, ConfigDict
 from services.jobs.outbox import new_msg_id
 from services.ssrf import Resolver, UnsafeURLError, build_pinned_request, resolve_host, vet_url
 from services.webhooks.deadline import DeadlineTransport, attempt_deadline
+from services.webhooks.one_shot import OneShotTransport
 from services.webhooks.retry import RetryPolicy, Verdict, classify, next_delay
 from services.webhooks.signing import webhook_headers
 
@@ -109,6 +113,20 @@ def make_webhook_client(timeout_s: float, *, verify: ssl.SSLContext | bool = Tru
     )
 
 
+def make_async_webhook_client(timeout_s: float, *, verify: ssl.SSLContext | bool = True) -> httpx.AsyncClient:
+    """:func:`make_webhook_client`'s settings on an ``httpx.AsyncClient`` (for ``attempt_delivery_async``,
+    whose deadline is an ``asyncio.timeout`` rather than a transport of ours), each request on a
+    connection of its own (``services.webhooks.one_shot``)."""
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(timeout_s, connect=timeout_s, read=timeout_s, write=timeout_s, pool=timeout_s),
+        follow_redirects=False,
+        trust_env=False,
+        transport=OneShotTransport(verify=verify),
+        cookies=_refuse_all_cookies(),
+        headers={"User-Agent": USER_AGENT},
+    )
+
+
 def _refuse_all_cookies() -> CookieJar:
     """A jar whose policy accepts no domain. Passed as a bare ``CookieJar`` on purpose: httpx keeps a bare
     jar as it is, but copies an ``httpx.Cookies`` into a fresh default jar, dropping the policy."""
@@ -141,7 +159,6 @@ def attempt_delivery(
     headers = webhook_headers(secret, message.msg_id, int(at.timestamp()), message.payload)
     started = time.perf_counter()
     outcome: httpx.Response | Exception
-    error: str | None = None
     try:
         target = vet_url(message.url, allow_private=allow_private, allow_http=allow_http, resolver=resolver)
         request = build_pinned_request(client, target, "POST", content=message.payload, headers=headers)
@@ -150,9 +167,69 @@ def attempt_delivery(
             outcome.close()
     except (UnsafeURLError, httpx.TransportError) as exc:
         outcome = exc
-        error = f"{type(exc).__name__}: {exc}"[:_MAX_ERROR_CHARS]
-    duration_ms = (time.perf_counter() - started) * 1000.0
+    return _result(at, attempt, started, outcome)
 
+
+async def attempt_delivery_async(
+    client: httpx.AsyncClient,
+    message: WebhookMessage,
+    secret: str,
+    attempt: int,
+    *,
+    allow_private: bool,
+    allow_http: bool,
+    clock: Callable[[], datetime] = utcnow,
+    resolver: Resolver = resolve_host,
+    deadline_s: float | None = None,
+) -> AttemptResult:
+    """:func:`attempt_delivery` on an event loop, for a client from ``make_async_webhook_client``: many
+    attempts wait on their receivers at once in one thread, which is what lets one webhook process keep
+    hundreds of slow receivers busy (threads spent their time handing the interpreter lock around).
+
+    ``deadline_s`` bounds connect, TLS, sending and the response headers together as one
+    ``asyncio.timeout``; past it the attempt ends as a ``ReadTimeout`` with the same message the
+    synchronous deadline gives. A host name (not an IP literal) is resolved in a thread, so a slow DNS
+    answer holds this attempt only.
+    """
+    at = clock()
+    headers = webhook_headers(secret, message.msg_id, int(at.timestamp()), message.payload)
+    started = time.perf_counter()
+    outcome: httpx.Response | Exception
+    try:
+        vet = functools.partial(
+            vet_url, message.url, allow_private=allow_private, allow_http=allow_http, resolver=resolver
+        )
+        target = vet() if _is_ip_literal(message.url) else await asyncio.to_thread(vet)
+        request = build_pinned_request(client, target, "POST", content=message.payload, headers=headers)
+        try:
+            async with asyncio.timeout(deadline_s):
+                outcome = await client.send(request, stream=True, follow_redirects=False)
+                await outcome.aclose()
+        except TimeoutError:
+            raise httpx.ReadTimeout(f"attempt deadline of {deadline_s:g}s exceeded") from None
+    except (UnsafeURLError, httpx.TransportError) as exc:
+        outcome = exc
+    # The connection was aborted; the loop closes its socket on its next turn. Take that turn here, so
+    # that when the caller hands this attempt's share to another, the receiver's connection is gone.
+    await asyncio.sleep(0)
+    return _result(at, attempt, started, outcome)
+
+
+def _is_ip_literal(url: str) -> bool:
+    """Whether the URL's host is an IP address (nothing to resolve); False when unparseable."""
+    try:
+        ipaddress.ip_address(httpx.URL(url).host)
+    except (ValueError, httpx.InvalidURL, TypeError):
+        return False
+    return True
+
+
+def _result(at: datetime, attempt: int, started: float, outcome: httpx.Response | Exception) -> AttemptResult:
+    """The attempt's record (what users see on the job) and verdict, from what the exchange ended with."""
+    duration_ms = (time.perf_counter() - started) * 1000.0
+    error: str | None = None
+    if isinstance(outcome, Exception):
+        error = f"{type(outcome).__name__}: {outcome}"[:_MAX_ERROR_CHARS]
     status_code = outcome.status_code if isinstance(outcome, httpx.Response) else None
     if status_code is not None and 300 <= status_code < 400:
         error = "redirect not followed"

@@ -36,7 +36,7 @@ from services.batch_views import read_batch
 from services.clients import ServiceClients, process_clients, retry_while_redis_down
 from services.job_views import render_job
 from services.jobs import JobRecord, JobStore
-from services.jobs.batches import BatchStore
+from services.jobs.batches import BatchRecord, BatchStore
 from services.metrics import WEBHOOK_ATTEMPTS
 from services.queue import BATCH_WEBHOOK_TASK, WEBHOOK_TASK, webhook_queue
 from services.settings import Settings
@@ -154,6 +154,8 @@ class Subject:
     url: str
     payload: Callable[[str, str], bytes]  # (event type, timestamp) -> the bytes to sign and send
     save: Callable[[str, dict[str, Any]], None]  # (msg_id, delivery record)
+    #: ``save`` as commands added to a pipeline the caller executes: (pipeline, msg_id, delivery record).
+    stage: Callable[[Any, str, dict[str, Any]], None]
     task: str
     owner: str = "anonymous"  # the API key whose share of the webhook process the attempt counts against
 
@@ -198,16 +200,22 @@ def _job_subject(ctx: DeliveryContext, job_id: str, msg_id: str) -> tuple[Subjec
     record = ctx.store.get(job_id)
     if delivery is None or record is None or not record.webhook:
         return None
-    job = record
-    subject = Subject(
+    return job_subject(ctx, record), delivery
+
+
+def job_subject(ctx: DeliveryContext, record: JobRecord) -> Subject:
+    """The :class:`Subject` of a job whose record (with a webhook) was read already."""
+    assert record.webhook is not None
+    job_id = record.id
+    return Subject(
         id=job_id,
         url=record.webhook["url"],
-        payload=lambda event_type, at: build_payload(job, event_type, at, ctx.storage, ctx.url_expiry),
+        payload=lambda event_type, at: build_payload(record, event_type, at, ctx.storage, ctx.url_expiry),
         save=lambda msg, entry: ctx.store.put_delivery(job_id, msg, entry),
+        stage=lambda pipe, msg, entry: ctx.store.put_delivery(job_id, msg, entry, pipe=pipe),
         task=WEBHOOK_TASK,
         owner=record.owner,
     )
-    return subject, delivery
 
 
 def run_batch_delivery_attempt(
@@ -229,7 +237,14 @@ def _batch_subject(ctx: DeliveryContext, batch_id: str, msg_id: str) -> tuple[Su
     record = batches.get(batch_id)
     if delivery is None or record is None or not record.webhook:
         return None
-    batch = record
+    return batch_subject(ctx, record), delivery
+
+
+def batch_subject(ctx: DeliveryContext, batch: BatchRecord) -> Subject:
+    """The :class:`Subject` of a batch whose record (with a webhook) was read already."""
+    assert batch.webhook is not None
+    batches = ctx.batches or BatchStore(ctx.store.redis)
+    batch_id = batch.id
 
     def payload(event_type: str, at: str) -> bytes:
         view = read_batch(batches, batch)
@@ -237,15 +252,17 @@ def _batch_subject(ctx: DeliveryContext, batch_id: str, msg_id: str) -> tuple[Su
             event_type, at, view.model_dump(mode="json", exclude={"items", "next_offset", "webhook"})
         )
 
-    subject = Subject(
+    return Subject(
         id=batch_id,
-        url=record.webhook["url"],
+        url=batch.webhook["url"],
         payload=payload,
         save=lambda msg, entry: batches.put_delivery(batch_id, msg, entry, batch.retention_s),
+        stage=lambda pipe, msg, entry: batches.put_delivery(
+            batch_id, msg, entry, batch.retention_s, pipe=pipe
+        ),
         task=BATCH_WEBHOOK_TASK,
-        owner=record.owner,
+        owner=batch.owner,
     )
-    return subject, delivery
 
 
 def _attempt(
@@ -267,7 +284,7 @@ def _attempt(
             if limiter is None:
                 continue
             if not limiter.try_acquire(name):
-                return _wait_for_slot(ctx, subject, delivery["msg_id"], attempt, waited, scope, bound)
+                return put_back_for_share(ctx, subject, delivery["msg_id"], attempt, waited, scope, bound)
             held.append((limiter, name))
         return _send(ctx, subject, delivery, attempt, bound)
     finally:
@@ -283,7 +300,7 @@ def _already_done(delivery: dict[str, Any], attempt: int) -> bool:
 _HOST_WAIT_MAX_S = 15.0
 
 
-def _wait_for_slot(
+def put_back_for_share(
     ctx: DeliveryContext, subject: Subject, msg_id: str, attempt: int, waited: int, scope: str, bound: Any
 ) -> str:
     """Put the attempt back on the queue a little later: the receiver's host has ``per_host`` attempts in
@@ -310,14 +327,14 @@ def _send(ctx: DeliveryContext, subject: Subject, delivery: dict[str, Any], atte
     msg_id = delivery["msg_id"]
     event_type: str = delivery["event"]
     try:
-        secret = _usable_secret(ctx.secret)
+        secret = usable_secret(ctx.secret)
         payload = subject.payload(event_type, delivery["created_at"])
     except Exception as exc:
         # Our fault, not the receiver's: say so on the delivery (else it stays "pending" forever) and
         # let RQ keep the failed task for an operator.
         bound.exception("webhook.not_sent", event_type=event_type)
         try:
-            _save(subject, delivery, _not_sent(ctx, attempt, exc), "failed")
+            record_not_sent(ctx, subject, delivery, attempt, exc)
         except Exception:
             bound.exception("webhook.record_failed")
         raise
@@ -334,10 +351,69 @@ def _send(ctx: DeliveryContext, subject: Subject, delivery: dict[str, Any], atte
         resolver=ctx.resolver,
         deadline_s=ctx.deadline_s,
     )
-    return _conclude(ctx, subject, delivery, attempt, result.record, result.outcome, bound)
+    return conclude_attempt(ctx, subject, delivery, attempt, result.record, result.outcome, bound)
 
 
-def _conclude(
+@dataclass(frozen=True)
+class Settled:
+    """What an attempt's outcome makes of its delivery: the verdict, the delivery's new state, and the
+    delay before the next attempt (None: no further attempt)."""
+
+    verdict: Verdict
+    state: str
+    delay: float | None
+
+
+def settle_attempt(
+    ctx: DeliveryContext,
+    delivery: dict[str, Any],
+    attempt: int,
+    record: DeliveryAttempt,
+    outcome: httpx.Response | BaseException,
+) -> Settled:
+    """Append the attempt to ``delivery`` and set its state (in memory; the caller saves it)."""
+    verdict = classify(outcome)
+    delay = next_delay(attempt, outcome, ctx.policy, rand=ctx.rand, now=ctx.clock())
+    state = _STATES[verdict] if delay is None else "pending"
+    _append(delivery, record, state)
+    return Settled(verdict, state, delay)
+
+
+def follow_up(
+    ctx: DeliveryContext,
+    subject: Subject,
+    delivery: dict[str, Any],
+    attempt: int,
+    record: DeliveryAttempt,
+    settled: Settled,
+    bound: Any,
+) -> str:
+    """Once a settled attempt is saved: count and log it, and schedule the next attempt if one is due."""
+    WEBHOOK_ATTEMPTS.labels(outcome=settled.verdict.value).inc()
+    bound.info(
+        "webhook.attempt",
+        event_type=delivery["event"],
+        status_code=record.status_code,
+        error=record.error,
+        verdict=settled.verdict.value,
+        state=settled.state,
+        next_in_s=None if settled.delay is None else round(settled.delay, 3),
+    )
+    if settled.delay is not None:
+        enqueue_attempt(
+            ctx.queue,
+            subject.id,
+            delivery["msg_id"],
+            attempt + 1,
+            delay=timedelta(seconds=settled.delay),
+            timeout=ctx.task_timeout,
+            task=subject.task,
+        )
+        return RETRYING
+    return {"delivered": DELIVERED, "gone": GONE}.get(settled.state, FAILED)
+
+
+def conclude_attempt(
     ctx: DeliveryContext,
     subject: Subject,
     delivery: dict[str, Any],
@@ -347,32 +423,9 @@ def _conclude(
     bound: Any,
 ) -> str:
     """Record the attempt, settle the delivery's state, and schedule the next attempt if one is due."""
-    verdict = classify(outcome)
-    delay = next_delay(attempt, outcome, ctx.policy, rand=ctx.rand, now=ctx.clock())
-    state = _STATES[verdict] if delay is None else "pending"
-    _save(subject, delivery, record, state)
-    WEBHOOK_ATTEMPTS.labels(outcome=verdict.value).inc()
-    bound.info(
-        "webhook.attempt",
-        event_type=delivery["event"],
-        status_code=record.status_code,
-        error=record.error,
-        verdict=verdict.value,
-        state=state,
-        next_in_s=None if delay is None else round(delay, 3),
-    )
-    if delay is not None:
-        enqueue_attempt(
-            ctx.queue,
-            subject.id,
-            delivery["msg_id"],
-            attempt + 1,
-            delay=timedelta(seconds=delay),
-            timeout=ctx.task_timeout,
-            task=subject.task,
-        )
-        return RETRYING
-    return {"delivered": DELIVERED, "gone": GONE}.get(state, FAILED)
+    settled = settle_attempt(ctx, delivery, attempt, record, outcome)
+    subject.save(delivery["msg_id"], delivery)
+    return follow_up(ctx, subject, delivery, attempt, record, settled, bound)
 
 
 def attempt_interrupted(
@@ -418,23 +471,7 @@ def record_interrupted(
         duration_ms=took_ms,
     )
     # Retryable like any transport failure: whether the receiver got it is unknown (same webhook-id).
-    _conclude(ctx, subject, delivery, attempt, record, httpx.ReadTimeout(record.error or ""), bound)
-
-
-def send_first_attempt(task: str, subject_id: str, msg_id: str) -> str:
-    """Attempt 1 of a message, made in the calling thread rather than as an RQ task: the outbox dispatcher
-    sends each new event's first attempt itself (``services.webhooks.dispatcher``); retries and waits for
-    a busy share still go through the webhook queue. An error of ours is recorded on the delivery as an
-    interrupted attempt and retried by the policy — what ``attempt_interrupted`` does for a failed task —
-    and logged; the result is then ``failed`` for the caller's count only."""
-    started = utcnow()
-    deliver = deliver_batch_webhook if task == BATCH_WEBHOOK_TASK else deliver_webhook
-    try:
-        return deliver(subject_id, msg_id, 1)
-    except Exception as exc:
-        log.exception("webhook.attempt_error", msg_id=msg_id, subject_id=subject_id)
-        record_interrupted(task, subject_id, msg_id, 1, f"{type(exc).__name__} in the attempt", started)
-        return FAILED
+    conclude_attempt(ctx, subject, delivery, attempt, record, httpx.ReadTimeout(record.error or ""), bound)
 
 
 #: Delivery state once no further attempt is due. A retryable verdict only gets here out of attempts.
@@ -446,24 +483,33 @@ _STATES = {
 }
 
 
-def _usable_secret(secret: str | None) -> str:
+def usable_secret(secret: str | None) -> str:
     if secret is None:
         raise WebhookConfigError("DARKROOM_WEBHOOK_SECRET is not set, so webhooks cannot be signed")
     decode_secret(secret)  # ValueError now, rather than from inside attempt_delivery
     return secret
 
 
-def _not_sent(ctx: DeliveryContext, attempt: int, exc: BaseException) -> DeliveryAttempt:
-    """An attempt entry for a message we could not even send, so users see why it failed."""
+def record_not_sent(
+    ctx: DeliveryContext, subject: Subject, delivery: dict[str, Any], attempt: int, exc: BaseException
+) -> None:
+    """Fail the delivery with an attempt entry saying why we could not even send it (our fault, not the
+    receiver's), so users see why rather than a delivery ``pending`` forever."""
     reason = "webhook signing is not configured" if isinstance(exc, WebhookConfigError) else "internal error"
-    return DeliveryAttempt(
+    entry = DeliveryAttempt(
         at=ctx.clock(), attempt=attempt, status_code=None, error=f"not sent: {reason}", duration_ms=0.0
     )
+    _save(subject, delivery, entry, "failed")
 
 
 def _save(subject: Subject, delivery: dict[str, Any], entry: DeliveryAttempt, state: str) -> None:
+    """Append ``entry``, set ``state`` and save the delivery."""
+    _append(delivery, entry, state)
+    subject.save(delivery["msg_id"], delivery)
+
+
+def _append(delivery: dict[str, Any], entry: DeliveryAttempt, state: str) -> None:
     """Append ``entry`` and set ``state``. Read-modify-write is safe: a message's attempts run one after
     another (each task enqueues the next), never concurrently."""
     delivery["attempts"] = [*delivery["attempts"], entry.model_dump(mode="json")]
     delivery["state"] = state
-    subject.save(delivery["msg_id"], delivery)

@@ -1,20 +1,22 @@
 """The webhook worker process: an RQ worker on the webhook queue, with the scheduler that fires retries,
-and the outbox dispatcher (a side thread and its pool) that turns the events of status changes into
-deliveries and sends their first attempts, and the archiver (another side thread) that moves finished
-jobs out of Redis once their webhooks are settled.
+and the outbox dispatcher (a side thread, and the event loop it hands first attempts to) that turns the
+events of status changes into deliveries and sends their first attempts, and the archiver (another side
+thread, unless ``DARKROOM_ARCHIVER_IN_WEBHOOK_PROCESS`` is false and ``python -m services.archiver`` runs
+apart) that moves finished jobs out of Redis once their webhooks are settled.
 
 Why threads in one process (``services.rq_workers.PooledWorker``): an attempt is a few milliseconds of our
 work around one HTTP exchange that may wait up to the attempt deadline on a slow receiver. One attempt at
 a time let a receiver that hangs or trickles its answer delay every other tenant's webhooks; now up to
-``DARKROOM_WEBHOOK_CONCURRENCY`` attempts are in flight, each in its own thread, of which one receiver's
+``DARKROOM_WEBHOOK_CONCURRENCY`` retries are in flight, each in its own thread, of which one receiver's
 host gets at most ``DARKROOM_WEBHOOK_PER_HOST`` (``services.webhooks.hosts``) and each ends within
 ``DARKROOM_WEBHOOK_ATTEMPT_DEADLINE`` (``services.webhooks.deadline``). No fork per task: it would cost
 more than the task and rebuild the Redis, storage and httpx clients every time; this process never
 imports torch. Each retry is one RQ task, so RQ keeps its record, its timeout (a backstop) and its
 failure callback, which records and retries an attempt that failed however it failed. First attempts —
-nearly all deliveries — skip RQ: the dispatcher's ``DARKROOM_WEBHOOK_DISPATCH_CONCURRENCY`` threads send
-them, under the same shares and deadline, and the outbox entry left unacknowledged until the attempt is
-recorded stands for RQ's record (``services.webhooks.dispatcher``).
+nearly all deliveries — skip RQ: up to ``DARKROOM_WEBHOOK_DISPATCH_CONCURRENCY`` of them wait on their
+receivers at once in one event loop (``services.webhooks.first_attempts``), under the same shares and
+deadline, and the outbox entry left unacknowledged until the attempt is recorded stands for RQ's record
+(``services.webhooks.dispatcher``).
 
 ``with_scheduler=True`` is required: retries are enqueued with ``enqueue_in`` and only a scheduler moves
 them to the queue when due. With several workers, one holds the scheduler lock and the others stand by.
@@ -41,8 +43,9 @@ from services.queue import webhook_queue
 from services.rq_workers import PooledWorker
 from services.settings import Settings
 from services.webhooks.dispatcher import OutboxDispatcher
+from services.webhooks.first_attempts import FirstAttemptSender, share_wait_s
 from services.webhooks.scheduling import task_timeout
-from services.webhooks.tasks import send_first_attempt
+from services.webhooks.tasks import DeliveryContext
 
 log = structlog.get_logger(__name__)
 
@@ -93,8 +96,15 @@ def run_worker(settings: Settings, *, burst: bool = False) -> int:
         queue=webhook_queue(clients.redis, settings),
         task_timeout=task_timeout(settings.webhook_attempt_deadline),
         claim_idle=settings.outbox_claim_idle,
-        send_first=send_first_attempt,
+    )
+    # First attempts: sent from one event loop, recorded and acknowledged in batches.
+    dispatcher.sender = FirstAttemptSender(
+        DeliveryContext.from_clients(clients),
+        on_acknowledged=dispatcher.count_acknowledged,
         concurrency=settings.webhook_dispatch_concurrency,
+        share_wait_s=share_wait_s(settings.outbox_claim_idle, settings.webhook_attempt_deadline),
+        timeout_s=settings.webhook_timeout.total_seconds(),
+        redis_retry_deadline_s=settings.outbox_claim_idle.total_seconds() / 2,
     )
     # Finished jobs whose webhooks are settled go to storage and leave Redis (services.jobs.archiver).
     archiver = Archiver(
@@ -103,11 +113,13 @@ def run_worker(settings: Settings, *, burst: bool = False) -> int:
         finished_ttl=settings.finished_ttl,
         sweep_root=file_root(clients.storage),
     )
+    archiving = settings.archiver_in_webhook_process
     if burst:  # what is in the outbox now becomes attempts, then the worker drains them
         dispatcher.drain()
     else:
         dispatcher.start()
-        archiver.start()
+        if archiving:
+            archiver.start()
     try:
         worker = PooledWorker(
             [webhook_queue(connection, settings)],
@@ -116,12 +128,13 @@ def run_worker(settings: Settings, *, burst: bool = False) -> int:
             concurrency=settings.webhook_concurrency,
         )
         worker.work(burst=burst, with_scheduler=True, logging_level="INFO")
-        if burst:  # what the attempts settled can leave Redis now
+        if burst and archiving:  # what the attempts settled can leave Redis now
             while archiver.run_once():
                 pass
     finally:
-        archiver.stop()
-        dispatcher.stop()
+        if archiving:
+            archiver.stop()
+        dispatcher.stop(attempts_timeout_s=settings.webhook_attempt_deadline.total_seconds() + 30)
         dispatcher.redis.close()
         connection.close()
         close_process_clients()

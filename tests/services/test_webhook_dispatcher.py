@@ -8,9 +8,7 @@ faults.py`` does the same with real processes killed by signals.
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import threading
 import time
 import zlib
 from datetime import timedelta
@@ -212,99 +210,3 @@ def test_the_dispatcher_thread_feeds_the_queue_and_leaves_the_group_on_stop(redi
     assert setup.queue.count == 1
     names = [c["name"] for c in redis_client.xinfo_consumers(OUTBOX, OUTBOX_GROUP)]
     assert "leaving" not in {n.decode() if isinstance(n, bytes) else n for n in names}
-
-
-# --- first attempts sent from the dispatcher's own pool (the webhook process's way) ----------------------
-
-
-class Sender:
-    """A ``send_first`` that records what it was asked to send; ``gate`` (when given) holds each send
-    until it is set, ``fail`` makes each raise, as an attempt whose Redis went away for good would."""
-
-    def __init__(self, *, gate: threading.Event | None = None, fail: bool = False) -> None:
-        self.calls: list[tuple[str, str, str]] = []
-        self.started = threading.Semaphore(0)
-        self.gate = gate
-        self.fail = fail
-        self._lock = threading.Lock()
-
-    def __call__(self, task: str, subject_id: str, msg_id: str) -> str:
-        with self._lock:
-            self.calls.append((task, subject_id, msg_id))
-        self.started.release()
-        if self.gate is not None:
-            assert self.gate.wait(10)
-        if self.fail:
-            raise ConnectionError("redis went away")
-        return "delivered"
-
-
-def pooled(setup: Setup, sender: Sender, concurrency: int = 8, consumer: str = "") -> OutboxDispatcher:
-    return dataclasses.replace(setup.dispatcher(consumer), send_first=sender, concurrency=concurrency)
-
-
-def test_with_a_pool_attempt_1_is_sent_once_per_event_and_nothing_is_queued(redis_client: Redis) -> None:
-    setup = Setup(redis_client)
-    job_id = setup.finished_job(["started", "completed"])
-    sender = Sender()
-    assert pooled(setup, sender).drain() == 2
-    deliveries = setup.store.deliveries(job_id)
-    assert sorted(sender.calls) == sorted((WEBHOOK_TASK, job_id, d["msg_id"]) for d in deliveries)
-    assert all(d["state"] == "pending" for d in deliveries)  # what the real sender then records
-    assert setup.queue.job_ids == []
-    assert redis_client.xpending(OUTBOX, OUTBOX_GROUP)["pending"] == 0
-    assert pooled(setup, sender).drain() == 0 and len(sender.calls) == 2
-
-
-def test_with_a_pool_an_attempt_that_raised_leaves_its_entry_to_be_claimed(redis_client: Redis) -> None:
-    setup = Setup(redis_client, claim_idle=timedelta(milliseconds=50))
-    job_id = setup.finished_job()
-    assert pooled(setup, Sender(fail=True), consumer="dead").drain() == 0  # none acknowledged
-    assert redis_client.xpending(OUTBOX, OUTBOX_GROUP)["pending"] == 1  # not acknowledged
-    time.sleep(0.1)  # the entry must have been idle claim_idle before another may take it
-    survivor = Sender()
-    assert pooled(setup, survivor, consumer="survivor").drain() == 1
-    [delivery] = setup.store.deliveries(job_id)
-    assert survivor.calls == [(WEBHOOK_TASK, job_id, delivery["msg_id"])]  # same msg_id: same webhook-id
-    assert redis_client.xpending(OUTBOX, OUTBOX_GROUP)["pending"] == 0
-
-
-def test_with_a_pool_no_more_is_read_than_there_are_free_threads(redis_client: Redis) -> None:
-    """What is not read stays the group's lag — the figure KEDA scales the webhook process on."""
-    setup = Setup(redis_client)
-    for _ in range(5):
-        setup.finished_job()
-    gate = threading.Event()
-    sender = Sender(gate=gate)
-    dispatcher = pooled(setup, sender, concurrency=2)
-    outbox_module.ensure_group(redis_client)
-    try:
-        assert dispatcher.run_once() == 2
-        assert dispatcher.run_once() == 0  # both threads busy: nothing read (after waiting ``block``)
-        [group] = redis_client.xinfo_groups(OUTBOX)
-        # The lag (XINFO's own field from Redis 7; the tests' Redis may be older): entries after the
-        # last one handed to a consumer.
-        last = group["last-delivered-id"].decode()
-        assert len(redis_client.xrange(OUTBOX, min=f"({last}")) == 3 and group["pending"] == 2
-    finally:
-        gate.set()
-        dispatcher.stop()
-    assert pooled(setup, sender, concurrency=2).drain() == 3 and len(sender.calls) == 5
-
-
-def test_with_a_pool_stop_lets_the_attempts_in_flight_finish_and_be_acknowledged(redis_client: Redis) -> None:
-    setup = Setup(redis_client)
-    setup.finished_job()
-    gate = threading.Event()
-    sender = Sender(gate=gate)
-    dispatcher = dataclasses.replace(pooled(setup, sender), block=timedelta(milliseconds=50))
-    dispatcher.start()
-    assert sender.started.acquire(timeout=10)  # attempt 1 is in flight
-    stopping = threading.Thread(target=dispatcher.stop)
-    stopping.start()
-    stopping.join(0.3)
-    assert stopping.is_alive(), "stop returned while an attempt was in flight"
-    gate.set()
-    stopping.join(10)
-    assert not stopping.is_alive()
-    assert redis_client.xpending(OUTBOX, OUTBOX_GROUP)["pending"] == 0

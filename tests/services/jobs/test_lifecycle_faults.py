@@ -66,11 +66,11 @@ sys.path.insert(0, os.getcwd())
 from services.webhooks import dispatcher
 
 
-def handle(self, event):
+def decide(self, events):
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-dispatcher.OutboxDispatcher.handle = handle
+dispatcher.OutboxDispatcher.decide = decide
 print("fault injection: SIGKILL on the first outbox entry", file=sys.stderr)
 """
 
