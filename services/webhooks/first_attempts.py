@@ -44,13 +44,9 @@ import structlog
 
 from services.clients import retry_while_redis_down
 from services.jobs import outbox
-from services.webhooks.delivery import (
-    AttemptResult,
-    WebhookMessage,
-    attempt_delivery_async,
-    make_async_webhook_client,
-)
+from services.webhooks.delivery import AttemptResult, WebhookMessage, attempt_delivery_async
 from services.webhooks.hosts import HostLimiter, host_key
+from services.webhooks.one_shot import OneShotTransport
 from services.webhooks.tasks import (
     DeliveryContext,
     Settled,
@@ -143,21 +139,21 @@ class FirstAttemptSender:
         share_wait_s: float,
         timeout_s: float,
         redis_retry_deadline_s: float,
-        client_factory: Callable[[float], httpx.AsyncClient] = make_async_webhook_client,
+        transport_factory: Callable[[], httpx.AsyncBaseTransport] = OneShotTransport,
     ) -> None:
         self.ctx = ctx
         self.concurrency = concurrency
         self.share_wait_s = share_wait_s
         self._on_acknowledged = on_acknowledged
-        self._timeout_s = timeout_s
-        self._client_factory = client_factory
+        self._timeout = httpx.Timeout(timeout_s)
+        self._transport_factory = transport_factory
         self._redis_retry_deadline_s = redis_retry_deadline_s
         self._in_flight = 0  # submitted, not yet concluded; guarded by ``_slots``
         self._slots = threading.Condition()
         self._done: queue.Queue[tuple[str, FirstAttempt, Any] | None] = queue.Queue()
         self._loop = asyncio.new_event_loop()
         self._waits = _ShareWaits()
-        self._client: httpx.AsyncClient | None = None
+        self._transport: httpx.AsyncBaseTransport | None = None
         self._loop_thread = threading.Thread(target=self._run_loop, name="webhook-loop", daemon=True)
         self._concluder = threading.Thread(
             target=self._conclude_forever, name="webhook-concluder", daemon=True
@@ -209,9 +205,9 @@ class FirstAttemptSender:
         self._stopping.set()
         self._done.put(None)
         self._concluder.join(timeout=10)
-        if self._client is not None:
-            client = self._client
-            asyncio.run_coroutine_threadsafe(client.aclose(), self._loop).result(timeout=10)
+        if self._transport is not None:
+            transport = self._transport
+            asyncio.run_coroutine_threadsafe(transport.aclose(), self._loop).result(timeout=10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._loop_thread.join(timeout=10)
 
@@ -219,7 +215,7 @@ class FirstAttemptSender:
 
     def _run_loop(self) -> None:
         asyncio.set_event_loop(self._loop)
-        self._client = self._client_factory(self._timeout_s)
+        self._transport = self._transport_factory()
         self._loop.run_forever()
         self._loop.close()
 
@@ -233,14 +229,15 @@ class FirstAttemptSender:
                 self._done.put(("busy", attempt, held))
                 return
             try:
-                assert attempt.message is not None and self._client is not None
+                assert attempt.message is not None and self._transport is not None
                 result = await attempt_delivery_async(
-                    self._client,
+                    self._transport,
                     attempt.message,
                     usable_secret(self.ctx.secret),
                     1,
                     allow_private=self.ctx.allow_private,
                     allow_http=self.ctx.allow_http,
+                    timeout=self._timeout,
                     clock=self.ctx.clock,
                     resolver=self.ctx.resolver,
                     deadline_s=self.ctx.deadline_s,

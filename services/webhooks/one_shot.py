@@ -109,7 +109,8 @@ class _ResponseStream(httpx.AsyncByteStream):
 
 
 class OneShotTransport(httpx.AsyncBaseTransport):
-    """Each request on a new connection, closed with its response; HTTP/1.1 only, no proxy."""
+    """Each request on a new connection, closed with its response; HTTP/1.1 only, no proxy. Called
+    directly (``attempt_delivery_async``) or under an ``httpx.AsyncClient``."""
 
     def __init__(self, *, verify: ssl.SSLContext | bool = True) -> None:
         self._ssl_context = (

@@ -1,5 +1,5 @@
-"""The one-connection-per-request async transport (``services.webhooks.one_shot``) through
-``make_async_webhook_client`` and ``attempt_delivery_async``, against real loopback servers: pinned TLS
+"""The one-connection-per-request async transport (``services.webhooks.one_shot``), alone and through
+``attempt_delivery_async``, against real loopback servers: pinned TLS
 with SNI, the bytes a receiver gets, and every way an exchange can fail mapped to the httpx error a
 caller classifies.
 """
@@ -10,12 +10,14 @@ import asyncio
 import socket
 import ssl
 import threading
+from collections.abc import Sequence
 
 import httpx
 import pytest
 
-from services.ssrf import build_pinned_request, vet_url
-from services.webhooks.delivery import WebhookMessage, attempt_delivery_async, make_async_webhook_client
+from services.ssrf import pinned_request, vet_url
+from services.webhooks.delivery import USER_AGENT, WebhookMessage, attempt_delivery_async
+from services.webhooks.one_shot import OneShotTransport
 from services.webhooks.retry import Verdict
 from services.webhooks.signing import generate_secret
 from tests.fixtures.http_receiver import HttpReceiver, Reply
@@ -26,14 +28,12 @@ SECRET = generate_secret()
 __all__ = ["tls_receiver"]  # the fixture, shared with the synchronous client's TLS tests
 
 
-async def post(
-    url: str, *, verify: ssl.SSLContext | bool = True, dns: dict[str, list[str]] | None = None
-) -> int:
+async def post(url: str, *, verify: ssl.SSLContext, dns: dict[str, Sequence[str]]) -> int:
     target = vet_url(url, allow_private=True, allow_http=True, resolver=fake_dns(dns))
-    async with make_async_webhook_client(5.0, verify=verify) as client:
-        response = await client.send(build_pinned_request(client, target, "POST", content=b'{"a":1}'))
-        await response.aclose()
-        return response.status_code
+    request = pinned_request(target, "POST", content=b'{"a":1}', headers={}, timeout=httpx.Timeout(5.0))
+    response = await OneShotTransport(verify=verify).handle_async_request(request)
+    await response.aclose()
+    return response.status_code
 
 
 def test_pinned_tls_verifies_the_certificate_for_the_original_hostname(
@@ -64,26 +64,38 @@ def test_a_signed_attempt_reaches_the_receiver_and_reports_its_status(webhook_re
     message = WebhookMessage(url=webhook_receiver.url, event_type="x", payload=b'{"k":"v"}', msg_id="msg_1")
 
     async def attempt() -> tuple[int | None, Verdict]:
-        async with make_async_webhook_client(5.0) as client:
-            result = await attempt_delivery_async(
-                client, message, SECRET, 1, allow_private=True, allow_http=True, deadline_s=5.0
-            )
+        result = await attempt_delivery_async(
+            OneShotTransport(),
+            message,
+            SECRET,
+            1,
+            allow_private=True,
+            allow_http=True,
+            timeout=httpx.Timeout(5.0),
+            deadline_s=5.0,
+        )
         return result.record.status_code, result.verdict
 
     assert asyncio.run(attempt()) == (503, Verdict.RETRY)
     [seen] = webhook_receiver.wait_for(1)
     assert seen.body == b'{"k":"v"}' and seen.headers["webhook-id"] == "msg_1"
-    assert seen.headers["content-type"] == "application/json"
+    assert seen.headers["content-type"] == "application/json" and seen.headers["user-agent"] == USER_AGENT
 
 
 def attempt_error(url: str, deadline_s: float = 5.0) -> str | None:
     message = WebhookMessage(url=url, event_type="x", payload=b"{}", msg_id="msg_2")
 
     async def attempt() -> str | None:
-        async with make_async_webhook_client(5.0) as client:
-            result = await attempt_delivery_async(
-                client, message, SECRET, 1, allow_private=True, allow_http=True, deadline_s=deadline_s
-            )
+        result = await attempt_delivery_async(
+            OneShotTransport(),
+            message,
+            SECRET,
+            1,
+            allow_private=True,
+            allow_http=True,
+            timeout=httpx.Timeout(5.0),
+            deadline_s=deadline_s,
+        )
         assert result.record.status_code is None and result.verdict is Verdict.RETRY
         return result.record.error
 
