@@ -19,6 +19,7 @@ import ctypes
 import gc
 import os
 import signal
+import stat
 import sys
 import threading
 import time
@@ -43,6 +44,27 @@ from services.clients import REDIS_UNAVAILABLE, retry_while_redis_down
 T = TypeVar("T")
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 log = structlog.get_logger(__name__)
+_stop_signals_before_work: list[int] = []  # what ``hold_stop_signals`` caught, for the worker to act on
+
+
+def hold_stop_signals() -> None:
+    """Catch SIGTERM/SIGINT until a worker's ``work()`` installs RQ's own handlers, which then act on them.
+
+    A process that starts side work (the webhook dispatcher) before ``work()`` can be told to stop while
+    RQ still registers itself; with the default handler that signal killed it on the spot, in the middle
+    of an attempt, instead of a warm shutdown. A child forked meanwhile (RQ's scheduler, which installs
+    its own handlers a moment later) gets the default: the signal stops it, as before."""
+    owner = os.getpid()
+
+    def remember(signum: int, frame: Any) -> None:
+        if os.getpid() != owner:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        _stop_signals_before_work.append(signum)
+
+    signal.signal(signal.SIGTERM, remember)
+    signal.signal(signal.SIGINT, remember)
 
 
 class ResilientScheduler(RQScheduler):
@@ -60,6 +82,11 @@ class ResilientScheduler(RQScheduler):
     vanished from its queue (tests/services/test_redis_resilience.py). So the first thing the scheduler
     does is close its copies of every Redis connection it inherited (it opens its own): with the worker
     dead, nothing holds its sockets open any more and Redis drops its waiting dequeue at once.
+
+    The same goes for every other socket the worker had open at the fork: a webhook attempt in flight
+    in the worker's event loop would stay open in the scheduler after the worker closed it — the
+    receiver kept the connection (and the worker, as far as the receiver could tell, more than its
+    share of connections) until the scheduler died. So the child lets go of all of them.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -69,6 +96,7 @@ class ResilientScheduler(RQScheduler):
     def work(self) -> None:
         _die_with(self._parent_pid)
         _close_inherited_redis_connections()
+        _release_inherited_sockets()
         retry_while_redis_down(
             super().work, what="rq scheduler loop", should_stop=lambda: bool(self._stop_requested)
         )
@@ -86,6 +114,31 @@ def _close_inherited_redis_connections() -> None:
                 obj.disconnect()
             except Exception:  # best effort: a connection that will not close stays as before
                 log.debug("inherited redis connection not closed", exc_info=True)
+
+
+def _release_inherited_sockets() -> None:
+    """In a forked child: drop this process's copy of every socket it inherited (beyond stdin, stdout
+    and stderr), so that what the parent closes is closed.
+
+    Each is replaced by ``/dev/null`` (``dup2``) rather than closed: Python objects of the parent's still
+    name those descriptor numbers and close them when collected, which must not hit a socket this
+    process opens later under a reused number. Linux only (``/proc/self/fd``); elsewhere a no-op."""
+    fd_dir = "/proc/self/fd"
+    if not os.path.isdir(fd_dir):
+        return
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        for name in os.listdir(fd_dir):
+            fd = int(name)
+            if fd <= 2 or fd == null:
+                continue
+            try:
+                if stat.S_ISSOCK(os.fstat(fd).st_mode):
+                    os.dup2(null, fd, inheritable=False)
+            except OSError:  # the directory's own descriptor, gone by now
+                continue
+    finally:
+        os.close(null)
 
 
 def _die_with(parent_pid: int) -> None:
@@ -131,6 +184,12 @@ class ResilientWorker(SimpleWorker):
     def request_stop(self, signum: Any, frame: Any) -> None:
         self.stop_requested = True
         super().request_stop(signum, frame)
+
+    def _install_signal_handlers(self) -> None:
+        super()._install_signal_handlers()
+        if _stop_signals_before_work:  # asked to stop before the loop began: its first check ends it
+            self.stop_requested = True
+            self._stop_requested = True
 
     def wait_for_redis(self, operation: Callable[[], T], what: str) -> T:
         """``operation()``, retried while Redis is unreachable, until it works or a stop is requested."""

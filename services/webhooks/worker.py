@@ -40,7 +40,7 @@ from services.clients import build_clients, close_process_clients, make_redis, s
 from services.jobs.archiver import Archiver, file_root
 from services.logging import configure_logging
 from services.queue import webhook_queue
-from services.rq_workers import PooledWorker
+from services.rq_workers import PooledWorker, hold_stop_signals
 from services.settings import Settings
 from services.webhooks.dispatcher import OutboxDispatcher
 from services.webhooks.first_attempts import FirstAttemptSender, share_wait_s
@@ -114,6 +114,7 @@ def run_worker(settings: Settings, *, burst: bool = False) -> int:
         sweep_root=file_root(clients.storage),
     )
     archiving = settings.archiver_in_webhook_process
+    hold_stop_signals()  # attempts start before RQ's loop does: a SIGTERM meanwhile is a warm shutdown too
     if burst:  # what is in the outbox now becomes attempts, then the worker drains them
         dispatcher.drain()
     else:

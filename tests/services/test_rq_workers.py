@@ -3,12 +3,21 @@ tools read (the worker key and its state, ``rq suspend``) stays true."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
 import redis as redis_lib
 from rq import Queue, SimpleWorker
 from rq.suspension import resume, suspend
 from rq.worker import WorkerStatus
 
-from services.rq_workers import ResilientWorker
+from services import rq_workers
+from services.rq_workers import ResilientWorker, hold_stop_signals
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def noop() -> str:
@@ -70,3 +79,61 @@ def test_suspended_workers_still_take_no_job(redis_client: redis_lib.Redis) -> N
     finally:
         resume(redis_client)
     assert ResilientWorker([queue], connection=redis_client).work(burst=True)
+
+
+def test_a_stop_signal_before_work_begins_is_a_warm_stop_not_a_kill(redis_client: redis_lib.Redis) -> None:
+    """The webhook process starts attempts before RQ's loop installs its handlers: a SIGTERM meanwhile
+    used to kill it mid-attempt (exit -15). Held, it ends the loop at its first check instead."""
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        hold_stop_signals()
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered to this (main) thread before kill() returns
+        queue = Queue("q", connection=redis_client)
+        queue.enqueue(noop)
+        worker = ResilientWorker([queue], connection=redis_client)
+        worker.work(burst=False)  # would wait for jobs forever without the held signal
+        assert worker.stopped_on_request
+        assert queue.count == 1  # no job was taken after the stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        rq_workers._stop_signals_before_work.clear()
+
+
+FORKED_SCHEDULER = """
+import os, socket, sys, time
+from services.rq_workers import _release_inherited_sockets
+
+server = socket.create_server(("127.0.0.1", 0))
+client = socket.create_connection(server.getsockname())
+held, _ = server.accept()
+child = os.fork()
+if child == 0:  # the scheduler's side of the fork
+    if sys.argv[1] == "release":
+        _release_inherited_sockets()
+    time.sleep(3)
+    os._exit(0)
+time.sleep(0.5)  # the child has let go (or not)
+client.close()  # the worker's attempt ends
+time.sleep(0.2)
+state = held.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+os.kill(child, 9)
+print("closed" if state != 1 else "still open")
+"""
+
+
+def test_a_forked_scheduler_keeps_none_of_the_workers_sockets_open() -> None:
+    """What the worker closes after RQ forked its scheduler must close: without the release, the child's
+    copy kept a webhook receiver's connection open until the scheduler died."""
+    seen = {
+        mode: subprocess.run(
+            [sys.executable, "-c", FORKED_SCHEDULER, mode],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout.strip()
+        for mode in ("keep", "release")
+    }
+    assert seen == {"keep": "still open", "release": "closed"}

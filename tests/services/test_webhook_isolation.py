@@ -206,7 +206,11 @@ def test_a_first_attempt_whose_process_was_killed_is_made_again_by_another(
 
         survivor = start_worker(
             env=worker_env(
-                settings, DARKROOM_WEBHOOK_ATTEMPT_DEADLINE="PT1S", DARKROOM_OUTBOX_CLAIM_IDLE="PT1S"
+                settings,
+                DARKROOM_WEBHOOK_ATTEMPT_DEADLINE="PT1S",
+                DARKROOM_OUTBOX_CLAIM_IDLE="PT1S",
+                # The retry stays scheduled (not yet due) while the survivor stops: the check below sees it.
+                DARKROOM_WEBHOOK_BACKOFF_BASE="PT60S",
             )
         )
         try:
