@@ -27,7 +27,9 @@ from bench.common import machine_facts, write_results
 SD35_STEP_S = 3.9 / 40  # an SD3.5 Medium request on one GPU: 40 steps x 1.75 images in ~3.9 s (issue #17)
 
 
-def measure(tmp: Path, steps: list[tuple[int, int]], jobs: int, idle_s: float) -> dict[str, Any]:
+def measure(
+    tmp: Path, steps: list[tuple[int, int]], jobs: int, idle_s: float, webhook: bool = True
+) -> dict[str, Any]:
     """Idle background, then for each (steps, size): ``jobs`` whole jobs timed, and one monitored.
 
     A whole job: POST with ``Prefer: wait`` and a ``completed`` webhook, the client's GET of the result,
@@ -52,7 +54,8 @@ def measure(tmp: Path, steps: list[tuple[int, int]], jobs: int, idle_s: float) -
             # A tiny-model step on this CPU (~0.1 s at 512x512 when the machine is quiet) lasts about an
             # SD3.5 step on a GPU: it sets how many progress writes (at most one a second) a job makes.
             body = {**redis_cost.JOB_BODY, "num_inference_steps": count, "width": size, "height": size}
-            body["webhook_url"] = receiver.url
+            if webhook:
+                body["webhook_url"] = receiver.url
             client = stack.redis()
             walls = []
             with stack.client(timeout=90.0) as http:
@@ -95,7 +98,7 @@ def whole_job(
     if answered_hook is not None:
         answered_hook()
     http.get(f"/v1/generations/{job['id']}").raise_for_status()  # the client's read of the result
-    if not receiver.wait_for(delivered + 1, timeout_s=60):
+    if "webhook_url" in body and not receiver.wait_for(delivered + 1, timeout_s=60):
         raise RuntimeError("the webhook was not delivered within 60 s")
     hooked = time.perf_counter() - started
     archived_object = archive_root / job_object_key(job["id"])
@@ -254,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loop-jobs", type=int, default=3, help="jobs of the step-loop phase (default 3)")
     parser.add_argument("--no-stack", action="store_true", help="only the step-loop phase")
     parser.add_argument("--no-loop", action="store_true", help="only the whole-job phase")
+    parser.add_argument(
+        "--no-webhook", action="store_true", help="jobs without a webhook (fleet_sim counts deliveries apart)"
+    )
     parser.add_argument("--label", default="run", help="name of this checkout in the results file name")
     parser.add_argument("--out", type=Path, help="results JSON (default bench/results/worker-redis-LABEL)")
     args = parser.parse_args(argv)
@@ -262,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     try:
         plan = [(int(s.split("@")[0]), int(s.split("@")[1])) for s in args.steps.split(",")]
-        results = {} if args.no_stack else measure(tmp, plan, args.jobs, args.idle_s)
+        results = {} if args.no_stack else measure(tmp, plan, args.jobs, args.idle_s, not args.no_webhook)
         results["step_loop"] = (
             {} if args.no_loop else {str(n): step_loop(tmp, n, SD35_STEP_S, args.loop_jobs) for n, _ in plan}
         )
