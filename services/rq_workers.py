@@ -164,6 +164,16 @@ class ResilientWorker(SimpleWorker):
         self.wait_for_redis(lambda: parent(timeout), "worker heartbeat")
         self._key_lives_until = time.monotonic() + ttl
 
+    def heartbeat_if_due(self) -> None:
+        """The worker key's beat from a side thread while a job runs: skipped as :meth:`heartbeat` skips
+        it, and tried once — a Redis error reaches the caller instead of holding its thread until Redis is
+        back."""
+        ttl = self.worker_ttl + 60
+        if self._key_lives_until - time.monotonic() >= ttl - self.BEAT_SLACK_S:
+            return
+        super().heartbeat(ttl)
+        self._key_lives_until = time.monotonic() + ttl
+
     def forget_beats(self) -> None:
         """Redis may have lost the worker key (a restart): the next beat and state are written again."""
         self._key_lives_until = 0.0

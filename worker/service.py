@@ -89,7 +89,7 @@ class GenerationWorker(ResilientWorker):
         def beat() -> None:
             while not stop.wait(self.heartbeat_interval_s):
                 try:
-                    self.heartbeat()  # the worker key: written only when it would not outlive a dequeue
+                    self.heartbeat_if_due()  # the worker key, when it would not outlive a dequeue
                     if self.on_heartbeat is not None:
                         self.on_heartbeat(job.id)
                 except REDIS_UNAVAILABLE as exc:  # expected during a Redis restart; no traceback
