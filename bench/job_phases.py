@@ -39,6 +39,7 @@ _BACKGROUND = (
     "XAUTOCLAIM",
     "XINFO",
 )
+_BEAT = ("rq:worker:", "rq:execution", "rq:wip:", "running-by-beat", "SCRIPT LOAD")
 _CONNECTION = ("PING", "HELLO", "SCRIPT EXISTS", "CLIENT ")
 
 
@@ -79,8 +80,13 @@ def classify(
             else:
                 entry.phase = "submit"
         elif entry.process == "worker":
-            transition = verb == "EVALSHA" and "darkroom:jobs:running" in line and job_id in line
-            if "running-by-beat" in line and not transition or "last_heartbeat" in line and claims == 1:
+            words = line.split()
+            # Our transition script (claim, then finish): its first key is the job hash, and it keeps the
+            # running set. The heartbeat script's first key is the running set itself.
+            transition = verb == "EVALSHA" and len(words) > 3 and words[3] == f"darkroom:job:{job_id}"
+            transition = transition and "darkroom:jobs:running" in line
+            beat = any(mark in line for mark in _BEAT) or ("rq:job:" in line and "last_heartbeat" in line)
+            if claims == 1 and beat and not transition:
                 entry.phase = "heartbeat"
             elif claims == 0:
                 entry.phase = "claim"

@@ -28,7 +28,12 @@ SD35_STEP_S = 3.9 / 40  # an SD3.5 Medium request on one GPU: 40 steps x 1.75 im
 
 
 def measure(
-    tmp: Path, steps: list[tuple[int, int]], jobs: int, idle_s: float, webhook: bool = True
+    tmp: Path,
+    steps: list[tuple[int, int]],
+    jobs: int,
+    idle_s: float,
+    webhook: bool = True,
+    hz: int | None = None,
 ) -> dict[str, Any]:
     """Idle background, then for each (steps, size): ``jobs`` whole jobs timed, and one monitored.
 
@@ -48,6 +53,13 @@ def measure(
             whole_job(
                 http, {**redis_cost.JOB_BODY, "seed": 1, "webhook_url": receiver.url}, receiver, archive_root
             )
+        if hz is not None:
+            # Redis's own cron (clients, expiry, AOF fsync) costs ~1-2.5 ms of CPU a second on this VM at
+            # the default 10 Hz: against a job's few ms over its ~4 s, the noise of that background swamps
+            # the net figure. It is a per-second cost of the server, not of any job: slowed while measuring.
+            with stack.redis() as control:
+                control.config_set("hz", hz)
+            out["redis_hz"] = hz
         background = redis_cost.idle_background(stack, idle_s)
         out["idle_per_s"] = background
         for count, size in steps:
@@ -249,6 +261,66 @@ def step_loop(tmp: Path, steps: int, step_s: float, jobs: int) -> dict[str, Any]
     }
 
 
+def summarize(paths: list[Path]) -> dict[str, Any]:
+    """Before/after pairs from alternated runs (labels ``e2e-{main|branch}-{hook|nohook}-{round}``): each
+    run's whole-job figures, and per mode the medians and the branch/main ratios."""
+    import json
+    import statistics
+
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for path in sorted(paths):
+        data = json.loads(path.read_text())
+        _, side, mode, _ = str(data["label"]).split("-")
+        for key, value in data.items():
+            if not key.startswith("steps_"):
+                continue
+            net = value["job"]["net"]
+            phases = value["monitor"]["phases"]
+            runs.setdefault(mode, {}).setdefault(side, []).append(
+                {
+                    "file": path.name,
+                    "git": data["machine"]["git"],
+                    "date": data["machine"]["date"],
+                    "load_average": data["machine"]["load_average"],
+                    "steps_size": f"{key.removeprefix('steps_')}@{value['size']}",
+                    "redis_hz": data.get("redis_hz"),
+                    "answer_s": [w["answer"] for w in value["job"]["walls_s"]],
+                    "round_trips": net["round_trips"],
+                    "commands_incl_scripts": net["commands"],
+                    "cpu_ms": net["cpu_ms"],
+                    "command_usec": net["command_usec"],
+                    "monitor_commands": phases["total"]["commands"],
+                    "monitor_round_trips": phases["total"]["round_trips"],
+                    "monitor_phases": {
+                        process: {phase: [row["commands"], row["round_trips"]] for phase, row in rows.items()}
+                        for process, rows in phases.items()
+                        if process != "total"
+                    },
+                }
+            )
+    out: dict[str, Any] = {"runs": runs, "medians": {}, "ratios": {}}
+    for mode, sides in runs.items():
+        medians = {
+            side: {
+                key: round(statistics.median(r[key] for r in rows), 3)
+                for key in (
+                    "round_trips",
+                    "commands_incl_scripts",
+                    "cpu_ms",
+                    "command_usec",
+                    "monitor_commands",
+                )
+            }
+            for side, rows in sides.items()
+        }
+        out["medians"][mode] = medians
+        if {"main", "branch"} <= medians.keys():
+            out["ratios"][mode] = {
+                key: round(medians["branch"][key] / medians["main"][key], 3) for key in medians["main"]
+            }
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.worker_redis", description=__doc__.split("\n")[0])
     parser.add_argument("--steps", default="40@512", help="comma-separated STEPS@SIZE (default 40@512)")
@@ -262,13 +334,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--label", default="run", help="name of this checkout in the results file name")
     parser.add_argument("--out", type=Path, help="results JSON (default bench/results/worker-redis-LABEL)")
+    parser.add_argument("--hz", type=int, help="Redis's cron frequency while measuring (default: as started)")
+    parser.add_argument("--summarize", nargs="+", type=Path, help="only summarize these results files")
     args = parser.parse_args(argv)
+    if args.summarize:
+        path = write_results("worker-redis-e2e", summarize(args.summarize), args.out)
+        print(f"results: {path}")
+        return 0
     facts = machine_facts()
     tmp = Path(tempfile.mkdtemp(prefix="darkroom-bench-"))
     started = time.monotonic()
     try:
         plan = [(int(s.split("@")[0]), int(s.split("@")[1])) for s in args.steps.split(",")]
-        results = {} if args.no_stack else measure(tmp, plan, args.jobs, args.idle_s, not args.no_webhook)
+        results = (
+            {} if args.no_stack else measure(tmp, plan, args.jobs, args.idle_s, not args.no_webhook, args.hz)
+        )
         results["step_loop"] = (
             {} if args.no_loop else {str(n): step_loop(tmp, n, SD35_STEP_S, args.loop_jobs) for n, _ in plan}
         )
