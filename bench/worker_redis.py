@@ -6,8 +6,8 @@ receiver, the client's GET, and the archiver moving the record to storage and se
 for, so nothing is estimated. Per job: round trips (INFO ``total_reads_processed``), commands (INFO
 ``commandstats``: those inside Lua scripts too), Redis CPU (INFO ``used_cpu_*``), all with the idle
 background subtracted; and one job under MONITOR, split by process and phase (``bench.job_phases``).
-A tiny-model step at 512x512 lasts about an SD3.5 step on a GPU (~0.1 s), which sets how many progress
-writes (at most one a second) a job makes.
+A tiny-model step at 512x512 (~0.1-0.2 s on the shared 2-vCPU VM) lasts about an SD3.5 step on a GPU
+(~0.1 s): the job's length sets how many progress writes (at most one a second) it makes.
 
 Comparing two checkouts: run this file with ``PYTHONPATH`` pointing at each in turn (the stack runs the
 code of the checkout whose ``devtools`` is imported; copy this file, ``job_phases.py`` and
@@ -21,7 +21,6 @@ Results go to ``bench/results/worker-redis-<label>.json`` (or ``--out``); BENCHM
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import tempfile
@@ -32,7 +31,7 @@ from typing import Any
 
 import httpx
 
-from bench.common import machine_facts, process_tree, write_results
+from bench.common import machine_facts, write_results
 
 SD35_STEP_S = 3.9 / 40  # an SD3.5 Medium request on one GPU: 40 steps x 1.75 images in ~3.9 s (issue #17)
 
@@ -44,7 +43,6 @@ def measure(
     idle_s: float,
     webhook: bool = True,
     hz: int | None = None,
-    nice_worker: bool = False,
 ) -> dict[str, Any]:
     """Idle background, then for each (steps, size): ``jobs`` whole jobs timed, and one monitored.
 
@@ -64,12 +62,6 @@ def measure(
             whole_job(
                 http, {**redis_cost.JOB_BODY, "seed": 1, "webhook_url": receiver.url}, receiver, archive_root
             )
-        if nice_worker:
-            # The tiny model computes on the CPU Redis runs on; a GPU worker's steps do not. At the lowest
-            # priority its compute yields to Redis, the API and the webhook process.
-            for pid in process_tree(stack.pid("worker")):
-                os.setpriority(os.PRIO_PROCESS, pid, 19)
-            out["worker_nice"] = 19
         if hz is not None:
             # Redis's own cron (clients, expiry, AOF fsync) costs ~1-2.5 ms of CPU a second on this VM at
             # the default 10 Hz: against a job's few ms over its ~4 s, the noise of that background swamps
@@ -94,10 +86,7 @@ def measure(
                 after = redis_cost.snapshot(client)
             client.close()
             raw = redis_cost.delta(before, after, per=jobs)
-            # The idle background again, after the jobs: the mean of both is what is subtracted.
-            background_after = redis_cost.idle_background(stack, idle_s)
-            out["idle_per_s_after"] = background_after
-            net = redis_cost.subtract(raw, mean_rates(background, background_after), raw["wall_s"], jobs)
+            net = redis_cost.subtract(raw, background, raw["wall_s"], jobs)
             monitored = monitor_whole_job(stack, {**body, "seed": 4242}, receiver, archive_root)
             out[f"steps_{count}"] = {
                 "size": size,
@@ -106,17 +95,6 @@ def measure(
             }
             print_breakdown(count, net, monitored)
     return out
-
-
-def mean_rates(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
-    """The mean of two ``redis_cost.delta`` rates (per second), as ``redis_cost.subtract`` takes them."""
-    keys = ("commands", "bytes_in", "bytes_out", "cpu_ms", "command_usec", "round_trips")
-    mean: dict[str, Any] = {key: (first.get(key, 0.0) + second.get(key, 0.0)) / 2 for key in keys}
-    names = set(first["by_command"]) | set(second["by_command"])
-    mean["by_command"] = {
-        name: (first["by_command"].get(name, 0.0) + second["by_command"].get(name, 0.0)) / 2 for name in names
-    }
-    return mean
 
 
 def whole_job(
@@ -365,9 +343,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--label", default="run", help="name of this checkout in the results file name")
     parser.add_argument("--out", type=Path, help="results JSON (default bench/results/worker-redis-LABEL)")
-    parser.add_argument(
-        "--nice-worker", action="store_true", help="run the GPU worker at the lowest priority"
-    )
     parser.add_argument("--hz", type=int, help="Redis's cron frequency while measuring (default: as started)")
     parser.add_argument("--summarize", nargs="+", type=Path, help="only summarize these results files")
     args = parser.parse_args(argv)
@@ -381,9 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         plan = [(int(s.split("@")[0]), int(s.split("@")[1])) for s in args.steps.split(",")]
         results = (
-            {}
-            if args.no_stack
-            else measure(tmp, plan, args.jobs, args.idle_s, not args.no_webhook, args.hz, args.nice_worker)
+            {} if args.no_stack else measure(tmp, plan, args.jobs, args.idle_s, not args.no_webhook, args.hz)
         )
         results["step_loop"] = (
             {} if args.no_loop else {str(n): step_loop(tmp, n, SD35_STEP_S, args.loop_jobs) for n, _ in plan}
