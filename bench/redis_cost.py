@@ -40,6 +40,7 @@ class RedisSnapshot:
     net_out: int
     cpu_s: float
     used_memory: int
+    reads: int = 0  # read events on client sockets: about one per round trip (a pipeline is one)
 
     @classmethod
     def take(cls, client: redis.Redis) -> RedisSnapshot:
@@ -58,6 +59,7 @@ class RedisSnapshot:
             net_out=int(info["total_net_output_bytes"]),
             cpu_s=float(info["used_cpu_sys"]) + float(info["used_cpu_user"]),
             used_memory=int(info["used_memory"]),
+            reads=int(info.get("total_reads_processed", 0)),
         )
 
     @classmethod
@@ -116,6 +118,8 @@ def delta(before: RedisSnapshot, after: RedisSnapshot, per: float = 1.0) -> dict
         "bytes_in": round(max(0, after.net_in - before.net_in) / per, 1),
         "bytes_out": round(max(0, after.net_out - before.net_out) / per, 1),
         "cpu_ms": round((after.cpu_s - before.cpu_s) * 1000.0 / per, 4),  # whole process: I/O included
+        # Round trips, less the snapshot's own INFO pair (two reads, as for its commands).
+        "round_trips": round(max(0, after.reads - before.reads - 2) / per, 2),
         "wall_s": round(after.at - before.at, 3),
     }
 
@@ -126,7 +130,9 @@ def subtract(
     """``job`` (per unit) minus the idle background that ran during ``seconds`` of wall time."""
     share = seconds / per
     adjusted = dict(job)
-    for key in ("commands", "bytes_in", "bytes_out", "cpu_ms", "command_usec"):
+    for key in ("commands", "bytes_in", "bytes_out", "cpu_ms", "command_usec", "round_trips"):
+        if key not in job or key not in background_per_s:
+            continue
         adjusted[key] = round(max(0.0, job[key] - background_per_s[key] * share), 4)
     by_command = {}
     for name, n in job["by_command"].items():
@@ -184,6 +190,9 @@ class Monitor:
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="redis-monitor", daemon=True)
         self._raw: list[tuple[int, str]] = []
+        self._times: list[float] = []
+        self.ports: list[int] = []
+        self.times: list[float] = []  # Redis's own clock, one per entry of ``commands``
 
     def _run(self) -> None:
         client = redis.Redis.from_url(self.url)
@@ -195,6 +204,7 @@ class Monitor:
                 if MONITOR_STOP in command:
                     break
                 self._raw.append((int(entry.get("client_port") or 0), command))
+                self._times.append(float(entry.get("time") or 0.0))
         client.close()
 
     def start(self) -> Monitor:
@@ -209,6 +219,8 @@ class Monitor:
             client.echo(MONITOR_STOP)
         self._thread.join(10)
         self.commands = [(owners.get(port, "other"), command) for port, command in self._raw]
+        self.times = list(self._times)
+        self.ports = [port for port, _ in self._raw]
         return self.commands
 
 

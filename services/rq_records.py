@@ -176,6 +176,36 @@ def put_back_at_front(redis: Redis, queue: Queue, job_id: str) -> bool:
     return True
 
 
+# --- the GPU worker's own run of a job: RQ's bookkeeping, cut to what is read -----------------------------
+
+
+def mark_started(pipe: Any, job: Job, worker_name: str) -> None:
+    """Queue on ``pipe`` what RQ writes on its job hash when a worker starts it (status ``started``, the
+    worker, the start time: what ``rq info`` and RQ's job API show) — without RQ's execution record, its
+    started-registry entry and its heartbeats, which only RQ's own lost-job cleanup reads: our lifecycle
+    tracks running jobs (``darkroom:jobs:running-by-beat``) and recovery requeues them."""
+    job.prepare_for_execution(worker_name, pipeline=pipe)
+
+
+def close_succeeded(
+    pipe: Any, job: Job, return_value: Any, worker_name: str, default_result_ttl: int
+) -> None:
+    """Queue on ``pipe`` RQ's close of a job its worker ran to the end (``handle_job_success`` minus what
+    our jobs never have — dependents, repeats — and minus the execution record never written): a result
+    and the finished registry if the job keeps one, then RQ's cleanup (with ``result_ttl`` 0, our
+    default, the job hash is deleted at once)."""
+    ttl = job.get_result_ttl(default_result_ttl)
+    job._result = return_value
+    if ttl == 0:
+        # ``Job.delete``'s keys, in one command: RQ's version also reads the execution registry (three
+        # round trips) to delete executions this worker never wrote.
+        pipe.delete(job.key, job.dependents_key, job.dependencies_key, Result.get_key(job.id))
+    else:  # RQ's own: status, job hash, result, finished registry, expiry
+        job._handle_success(ttl, pipeline=pipe, worker_name=worker_name)
+        job.cleanup(ttl, pipeline=pipe, remove_from_queue=False)
+    job._status = JobStatus.FINISHED
+
+
 def finish_taken_job(queue: Queue, job_id: str, result: str, worker_name: str) -> None:
     """Close the RQ job of a coalesced partner as RQ closes the job it ran itself: finished, a result, in
     the finished registry, expiring after its ``result_ttl`` — or, with ``result_ttl`` 0, deleted at once.

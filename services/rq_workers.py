@@ -169,12 +169,18 @@ class ResilientWorker(SimpleWorker):
     max_connection_wait_time = 5.0
     #: A beat is skipped while the worker key still lives at least ``worker_ttl + 60 - BEAT_SLACK_S`` s.
     BEAT_SLACK_S = 30.0
+    #: A "not suspended" read this recently (``suspension_seen``, e.g. in a job's closing MULTI) stands in
+    #: for the loop's own check: at most this much later does a worker notice ``rq suspend``.
+    SUSPENSION_FRESH_S = 1.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.stop_requested = False  # by a signal: RQ only records it when a job is running
         self._key_lives_until = 0.0  # monotonic: when the worker key expires, as our last beat set it
         self._state_written: str | None = None  # the state Redis holds, as we last wrote it
+        self._not_suspended_at = float(
+            "-inf"
+        )  # monotonic: when Redis last said the workers are not suspended
 
     @property
     def stopped_on_request(self) -> bool:
@@ -217,6 +223,16 @@ class ResilientWorker(SimpleWorker):
         self.wait_for_redis(lambda: parent(timeout), "worker heartbeat")
         self._key_lives_until = time.monotonic() + ttl
 
+    def heartbeat_if_due(self) -> None:
+        """The worker key's beat from a side thread while a job runs: skipped as :meth:`heartbeat` skips
+        it, and tried once — a Redis error reaches the caller instead of holding its thread until Redis is
+        back."""
+        ttl = self.worker_ttl + 60
+        if self._key_lives_until - time.monotonic() >= ttl - self.BEAT_SLACK_S:
+            return
+        super().heartbeat(ttl)
+        self._key_lives_until = time.monotonic() + ttl
+
     def forget_beats(self) -> None:
         """Redis may have lost the worker key (a restart): the next beat and state are written again."""
         self._key_lives_until = 0.0
@@ -240,8 +256,14 @@ class ResilientWorker(SimpleWorker):
         self.wait_for_redis(lambda: parent(state), "set worker state")
         self._state_written = state
 
+    def suspension_seen(self, suspended: bool) -> None:
+        """Record a read of RQ's suspension flag made along with other work (one round trip fewer)."""
+        self._not_suspended_at = float("-inf") if suspended else time.monotonic()
+
     def check_for_suspension(self, burst: bool) -> None:
         # One EXISTS while not suspended (RQ's check also beats the worker, in a MULTI); RQ's own when it is.
+        if time.monotonic() - self._not_suspended_at < self.SUSPENSION_FRESH_S:
+            return
         suspended = self.wait_for_redis(lambda: bool(self.connection.exists(WORKERS_SUSPENDED)), "suspension")
         if not suspended:
             return

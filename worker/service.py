@@ -19,18 +19,26 @@ import contextlib
 import os
 import secrets
 import socket
+import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import structlog
 from prometheus_client import start_http_server
+from rq.callbacks import execute_success_callback
+from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.queue import Queue
 from rq.serializers import JSONSerializer
+from rq.suspension import WORKERS_SUSPENDED
+from rq.timeouts import JobTimeoutException
+from rq.utils import now
+from rq.worker import WorkerStatus
 
-from services import metrics
+from services import metrics, rq_records
 from services.clients import REDIS_UNAVAILABLE, build_clients, make_redis
 from services.content_safety import load_classifier
 from services.fleet import Presence
@@ -53,20 +61,35 @@ EXIT_UNEXPECTED_STOP = 1
 
 class GenerationWorker(ResilientWorker):
     """A Redis-patient SimpleWorker plus a heartbeat thread while a job runs (RQ's own loop is blocked
-    meanwhile), and a check after every job that its record was not left stranded by a Redis outage."""
+    meanwhile), and a check after every job that its record was not left stranded by a Redis outage.
+
+    RQ's bookkeeping around a job is cut to what something reads. RQ (``prepare_execution``,
+    ``prepare_job_execution``, ``maintain_heartbeats``, ``handle_job_success``) writes an execution record,
+    a started-registry entry and the worker's execution set, beats all of them and the job hash every
+    heartbeat, then reads the executions back to delete them, watches the job's dependents and checks for
+    suspension: ~45 commands in ~15 round trips per job, read only by RQ's own lost-job cleanup — which our
+    lifecycle replaces (``darkroom:jobs:running-by-beat``, ``services.jobs.recovery``). Here a job costs RQ
+    one pipeline at its start (the job hash's ``started`` fields, the worker's ``busy`` state) and one
+    MULTI at its end (the worker's job count and working time, the job hash deleted — or RQ's own result
+    and finished registry when the job keeps a result —, ``idle``, and the suspension flag, which spares
+    the loop its own check). ``rq info`` (worker states and counts, queue lengths) shows what it showed.
+    A job that raises takes RQ's own failure path, unchanged."""
 
     heartbeat_interval_s: float = 5.0
     on_heartbeat: Any = None  # Callable[[str], None]: extra per-job heartbeat (our job record)
     on_interrupted: Any = None  # Callable[[str], None]: put back a job whose run Redis trouble cut short
 
     def run_job(self, job: Job, queue: Queue) -> None:
-        execution = self.prepare_execution(job)
+        with self.connection.pipeline() as pipe:
+            rq_records.mark_started(pipe, job, self.name)
+            self.set_state(WorkerStatus.BUSY, pipeline=pipe)
+            pipe.execute()
         stop = threading.Event()
 
         def beat() -> None:
             while not stop.wait(self.heartbeat_interval_s):
                 try:
-                    self.maintain_heartbeats(job, execution)
+                    self.heartbeat_if_due()  # the worker key, when it would not outlive a dequeue
                     if self.on_heartbeat is not None:
                         self.on_heartbeat(job.id)
                 except REDIS_UNAVAILABLE as exc:  # expected during a Redis restart; no traceback
@@ -77,10 +100,32 @@ class GenerationWorker(ResilientWorker):
         thread = threading.Thread(target=beat, name=f"heartbeat-{job.id}", daemon=True)
         thread.start()
         try:
-            self.perform_job(job, queue, execution)
+            self._perform(job, queue)
         finally:
             stop.set()
             thread.join(timeout=self.heartbeat_interval_s + 1)
+
+    def _perform(self, job: Job, queue: Queue) -> None:
+        """RQ's ``perform_job`` for a job whose start is already recorded, with the short close on success."""
+        try:
+            timeout = job.timeout or self.queue_class.DEFAULT_TIMEOUT
+            with self.death_penalty_class(timeout, JobTimeoutException, job_id=job.id):
+                return_value = job.perform()
+        except BaseException:  # as RQ's ``perform_job``: whatever the job raised, RQ records the failure
+            execution = Execution(uuid.uuid4().hex, job.id, self.connection, worker_name=self.name)
+            self._finalize_failure(job, queue, execution, sys.exc_info())
+            return
+        job.ended_at = now()
+        execute_success_callback(job, self.death_penalty_class, return_value)
+        assert job.started_at is not None
+        with self.connection.pipeline() as pipe:
+            self.increment_successful_job_count(pipeline=pipe)
+            self.increment_total_working_time(job.ended_at - job.started_at, pipe)
+            rq_records.close_succeeded(pipe, job, return_value, self.name, self.default_result_ttl)
+            self.set_state(WorkerStatus.IDLE, pipeline=pipe)
+            pipe.exists(WORKERS_SUSPENDED)
+            suspended = pipe.execute()[-1]
+        self.suspension_seen(bool(suspended))
 
     def requeue_interrupted(self, job: Job, queue: Queue) -> None:
         """Nothing blind here: ``after_job`` looks at the job record and requeues only what needs it."""

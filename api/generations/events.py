@@ -20,6 +20,7 @@ from api.waits import first
 from schemas.jobs import TERMINAL_STATUSES
 from services.clients import REDIS_UNAVAILABLE
 from services.jobs import decode_event, events_key
+from services.jobs.keys import done_key
 
 log = structlog.get_logger(__name__)
 #: Longest single XREAD block. Longer waits are several reads, so the async client's socket timeout
@@ -46,16 +47,19 @@ async def read_events(
 
 
 async def wait_until_finished(redis: aredis.Redis, job_id: str, timeout_s: float) -> bool:
-    """True as soon as the job reaches a terminal state, False if ``timeout_s`` passes first."""
+    """True as soon as the job reaches a terminal state, False if ``timeout_s`` passes first.
+
+    Reads the job's done stream (``services.jobs.keys.done_key``: one entry, added by the terminal
+    transition), not its event stream: a blocking read of the event stream returned for every progress
+    event — one round trip a second of a running job — where this one returns once, and at once for a
+    job that has already ended. Read-only, like the event stream it replaces (a Redis refusing writes at
+    ``maxmemory`` still serves it)."""
+    key = done_key(job_id)
     deadline = time.monotonic() + timeout_s
-    last_id = "0-0"
     while (remaining := deadline - time.monotonic()) > 0:
         block_ms = max(1, min(_BLOCK_MS, int(remaining * 1000)))
-        events = await read_events(redis, job_id, last_id, block_ms=block_ms)
-        for entry_id, event in events:
-            last_id = entry_id
-            if is_terminal_event(event):
-                return True
+        if await redis.xread({key: "0-0"}, block=block_ms, count=1):
+            return True
     return False
 
 

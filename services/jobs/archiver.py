@@ -48,6 +48,7 @@ from services.jobs.keys import (
     ARCHIVE_LEASE,
     batch_key,
     batch_webhooks_key,
+    done_key,
     events_key,
     items_key,
     job_key,
@@ -191,7 +192,7 @@ class Archiver:
             return "postponed"
         size = self.archive.put(document)
         with self.redis.pipeline(transaction=True) as pipe:
-            for key in (job_key(job_id), events_key(job_id), webhooks_key(job_id)):
+            for key in (job_key(job_id), events_key(job_id), webhooks_key(job_id), done_key(job_id)):
                 pipe.expire(key, self.ttl_s)
             pipe.zrem(ARCHIVE_DUE, member)
             pipe.execute()

@@ -100,6 +100,13 @@ def webhooks_key(job_id: str) -> str:
     return f"{JOB_PREFIX}{job_id}:webhooks"
 
 
+def done_key(job_id: str) -> str:
+    """A stream with one entry, the job's terminal status, once it has one (the terminal transition adds
+    it, with the job's other keys' expiry): ``Prefer: wait`` blocks reading it — woken once, where a
+    blocking read of the event stream woke for every progress event."""
+    return f"{JOB_PREFIX}{job_id}:done"
+
+
 def batch_key(batch_id: str) -> str:
     return f"{BATCH_PREFIX}{batch_id}"
 

@@ -210,7 +210,11 @@ if terminal[to] and not terminal[current] then
     emit(KEYS[3], ARGV[10], 'generation.' .. to, 'job', ARGV[1], moment)
     events = events + 1
   end
-  for _, key in ipairs({KEYS[1], KEYS[2], KEYS[1] .. ':webhooks'}) do redis.call('EXPIRE', key, ARGV[9]) end
+  -- What a ``Prefer: wait`` blocks on (services.jobs.keys.done_key; derived: one Redis).
+  redis.call('XADD', KEYS[1] .. ':done', '*', 'status', to)
+  for _, key in ipairs({KEYS[1], KEYS[2], KEYS[1] .. ':webhooks', KEYS[1] .. ':done'}) do
+    redis.call('EXPIRE', key, ARGV[9])
+  end
   -- To be archived to storage, then trimmed from Redis (services.jobs.archiver; key derived: one Redis).
   local t = redis.call('TIME')
   local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)

@@ -7,15 +7,19 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
 import redis as redis_lib
 from rq import Queue, SimpleWorker
 from rq.suspension import resume, suspend
 from rq.worker import WorkerStatus
 
 from services import rq_workers
+from services.clients import REDIS_UNAVAILABLE
 from services.rq_workers import ResilientWorker, hold_stop_signals
+from tests.fixtures.redis import RedisServerFactory
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -67,6 +71,28 @@ def test_a_beat_is_sent_whenever_the_key_would_not_outlive_a_dequeue(redis_clien
     worker.forget_beats()  # as after a Redis outage
     worker.set_state(WorkerStatus.IDLE)
     assert redis_client.hget(worker.key, "state") == b"idle"
+
+
+def test_a_side_threads_beat_keeps_the_key_alive_and_does_not_wait_for_redis(
+    fresh_redis_server: RedisServerFactory,
+) -> None:
+    server = fresh_redis_server()
+    connection = redis_lib.Redis.from_url(server.url)
+    worker = ResilientWorker([Queue("q", connection=connection)], connection=connection)
+    worker.register_birth()
+    connection.expire(worker.key, 100)
+    worker.forget_beats()  # the key lives too short for a dequeue: due
+    worker.heartbeat_if_due()
+    assert connection.ttl(worker.key) > worker.worker_ttl
+    connection.expire(worker.key, 100)
+    worker.heartbeat_if_due()  # beaten moments ago: skipped
+    assert connection.ttl(worker.key) == 100
+    worker.forget_beats()
+    server.stop()
+    started = time.monotonic()
+    with pytest.raises(REDIS_UNAVAILABLE):  # one try, not a wait for Redis to come back
+        worker.heartbeat_if_due()
+    assert time.monotonic() - started < 10
 
 
 def test_suspended_workers_still_take_no_job(redis_client: redis_lib.Redis) -> None:
