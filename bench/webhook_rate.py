@@ -13,8 +13,10 @@ timer per request, so the receiver is not the bottleneck).
   the request and never answers — the others' rate should not drop;
 - **deliveries per CPU-second** of the webhook process (user + system): what it would deliver with a
   core to itself — the machine this runs on is shared, so the rate alone says little;
-- **Redis commands per delivery**: ``total_commands_processed`` over the run / answers (the webhook
-  process's start-up and idle polling included, the bench's job creation excluded).
+- **Redis commands and Redis CPU per delivery**: ``total_commands_processed`` and ``used_cpu_user`` +
+  ``used_cpu_sys`` (``INFO``) over the run / answers (the webhook process's start-up and idle polling
+  included, and Redis's own background cron; the bench's job creation excluded): the delivery input of
+  ``bench.fleet_sim``.
 
 The webhook process runs as the Kubernetes manifests run it: with ``DARKROOM_ARCHIVER_IN_WEBHOOK_PROCESS``
 false (the archiver is a process of its own there; here it does not run). ``--archiver-in-process`` runs it
@@ -68,6 +70,12 @@ def commands(redis: Redis) -> int:
     return int(redis.info("stats")["total_commands_processed"])
 
 
+def redis_cpu_s(redis: Redis) -> float:
+    """CPU seconds the Redis server has used (user + system), as it reports them."""
+    cpu = redis.info("cpu")
+    return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+
+
 def run_case(settings: Settings, args: argparse.Namespace, hang: bool, tmp: Path) -> dict[str, Any]:
     clients = build_clients(settings)
     clients.redis.flushall()
@@ -86,7 +94,7 @@ def run_case(settings: Settings, args: argparse.Namespace, hang: bool, tmp: Path
             if hang_every and i % hang_every == 0:
                 create_job(clients, storage, receivers.hang_urls[0], owner="key-hang")
         created_s = time.monotonic() - created
-        before = commands(clients.redis)
+        before, cpu_before = commands(clients.redis), redis_cpu_s(clients.redis)
         started = time.monotonic()
         worker = subprocess.Popen(
             [sys.executable, "-m", "services.webhooks"],
@@ -99,7 +107,7 @@ def run_case(settings: Settings, args: argparse.Namespace, hang: bool, tmp: Path
             deadline = started + args.wait
             while receivers.answered < args.events and time.monotonic() < deadline:
                 time.sleep(0.05)
-            after = commands(clients.redis)
+            after, cpu_after = commands(clients.redis), redis_cpu_s(clients.redis)
             times = list(receivers.answered_at)
             cpu_s = cpu_seconds([worker.pid])
             user_s, system_s = user_and_system_s(worker.pid)
@@ -122,6 +130,7 @@ def run_case(settings: Settings, args: argparse.Namespace, hang: bool, tmp: Path
         "first_answer_s": (times[0] - started) if times else None,
         "all_answered_s": (times[-1] - started) if times else None,
         "redis_commands_per_delivery": (after - before) / answered if answered else None,
+        "redis_cpu_ms_per_delivery": (cpu_after - cpu_before) * 1000 / answered if answered else None,
         # Load-independent: what one process would deliver per second with a whole core to itself (its
         # start-up and idle polls included, so a lower bound).
         "webhook_process_cpu_s": cpu_s,
@@ -172,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{'hanging receiver' if case['hang'] else 'all answering  '}: "
             f"{case['deliveries_per_s']:.0f} deliveries/s "
             f"({case['answered']}/{case['events']} answered, all in {case['all_answered_s'] or 0:.1f} s; "
-            f"{case['redis_commands_per_delivery'] or 0:.1f} Redis commands/delivery; "
+            f"{case['redis_commands_per_delivery'] or 0:.1f} Redis commands and "
+            f"{case['redis_cpu_ms_per_delivery'] or 0:.3f} ms of Redis CPU per delivery; "
             f"{case['deliveries_per_cpu_s'] or 0:.0f} deliveries per CPU-second of the webhook process, "
             f"which used {case['webhook_process_cores']:.2f} cores)"
         )
