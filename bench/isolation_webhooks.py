@@ -25,6 +25,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,24 @@ from services.storage import FileStorage
 from tests.fixtures.http_receiver import HttpReceiver
 from tests.fixtures.slow_receiver import SlowReceiver
 from tests.services.test_webhook_tasks import SECRET, create_job
+
+
+@contextmanager
+def scratch_settings(tmp: Path) -> Iterator[Settings]:
+    """Settings for a webhook bench: a private redis-server under ``tmp`` (stopped on exit), file storage,
+    loopback receivers allowed."""
+    server = RedisServer(tmp / "redis").start()
+    try:
+        yield Settings(
+            redis_url=server.url,
+            storage_url=f"file://{tmp / 'objects'}",
+            public_url="http://darkroom.test",
+            webhook_secret=SECRET,
+            webhook_allow_private=True,
+            webhook_allow_http=True,
+        )
+    finally:
+        server.stop()
 
 
 def worker_env(settings: Settings, overrides: dict[str, str]) -> dict[str, str]:
@@ -125,21 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
 
     facts = machine_facts()
-    with tempfile.TemporaryDirectory(prefix="bench-hooks-") as name:
-        tmp = Path(name)
-        server = RedisServer(tmp / "redis").start()
-        try:
-            settings = Settings(
-                redis_url=server.url,
-                storage_url=f"file://{tmp / 'objects'}",
-                public_url="http://darkroom.test",
-                webhook_secret=SECRET,
-                webhook_allow_private=True,
-                webhook_allow_http=True,
-            )
-            phases = [run_phase(settings, args, attack, tmp) for attack in (False, True)]
-        finally:
-            server.stop()
+    with tempfile.TemporaryDirectory(prefix="bench-hooks-") as name, scratch_settings(Path(name)) as settings:
+        phases = [run_phase(settings, args, attack, Path(name)) for attack in (False, True)]
     for phase in phases:
         late = {"p50": float("nan"), "p99": float("nan"), "max": float("nan"), **phase["b_lateness_ms"]}
         state = "on " if phase["attack"] else "off"

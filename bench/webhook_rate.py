@@ -41,13 +41,12 @@ import structlog
 from redis import Redis
 
 from bench.common import ROOT, cpu_seconds, machine_facts, percentile, write_results
-from bench.isolation_webhooks import worker_env
+from bench.isolation_webhooks import scratch_settings, worker_env
 from devtools.rate_receiver import RateReceivers
-from devtools.redis_server import RedisServer
 from services.clients import build_clients
 from services.settings import Settings
 from services.storage import FileStorage
-from tests.services.test_webhook_tasks import SECRET, create_job
+from tests.services.test_webhook_tasks import create_job
 
 
 def steady_rate(times: list[float]) -> float:
@@ -161,21 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
 
     facts = machine_facts()
-    with tempfile.TemporaryDirectory(prefix="bench-rate-") as name:
-        tmp = Path(name)
-        server = RedisServer(tmp / "redis").start()
-        try:
-            settings = Settings(
-                redis_url=server.url,
-                storage_url=f"file://{tmp / 'objects'}",
-                public_url="http://darkroom.test",
-                webhook_secret=SECRET,
-                webhook_allow_private=True,
-                webhook_allow_http=True,
-            )
-            cases = [run_case(settings, args, case == "hang", tmp) for case in args.cases.split(",")]
-        finally:
-            server.stop()
+    with tempfile.TemporaryDirectory(prefix="bench-rate-") as name, scratch_settings(Path(name)) as settings:
+        cases = [run_case(settings, args, case == "hang", Path(name)) for case in args.cases.split(",")]
     for case in cases:
         print(
             f"{'hanging receiver' if case['hang'] else 'all answering  '}: "

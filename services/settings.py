@@ -401,7 +401,7 @@ class Settings(BaseSettings):
         ge=1,
         le=1024,
         description="Webhook attempts one webhook process sends at once to one receiver (host and port); "
-        "more wait their turn, rescheduled about a second later, without holding a slot.",
+        "more wait their turn parked in Redis, without holding a slot, until one comes free.",
     )
     webhook_per_key: int = Field(
         8,

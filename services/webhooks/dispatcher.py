@@ -7,9 +7,9 @@ acknowledges the entry. In the webhook process the first attempt is sent by a
 CONCURRENCY`` attempts in flight), which acknowledges the entry once the attempt is recorded: the
 unacknowledged entry is the attempt's record of being under way — should the process die mid-attempt,
 the entry is claimed by another after ``DARKROOM_OUTBOX_CLAIM_IDLE`` and the attempt made again with the
-same ``webhook-id``. Retries, and attempts put back for want of a slot on a busy host or key, go on the
-webhook queue (``services.webhooks.tasks``). Without a sender (tests, burst tools) attempt 1 goes on the
-queue too.
+same ``webhook-id``. Retries go on the webhook queue (``services.webhooks.tasks``); attempts that found
+no slot on a busy host or key are parked until one comes free (``services.webhooks.parking``). Without
+a sender (tests, burst tools) attempt 1 goes on the queue too.
 
 The reads and writes for the events of one read are batched: one pipelined round trip reads every job (or
 batch) record, its deliveries and whether its first attempt is queued, one records the new deliveries.

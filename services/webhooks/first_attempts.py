@@ -14,12 +14,12 @@ Guarantees kept from the per-attempt RQ task this replaces for first attempts:
 - **Shares**: an attempt takes its API key's and its receiver host's share (``services.webhooks.hosts``,
   the same counters the retry threads use). When one is full the attempt waits for it *in the loop*,
   holding no thread, for at most ``share_wait_s`` and behind at most ``WAITERS_PER_SLOT`` waiters per
-  slot of that share; past either it is put back on the webhook queue a moment later, as a retry would
-  be. So a burst to one healthy receiver is sent back to back, while a hanging receiver's backlog costs
-  a bounded number of waiting attempts and the rest of its events leave the process.
+  slot of that share; past either it is parked behind the share (``services.webhooks.parking``), as a
+  retry would be. So a burst to one healthy receiver is sent back to back, while a hanging receiver's
+  backlog costs a bounded number of waiting attempts and the rest of its events leave the process.
 - **Deadline**: each exchange ends within ``DARKROOM_WEBHOOK_ATTEMPT_DEADLINE``.
 - **Crash record**: an attempt's outbox entry is acknowledged only once the attempt is recorded on the
-  delivery (or put back on the queue). If the process dies in between, another claims the entry after
+  delivery (or parked). If the process dies in between, another claims the entry after
   ``DARKROOM_OUTBOX_CLAIM_IDLE`` and sends again with the same ``webhook-id``; ``share_wait_s`` is kept
   small enough that a waiting attempt is never claimed from under a live process.
 - **Our errors**: an attempt that cannot be built (no signing secret, a bug rendering the payload) fails
@@ -60,8 +60,8 @@ from services.webhooks.tasks import (
 
 log = structlog.get_logger(__name__)
 
-#: Attempts that may wait in the loop for one busy share, per slot of that share; more are put back on
-#: the webhook queue at once. Enough for a burst to a healthy receiver to go out back to back.
+#: Attempts that may wait in the loop for one busy share, per slot of that share; more are parked behind
+#: the share at once. Enough for a burst to a healthy receiver to go out back to back.
 WAITERS_PER_SLOT = 8
 #: How often a waiting attempt looks again for a slot freed by a retry thread (which cannot wake it).
 RECHECK_S = 0.25
@@ -225,7 +225,7 @@ class FirstAttemptSender:
     async def _send(self, attempt: FirstAttempt) -> None:
         try:
             held = await self._take_shares(attempt.subject)
-            if isinstance(held, str):  # the share named stayed busy: back on the queue
+            if isinstance(held, str):  # the share named stayed busy: parked
                 self._done.put(("busy", attempt, held))
                 return
             try:

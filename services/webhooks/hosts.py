@@ -4,7 +4,7 @@ process's slots.
 Why: a receiver that hangs, or trickles its answer, keeps each attempt sent to it busy up to the attempt
 deadline. Without a share, a burst of events for that receiver fills every slot of the webhook process
 and everyone else's webhooks wait behind it. With one, that receiver holds at most ``per_host`` slots;
-its other attempts are put back on the queue a moment later (``services.webhooks.tasks``) instead of
+its other attempts are parked until a slot comes free (``services.webhooks.parking``) instead of
 waiting inside a slot that others need.
 
 "Host" is the URL's host and port as written (``hooks.example.com:443``): what a receiver controls and

@@ -44,6 +44,7 @@ from services.ssrf import Resolver, resolve_host
 from services.storage import Storage
 from services.webhooks.delivery import DeliveryAttempt, WebhookMessage, attempt_delivery, utcnow
 from services.webhooks.hosts import HostLimiter, host_key, process_limiter
+from services.webhooks.parking import ParkedAttempt, park
 from services.webhooks.retry import RetryPolicy, Verdict, classify, next_delay
 from services.webhooks.scheduling import enqueue_attempt, task_timeout
 from services.webhooks.signing import decode_secret
@@ -56,7 +57,7 @@ RETRYING = "retrying"
 FAILED = "failed"
 GONE = "gone"
 SKIPPED = "skipped"
-WAITING = "waiting"  # the receiver's host or the API key had no free slot: put back, not attempted
+WAITING = "waiting"  # the receiver's host or the API key had no free slot: parked, not attempted
 
 
 class WebhookConfigError(RuntimeError):
@@ -183,7 +184,7 @@ def run_delivery_attempt(
     """Make attempt number ``attempt`` (1-based) for one message, record it, schedule the next if due.
 
     Returns ``delivered``, ``retrying``, ``failed``, ``gone``, ``waiting`` (the receiver's host or the
-    job's API key had no free slot: the attempt was put back on the queue, to run a moment later), or
+    job's API key had no free slot: the attempt was parked until one comes free), or
     ``skipped`` (the job or its delivery record expired, or this attempt already happened: a re-run task
     must not send twice).
     """
@@ -296,30 +297,19 @@ def _already_done(delivery: dict[str, Any], attempt: int) -> bool:
     return delivery.get("state") != "pending" or any(a["attempt"] >= attempt for a in delivery["attempts"])
 
 
-#: Longest wait between two looks for a free slot on a busy receiver's host when no deadline is set.
-_HOST_WAIT_MAX_S = 15.0
-
-
 def put_back_for_share(
     ctx: DeliveryContext, subject: Subject, msg_id: str, attempt: int, waited: int, scope: str, bound: Any
 ) -> str:
-    """Put the attempt back on the queue a little later: the receiver's host has ``per_host`` attempts in
-    flight (``scope`` ``host``), or the subject's API key has ``per_key`` (``key``). The wait doubles each
-    time (from about a second) up to the attempt deadline — by then a slot has surely come free — so a
-    receiver or key with a long backlog costs a few requeues per attempt, not one a second."""
-    ceiling = min(float(2 ** min(waited, 10)), ctx.deadline_s or _HOST_WAIT_MAX_S)
-    delay = max(1.0, ceiling * (0.75 + 0.5 * ctx.rand()))
-    enqueue_attempt(
-        ctx.queue,
-        subject.id,
-        msg_id,
-        attempt,
-        delay=timedelta(seconds=delay),
-        timeout=ctx.task_timeout,
-        task=subject.task,
-        waited=waited + 1,
+    """Park the attempt until its share has room (``services.webhooks.parking``): the receiver's host has
+    ``per_host`` attempts in flight (``scope`` ``host``), or the subject's API key has ``per_key``
+    (``key``). A parked attempt costs nothing while it waits; a webhook process puts it back on the queue
+    once it has a free slot of that share."""
+    name = subject.owner if scope == "key" else host_key(subject.url)
+    parked = ParkedAttempt(
+        task=subject.task, subject_id=subject.id, msg_id=msg_id, attempt=attempt, waited=waited + 1
     )
-    bound.info(f"webhook.waiting_for_{scope}", waited=waited + 1, next_in_s=round(delay, 3))
+    park(ctx.store.redis, scope, name, parked)
+    bound.info(f"webhook.waiting_for_{scope}", waited=waited + 1)
     return WAITING
 
 

@@ -18,6 +18,9 @@ receivers at once in one event loop (``services.webhooks.first_attempts``), unde
 deadline, and the outbox entry left unacknowledged until the attempt is recorded stands for RQ's record
 (``services.webhooks.dispatcher``).
 
+Attempts that found their share busy are parked in Redis (``services.webhooks.parking``); a side thread puts
+them back on the queue as this process has free slots of their share.
+
 ``with_scheduler=True`` is required: retries are enqueued with ``enqueue_in`` and only a scheduler moves
 them to the queue when due. With several workers, one holds the scheduler lock and the others stand by.
 
@@ -44,6 +47,7 @@ from services.rq_workers import PooledWorker, hold_stop_signals
 from services.settings import Settings
 from services.webhooks.dispatcher import OutboxDispatcher
 from services.webhooks.first_attempts import FirstAttemptSender, share_wait_s
+from services.webhooks.parking import Releaser
 from services.webhooks.scheduling import task_timeout
 from services.webhooks.tasks import DeliveryContext
 
@@ -97,9 +101,10 @@ def run_worker(settings: Settings, *, burst: bool = False) -> int:
         task_timeout=task_timeout(settings.webhook_attempt_deadline),
         claim_idle=settings.outbox_claim_idle,
     )
+    ctx = DeliveryContext.from_clients(clients)
     # First attempts: sent from one event loop, recorded and acknowledged in batches.
     dispatcher.sender = FirstAttemptSender(
-        DeliveryContext.from_clients(clients),
+        ctx,
         on_acknowledged=dispatcher.count_acknowledged,
         concurrency=settings.webhook_dispatch_concurrency,
         share_wait_s=share_wait_s(settings.outbox_claim_idle, settings.webhook_attempt_deadline),
@@ -113,12 +118,20 @@ def run_worker(settings: Settings, *, burst: bool = False) -> int:
         finished_ttl=settings.finished_ttl,
         sweep_root=file_root(clients.storage),
     )
+    # Attempts parked behind a busy share go back on the queue as this process has room for them.
+    releaser = Releaser(
+        clients.redis,
+        ctx.queue,
+        {scope: limiter for scope, limiter in (("host", ctx.limiter), ("key", ctx.key_limiter)) if limiter},
+        task_timeout=ctx.task_timeout,
+    )
     archiving = settings.archiver_in_webhook_process
     hold_stop_signals()  # attempts start before RQ's loop does: a SIGTERM meanwhile is a warm shutdown too
     if burst:  # what is in the outbox now becomes attempts, then the worker drains them
         dispatcher.drain()
     else:
         dispatcher.start()
+        releaser.start()
         if archiving:
             archiver.start()
     try:
@@ -133,6 +146,7 @@ def run_worker(settings: Settings, *, burst: bool = False) -> int:
             while archiver.run_once():
                 pass
     finally:
+        releaser.stop()
         if archiving:
             archiver.stop()
         dispatcher.stop(attempts_timeout_s=settings.webhook_attempt_deadline.total_seconds() + 30)

@@ -1,7 +1,8 @@
 """First attempts sent by the outbox dispatcher's event loop (``services.webhooks.first_attempts``), against
 a real Redis and real loopback receivers: each event is sent once, recorded and acknowledged in one
-transaction; a burst to one receiver waits for its share in the loop, and past the wait goes back on the
-queue; an attempt whose recording failed is left pending and sent again, with its id, by whoever claims it.
+transaction; a burst to one receiver waits for its share in the loop, and past the wait is parked
+behind the share; an attempt whose recording failed is left pending and sent again, with its id, by
+whoever claims it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from services.settings import Settings
 from services.storage import FileStorage
 from services.webhooks.dispatcher import OutboxDispatcher
 from services.webhooks.first_attempts import FirstAttemptSender, share_wait_s
-from services.webhooks.hosts import HostLimiter
+from services.webhooks.hosts import HostLimiter, host_key
+from services.webhooks.parking import parked_count
 from services.webhooks.scheduling import DEFAULT_TASK_TIMEOUT
 from services.webhooks.tasks import DeliveryContext
 from tests.fixtures.http_receiver import HttpReceiver, Reply
@@ -127,7 +129,7 @@ def test_a_burst_to_one_receiver_waits_for_its_share_in_the_loop_not_on_the_queu
     assert ScheduledJobRegistry(queue=queue).get_job_ids() == [] and queue.count == 0
 
 
-def test_past_its_share_wait_an_attempt_goes_back_on_the_queue(
+def test_past_its_share_wait_an_attempt_is_parked_behind_the_share(
     clients: ServiceClients,
     storage: FileStorage,
     webhook_receiver: HttpReceiver,
@@ -137,10 +139,10 @@ def test_past_its_share_wait_an_attempt_goes_back_on_the_queue(
     job_ids = [create_job(clients, storage, webhook_receiver.url) for _ in range(3)]
     dispatcher = dispatcher_with_sender(clients, per_host=1, share_wait=0.1)
     made.append(dispatcher)
-    assert dispatcher.drain() == 3  # one sent, two put back: all three entries done with
-    queue = webhook_queue(clients.redis, clients.settings)
-    put_back = ScheduledJobRegistry(queue=queue).get_job_ids()
-    assert len(put_back) == 2 and all("-wait1-" in job_id for job_id in put_back)
+    assert dispatcher.drain() == 3  # one sent, two parked: all three entries done with
+    host = host_key(webhook_receiver.url)
+    assert parked_count(clients.redis, "host", host) == 2
+    assert ScheduledJobRegistry(queue=webhook_queue(clients.redis, clients.settings)).count == 0
     states = sorted(len(clients.store.deliveries(job_id)[0]["attempts"]) for job_id in job_ids)
     assert states == [0, 0, 1] and pending(clients.redis) == 0
 

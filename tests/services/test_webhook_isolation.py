@@ -26,6 +26,8 @@ from services.clients import ServiceClients
 from services.queue import webhook_queue
 from services.settings import Settings
 from services.storage import FileStorage
+from services.webhooks.hosts import host_key
+from services.webhooks.parking import PARKED_INDEX, parked_count
 from services.webhooks.scheduling import task_job_id
 from tests.fixtures.http_receiver import HttpReceiver
 from tests.fixtures.slow_receiver import InFlight, SlowReceiver
@@ -186,6 +188,32 @@ def test_one_host_gets_exactly_its_share_of_attempts_at_once(
     print(f"\n6 deliveries to one hanging host, per-host limit 2: at most {most} connections at once")
     assert accepted == 6
     assert most == 2  # the share is used (concurrently), and never exceeded
+
+
+def test_attempts_parked_behind_a_busy_host_are_each_made_as_its_slot_frees(
+    settings: Settings, clients: ServiceClients, storage: FileStorage, start_worker: StartWorker
+) -> None:
+    """More events for a hanging host than may wait in the loop: the rest are parked in Redis (no RQ task
+    polls for them) and released one per freed slot, so each is attempted once and the host never
+    holds more than its share."""
+    env = worker_env(
+        settings,
+        DARKROOM_WEBHOOK_PER_HOST="1",
+        DARKROOM_WEBHOOK_ATTEMPT_DEADLINE="PT1S",
+        DARKROOM_OUTBOX_CLAIM_IDLE="PT2S",  # a share wait in the loop of 0.5 s: most get parked at once
+        DARKROOM_WEBHOOK_MAX_ATTEMPTS="1",
+    )
+    with SlowReceiver("hang") as hanging:
+        jobs = [create_job(clients, storage, hanging.url) for _ in range(4)]
+        worker = start_worker(env=env)
+        for job_id in jobs:
+            wait_until(delivery_state(clients, job_id, "failed"), timeout=30, what=f"{job_id} attempted")
+        assert stop(worker) == 0
+        accepted, most = hanging.accepted, hanging.max_concurrent
+
+    assert (accepted, most) == (4, 1)
+    assert parked_count(clients.redis, "host", host_key(hanging.url)) == 0
+    assert not clients.redis.exists(PARKED_INDEX)
 
 
 def test_a_first_attempt_whose_process_was_killed_is_made_again_by_another(
