@@ -45,7 +45,7 @@ import structlog
 from services.clients import retry_while_redis_down
 from services.jobs import outbox
 from services.webhooks.delivery import AttemptResult, WebhookMessage, attempt_delivery_async
-from services.webhooks.hosts import HostLimiter, host_key
+from services.webhooks.hosts import HostLimiter
 from services.webhooks.one_shot import OneShotTransport
 from services.webhooks.tasks import (
     DeliveryContext,
@@ -55,6 +55,7 @@ from services.webhooks.tasks import (
     put_back_for_share,
     record_not_sent,
     settle_attempt,
+    shares,
     usable_secret,
 )
 
@@ -225,7 +226,7 @@ class FirstAttemptSender:
     async def _send(self, attempt: FirstAttempt) -> None:
         try:
             held = await self._take_shares(attempt.subject)
-            if isinstance(held, str):  # the share named stayed busy: parked
+            if isinstance(held, tuple):  # the share named stayed busy: parked
                 self._done.put(("busy", attempt, held))
                 return
             try:
@@ -250,20 +251,13 @@ class FirstAttemptSender:
         except Exception as exc:  # a bug of ours: logged, the entry left to be claimed and redone
             self._done.put(("error", attempt, exc))
 
-    def _shares(self, subject: Subject) -> list[tuple[HostLimiter, str, str]]:
-        shares = [
-            (self.ctx.key_limiter, subject.owner, "key"),
-            (self.ctx.limiter, host_key(subject.url), "host"),
-        ]
-        return [(limiter, name, scope) for limiter, name, scope in shares if limiter is not None]
-
-    async def _take_shares(self, subject: Subject) -> list[tuple[HostLimiter, str]] | str:
-        """Both shares held (key, then host), or the scope of the one that stayed busy."""
+    async def _take_shares(self, subject: Subject) -> list[tuple[HostLimiter, str]] | tuple[str, str]:
+        """Both shares held (key, then host), or (scope, name) of the one that stayed busy."""
         ends = self._loop.time() + self.share_wait_s
         while True:
             held: list[tuple[HostLimiter, str]] = []
             busy: tuple[HostLimiter, str, str] | None = None
-            for limiter, name, scope in self._shares(subject):
+            for limiter, name, scope in shares(self.ctx, subject):
                 if not limiter.try_acquire(name):
                     busy = (limiter, name, scope)
                     break
@@ -276,7 +270,7 @@ class FirstAttemptSender:
             limiter, name, scope = busy
             left = ends - self._loop.time()
             if left <= 0 or self._waits.waiting(name) >= WAITERS_PER_SLOT * limiter.per_host:
-                return scope
+                return scope, name
             await self._waits.wait(name, min(RECHECK_S, left))
 
     # --- the concluder -------------------------------------------------------------------------------
@@ -365,7 +359,8 @@ class FirstAttemptSender:
     def _record_other(self, kind: str, attempt: FirstAttempt, detail: Any) -> None:
         ctx, subject, delivery, bound = self.ctx, attempt.subject, attempt.delivery, attempt.bound
         if kind == "busy":
-            put_back_for_share(ctx, subject, delivery["msg_id"], 1, 0, detail, bound)
+            scope, name = detail
+            put_back_for_share(ctx, subject, delivery["msg_id"], 1, 0, scope, name, bound)
         else:  # not_sent
             bound.error("webhook.not_sent", event_type=delivery["event"], exc_info=detail)
             record_not_sent(ctx, subject, delivery, 1, detail)

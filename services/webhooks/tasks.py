@@ -154,8 +154,8 @@ class Subject:
     id: str
     url: str
     payload: Callable[[str, str], bytes]  # (event type, timestamp) -> the bytes to sign and send
-    save: Callable[[str, dict[str, Any]], None]  # (msg_id, delivery record)
-    #: ``save`` as commands added to a pipeline the caller executes: (pipeline, msg_id, delivery record).
+    #: Saving a delivery record, as commands added to a pipeline the caller executes:
+    #: (pipeline, msg_id, delivery record). ``save_delivery`` runs it on a pipeline of its own.
     stage: Callable[[Any, str, dict[str, Any]], None]
     task: str
     owner: str = "anonymous"  # the API key whose share of the webhook process the attempt counts against
@@ -212,7 +212,6 @@ def job_subject(ctx: DeliveryContext, record: JobRecord) -> Subject:
         id=job_id,
         url=record.webhook["url"],
         payload=lambda event_type, at: build_payload(record, event_type, at, ctx.storage, ctx.url_expiry),
-        save=lambda msg, entry: ctx.store.put_delivery(job_id, msg, entry),
         stage=lambda pipe, msg, entry: ctx.store.put_delivery(job_id, msg, entry, pipe=pipe),
         task=WEBHOOK_TASK,
         owner=record.owner,
@@ -257,7 +256,6 @@ def batch_subject(ctx: DeliveryContext, batch: BatchRecord) -> Subject:
         id=batch_id,
         url=batch.webhook["url"],
         payload=payload,
-        save=lambda msg, entry: batches.put_delivery(batch_id, msg, entry, batch.retention_s),
         stage=lambda pipe, msg, entry: batches.put_delivery(
             batch_id, msg, entry, batch.retention_s, pipe=pipe
         ),
@@ -277,15 +275,14 @@ def _attempt(
     if _already_done(delivery, attempt):
         bound.info("webhook.skipped", reason="already_done", state=delivery.get("state"))
         return SKIPPED
-    # The key's share first, then the host's: both free or neither held (a busy one puts the attempt back).
-    shares = [(ctx.key_limiter, subject.owner, "key"), (ctx.limiter, host_key(subject.url), "host")]
+    # Both shares free or neither held (a busy one parks the attempt).
     held: list[tuple[HostLimiter, str]] = []
     try:
-        for limiter, name, scope in shares:
-            if limiter is None:
-                continue
+        for limiter, name, scope in shares(ctx, subject):
             if not limiter.try_acquire(name):
-                return put_back_for_share(ctx, subject, delivery["msg_id"], attempt, waited, scope, bound)
+                return put_back_for_share(
+                    ctx, subject, delivery["msg_id"], attempt, waited, scope, name, bound
+                )
             held.append((limiter, name))
         return _send(ctx, subject, delivery, attempt, bound)
     finally:
@@ -293,18 +290,31 @@ def _attempt(
             limiter.release(name)
 
 
+def shares(ctx: DeliveryContext, subject: Subject) -> list[tuple[HostLimiter, str, str]]:
+    """The shares an attempt for ``subject`` takes, in this order: its API key's, then its receiver
+    host's — each as (limiter, name, scope); one the context does not limit is left out."""
+    named = [(ctx.key_limiter, subject.owner, "key"), (ctx.limiter, host_key(subject.url), "host")]
+    return [(limiter, name, scope) for limiter, name, scope in named if limiter is not None]
+
+
 def _already_done(delivery: dict[str, Any], attempt: int) -> bool:
     return delivery.get("state") != "pending" or any(a["attempt"] >= attempt for a in delivery["attempts"])
 
 
 def put_back_for_share(
-    ctx: DeliveryContext, subject: Subject, msg_id: str, attempt: int, waited: int, scope: str, bound: Any
+    ctx: DeliveryContext,
+    subject: Subject,
+    msg_id: str,
+    attempt: int,
+    waited: int,
+    scope: str,
+    name: str,
+    bound: Any,
 ) -> str:
     """Park the attempt until its share has room (``services.webhooks.parking``): the receiver's host has
     ``per_host`` attempts in flight (``scope`` ``host``), or the subject's API key has ``per_key``
-    (``key``). A parked attempt costs nothing while it waits; a webhook process puts it back on the queue
-    once it has a free slot of that share."""
-    name = subject.owner if scope == "key" else host_key(subject.url)
+    (``key``); ``name`` is the host's or the key's. A parked attempt costs nothing while it waits; a webhook
+    process puts it back on the queue once it has a free slot of that share."""
     parked = ParkedAttempt(
         task=subject.task, subject_id=subject.id, msg_id=msg_id, attempt=attempt, waited=waited + 1
     )
@@ -414,7 +424,7 @@ def conclude_attempt(
 ) -> str:
     """Record the attempt, settle the delivery's state, and schedule the next attempt if one is due."""
     settled = settle_attempt(ctx, delivery, attempt, record, outcome)
-    subject.save(delivery["msg_id"], delivery)
+    save_delivery(ctx, subject, delivery)
     return follow_up(ctx, subject, delivery, attempt, record, settled, bound)
 
 
@@ -489,13 +499,15 @@ def record_not_sent(
     entry = DeliveryAttempt(
         at=ctx.clock(), attempt=attempt, status_code=None, error=f"not sent: {reason}", duration_ms=0.0
     )
-    _save(subject, delivery, entry, "failed")
+    _append(delivery, entry, "failed")
+    save_delivery(ctx, subject, delivery)
 
 
-def _save(subject: Subject, delivery: dict[str, Any], entry: DeliveryAttempt, state: str) -> None:
-    """Append ``entry``, set ``state`` and save the delivery."""
-    _append(delivery, entry, state)
-    subject.save(delivery["msg_id"], delivery)
+def save_delivery(ctx: DeliveryContext, subject: Subject, delivery: dict[str, Any]) -> None:
+    """Save ``delivery`` on its own (the subject's ``stage`` on a pipeline of one round trip)."""
+    with ctx.store.redis.pipeline(transaction=False) as pipe:
+        subject.stage(pipe, delivery["msg_id"], delivery)
+        pipe.execute()
 
 
 def _append(delivery: dict[str, Any], entry: DeliveryAttempt, state: str) -> None:
