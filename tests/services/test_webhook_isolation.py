@@ -167,6 +167,26 @@ def test_a_trickling_answer_is_cut_at_the_deadline_recorded_and_retried(
     )
 
 
+def attempt_each_once_at_a_hanging_host(
+    clients: ServiceClients,
+    storage: FileStorage,
+    start_worker: StartWorker,
+    env: dict[str, str],
+    *,
+    events: int,
+) -> tuple[int, int, str]:
+    """``events`` jobs whose webhooks go to one hanging receiver, a webhook process with ``env`` (one attempt
+    each) until every delivery has failed: the connections the receiver accepted, the most it held at
+    once, and its URL."""
+    with SlowReceiver("hang") as hanging:
+        jobs = [create_job(clients, storage, hanging.url) for _ in range(events)]
+        worker = start_worker(env=env)
+        for job_id in jobs:
+            wait_until(delivery_state(clients, job_id, "failed"), timeout=30, what=f"{job_id} attempted")
+        assert stop(worker) == 0
+        return hanging.accepted, hanging.max_concurrent, hanging.url
+
+
 def test_one_host_gets_exactly_its_share_of_attempts_at_once(
     settings: Settings, clients: ServiceClients, storage: FileStorage, start_worker: StartWorker
 ) -> None:
@@ -177,13 +197,7 @@ def test_one_host_gets_exactly_its_share_of_attempts_at_once(
         DARKROOM_WEBHOOK_ATTEMPT_DEADLINE="PT1.5S",
         DARKROOM_WEBHOOK_MAX_ATTEMPTS="1",
     )
-    with SlowReceiver("hang") as hanging:
-        jobs = [create_job(clients, storage, hanging.url) for _ in range(6)]
-        worker = start_worker(env=env)
-        for job_id in jobs:
-            wait_until(delivery_state(clients, job_id, "failed"), timeout=30, what=f"{job_id} attempted")
-        assert stop(worker) == 0
-        accepted, most = hanging.accepted, hanging.max_concurrent
+    accepted, most, _ = attempt_each_once_at_a_hanging_host(clients, storage, start_worker, env, events=6)
 
     print(f"\n6 deliveries to one hanging host, per-host limit 2: at most {most} connections at once")
     assert accepted == 6
@@ -203,16 +217,10 @@ def test_attempts_parked_behind_a_busy_host_are_each_made_as_its_slot_frees(
         DARKROOM_OUTBOX_CLAIM_IDLE="PT2S",  # a share wait in the loop of 0.5 s: most get parked at once
         DARKROOM_WEBHOOK_MAX_ATTEMPTS="1",
     )
-    with SlowReceiver("hang") as hanging:
-        jobs = [create_job(clients, storage, hanging.url) for _ in range(4)]
-        worker = start_worker(env=env)
-        for job_id in jobs:
-            wait_until(delivery_state(clients, job_id, "failed"), timeout=30, what=f"{job_id} attempted")
-        assert stop(worker) == 0
-        accepted, most = hanging.accepted, hanging.max_concurrent
+    accepted, most, url = attempt_each_once_at_a_hanging_host(clients, storage, start_worker, env, events=4)
 
     assert (accepted, most) == (4, 1)
-    assert parked_count(clients.redis, "host", host_key(hanging.url)) == 0
+    assert parked_count(clients.redis, "host", host_key(url)) == 0
     assert not clients.redis.exists(PARKED_INDEX)
 
 

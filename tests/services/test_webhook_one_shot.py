@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from services.ssrf import pinned_request, vet_url
-from services.webhooks.delivery import USER_AGENT, WebhookMessage, attempt_delivery_async
+from services.webhooks.delivery import USER_AGENT, AttemptResult, WebhookMessage, attempt_delivery_async
 from services.webhooks.one_shot import OneShotTransport
 from services.webhooks.retry import Verdict
 from services.webhooks.signing import generate_secret
@@ -59,34 +59,10 @@ def test_pinned_tls_still_rejects_a_certificate_for_another_name(
     assert receiver.requests == []
 
 
-def test_a_signed_attempt_reaches_the_receiver_and_reports_its_status(webhook_receiver: HttpReceiver) -> None:
-    webhook_receiver.script([Reply(503, headers={"Retry-After": "7"})])
-    message = WebhookMessage(url=webhook_receiver.url, event_type="x", payload=b'{"k":"v"}', msg_id="msg_1")
-
-    async def attempt() -> tuple[int | None, Verdict]:
-        result = await attempt_delivery_async(
-            OneShotTransport(),
-            message,
-            SECRET,
-            1,
-            allow_private=True,
-            allow_http=True,
-            timeout=httpx.Timeout(5.0),
-            deadline_s=5.0,
-        )
-        return result.record.status_code, result.verdict
-
-    assert asyncio.run(attempt()) == (503, Verdict.RETRY)
-    [seen] = webhook_receiver.wait_for(1)
-    assert seen.body == b'{"k":"v"}' and seen.headers["webhook-id"] == "msg_1"
-    assert seen.headers["content-type"] == "application/json" and seen.headers["user-agent"] == USER_AGENT
-
-
-def attempt_error(url: str, deadline_s: float = 5.0) -> str | None:
-    message = WebhookMessage(url=url, event_type="x", payload=b"{}", msg_id="msg_2")
-
-    async def attempt() -> str | None:
-        result = await attempt_delivery_async(
+def attempt_at(message: WebhookMessage, deadline_s: float = 5.0) -> AttemptResult:
+    """Attempt 1 of ``message`` through a fresh one-shot transport, on an event loop of its own."""
+    return asyncio.run(
+        attempt_delivery_async(
             OneShotTransport(),
             message,
             SECRET,
@@ -96,10 +72,25 @@ def attempt_error(url: str, deadline_s: float = 5.0) -> str | None:
             timeout=httpx.Timeout(5.0),
             deadline_s=deadline_s,
         )
-        assert result.record.status_code is None and result.verdict is Verdict.RETRY
-        return result.record.error
+    )
 
-    return asyncio.run(attempt())
+
+def test_a_signed_attempt_reaches_the_receiver_and_reports_its_status(webhook_receiver: HttpReceiver) -> None:
+    webhook_receiver.script([Reply(503, headers={"Retry-After": "7"})])
+    message = WebhookMessage(url=webhook_receiver.url, event_type="x", payload=b'{"k":"v"}', msg_id="msg_1")
+
+    result = attempt_at(message)
+    assert (result.record.status_code, result.verdict) == (503, Verdict.RETRY)
+    [seen] = webhook_receiver.wait_for(1)
+    assert seen.body == b'{"k":"v"}' and seen.headers["webhook-id"] == "msg_1"
+    assert seen.headers["content-type"] == "application/json" and seen.headers["user-agent"] == USER_AGENT
+
+
+def attempt_error(url: str, deadline_s: float = 5.0) -> str | None:
+    message = WebhookMessage(url=url, event_type="x", payload=b"{}", msg_id="msg_2")
+    result = attempt_at(message, deadline_s)
+    assert result.record.status_code is None and result.verdict is Verdict.RETRY
+    return result.record.error
 
 
 def test_a_refused_connection_is_a_connect_error() -> None:
