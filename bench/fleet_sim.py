@@ -120,6 +120,11 @@ class Costs:
     redis_cpu_ms_per_delivery_shipped: float = 1.0  # RQ webhook job + delivery record, ~70 commands
     # --- the fleet design (issue #17): results files of the streams that build it ---
     redis_cpu_ms_per_job_fleet: float | None = None  # None: the shipped per-job cost
+    # A job's cost at the fleet's peak, split (bench.job_replay): everything but its progress writes, and
+    # each progress write (an SD3.5 job makes one a second: counted from the scenario). Given, these
+    # replace ``redis_cpu_ms_per_job_fleet`` (a job measured alone on an idle Redis).
+    redis_cpu_ms_per_job_fixed_at_peak_fleet: float | None = None
+    redis_cpu_ms_per_progress_write_at_peak_fleet: float = 0.0
     redis_us_per_lease_try: float = 15.0  # a worker that does not hold the recovery lease asks once
     redis_us_per_recovery_pass: float = 60.0  # the holder's pass with nothing stale: lease + ZRANGEBYSCORE
     redis_us_per_lost_job: float = 300.0  # reading and requeueing one lost job (a lifecycle transition)
@@ -200,8 +205,14 @@ class Costs:
     def origin(self, name: str) -> str:
         return self.provenance.get(name, ASSUMED)
 
-    @property
-    def per_job_fleet_ms(self) -> float:
+    def per_job_fleet_ms(self, progress_writes_per_job: float) -> float:
+        """A job's Redis CPU under the fleet design: at the peak, split by progress writes, when measured
+        so; else as measured alone; else the shipped design's."""
+        if self.redis_cpu_ms_per_job_fixed_at_peak_fleet is not None:
+            return (
+                self.redis_cpu_ms_per_job_fixed_at_peak_fleet
+                + progress_writes_per_job * self.redis_cpu_ms_per_progress_write_at_peak_fleet
+            )
         return (
             self.redis_cpu_ms_per_job
             if self.redis_cpu_ms_per_job_fleet is None
@@ -268,6 +279,15 @@ class Scenario:
     webhook_share: float = 1.0  # jobs with a webhook: all of them, the worst case
     lost_share: float = 0.001  # jobs whose worker is lost mid-job (assumed): recovery requeues them
     retry_after_cap_s: float = 60.0  # the fleet design's Retry-After on queued jobs is at most this
+    progress_interval_s: float = 1.0  # DARKROOM_PROGRESS_INTERVAL's default: least time between writes
+
+    def progress_writes_per_job(self) -> float:
+        """Progress writes of the mean job (worker.runner.ProgressReporter): the first step, one each
+        ``progress_interval_s`` of the run after it, and the last step."""
+        return sum(
+            share * (math.floor(images * self.gpu_s_per_image / self.progress_interval_s) + 2)
+            for images, share in self.image_mix
+        )
 
 
 @dataclass
@@ -499,7 +519,7 @@ def redis_load(day: Day, c: Costs, design: str) -> dict[str, np.ndarray]:
     elif design == "fleet":
         drain = np.maximum(busy, 1) / day.mean_service_s  # jobs/s leaving the queue when it is not empty
         queued_gets = queued_gets_per_s(queue_len, drain, s.poll_s, s.retry_after_cap_s)
-        per_job = jobs_per_s * c.per_job_fleet_ms / 1000.0
+        per_job = jobs_per_s * c.per_job_fleet_ms(s.progress_writes_per_job()) / 1000.0
         position = queued_gets * c.redis_us_per_position_read / 1e6
         recovery = (
             (replicas / s.heartbeat_s) * c.redis_us_per_lease_try
@@ -606,7 +626,13 @@ def assumed_inputs(c: Costs, design: str, target: str) -> list[str]:
     names = []
     for name in TARGET_INPUTS[design][target]:
         if name == "redis_cpu_ms_per_job_fleet":
-            if c.redis_cpu_ms_per_job_fleet is None or c.origin(name) == ASSUMED:
+            if c.redis_cpu_ms_per_job_fixed_at_peak_fleet is not None:
+                split = (
+                    "redis_cpu_ms_per_job_fixed_at_peak_fleet",
+                    "redis_cpu_ms_per_progress_write_at_peak_fleet",
+                )
+                names += [part for part in split if c.origin(part) == ASSUMED]
+            elif c.redis_cpu_ms_per_job_fleet is None or c.origin(name) == ASSUMED:
                 names.append(name)
         elif c.origin(name) == ASSUMED:
             names.append(name)
@@ -621,6 +647,8 @@ def print_costs(results: dict[str, Any]) -> None:
         if name in ("source", "provenance"):
             continue
         origin = provenance.get(name, ASSUMED)
+        if value is None and name == "redis_cpu_ms_per_job_fixed_at_peak_fleet":
+            continue
         if name == "redis_cpu_ms_per_job_fleet" and value is None:
             value, origin = (
                 costs["redis_cpu_ms_per_job"],
@@ -747,6 +775,8 @@ def main(argv: list[str] | None = None) -> int:
             "retry_after_cap_s": f"{ASSUMED} (fleet design: clients honour Retry-After)",
         },
         "fleet_capacity_jobs_per_s": round(capacity, 1),
+        "progress_writes_per_job": round(scenario.progress_writes_per_job(), 2),
+        "fleet_redis_cpu_ms_per_job": round(costs.per_job_fleet_ms(scenario.progress_writes_per_job()), 4),
         "runs": {design: {} for design in designs},
     }
     fleets = autoscalers(args.workers)

@@ -16,6 +16,7 @@ from bench.fleet_sim import (
     Costs,
     Day,
     Scenario,
+    assumed_inputs,
     autoscalers,
     fifo_waits,
     main,
@@ -175,3 +176,20 @@ def test_report_prints_the_three_targets_and_flags_assumptions(
     assert "redis_us_per_heartbeat_zadd" not in fleet["recovery_cores_peak"]["assumed_inputs"]
     assert "redis_us_per_recovery_pass" in fleet["recovery_cores_peak"]["assumed_inputs"]
     assert results["costs"]["provenance"]["redis_us_per_heartbeat_zadd"] == f"measured: {measured}"
+
+
+def test_a_job_measured_at_the_peak_costs_its_fixed_part_plus_its_progress_writes() -> None:
+    """1 image at 2.2 s: first step, writes at ~1 s and ~2 s, last step (4); 4 images at 8.8 s: 10."""
+    scenario = Scenario(gpu_s_per_image=2.2)
+    assert scenario.progress_writes_per_job() == pytest.approx(0.75 * 4 + 0.25 * 10)
+    costs = Costs(redis_cpu_ms_per_job=3.0, redis_cpu_ms_per_job_fleet=2.0)
+    assert costs.per_job_fleet_ms(5.5) == 2.0  # measured alone: one figure, whatever the run's length
+    costs.apply(
+        {
+            "redis_cpu_ms_per_job_fixed_at_peak_fleet": 0.7,
+            "redis_cpu_ms_per_progress_write_at_peak_fleet": 0.05,
+        },
+        "measured: replay.json",
+    )
+    assert costs.per_job_fleet_ms(5.5) == pytest.approx(0.7 + 5.5 * 0.05)
+    assert "redis_cpu_ms_per_job_fleet" not in assumed_inputs(costs, "fleet", "redis_cores_peak")
