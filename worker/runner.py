@@ -97,15 +97,20 @@ class WorkerContext:
 
 def execute_generation(ctx: WorkerContext, job_id: str) -> str:
     """Run job ``job_id`` (and the partners coalescing takes along); its final status, or why it was
-    skipped, for RQ's result."""
-    record = ctx.with_redis(lambda: ctx.store.get(job_id), "read job")
-    if record is None:
+    skipped, for RQ's result.
+
+    The claim reads the record back (``Lifecycle.claim``): no read of the job before it."""
+    claimed = claim(ctx, job_id)
+    if claimed.previous is None:
         log.warning("job record missing; expired or never created", job_id=job_id)
         return "missing"
-    claimed = claim(ctx, record)
     if not claimed.applied:
         log.info("job not started", job_id=job_id, status=claimed.previous)
         return f"skipped:{claimed.previous}"
+    record = claimed.record
+    if record is None:  # claimed, but unreadable (logged): no job, as for every reader
+        ctx.let_go(job_id)  # running with no beat: recovery drops it as it drops an expired record
+        return "missing"
     partners = coalescing.take_partners(
         ctx.store, ctx.coalescing, record, lambda r, q: _claim_partner(ctx, r, q)
     )
@@ -187,18 +192,19 @@ def _generate(
 
 
 def claim(
-    ctx: WorkerContext, record: JobRecord, *, rq: rq_records.RqChange | None = None, patient: bool = True
+    ctx: WorkerContext, job_id: str, *, rq: rq_records.RqChange | None = None, patient: bool = True
 ) -> Transition:
-    """QUEUED -> RUNNING under our name; the job is then held (beaten). ``patient``: retried through a
-    Redis outage (else one try, raising the Redis error). ``rq``: RQ's side for a job RQ did not hand us."""
+    """QUEUED -> RUNNING under our name, with the record as the claim left it (``Transition.record``);
+    the job is then held (beaten). ``patient``: retried through a Redis outage (else one try, raising
+    the Redis error). ``rq``: RQ's side for a job RQ did not hand us."""
     at = utcnow()
 
     def claim_once() -> Transition:
-        return ctx.lifecycle.claim(record, ctx.worker_name, at=at, rq=rq)
+        return ctx.lifecycle.claim(job_id, ctx.worker_name, at=at, rq=rq)
 
     claimed = ctx.with_redis(claim_once, "claim job") if patient else claim_once()
     if claimed.applied:
-        ctx.hold(record.id)
+        ctx.hold(job_id)
     return claimed
 
 
@@ -206,7 +212,7 @@ def _claim_partner(ctx: WorkerContext, record: JobRecord, queue: Queue) -> bool:
     """Claim a waiting job as a coalescing partner: one try, taking it off RQ's list in the same step."""
     try:
         taken = rq_records.taken_by(queue, record.id, ctx.worker_name)
-        return claim(ctx, record, rq=taken, patient=False).applied
+        return claim(ctx, record.id, rq=taken, patient=False).applied
     except REDIS_UNAVAILABLE:
         return False
 

@@ -259,7 +259,7 @@ def test_a_job_alone_and_a_coalesced_group_take_the_same_run_path(
         # that holds one all the same — claimed, then run — must still end each job on its own.
         for job_id in (doomed, *mates):
             queue.connection.lrem(queue.key, 0, job_id)
-            assert runner.claim(ctx, lifecycle_record(ctx.store.redis, job_id)).applied
+            assert runner.claim(ctx, job_id).applied
         records = [lifecycle_record(ctx.store.redis, job_id) for job_id in (doomed, *mates)]
         outcomes = run_group(ctx, records)
     else:
