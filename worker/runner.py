@@ -109,10 +109,9 @@ def execute_generation(ctx: WorkerContext, job_id: str) -> str:
         return f"skipped:{claimed.previous}"
     record = claimed.record
     if record is None:  # claimed, but unreadable (logged): no job, as for every reader
-        ctx.let_go(job_id)  # running with no beat: recovery drops it as it drops an expired record
         return "missing"
     partners = coalescing.take_partners(
-        ctx.store, ctx.coalescing, record, lambda r, q: _claim_partner(ctx, r, q)
+        ctx.store, ctx.coalescing, record, lambda job_id, q: _claim_partner(ctx, job_id, q)
     )
     outcomes = run_group(ctx, [record, *partners])
     _close_partner_rq_jobs(ctx, record, partners, outcomes)
@@ -196,25 +195,29 @@ def claim(
 ) -> Transition:
     """QUEUED -> RUNNING under our name, with the record as the claim left it (``Transition.record``);
     the job is then held (beaten). ``patient``: retried through a Redis outage (else one try, raising
-    the Redis error). ``rq``: RQ's side for a job RQ did not hand us."""
+    the Redis error). ``rq``: RQ's side for a job RQ did not hand us.
+
+    A claimed record that cannot be read (``JobRecord.from_stored`` logs it) is no job, as for every
+    reader: not held, so never beaten, and lost-job recovery drops it as it drops an expired record."""
     at = utcnow()
 
     def claim_once() -> Transition:
         return ctx.lifecycle.claim(job_id, ctx.worker_name, at=at, rq=rq)
 
     claimed = ctx.with_redis(claim_once, "claim job") if patient else claim_once()
-    if claimed.applied:
+    if claimed.applied and claimed.record is not None:
         ctx.hold(job_id)
     return claimed
 
 
-def _claim_partner(ctx: WorkerContext, record: JobRecord, queue: Queue) -> bool:
-    """Claim a waiting job as a coalescing partner: one try, taking it off RQ's list in the same step."""
+def _claim_partner(ctx: WorkerContext, job_id: str, queue: Queue) -> JobRecord | None:
+    """Claim a waiting job as a coalescing partner: one try, taking it off RQ's list in the same step;
+    its record if it became ours."""
     try:
-        taken = rq_records.taken_by(queue, record.id, ctx.worker_name)
-        return claim(ctx, record.id, rq=taken, patient=False).applied
+        claimed = claim(ctx, job_id, rq=rq_records.taken_by(queue, job_id, ctx.worker_name), patient=False)
     except REDIS_UNAVAILABLE:
-        return False
+        return None
+    return claimed.record if claimed.applied else None
 
 
 def load_request(ctx: WorkerContext, record: JobRecord) -> GenerationRequest:
