@@ -72,14 +72,21 @@ class WorkerContext:
     _held: set[str] = field(default_factory=set, repr=False)
     _held_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def hold(self, job_id: str) -> None:
-        """``job_id`` runs here now: the heartbeat thread beats it until :meth:`let_go`."""
+    def hold(self, job_id: str, *, cancel_requested: bool | None = None) -> None:
+        """``job_id`` runs here now: the heartbeat thread beats it and its cancel requests are watched
+        (``cancel_requested``: its flag as the claim read it; None: not known, read it) until
+        :meth:`let_go`."""
         with self._held_lock:
             self._held.add(job_id)
+        if self.cancels is not None:
+            self.cancels.watch(job_id, cancel_requested)
 
     def let_go(self, job_id: str) -> None:
+        """``job_id`` is not (or no longer) ours to run: no beat, no cancel watch."""
         with self._held_lock:
             self._held.discard(job_id)
+        if self.cancels is not None:
+            self.cancels.forget(job_id)
 
     def held_jobs(self) -> set[str]:
         """Jobs claimed by this worker whose outcome is not recorded yet."""
@@ -166,9 +173,6 @@ def _generate(
 
         return record_now
 
-    if ctx.cancels is not None:
-        for record, _ in loaded:
-            ctx.cancels.watch(record.id)
     try:
         return list(
             ctx.engine.generate_group(
@@ -181,10 +185,6 @@ def _generate(
     except Exception as exc:  # a bug of ours: every job of the call reports it
         logging.getLogger(__name__).exception("generation failed unexpectedly for %d job(s)", len(loaded))
         return [exc] * len(loaded)
-    finally:
-        if ctx.cancels is not None:
-            for record, _ in loaded:
-                ctx.cancels.forget(record.id)
 
 
 # --- the steps ---------------------------------------------------------------------------------------------
@@ -194,8 +194,12 @@ def claim(
     ctx: WorkerContext, job_id: str, *, rq: rq_records.RqChange | None = None, patient: bool = True
 ) -> Transition:
     """QUEUED -> RUNNING under our name, with the record as the claim left it (``Transition.record``);
-    the job is then held (beaten). ``patient``: retried through a Redis outage (else one try, raising
-    the Redis error). ``rq``: RQ's side for a job RQ did not hand us.
+    the job is then held: beaten, and its cancel requests watched from the flag the claim read.
+    ``patient``: retried through a Redis outage (else one try, raising the Redis error). ``rq``: RQ's
+    side for a job RQ did not hand us.
+
+    The cancel watch expects the job *before* the claim: a request made the moment after it is published
+    to us at once, and must not be dropped as a stranger's before the job is watched.
 
     A claimed record that cannot be read (``JobRecord.from_stored`` logs it) is no job, as for every
     reader: not held, so never beaten, and lost-job recovery drops it as it drops an expired record."""
@@ -204,9 +208,17 @@ def claim(
     def claim_once() -> Transition:
         return ctx.lifecycle.claim(job_id, ctx.worker_name, at=at, rq=rq)
 
-    claimed = ctx.with_redis(claim_once, "claim job") if patient else claim_once()
+    if ctx.cancels is not None:
+        ctx.cancels.expect(job_id)
+    try:
+        claimed = ctx.with_redis(claim_once, "claim job") if patient else claim_once()
+    except BaseException:
+        ctx.let_go(job_id)
+        raise
     if claimed.applied and claimed.record is not None:
-        ctx.hold(job_id)
+        ctx.hold(job_id, cancel_requested=claimed.record.cancel_requested)
+    else:
+        ctx.let_go(job_id)
     return claimed
 
 

@@ -84,8 +84,8 @@ def test_one_job_costs_its_claim_its_progress_writes_and_its_outcome(
     setup: tuple[WorkerContext, Queue, StandInEngine],  # noqa: F811
 ) -> None:
     """Round trips of one two-step job, cancel watch on, coalescing off: the claim (which reads the record
-    back), the cancel watch's read of the flag, a progress write per step (``progress_interval`` 0 here)
-    and the outcome — no read before the claim."""
+    back, the cancel flag included), a progress write per step (``progress_interval`` 0 here) and the
+    outcome — no read before the claim, no read of the cancel flag after it."""
     ctx, queue, engine = setup
     ctx.coalescing = Coalescing()
     ctx.cancels = CancelWatch(ctx.store.redis, ctx.lifecycle, ctx.worker_name)
@@ -97,6 +97,6 @@ def test_one_job_costs_its_claim_its_progress_writes_and_its_outcome(
         assert dequeue(queue) == job_id
         with RoundTrips(ctx.store.redis) as trips:
             assert execute_generation(ctx, job_id) == "succeeded"
-        assert trips.count == 1 + 1 + engine.steps + 1  # the claim, the cancel flag, the steps, the outcome
+        assert trips.count == 1 + engine.steps + 1
     finally:
         ctx.cancels.close()
