@@ -7,8 +7,12 @@ channel of the worker that holds it (``Lifecycle.request_cancel``, ``keys.cancel
 worker reads its subscription between steps: a non-blocking look at a socket, no command sent.
 
 Nothing is missed:
-- a request made before the claim (the job was still ``queued``): :meth:`CancelWatch.watch` reads the
-  flag once, after the claim;
+- a request made before the claim (the job was still ``queued``): the claim reads the flag in the same
+  script (``Lifecycle.claim`` replies with the record) and hands it to :meth:`CancelWatch.watch`, so the
+  watch reads nothing itself (it used to read the flag after the claim: a round trip per job, issue #17);
+- a request made just after the claim, before :meth:`~CancelWatch.watch` (its message may be drained
+  meanwhile, by a check of another job): the worker calls :meth:`~CancelWatch.expect` before it claims,
+  and a message for a job expected is kept like one for a job watched;
 - a request while the subscription was down (Redis restarted, the connection dropped): redis-py
   re-subscribes on reconnect, and every confirmation of a subscription (the first one included) makes
   the watch re-read the flag of each job it watches — any flag set before Redis confirmed is read then,
@@ -65,12 +69,31 @@ class CancelWatch:
         except REDIS_UNAVAILABLE:
             pass
 
-    def watch(self, job_id: str) -> None:
-        """Start watching a job this worker has just claimed (reads its flag once: a request made while
-        it was queued is not published). Redis away: the flag is read at the next reconnect instead."""
+    def expect(self, job_id: str) -> None:
+        """Before claiming ``job_id``: a request published for it is kept from now on (the lifecycle
+        publishes to us as soon as the claim made it ours, which may be before :meth:`watch`). Its flag is
+        not read (the claim reads it; after a resubscription it is). :meth:`forget` it if the claim does
+        not apply."""
         with self._lock:
-            self._watched[job_id] = float("-inf")
-        self.requested(job_id)
+            self._watched.setdefault(job_id, float("inf"))  # never due until watched, or resubscribed
+
+    def watch(self, job_id: str, cancel_requested: bool | None = None) -> None:
+        """Watch a job this worker has just claimed. ``cancel_requested``: its flag as the claim read it
+        (``Transition.record``: a request made while it was queued is not published), so nothing is read
+        now and the periodic read is due ``fallback_s`` later. None: the flag is not known, read it once
+        here (Redis away: at the next reconnect instead)."""
+        if cancel_requested is None:
+            with self._lock:
+                self._watched[job_id] = float("-inf")
+            self.requested(job_id)
+            return
+        now = time.monotonic()
+        with self._lock:
+            # A resubscription since expect() made the flag due (-inf): what was published meanwhile is
+            # lost, and the claim's read may predate it. That read stays due.
+            self._watched[job_id] = min(self._watched.get(job_id, now), now)
+            if cancel_requested:
+                self._requested.add(job_id)
 
     def forget(self, job_id: str) -> None:
         with self._lock:
@@ -98,7 +121,7 @@ class CancelWatch:
             with self._lock:
                 if kind == "message":
                     job_id = data.decode() if isinstance(data, bytes) else str(data)
-                    if job_id in self._watched:
+                    if job_id in self._watched:  # watched or expected; any other is no job of ours now
                         self._requested.add(job_id)
                 elif kind == "subscribe":  # (re)connected: what was published meanwhile is lost
                     for watched in self._watched:

@@ -29,7 +29,6 @@ from pydantic import ValidationError
 from rq import Queue
 
 from schemas.generation import NORMALIZED_CONTEXT, GenerationRequest
-from schemas.jobs import JobStatus
 from services import rq_records
 from services.clients import REDIS_UNAVAILABLE
 from services.jobs import JobRecord, JobStore, job_key
@@ -95,11 +94,13 @@ def take_partners(
     store: JobStore,
     coalescing: Coalescing,
     leader: JobRecord,
-    claim: Callable[[JobRecord, Queue], bool],
+    claim: Callable[[str, Queue], JobRecord | None],
 ) -> list[JobRecord]:
-    """Claim (``claim(record, queue)``: True if it became ours) up to ``max_jobs - 1`` waiting jobs that
-    can share the leader's pipeline call, and at most ``max_jobs`` images in all. Looks only at what is
-    queued now, unless ``linger``."""
+    """Claim (``claim(job_id, queue)``: the record if it became ours, None if not: canceled, another
+    worker's, gone) up to ``max_jobs - 1`` waiting jobs that can share the leader's pipeline call, and at
+    most ``max_jobs`` images in all. Looks only at what is queued now, unless ``linger``. A candidate is
+    not read again before its claim: the claim refuses a job no longer queued, and replies with the
+    record of one it takes."""
     queue = coalescing.queue_of(leader)
     key = request_coalesce_key(leader.request, leader.init_image_key)
     room_jobs, room_images = coalescing.max_jobs - 1, coalescing.max_jobs - images_of(leader)
@@ -117,12 +118,9 @@ def take_partners(
             if candidate.job_id in seen or candidate.key != key or candidate.num_images > room_images:
                 continue
             seen.add(candidate.job_id)
-            try:
-                record = store.get(candidate.job_id)
-            except REDIS_UNAVAILABLE:
-                continue
-            if record is None or record.status is not JobStatus.QUEUED or not claim(record, queue):
-                continue  # canceled, or another worker's now
+            record = claim(candidate.job_id, queue)
+            if record is None:
+                continue  # canceled, another worker's now, or gone
             partners.append(record)
             room_jobs -= 1
             room_images -= images_of(record)

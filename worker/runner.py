@@ -69,22 +69,53 @@ class WorkerContext:
     model: str = ""
     #: Cancel requests pushed to this worker (None: the flag is read from Redis at every step).
     cancels: CancelWatch | None = None
-    _held: set[str] = field(default_factory=set, repr=False)
+    #: Held jobs, each with when (``time.monotonic()``) a write last set its heartbeat: the claim, a
+    #: progress write. Taken *before* the write was sent, so never younger than the stored heartbeat.
+    _held: dict[str, float] = field(default_factory=dict, repr=False)
     _held_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def hold(self, job_id: str) -> None:
-        """``job_id`` runs here now: the heartbeat thread beats it until :meth:`let_go`."""
+    def hold(
+        self, job_id: str, *, alive_at: float = float("-inf"), cancel_requested: bool | None = None
+    ) -> None:
+        """``job_id`` runs here now: the heartbeat thread beats it and its cancel requests are watched
+        (``cancel_requested``: its flag as the claim read it; None: not known, read it) until
+        :meth:`let_go`. ``alive_at``: when the write that made it ours set its heartbeat (the claim's)."""
         with self._held_lock:
-            self._held.add(job_id)
+            self._held[job_id] = alive_at
+        if self.cancels is not None:
+            self.cancels.watch(job_id, cancel_requested)
 
     def let_go(self, job_id: str) -> None:
+        """``job_id`` is not (or no longer) ours to run: no beat, no cancel watch."""
         with self._held_lock:
-            self._held.discard(job_id)
+            self._held.pop(job_id, None)
+        if self.cancels is not None:
+            self.cancels.forget(job_id)
 
     def held_jobs(self) -> set[str]:
         """Jobs claimed by this worker whose outcome is not recorded yet."""
         with self._held_lock:
             return set(self._held)
+
+    def alive(self, job_id: str, at: float) -> None:
+        """A write sent at ``at`` (``time.monotonic()``) set the held job's heartbeat (a progress write)."""
+        with self._held_lock:
+            if job_id in self._held:
+                self._held[job_id] = max(self._held[job_id], at)
+
+    def to_beat(self, job_id: str, interval_s: float) -> set[str]:
+        """The jobs the heartbeat thread beats now, while RQ runs ``job_id``: each held job whose
+        heartbeat was last written ``interval_s`` or more ago — a progress write within the interval is
+        as good as a beat, and a job that denoises writes one about every second —, and ``job_id`` itself
+        unless it is held (its claim may have applied unseen, its reply lost past the retries: it is
+        beaten until the run ends, as always). Ticking every ``interval_s``, the thread so leaves no
+        heartbeat much older than two intervals; ``lost_after`` is at least three."""
+        now = time.monotonic()
+        with self._held_lock:
+            due = {held for held, at in self._held.items() if now - at >= interval_s}
+            if job_id not in self._held:
+                due.add(job_id)
+        return due
 
     def with_redis(self, operation: Callable[[], T], what: str) -> T:
         """``operation()``, retried through a Redis outage of up to ``redis_retry_deadline``."""
@@ -97,17 +128,21 @@ class WorkerContext:
 
 def execute_generation(ctx: WorkerContext, job_id: str) -> str:
     """Run job ``job_id`` (and the partners coalescing takes along); its final status, or why it was
-    skipped, for RQ's result."""
-    record = ctx.with_redis(lambda: ctx.store.get(job_id), "read job")
-    if record is None:
+    skipped, for RQ's result.
+
+    The claim reads the record back (``Lifecycle.claim``): no read of the job before it."""
+    claimed = claim(ctx, job_id)
+    if claimed.previous is None:
         log.warning("job record missing; expired or never created", job_id=job_id)
         return "missing"
-    claimed = claim(ctx, record)
     if not claimed.applied:
         log.info("job not started", job_id=job_id, status=claimed.previous)
         return f"skipped:{claimed.previous}"
+    record = claimed.record
+    if record is None:  # claimed, but unreadable (logged): no job, as for every reader
+        return "missing"
     partners = coalescing.take_partners(
-        ctx.store, ctx.coalescing, record, lambda r, q: _claim_partner(ctx, r, q)
+        ctx.store, ctx.coalescing, record, lambda job_id, q: _claim_partner(ctx, job_id, q)
     )
     outcomes = run_group(ctx, [record, *partners])
     _close_partner_rq_jobs(ctx, record, partners, outcomes)
@@ -162,9 +197,6 @@ def _generate(
 
         return record_now
 
-    if ctx.cancels is not None:
-        for record, _ in loaded:
-            ctx.cancels.watch(record.id)
     try:
         return list(
             ctx.engine.generate_group(
@@ -177,38 +209,51 @@ def _generate(
     except Exception as exc:  # a bug of ours: every job of the call reports it
         logging.getLogger(__name__).exception("generation failed unexpectedly for %d job(s)", len(loaded))
         return [exc] * len(loaded)
-    finally:
-        if ctx.cancels is not None:
-            for record, _ in loaded:
-                ctx.cancels.forget(record.id)
 
 
 # --- the steps ---------------------------------------------------------------------------------------------
 
 
 def claim(
-    ctx: WorkerContext, record: JobRecord, *, rq: rq_records.RqChange | None = None, patient: bool = True
+    ctx: WorkerContext, job_id: str, *, rq: rq_records.RqChange | None = None, patient: bool = True
 ) -> Transition:
-    """QUEUED -> RUNNING under our name; the job is then held (beaten). ``patient``: retried through a
-    Redis outage (else one try, raising the Redis error). ``rq``: RQ's side for a job RQ did not hand us."""
-    at = utcnow()
+    """QUEUED -> RUNNING under our name, with the record as the claim left it (``Transition.record``);
+    the job is then held: beaten, and its cancel requests watched from the flag the claim read.
+    ``patient``: retried through a Redis outage (else one try, raising the Redis error). ``rq``: RQ's
+    side for a job RQ did not hand us.
+
+    The cancel watch expects the job *before* the claim: a request made the moment after it is published
+    to us at once, and must not be dropped as a stranger's before the job is watched.
+
+    A claimed record that cannot be read (``JobRecord.from_stored`` logs it) is no job, as for every
+    reader: not held, so never beaten, and lost-job recovery drops it as it drops an expired record."""
+    alive_at, at = time.monotonic(), utcnow()  # the claim writes ``at`` as the job's heartbeat
 
     def claim_once() -> Transition:
-        return ctx.lifecycle.claim(record, ctx.worker_name, at=at, rq=rq)
+        return ctx.lifecycle.claim(job_id, ctx.worker_name, at=at, rq=rq)
 
-    claimed = ctx.with_redis(claim_once, "claim job") if patient else claim_once()
-    if claimed.applied:
-        ctx.hold(record.id)
+    if ctx.cancels is not None:
+        ctx.cancels.expect(job_id)
+    try:
+        claimed = ctx.with_redis(claim_once, "claim job") if patient else claim_once()
+    except BaseException:
+        ctx.let_go(job_id)
+        raise
+    if claimed.applied and claimed.record is not None:
+        ctx.hold(job_id, alive_at=alive_at, cancel_requested=claimed.record.cancel_requested)
+    else:
+        ctx.let_go(job_id)
     return claimed
 
 
-def _claim_partner(ctx: WorkerContext, record: JobRecord, queue: Queue) -> bool:
-    """Claim a waiting job as a coalescing partner: one try, taking it off RQ's list in the same step."""
+def _claim_partner(ctx: WorkerContext, job_id: str, queue: Queue) -> JobRecord | None:
+    """Claim a waiting job as a coalescing partner: one try, taking it off RQ's list in the same step;
+    its record if it became ours."""
     try:
-        taken = rq_records.taken_by(queue, record.id, ctx.worker_name)
-        return claim(ctx, record, rq=taken, patient=False).applied
+        claimed = claim(ctx, job_id, rq=rq_records.taken_by(queue, job_id, ctx.worker_name), patient=False)
     except REDIS_UNAVAILABLE:
-        return False
+        return None
+    return claimed.record if claimed.applied else None
 
 
 def load_request(ctx: WorkerContext, record: JobRecord) -> GenerationRequest:
@@ -224,7 +269,9 @@ def load_request(ctx: WorkerContext, record: JobRecord) -> GenerationRequest:
 
 class ProgressReporter:
     """Writes progress at most every ``progress_interval`` (always the last step), with a
-    ``generation.progress`` event at most every second when the webhook asked for them; times each step."""
+    ``generation.progress`` event at most every second when the webhook asked for them; times each step.
+    A write is the job's heartbeat too (``Lifecycle.progress``): the context learns of each one
+    (``WorkerContext.alive``), so the heartbeat thread skips the job meanwhile."""
 
     def __init__(self, ctx: WorkerContext, record: JobRecord) -> None:
         self.ctx, self.job_id = ctx, record.id
@@ -242,8 +289,10 @@ class ProgressReporter:
         notify = self.webhook_interval_s is not None and now - self._last_webhook >= self.webhook_interval_s
         if not (notify or step == total or now - self._last_write >= self.interval_s):
             return
+        sent_at = time.monotonic()  # before sending: the heartbeat written is no older than this
         try:
-            self.ctx.lifecycle.progress(self.job_id, self.ctx.worker_name, step, total, notify=notify)
+            if self.ctx.lifecycle.progress(self.job_id, self.ctx.worker_name, step, total, notify=notify):
+                self.ctx.alive(self.job_id, sent_at)
         except REDIS_UNAVAILABLE as exc:  # progress is best effort: a Redis blip must not stop the GPU
             log.warning("progress not recorded: redis unavailable", job_id=self.job_id, error=str(exc))
         self._last_write = now

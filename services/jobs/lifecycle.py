@@ -118,20 +118,31 @@ _TRANSITION = (
 -- ARGV: 1 job id, 2 to, 3 allowed from (comma-separated), 4 status event JSON, 5 moment (ISO),
 --       6 events maxlen, 7 guard field or '', 8 guard value, 9 retention s, 10 msg id of the job's event,
 --       11 msg id of the batch's event, 12 RQ queue op ('', 'remove', 'push_front'), 13 n RQ job fields,
---       14 n stale executions, 15.. RQ job fields (name, value...), stale executions, then job fields
+--       14 n stale executions, 15 reply with the record ('1' or ''), 16.. RQ job fields (name, value...),
+--       stale executions, then job fields
+-- Reply: {applied, status before, batch ended, events, started_at, [the job hash, flat, as left]}; with
+-- ARGV[15] the hash comes with a refusal too (a claim's retry tells its own earlier claim from it).
 local current = redis.call('HGET', KEYS[1], 'status')
 if not current then return {0, ''} end
+local with_record = ARGV[15] == '1'
+-- The worker claims without reading the record first: a hash without created_at is no whole record
+-- (services.jobs.records.JobRecord.from_stored), so no job to claim.
+if with_record and redis.call('HEXISTS', KEYS[1], 'created_at') == 0 then return {0, ''} end
+local function refused()
+  if with_record then return {0, current, '', 0, '', redis.call('HGETALL', KEYS[1])} end
+  return {0, current}
+end
 local allowed = false
 for status in string.gmatch(ARGV[3], '[^,]+') do
   if status == current then allowed = true end
 end
-if not allowed then return {0, current} end
-if ARGV[7] ~= '' and redis.call('HGET', KEYS[1], ARGV[7]) ~= ARGV[8] then return {0, current} end
+if not allowed then return refused() end
+if ARGV[7] ~= '' and redis.call('HGET', KEYS[1], ARGV[7]) ~= ARGV[8] then return refused() end
 
 local to, moment = ARGV[2], ARGV[5]
 local started_at = redis.call('HGET', KEYS[1], 'started_at') or ''  -- this run's start, for its run time
 local n_rq, n_stale = tonumber(ARGV[13]), tonumber(ARGV[14])
-local first_field = 15 + 2 * n_rq + n_stale
+local first_field = 16 + 2 * n_rq + n_stale
 redis.call('HSET', KEYS[1], 'status', to)
 for i = first_field, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*', 'type', 'status', 'data', ARGV[4])
@@ -194,8 +205,8 @@ elseif ARGV[12] == 'push_front' then
   redis.call('LPUSH', KEYS[5], ARGV[1])
   redis.call('SADD', KEYS[8], KEYS[5])
 end
-if n_rq > 0 then redis.call('HSET', KEYS[6], unpack(ARGV, 15, 14 + 2 * n_rq)) end
-if n_stale > 0 then redis.call('ZREM', KEYS[7], unpack(ARGV, 15 + 2 * n_rq, 14 + 2 * n_rq + n_stale)) end
+if n_rq > 0 then redis.call('HSET', KEYS[6], unpack(ARGV, 16, 15 + 2 * n_rq)) end
+if n_stale > 0 then redis.call('ZREM', KEYS[7], unpack(ARGV, 16 + 2 * n_rq, 15 + 2 * n_rq + n_stale)) end
 
 local webhook = redis.call('HGET', KEYS[1], 'webhook')
 local events = 0
@@ -240,20 +251,26 @@ if terminal[to] and not terminal[current] then
     end
   end
 end
-return {1, current, ended, events, started_at}
+local reply = {1, current, ended, events, started_at}
+if with_record then reply[6] = redis.call('HGETALL', KEYS[1]) end
+return reply
 """.replace("BATCH_PREFIX", repr(BATCH_PREFIX)).replace("ARCHIVE_DUE", repr(ARCHIVE_DUE))
 )
 
 _PROGRESS = (
     _OUTBOX_LUA
     + """
--- KEYS: 1 job hash, 2 job events, 3 outbox
--- ARGV: 1 job id, 2 worker name, 3 progress JSON, 4 events maxlen, 5 notify ('1' or ''), 6 msg id, 7 moment
+-- KEYS: 1 job hash, 2 job events, 3 outbox, 4 the running set
+-- ARGV: 1 job id, 2 worker name, 3 progress JSON, 4 events maxlen, 5 notify ('1' or ''), 6 msg id,
+--       7 moment (ISO), 8 the same moment in ms
 -- Only the run that holds the job writes its progress: a worker presumed dead, whose job was handed on,
 -- must not overwrite the new run's progress (nor recreate an expired record).
 if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
 if redis.call('HGET', KEYS[1], 'worker') ~= ARGV[2] then return 0 end
-redis.call('HSET', KEYS[1], 'progress', ARGV[3])
+-- A progress write is a heartbeat too, exactly as the beat script writes one: the worker's heartbeat
+-- thread then skips a job that wrote progress within its interval.
+redis.call('HSET', KEYS[1], 'progress', ARGV[3], 'heartbeat_at', ARGV[7], 'beat_ms', ARGV[8])
+redis.call('ZADD', KEYS[4], 'XX', ARGV[8], KEYS[1])
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'type', 'progress', 'data', ARGV[3])
 if ARGV[5] == '1' and subscribed(redis.call('HGET', KEYS[1], 'webhook'), 'generation.progress') then
   emit(KEYS[3], ARGV[6], 'generation.progress', 'job', ARGV[1], ARGV[7])
@@ -286,6 +303,11 @@ return status
 """
 
 
+def _record(job_id: str, flat: list[bytes]) -> JobRecord | None:
+    """The record in a script's ``HGETALL`` reply (names and values, flat); None if it is no record."""
+    return JobRecord.from_stored(job_id, dict(zip(flat[::2], flat[1::2], strict=True)))
+
+
 @dataclass(frozen=True)
 class Transition:
     """Outcome of a status change attempt: whether it happened and what the status was before."""
@@ -298,6 +320,10 @@ class Transition:
     events: int = 0
     #: When the run this change ended had started (as stored), for its run time.
     started_at: datetime | None = None
+    #: The job as the change left it (or, refused, as it found it): read back by a claim only, in the same
+    #: script, so the worker needs no read of its own before it claims. None for other transitions, and
+    #: for a hash that is no readable record.
+    record: JobRecord | None = None
 
 
 class Lifecycle:
@@ -316,29 +342,41 @@ class Lifecycle:
     # --- the worker --------------------------------------------------------------------------------------
 
     def claim(
-        self, record: JobRecord, worker: str, *, at: datetime | None = None, rq: RqChange | None = None
+        self, job: JobRecord | str, worker: str, *, at: datetime | None = None, rq: RqChange | None = None
     ) -> Transition:
-        """QUEUED -> RUNNING under ``worker``'s name: of all who try, one wins. ``rq``: RQ's side when the
-        worker did not dequeue the job itself (``rq_records.taken_by``).
+        """QUEUED -> RUNNING under ``worker``'s name: of all who try, one wins. ``job``: its id (a record
+        counts by its id alone). ``rq``: RQ's side when the worker did not dequeue the job itself
+        (``rq_records.taken_by``).
+
+        The claim reads the record back in the same script (``Transition.record``, as the claim left it:
+        what the worker runs, its ``cancel_requested`` flag included), so a worker asks Redis once per
+        claim rather than reading the job first: a round trip per job (issue #17). A hash without a whole
+        record (no ``created_at``) is no job, as for every reader: ``previous`` None, nothing changed.
 
         Safe to repeat with the same ``at``: if an earlier try applied but its reply was lost with the
         connection, the job holds exactly this claim (our name, our ``started_at``) and that counts as
         applied. ``heartbeat_at`` restarts with the claim (and with it the job's score in the running
         set, ``beat_ms``), so a previous run's stale beat cannot get this run requeued.
         """
+        job_id = job if isinstance(job, str) else job.id
         moment = at or utcnow()
         fields = {"started_at": moment, "heartbeat_at": moment, "beat_ms": beat_ms(moment), "worker": worker}
-        done = self._change(record.id, JobStatus.RUNNING, _QUEUED, fields, moment, rq=rq)
-        done = self._repeated(done, record.id, JobStatus.RUNNING, worker, "started_at", moment, _QUEUED)
-        if done.applied:
-            metrics.QUEUE_WAIT.observe(max(0.0, (moment - record.created_at).total_seconds()))
+        done = self._change(job_id, JobStatus.RUNNING, _QUEUED, fields, moment, rq=rq, with_record=True)
+        done = self._repeated(done, job_id, JobStatus.RUNNING, worker, "started_at", moment, _QUEUED)
+        if done.applied and done.record is not None:
+            metrics.QUEUE_WAIT.observe(max(0.0, (moment - done.record.created_at).total_seconds()))
         return done
 
     def progress(self, job_id: str, worker: str, step: int, total: int, *, notify: bool = False) -> bool:
         """Record step ``step`` of ``total`` (and, ``notify``, a ``generation.progress`` event if the
-        webhook subscribed); only while the job runs under ``worker``. True if written."""
+        webhook subscribed); only while the job runs under ``worker``. True if written.
+
+        A write is also the job's heartbeat, exactly as :meth:`beat` writes one (``heartbeat_at``, its
+        score in the running set): while a job denoises it writes progress about every
+        ``progress_interval`` (a second), so the worker's heartbeat thread skips it (a round trip every
+        heartbeat interval saved, issue #17), and a job that makes progress is never judged lost."""
         data = json.dumps({"step": step, "total": total})
-        moment = utcnow().isoformat()
+        moment = utcnow()
         args: list[str | int] = [
             job_id,
             worker,
@@ -346,14 +384,16 @@ class Lifecycle:
             EVENTS_MAXLEN,
             "1" if notify else "",
             new_msg_id(),
-            moment,
+            moment.isoformat(),
+            beat_ms(moment),
         ]
-        keys = [job_key(job_id), events_key(job_id), OUTBOX]
+        keys = [job_key(job_id), events_key(job_id), OUTBOX, RUNNING_SET]
         return bool(self._progress(keys=keys, args=args))
 
     def beat(self, job_ids: Iterable[str], worker: str) -> int:
         """Heartbeat each job still running under ``worker``, in one round trip; how many were. Each
-        beat also moves the job's score in the running set, so recovery never reads a job that beats."""
+        beat also moves the job's score in the running set, so recovery never reads a job that beats.
+        No jobs: no round trip. (A :meth:`progress` write is a beat too.)"""
         keys = [job_key(job_id) for job_id in sorted(set(job_ids))]
         if not keys:
             return 0
@@ -482,7 +522,9 @@ class Lifecycle:
         *,
         guard: tuple[str, str] | None = None,
         rq: RqChange | None = None,
+        with_record: bool = False,
     ) -> Transition:
+        """``with_record``: the script replies with the job hash too (``Transition.record``)."""
         rq = rq or RqChange()
         event = json.dumps({"status": to.value, "at": moment.isoformat()})
         guard_field, guard_value = guard or ("", "")
@@ -512,6 +554,7 @@ class Lifecycle:
             rq.queue_op,
             len(rq.job_fields),
             len(rq.stale_executions),
+            "1" if with_record else "",
         ]
         for name, value in rq.job_fields.items():
             args += [name, value]
@@ -525,6 +568,7 @@ class Lifecycle:
             batch_done=rest[0].decode() if rest and rest[0] else None,
             events=int(rest[1]) if len(rest) > 1 else 0,
             started_at=datetime.fromisoformat(rest[2].decode()) if len(rest) > 2 and rest[2] else None,
+            record=_record(job_id, rest[3]) if len(rest) > 3 else None,
         )
         if transition.applied:
             log.debug("job transition", job_id=job_id, to=to.value, previous=transition.previous)
@@ -555,12 +599,18 @@ class Lifecycle:
         allowed_from: tuple[JobStatus, ...],
     ) -> Transition:
         """``done``, or "applied" when it was refused only because an earlier try of exactly this change
-        (our worker name, our ``stamp`` time) had already applied."""
+        (our worker name, our ``stamp`` time) had already applied. A refusal that came with the record (a
+        claim's) is judged from it; otherwise the fields are read."""
         if done.applied or done.previous is not to:
             return done
-        raw = cast(list[bytes | None], self.redis.hmget(job_key(job_id), ["worker", stamp, "started_at"]))
-        worker_now, stamp_now, started_at = (value.decode() if value else None for value in raw)
-        if worker_now == worker and stamp_now == moment.isoformat():
+        if done.record is not None:
+            stamped: datetime | None = getattr(done.record, stamp)  # started_at / completed_at
+            worker_now, stamp_now = done.record.worker, stamped.isoformat() if stamped else None
+            started = done.record.started_at
+        else:
+            raw = cast(list[bytes | None], self.redis.hmget(job_key(job_id), ["worker", stamp, "started_at"]))
+            worker_now, stamp_now, started_at = (value.decode() if value else None for value in raw)
             started = datetime.fromisoformat(started_at) if started_at else None
-            return Transition(applied=True, previous=allowed_from[0], started_at=started)
+        if worker_now == worker and stamp_now == moment.isoformat():
+            return Transition(applied=True, previous=allowed_from[0], started_at=started, record=done.record)
         return done

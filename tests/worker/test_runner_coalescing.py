@@ -22,7 +22,7 @@ from services import rq_records
 from services.jobs import JobRecord, JobStore, Lifecycle, new_job_id, utcnow
 from services.storage.local import FileStorage
 from tests.fixtures.jobs import create_job, lifecycle_record
-from worker import runner
+from worker import coalescing, runner
 from worker.coalescing import Coalescing
 from worker.encoding import EncodedImage
 from worker.engine import GenerationResult, coalesce_key
@@ -188,6 +188,35 @@ def test_jobs_someone_else_holds_or_canceled_are_not_taken(
     assert record is not None and record.status is JobStatus.CANCELED
 
 
+def test_a_partner_canceled_or_taken_after_the_queue_was_read_is_refused_by_its_claim(
+    setup: tuple[WorkerContext, Queue, StandInEngine], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A partner is not read again before its claim: the claim itself refuses what changed meanwhile."""
+    ctx, queue, engine = setup
+    leader = submit(ctx, queue, "leader")
+    canceled = submit(ctx, queue, "canceled after the read")
+    taken = submit(ctx, queue, "taken by worker-b after the read")
+    free = submit(ctx, queue, "free")
+    dequeue(queue)
+    read_queue = coalescing.waiting_candidates
+
+    def then_changed(*args: Any) -> list[coalescing.Candidate]:
+        found = read_queue(*args)
+        assert ctx.lifecycle.cancel_queued(canceled, "canceled").applied
+        assert ctx.lifecycle.claim(taken, "worker-b").applied
+        return found
+
+    monkeypatch.setattr(coalescing, "waiting_candidates", then_changed)
+    assert execute_generation(ctx, leader) == "succeeded"
+
+    assert engine.calls == [["leader", "free"]]
+    records = {job_id: lifecycle_record(ctx.store.redis, job_id) for job_id in (canceled, taken, free)}
+    assert records[canceled].status is JobStatus.CANCELED
+    assert records[taken].status is JobStatus.RUNNING and records[taken].worker == "worker-b"
+    assert records[free].status is JobStatus.SUCCEEDED and coalesced_with(ctx, free) == 2
+    assert queue.get_job_ids() == [canceled, taken]  # a refused claim leaves RQ's list alone
+
+
 def test_coalescing_is_off_by_default_and_with_coalesce_max_one(
     setup: tuple[WorkerContext, Queue, StandInEngine],
 ) -> None:
@@ -259,7 +288,7 @@ def test_a_job_alone_and_a_coalesced_group_take_the_same_run_path(
         # that holds one all the same — claimed, then run — must still end each job on its own.
         for job_id in (doomed, *mates):
             queue.connection.lrem(queue.key, 0, job_id)
-            assert runner.claim(ctx, lifecycle_record(ctx.store.redis, job_id)).applied
+            assert runner.claim(ctx, job_id).applied
         records = [lifecycle_record(ctx.store.redis, job_id) for job_id in (doomed, *mates)]
         outcomes = run_group(ctx, records)
     else:

@@ -14,13 +14,14 @@ from datetime import timedelta
 
 import pytest
 import redis as redis_lib
+from prometheus_client import REGISTRY
 from rq import Queue
 from rq.serializers import JSONSerializer
 
 from schemas.jobs import JobErrorCode, JobStatus
 from schemas.webhooks import GENERATION_EVENTS, TERMINAL_EVENTS
 from services import rq_records
-from services.jobs import JobRecord, JobStore, Lifecycle, job_key, utcnow
+from services.jobs import JobRecord, JobStore, Lifecycle, job_key, new_job_id, utcnow
 from services.jobs.batches import BatchRecord, BatchStore, new_batch_id
 from services.jobs.keys import OUTBOX, RUNNING_SET, batch_key, items_key
 from services.jobs.outbox import OutboxEvent
@@ -54,11 +55,10 @@ class World:
     # --- the actors' actions -------------------------------------------------------------------------------
 
     def claim(self, job_id: str) -> None:
-        """As the worker does: RQ dequeued the id; a job whose record is gone is "missing", skipped."""
+        """As the worker does: RQ dequeued the id, the claim reads the record (one whose record is gone is
+        "missing": nothing changes)."""
         self.redis.lrem(self.queue.key, 0, job_id)
-        record = self.store.get(job_id)
-        if record is not None:
-            self.lifecycle.claim(record, WORKER)
+        self.lifecycle.claim(job_id, WORKER)
 
     def progress(self, job_id: str) -> None:
         self.lifecycle.progress(job_id, WORKER, 1, 2, notify=True)
@@ -311,3 +311,45 @@ def test_a_batch_completes_once_whoever_ends_its_last_item(
     assert len({event.id for event in item_terminals}) == len(item_terminals)
     stored = BatchStore(redis_client).get(batch.id)
     assert stored is not None and stored.completed_at is not None and stored.done == len(items)
+
+
+def queue_wait_sum() -> float:
+    return REGISTRY.get_sample_value("darkroom_generation_queue_wait_seconds_sum") or 0.0
+
+
+def test_a_claim_reads_back_the_record_it_left(redis_client: redis_lib.Redis) -> None:
+    """The worker reads nothing before it claims: the claim's reply is the record it runs, the cancel
+    flag of a request made while it was queued included, and the queue wait counts from its creation."""
+    world = World(redis_client)
+    job = queued_job(redis_client, queue=world.queue, created_at=utcnow() - timedelta(seconds=3))
+    world.redis.hset(job_key(job.id), "cancel_requested", "1")  # asked to stop while queued
+    before, at = queue_wait_sum(), utcnow()
+    done = world.lifecycle.claim(job.id, WORKER, at=at)
+    assert done.applied and done.previous is JobStatus.QUEUED
+    assert done.record == world.record(job.id)  # exactly the stored record, as the claim left it
+    assert done.record.status is JobStatus.RUNNING and done.record.worker == WORKER
+    assert done.record.started_at == done.record.heartbeat_at == at
+    assert done.record.request == job.request and done.record.cancel_requested
+    assert queue_wait_sum() - before == pytest.approx((at - job.created_at).total_seconds())
+
+
+def test_a_claim_of_no_job_or_a_job_not_queued_changes_nothing(redis_client: redis_lib.Redis) -> None:
+    world = World(redis_client)
+    before = queue_wait_sum()
+    gone = world.lifecycle.claim(new_job_id(), WORKER)
+    assert (gone.applied, gone.previous, gone.record) == (False, None, None)
+    # A partial hash (a write that landed after the record was lost) is no job either, as for every reader.
+    partial = new_job_id()
+    redis_client.hset(job_key(partial), mapping={"status": "queued", "request": "{}"})
+    done = world.lifecycle.claim(partial, WORKER)
+    assert (done.applied, done.previous, done.record) == (False, None, None)
+    assert redis_client.hgetall(job_key(partial)) == {b"status": b"queued", b"request": b"{}"}
+    assert redis_client.zscore(RUNNING_SET, job_key(partial)) is None
+    # A job canceled while queued is refused; the refusal says what it found.
+    canceled = queued_job(redis_client, queue=world.queue)
+    world.cancel(canceled.id)
+    refused = world.lifecycle.claim(canceled.id, WORKER)
+    assert not refused.applied and refused.previous is JobStatus.CANCELED
+    assert refused.record is not None and refused.record.status is JobStatus.CANCELED
+    assert refused.record.worker is None
+    assert queue_wait_sum() == before

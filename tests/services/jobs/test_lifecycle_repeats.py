@@ -17,13 +17,23 @@ from tests.fixtures.jobs import lifecycle_record, queued_job
 HOOK = {"url": "https://receiver.example/hook", "events": ["started", "completed"]}
 
 
+def commandstats_calls(redis: redis_lib.Redis, command: str) -> int:
+    """How often Redis ran ``command`` (scripts' commands included)."""
+    stats = redis.info("commandstats").get(f"cmdstat_{command}")
+    return int(stats["calls"]) if stats else 0
+
+
 def test_a_claim_whose_reply_was_lost_counts_as_made(redis_client: redis_lib.Redis) -> None:
     lifecycle = Lifecycle(redis_client, timedelta(days=1))
     record = queued_job(redis_client, webhook=HOOK)
     at = utcnow()
-    assert lifecycle.claim(record, "worker-a", at=at).applied
-    again = lifecycle.claim(record, "worker-a", at=at)  # the retry of a claim whose reply was lost
+    assert lifecycle.claim(record.id, "worker-a", at=at).applied
+    hmget_calls = commandstats_calls(redis_client, "hmget")
+    again = lifecycle.claim(record.id, "worker-a", at=at)  # the retry of a claim whose reply was lost
     assert again.applied and again.previous is JobStatus.QUEUED
+    # Judged from the record the refusing script sent back (no read of its own), which it hands on.
+    assert commandstats_calls(redis_client, "hmget") == hmget_calls
+    assert again.record == lifecycle_record(redis_client, record.id)
     # Another claim — a later one of ours, or another worker's at the same moment — is not ours.
     later = lifecycle.claim(record, "worker-a", at=at + timedelta(seconds=1))
     assert not later.applied and later.previous is JobStatus.RUNNING
