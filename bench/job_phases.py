@@ -26,6 +26,9 @@ from dataclasses import dataclass
 from typing import Any
 
 PIPELINE_GAP_S = 60e-6
+#: How many keys the lifecycle's transition script is called with (services.jobs.lifecycle._change).
+TRANSITION_KEYS = "8"
+RUNNING_SET = "darkroom:jobs:running-by-beat"
 
 _BACKGROUND = (
     "rq:scheduler",
@@ -81,11 +84,15 @@ def classify(
                 entry.phase = "submit"
         elif entry.process == "worker":
             words = line.split()
-            # Our transition script (claim, then finish): its first key is the job hash, and it keeps the
-            # running set. The heartbeat script's first key is the running set itself.
+            # Our transition script (claim, then finish): its first key is the job hash, and it names the
+            # running set among its 8 keys (the progress script names it too, among 3 or 4 keys). The
+            # heartbeat script's first key is the running set itself.
             transition = verb == "EVALSHA" and len(words) > 3 and words[3] == f"darkroom:job:{job_id}"
-            transition = transition and "darkroom:jobs:running" in line
-            beat = any(mark in line for mark in _BEAT) or ("rq:job:" in line and "last_heartbeat" in line)
+            transition = transition and words[2] == TRANSITION_KEYS and "darkroom:jobs:running" in line
+            if verb == "EVALSHA":  # the beat script's first key is the running set; progress names it 4th
+                beat = len(words) > 3 and words[3] == RUNNING_SET
+            else:
+                beat = any(mark in line for mark in _BEAT) or ("rq:job:" in line and "last_heartbeat" in line)
             if claims == 1 and beat and not transition:
                 entry.phase = "heartbeat"
             elif claims == 0:

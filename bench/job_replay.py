@@ -60,7 +60,11 @@ JOB_PHASES = ("submit", "prefer_wait", "get", "claim", "steps", "heartbeat", "fi
 _LEASE_ID = re.compile(rb"^[0-9a-f]{12}:\d+$")
 _TOKEN = re.compile(rb'"((?:[^"\\]|\\.)*)"')
 _ESCAPES = {b"n": b"\n", b"r": b"\r", b"t": b"\t", b"a": b"\a", b"b": b"\b", b'"': b'"', b"\\": b"\\"}
-_PROGRESS_KEYS = 3  # the progress script's number of keys (services.jobs.lifecycle._PROGRESS)
+#: Jobs being replayed at once, at most (each holds at most two blocking reads).
+IN_FLIGHT = 512
+#: The progress script's number of keys (services.jobs.lifecycle._PROGRESS): 4 since it also beats the job
+#: in the running set, 3 before (kept, to replay an older checkout).
+_PROGRESS_KEYS = (b"3", b"4")
 
 
 def unescape(token: bytes) -> bytes:
@@ -156,7 +160,7 @@ class Trip:
         return (
             self.phase == "steps"
             and first[0].upper() == b"EVALSHA"
-            and first[2] == str(_PROGRESS_KEYS).encode()
+            and first[2] in _PROGRESS_KEYS
             and first[3].startswith(b"darkroom:job:")
         )
 
@@ -270,25 +274,33 @@ async def replay(
     have), then ``jobs`` jobs at ``rate`` a second (0: one after another); Redis's counters before and
     after those, and the wall time they took."""
     processes = {trip.process for trip in trips}
+    # No read timeout: a blocking read may wait its whole BLOCK, and a pool may queue for a while.
     pools = {
         name: aredis.Redis(
-            connection_pool=aredis.BlockingConnectionPool.from_url(url, max_connections=connections)
+            connection_pool=aredis.BlockingConnectionPool.from_url(
+                url, max_connections=connections, timeout=None, socket_timeout=None
+            )
         )
         for name in processes
     }
     blocking = aredis.Redis(
-        connection_pool=aredis.BlockingConnectionPool.from_url(url, max_connections=max(connections, 2048))
+        connection_pool=aredis.BlockingConnectionPool.from_url(
+            url, max_connections=IN_FLIGHT + 16, timeout=None, socket_timeout=None
+        )
     )
+    # A rate this client cannot reach must not pile up jobs without bound: it then runs as fast as it can.
+    in_flight = asyncio.Semaphore(IN_FLIGHT)
 
     async def one(index: int) -> None:
-        waiting: list[asyncio.Task[None]] = []
-        for trip in substituted(trips, job_id, index):
-            if trip.blocking:
-                waiting.append(asyncio.create_task(send(blocking, trip)))
-                await asyncio.sleep(0)  # sent before the job goes on, as the API's wait is
-            else:
-                await send(pools[trip.process], trip)
-        await asyncio.gather(*waiting)
+        async with in_flight:
+            waiting: list[asyncio.Task[None]] = []
+            for trip in substituted(trips, job_id, index):
+                if trip.blocking:
+                    waiting.append(asyncio.create_task(send(blocking, trip)))
+                    await asyncio.sleep(0)  # sent before the job goes on, as the API's wait is
+                else:
+                    await send(pools[trip.process], trip)
+            await asyncio.gather(*waiting)
 
     async def run(first: int, count: int) -> float:
         started = time.perf_counter()
@@ -305,7 +317,7 @@ async def replay(
             await asyncio.gather(*tasks)
         return time.perf_counter() - started
 
-    control = aredis.Redis.from_url(url)
+    control = aredis.Redis.from_url(url, socket_timeout=None)
     await run(jobs, warmup)
     before = await counters(control)
     wall = await run(0, jobs)
