@@ -69,26 +69,22 @@ class WorkerContext:
     model: str = ""
     #: Cancel requests pushed to this worker (None: the flag is read from Redis at every step).
     cancels: CancelWatch | None = None
-    #: Held jobs, each with when (``time.monotonic()``) a write last set its heartbeat: the claim, a
-    #: progress write. Taken *before* the write was sent, so never younger than the stored heartbeat.
-    _held: dict[str, float] = field(default_factory=dict, repr=False)
+    _held: set[str] = field(default_factory=set, repr=False)
     _held_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def hold(
-        self, job_id: str, *, alive_at: float = float("-inf"), cancel_requested: bool | None = None
-    ) -> None:
+    def hold(self, job_id: str, *, cancel_requested: bool | None = None) -> None:
         """``job_id`` runs here now: the heartbeat thread beats it and its cancel requests are watched
         (``cancel_requested``: its flag as the claim read it; None: not known, read it) until
-        :meth:`let_go`. ``alive_at``: when the write that made it ours set its heartbeat (the claim's)."""
+        :meth:`let_go`."""
         with self._held_lock:
-            self._held[job_id] = alive_at
+            self._held.add(job_id)
         if self.cancels is not None:
             self.cancels.watch(job_id, cancel_requested)
 
     def let_go(self, job_id: str) -> None:
         """``job_id`` is not (or no longer) ours to run: no beat, no cancel watch."""
         with self._held_lock:
-            self._held.pop(job_id, None)
+            self._held.discard(job_id)
         if self.cancels is not None:
             self.cancels.forget(job_id)
 
@@ -96,26 +92,6 @@ class WorkerContext:
         """Jobs claimed by this worker whose outcome is not recorded yet."""
         with self._held_lock:
             return set(self._held)
-
-    def alive(self, job_id: str, at: float) -> None:
-        """A write sent at ``at`` (``time.monotonic()``) set the held job's heartbeat (a progress write)."""
-        with self._held_lock:
-            if job_id in self._held:
-                self._held[job_id] = max(self._held[job_id], at)
-
-    def to_beat(self, job_id: str, interval_s: float) -> set[str]:
-        """The jobs the heartbeat thread beats now, while RQ runs ``job_id``: each held job whose
-        heartbeat was last written ``interval_s`` or more ago — a progress write within the interval is
-        as good as a beat, and a job that denoises writes one about every second —, and ``job_id`` itself
-        unless it is held (its claim may have applied unseen, its reply lost past the retries: it is
-        beaten until the run ends, as always). Ticking every ``interval_s``, the thread so leaves no
-        heartbeat much older than two intervals; ``lost_after`` is at least three."""
-        now = time.monotonic()
-        with self._held_lock:
-            due = {held for held, at in self._held.items() if now - at >= interval_s}
-            if job_id not in self._held:
-                due.add(job_id)
-        return due
 
     def with_redis(self, operation: Callable[[], T], what: str) -> T:
         """``operation()``, retried through a Redis outage of up to ``redis_retry_deadline``."""
@@ -227,7 +203,7 @@ def claim(
 
     A claimed record that cannot be read (``JobRecord.from_stored`` logs it) is no job, as for every
     reader: not held, so never beaten, and lost-job recovery drops it as it drops an expired record."""
-    alive_at, at = time.monotonic(), utcnow()  # the claim writes ``at`` as the job's heartbeat
+    at = utcnow()
 
     def claim_once() -> Transition:
         return ctx.lifecycle.claim(job_id, ctx.worker_name, at=at, rq=rq)
@@ -240,7 +216,7 @@ def claim(
         ctx.let_go(job_id)
         raise
     if claimed.applied and claimed.record is not None:
-        ctx.hold(job_id, alive_at=alive_at, cancel_requested=claimed.record.cancel_requested)
+        ctx.hold(job_id, cancel_requested=claimed.record.cancel_requested)
     else:
         ctx.let_go(job_id)
     return claimed
@@ -269,9 +245,7 @@ def load_request(ctx: WorkerContext, record: JobRecord) -> GenerationRequest:
 
 class ProgressReporter:
     """Writes progress at most every ``progress_interval`` (always the last step), with a
-    ``generation.progress`` event at most every second when the webhook asked for them; times each step.
-    A write is the job's heartbeat too (``Lifecycle.progress``): the context learns of each one
-    (``WorkerContext.alive``), so the heartbeat thread skips the job meanwhile."""
+    ``generation.progress`` event at most every second when the webhook asked for them; times each step."""
 
     def __init__(self, ctx: WorkerContext, record: JobRecord) -> None:
         self.ctx, self.job_id = ctx, record.id
@@ -289,10 +263,8 @@ class ProgressReporter:
         notify = self.webhook_interval_s is not None and now - self._last_webhook >= self.webhook_interval_s
         if not (notify or step == total or now - self._last_write >= self.interval_s):
             return
-        sent_at = time.monotonic()  # before sending: the heartbeat written is no older than this
         try:
-            if self.ctx.lifecycle.progress(self.job_id, self.ctx.worker_name, step, total, notify=notify):
-                self.ctx.alive(self.job_id, sent_at)
+            self.ctx.lifecycle.progress(self.job_id, self.ctx.worker_name, step, total, notify=notify)
         except REDIS_UNAVAILABLE as exc:  # progress is best effort: a Redis blip must not stop the GPU
             log.warning("progress not recorded: redis unavailable", job_id=self.job_id, error=str(exc))
         self._last_write = now

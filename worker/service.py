@@ -4,8 +4,7 @@ Order matters: the pipeline is loaded and warmed *before* the worker registers w
 listed as alive can take a job at once, and a model that cannot load fails the process instead of jobs.
 RQ's ``SimpleWorker`` runs jobs in this process (CUDA state does not survive ``fork``); because a job then
 blocks RQ's own loop, :class:`GenerationWorker` keeps heartbeats going from a side thread while it runs —
-for the job RQ dequeued and for every coalesced partner the run took with it (``worker.runner``), except
-those whose progress write within the interval was a heartbeat already (:func:`job_heartbeat`).
+for the job RQ dequeued and for every coalesced partner the run took with it (``worker.runner``).
 SIGTERM is RQ's warm shutdown: the current job finishes, then the process exits 0.
 
 Redis restarts are ridden out rather than fatal (see ``services/rq_workers.py``): the worker waits for
@@ -24,7 +23,6 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -220,20 +218,6 @@ class RecoveryLoop:
                 self.lease.release()
 
 
-def job_heartbeat(context: WorkerContext, interval_s: float) -> Callable[[str], int]:
-    """``GenerationWorker.on_heartbeat``: beat, in one round trip, the jobs the run holds whose
-    heartbeat no write set within ``interval_s`` (``WorkerContext.to_beat``). A job that denoises writes
-    progress about every second, and each progress write is its heartbeat (``Lifecycle.progress``), as
-    its claim wrote one: it needs a beat only when the time before its first step or after its last
-    (checking, uploading) outlasts an interval — a round trip every interval saved while it denoises
-    (issue #17). Nothing due: no round trip."""
-
-    def beat(job_id: str) -> int:
-        return context.lifecycle.beat(context.to_beat(job_id, interval_s), context.worker_name)
-
-    return beat
-
-
 def worker_name() -> str:
     """Unique per incarnation: a restarted container keeps hostname and often pid (1), but not this."""
     return f"darkroom-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
@@ -308,7 +292,7 @@ def run_worker(settings: Settings, *, burst: bool = False) -> int:
     )
     worker.heartbeat_interval_s = settings.heartbeat_interval.total_seconds()
     # Every job the run holds gets a beat (and a release): the one RQ dequeued and its coalesced partners.
-    worker.on_heartbeat = job_heartbeat(context, worker.heartbeat_interval_s)
+    worker.on_heartbeat = lambda job_id: clients.lifecycle.beat({job_id, *context.held_jobs()}, name)
 
     def release(job_id: str) -> None:
         for held in sorted({job_id, *context.held_jobs()}):

@@ -29,9 +29,9 @@ to it within ``DARKROOM_JOB_RETENTION``. A batch hash gets ``archived_at`` when 
 
 Shared:
 - ``darkroom:jobs:running-by-beat``  sorted set of the job hash keys whose status is running, scored by
-                             each job's last sign of life (ms since the epoch, the worker's clock: the claim,
-                             every heartbeat and every progress write move it). Lost-job recovery reads only
-                             the stale end (``ZRANGEBYSCORE -inf (now - lost_after)``), never jobs that beat.
+                             each job's last sign of life (ms since the epoch, the worker's clock: claim and
+                             every heartbeat move it). Lost-job recovery reads only the stale end
+                             (``ZRANGEBYSCORE -inf (now - lost_after)``), never the jobs that beat.
                              (Until this layout it was a plain set under ``darkroom:jobs:running``; recovery
                              moves any members left there into the sorted set, then deletes them.)
 - ``darkroom:jobs:recovery-lease``  string, the name of the worker whose recovery loop makes the passes

@@ -260,17 +260,13 @@ return reply
 _PROGRESS = (
     _OUTBOX_LUA
     + """
--- KEYS: 1 job hash, 2 job events, 3 outbox, 4 the running set
--- ARGV: 1 job id, 2 worker name, 3 progress JSON, 4 events maxlen, 5 notify ('1' or ''), 6 msg id,
---       7 moment (ISO), 8 the same moment in ms
+-- KEYS: 1 job hash, 2 job events, 3 outbox
+-- ARGV: 1 job id, 2 worker name, 3 progress JSON, 4 events maxlen, 5 notify ('1' or ''), 6 msg id, 7 moment
 -- Only the run that holds the job writes its progress: a worker presumed dead, whose job was handed on,
 -- must not overwrite the new run's progress (nor recreate an expired record).
 if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
 if redis.call('HGET', KEYS[1], 'worker') ~= ARGV[2] then return 0 end
--- A progress write is a heartbeat too, exactly as the beat script writes one: the worker's heartbeat
--- thread then skips a job that wrote progress within its interval.
-redis.call('HSET', KEYS[1], 'progress', ARGV[3], 'heartbeat_at', ARGV[7], 'beat_ms', ARGV[8])
-redis.call('ZADD', KEYS[4], 'XX', ARGV[8], KEYS[1])
+redis.call('HSET', KEYS[1], 'progress', ARGV[3])
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'type', 'progress', 'data', ARGV[3])
 if ARGV[5] == '1' and subscribed(redis.call('HGET', KEYS[1], 'webhook'), 'generation.progress') then
   emit(KEYS[3], ARGV[6], 'generation.progress', 'job', ARGV[1], ARGV[7])
@@ -369,14 +365,9 @@ class Lifecycle:
 
     def progress(self, job_id: str, worker: str, step: int, total: int, *, notify: bool = False) -> bool:
         """Record step ``step`` of ``total`` (and, ``notify``, a ``generation.progress`` event if the
-        webhook subscribed); only while the job runs under ``worker``. True if written.
-
-        A write is also the job's heartbeat, exactly as :meth:`beat` writes one (``heartbeat_at``, its
-        score in the running set): while a job denoises it writes progress about every
-        ``progress_interval`` (a second), so the worker's heartbeat thread skips it (a round trip every
-        heartbeat interval saved, issue #17), and a job that makes progress is never judged lost."""
+        webhook subscribed); only while the job runs under ``worker``. True if written."""
         data = json.dumps({"step": step, "total": total})
-        moment = utcnow()
+        moment = utcnow().isoformat()
         args: list[str | int] = [
             job_id,
             worker,
@@ -384,16 +375,14 @@ class Lifecycle:
             EVENTS_MAXLEN,
             "1" if notify else "",
             new_msg_id(),
-            moment.isoformat(),
-            beat_ms(moment),
+            moment,
         ]
-        keys = [job_key(job_id), events_key(job_id), OUTBOX, RUNNING_SET]
+        keys = [job_key(job_id), events_key(job_id), OUTBOX]
         return bool(self._progress(keys=keys, args=args))
 
     def beat(self, job_ids: Iterable[str], worker: str) -> int:
         """Heartbeat each job still running under ``worker``, in one round trip; how many were. Each
-        beat also moves the job's score in the running set, so recovery never reads a job that beats.
-        No jobs: no round trip. (A :meth:`progress` write is a beat too.)"""
+        beat also moves the job's score in the running set, so recovery never reads a job that beats."""
         keys = [job_key(job_id) for job_id in sorted(set(job_ids))]
         if not keys:
             return 0

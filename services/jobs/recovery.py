@@ -13,9 +13,9 @@ What a pass costs does not grow with the fleet (issue #17: at 1,000 workers each
 every heartbeat, recovery alone took ~6 Redis cores):
 
 - **O(lost), not O(running)**: the running set is a sorted set scored by each job's last sign of life
-  (``services.jobs.keys.RUNNING_SET``; the claim, every heartbeat and every progress write move the
-  score), so a pass reads only ``ZRANGEBYSCORE -inf (now - lost_after)`` — at most :data:`PASS_LIMIT` of
-  them — and a job that beats (or makes progress) is never read at all.
+  (``services.jobs.keys.RUNNING_SET``; the claim and every heartbeat move the score), so a pass reads only
+  ``ZRANGEBYSCORE -inf (now - lost_after)`` — at most :data:`PASS_LIMIT` of them — and a job that beats is
+  never read at all.
 - **One pass per fleet**: every worker runs the loop, but only the holder of a lease
   (:class:`RecoveryLease`, ``SET NX PX``, renewed by its holder on each pass) works; the others make one
   cheap call and stop. A dead holder's lease expires and the next worker to try takes over. Two passes

@@ -11,9 +11,7 @@ from rq.serializers import JSONSerializer
 
 from schemas.jobs import JobStatus
 from services.jobs import JobStore, Lifecycle, job_key, utcnow
-from services.jobs.keys import RUNNING_SET
 from services.jobs.outcome import Succeeded
-from services.jobs.records import beat_ms
 from services.jobs.recovery import Recovered, recover_lost_jobs, release_interrupted_job
 from services.rq_records import GENERATION_TASK, RqChange, queue_position
 from tests.fixtures.jobs import lifecycle_record, queued_job, running_job
@@ -101,47 +99,6 @@ def test_a_heartbeat_arriving_during_the_pass_wins(redis_url: str) -> None:
     )
     assert not moved.applied
     assert fleet.store.get(job_id).status is JobStatus.RUNNING  # type: ignore[union-attr]
-
-
-def test_a_job_that_makes_progress_is_never_judged_lost_and_one_that_stops_is(redis_url: str) -> None:
-    """A progress write is a heartbeat: a job whose steps go on needs no beat to stay its worker's; once
-    its worker dies, its last progress write ages like any heartbeat, and the job is recovered."""
-    fleet = Fleet(redis_url)
-    redis = fleet.store.redis
-    job_id = fleet.running_job()  # its claim's heartbeat is a minute old: lost, but for what follows
-    assert fleet.lifecycle.progress(job_id, DEAD_WORKER, 1, 40)
-    record = lifecycle_record(redis, job_id)
-    assert record.heartbeat_at is not None and utcnow() - record.heartbeat_at < timedelta(seconds=5)
-    assert redis.zscore(RUNNING_SET, job_key(job_id)) == int(beat_ms(record.heartbeat_at))
-    assert redis.hget(job_key(job_id), "beat_ms") == beat_ms(record.heartbeat_at).encode()
-    assert fleet.recover() == []  # not even read: its score is fresh
-    # A pass that read it stale just before the progress write cannot requeue it: the guard moved.
-    stale = utcnow() - timedelta(minutes=1)
-    redis.hset(job_key(job_id), "heartbeat_at", stale.isoformat())
-    assert fleet.lifecycle.progress(job_id, DEAD_WORKER, 2, 40)
-    moved = fleet.lifecycle.requeue(record, guard=("heartbeat_at", stale.isoformat()), rq=RqChange())
-    assert not moved.applied
-    # The worker dies after step 2: lost_after later, the job is recovered.
-    later = utcnow() + LOST_AFTER + timedelta(seconds=1)
-    found = recover_lost_jobs(
-        fleet.store, fleet.lifecycle, fleet.queue, lost_after=LOST_AFTER, max_attempts=3, now=later
-    )
-    assert [(r.job_id, r.action) for r in found] == [(job_id, "requeued")]
-
-
-def test_a_progress_write_out_of_turn_beats_nothing(redis_url: str) -> None:
-    """Not ours, or no longer running: no heartbeat, no score (nor a running-set entry put back)."""
-    fleet = Fleet(redis_url)
-    redis = fleet.store.redis
-    job_id = fleet.running_job()
-    score = redis.zscore(RUNNING_SET, job_key(job_id))
-    assert not fleet.lifecycle.progress(job_id, "darkroom-other-1", 1, 2)
-    assert redis.zscore(RUNNING_SET, job_key(job_id)) == score
-    assert fleet.lifecycle.finish(lifecycle_record(redis, job_id), DEAD_WORKER, Succeeded(images=[])).applied
-    ended = lifecycle_record(redis, job_id)
-    assert not fleet.lifecycle.progress(job_id, DEAD_WORKER, 2, 2)
-    assert redis.zscore(RUNNING_SET, job_key(job_id)) is None
-    assert lifecycle_record(redis, job_id).heartbeat_at == ended.heartbeat_at
 
 
 def test_a_presumed_dead_worker_cannot_overwrite_the_rerun(redis_url: str) -> None:
