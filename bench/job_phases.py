@@ -85,11 +85,10 @@ def classify(
         elif entry.process == "worker":
             words = line.split()
             # Our transition script (claim, then finish): its first key is the job hash, and it names the
-            # running set among its 8 keys (the progress script names it too, among 3 or 4 keys). The
-            # heartbeat script's first key is the running set itself.
+            # running set among its 8 keys. The heartbeat script's first key is the running set itself.
             transition = verb == "EVALSHA" and len(words) > 3 and words[3] == f"darkroom:job:{job_id}"
             transition = transition and words[2] == TRANSITION_KEYS and "darkroom:jobs:running" in line
-            if verb == "EVALSHA":  # the beat script's first key is the running set; progress names it 4th
+            if verb == "EVALSHA":  # the beat script's first key is the running set
                 beat = len(words) > 3 and words[3] == RUNNING_SET
             else:
                 beat = any(mark in line for mark in _BEAT) or ("rq:job:" in line and "last_heartbeat" in line)

@@ -62,9 +62,8 @@ _TOKEN = re.compile(rb'"((?:[^"\\]|\\.)*)"')
 _ESCAPES = {b"n": b"\n", b"r": b"\r", b"t": b"\t", b"a": b"\a", b"b": b"\b", b'"': b'"', b"\\": b"\\"}
 #: Jobs being replayed at once, at most (each holds at most two blocking reads).
 IN_FLIGHT = 512
-#: The progress script's number of keys (services.jobs.lifecycle._PROGRESS): 4 since it also beats the job
-#: in the running set, 3 before (kept, to replay an older checkout).
-_PROGRESS_KEYS = (b"3", b"4")
+#: The progress script's number of keys (services.jobs.lifecycle._PROGRESS).
+_PROGRESS_KEYS = (b"3",)
 
 
 def unescape(token: bytes) -> bytes:
