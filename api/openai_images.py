@@ -30,7 +30,7 @@ from api.generations.events import wait_until_finished
 from api.limits import submission_token
 from api.state import AppState
 from api.submissions import model_not_found
-from api.waits import disconnected, first
+from api.waits import disconnected
 from schemas.jobs import Job, JobError, JobStatus
 from schemas.openai_images import (
     SERVED_MODEL_ALIAS,
@@ -164,10 +164,9 @@ async def create_image(
     async with state.waits.hold(principal):  # the key's share of waits is checked before anything is queued
         submission = await service.submit(state, principal, generation, idempotency_key, links=links)
         # Until the job ends, the time is up, the client leaves or the server begins to shut down.
-        await first(
+        await state.waits.until(
             wait_until_finished(state.waits.blocking, submission.job_id, waited_s),
             disconnected(request.receive),
-            state.waits.shutdown.wait(),
         )
     job: Job = await service.view(state, principal, submission.job_id, links=links)
     _check_succeeded(job, waited_s, shutting_down=state.waits.shutdown.is_set())

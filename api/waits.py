@@ -32,7 +32,7 @@ import itertools
 import signal
 import threading
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, TypeVar
@@ -161,6 +161,21 @@ class Waits:
         finally:
             await asyncio.shield(self.release(lease))
 
+    async def until(self, work: Awaitable[T], *stops: Awaitable[Any]) -> tuple[bool, T | None]:
+        """:func:`first` of ``work``, ``stops`` and this process's shutdown.
+
+        ``work`` that fails once the shutdown has been signalled counts as stopped, ``(False, None)``: its
+        read may fail because the server is stopping, and the wait then answers with what it has, as any
+        wait cut by the shutdown does (a ``Prefer: wait`` its 202 with the admitted job), not with an error.
+        """
+        try:
+            return await first(work, *stops, self.shutdown.wait())
+        except Exception as exc:
+            if not self.shutdown.is_set():
+                raise
+            log.info("wait failed while the server stops; answered as stopped", error=repr(exc))
+            return False, None
+
     # --- renewal ------------------------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -169,10 +184,8 @@ class Waits:
 
     async def stop(self) -> None:
         self.shutdown.set()
-        if self._renewer is not None:
-            self._renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._renewer
+        if self._renewer is not None:  # cancelled as a wait's read is: it may swallow one cancellation
+            await cancel_and_wait([self._renewer])
 
     async def _renew_forever(self) -> None:
         while True:
@@ -204,21 +217,46 @@ async def disconnected(receive: Receive) -> None:
 async def first(work: Awaitable[T], *stops: Awaitable[Any]) -> tuple[bool, T | None]:
     """Run ``work`` until it finishes or any of ``stops`` does; ``(True, result)`` or ``(False, None)``.
 
-    Whatever is left is cancelled and awaited before returning, so a Redis connection a cancelled read
-    held is back in its pool by then. ``work``'s exception, if it raised, is raised here.
+    Whatever is left is cancelled and awaited before returning (:func:`cancel_and_wait`), so a Redis
+    connection a cancelled read held is back in its pool by then. ``work``'s exception, if it raised, is
+    raised here.
     """
     task = asyncio.ensure_future(work)
     others = [asyncio.ensure_future(stop) for stop in stops]
     try:
         await asyncio.wait([task, *others], return_when=asyncio.FIRST_COMPLETED)
     finally:
-        pending = [t for t in (task, *others) if not t.done()]
-        for t in pending:
-            t.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-    if task.done() and not task.cancelled():
+        await cancel_and_wait([task, *others])
+    if not task.cancelled():
         return True, task.result()  # finished first (or with a stop): its result, or its exception
     return False, None
+
+
+#: A cancelled task still running this long after its cancellation is cancelled again.
+RECANCEL_AFTER_S = 0.1
+
+
+async def cancel_and_wait(tasks: Iterable[asyncio.Future[Any]]) -> None:
+    """Cancel ``tasks`` and return once every one has ended, cancelling again any that outlives its
+    cancellation by :data:`RECANCEL_AFTER_S`.
+
+    On Python 3.11 a task can swallow a cancellation: ``asyncio.wait_for``, which redis-py wraps around
+    sending every command, returns the send's result when the cancellation lands in the instant the send
+    completes (gh-86296, fixed in 3.12). A wait's read cancelled in that instant went on to block in
+    XREAD, and its request with it: a ``Prefer: wait`` ended by SIGTERM as it began was held until
+    uvicorn's graceful timeout and answered with uvicorn's bare text/plain 500. Cancelled again, the read
+    is cut where it blocks, and redis-py drops its connection as it does for any cancelled command.
+    """
+    pending = {t for t in tasks if not t.done()}
+    try:
+        while pending:
+            for t in pending:
+                t.cancel()
+            _, pending = await asyncio.wait(pending, timeout=RECANCEL_AFTER_S)
+    except asyncio.CancelledError:  # we are cancelled ourselves: what is left is cancelled once more
+        for t in pending:
+            t.cancel()
+        raise
 
 
 class LeasedStreamingResponse(StreamingResponse):

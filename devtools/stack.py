@@ -230,12 +230,14 @@ class Stack:
             roots["redis"] = self.redis_server.pid
         return roots
 
-    def logs(self, name: str) -> str:
-        """The last 5,000 characters of a process's log (a backend's process: from the backend)."""
+    def logs(self, name: str, tail: int | None = 5000) -> str:
+        """The last ``tail`` characters of a process's log, or all of it with ``tail=None`` (a backend's
+        process: from the backend)."""
         path = self.log_dir / f"{name}.log"
         if not path.exists() and self.backend is not None:
-            return self.backend.logs(name)
-        return path.read_text(errors="replace")[-5000:] if path.exists() else ""
+            return self.backend.logs(name, tail)
+        text = path.read_text(errors="replace") if path.exists() else ""
+        return text if tail is None else text[-tail:]
 
     def spawn(self, name: str, command: list[str], env: Mapping[str, str] | None = None) -> None:
         """Start ``command`` as process ``name`` with the stack's environment (plus ``env``), logging to

@@ -26,7 +26,7 @@ from api.generations import service
 from api.generations.events import sse_stream, wait_until_finished
 from api.generations.prefer import preferred_wait
 from api.limits import read_token, submission_token
-from api.waits import LeasedStreamingResponse, disconnected, first
+from api.waits import LeasedStreamingResponse, disconnected
 from schemas.jobs import CreateGeneration, Job
 from services import queue_order
 
@@ -124,10 +124,9 @@ async def create_generation(
             headers["Preference-Applied"] = f"wait={int(wait_s)}"
             # Until the job ends, the time is up, the client leaves or the server begins to shut down:
             # then the admitted job is answered as it stands (202 with its Location unless finished).
-            await first(
+            await state.waits.until(
                 wait_until_finished(state.waits.blocking, submission.job_id, wait_s),
                 disconnected(request.receive),
-                state.waits.shutdown.wait(),
             )
             job = None
     if job is None:
