@@ -7,17 +7,23 @@ and the image decoding a submission may need (``api.generations.service``) happe
 got a token. The token is given back when the submission turns out to make nothing (an Idempotency-Key
 replay, a full queue, the key's share reached: ``give_back_submission``).
 
-``read_token`` does the same for reads from their own, generous bucket (``DARKROOM_READ_RATE_LIMIT_*``).
+``read_token`` does the same for reads from their own, generous bucket (``DARKROOM_READ_RATE_LIMIT_*``);
+``read_token_riders`` takes that token in the round trip of the read itself (``GET`` of a job).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import redis.exceptions
 from fastapi import Request
+from redis.asyncio.client import Pipeline
 
 from api.auth import ANONYMOUS
 from api.deps import app_state
 from api.errors import ApiError
+from api.riders import Rider
 from api.state import AppState
 from services.clients import out_of_memory
 from services.rate_limit import TokenGate, retry_after_s
@@ -61,6 +67,37 @@ async def read_token(request: Request) -> None:
     except redis.exceptions.RedisError as exc:
         if not out_of_memory(exc):
             raise
+
+
+def read_token_riders(state: AppState, principal: str) -> tuple[Rider, ...]:
+    """:func:`read_token` as a rider (``api.riders``) of the read it pays for: the token is taken in that
+    read's round trip, and a refused one answers 429 ``rate_limited`` as the dependency does, the read
+    discarded. None when reads are not limited."""
+    return () if state.read_gate is None else (_ReadToken(state.read_gate, principal),)
+
+
+@dataclass(frozen=True)
+class _ReadToken:
+    gate: TokenGate
+    principal: str
+
+    def send(self, pipe: Pipeline) -> None:
+        self.gate.send_take(pipe, self.principal)
+
+    async def settle(self, reply: Any) -> None:
+        try:
+            if isinstance(reply, redis.exceptions.NoScriptError):  # a restarted Redis: nothing was taken
+                wait_ms = await self.gate.take(self.principal)
+            elif isinstance(reply, Exception):
+                raise reply
+            else:
+                wait_ms = self.gate.wait_ms(reply)
+        except redis.exceptions.RedisError as exc:
+            if not out_of_memory(exc):
+                raise
+            return  # as read_token: a full Redis still serves the read, uncounted
+        if wait_ms:
+            raise rate_limited(wait_ms, "reads")
 
 
 async def give_back_submission(state: AppState, principal: str) -> None:

@@ -161,14 +161,17 @@ async def create_image(
     except ValidationError as exc:
         raise RequestValidationError(openai_field_errors(exc)) from None
     waited_s = state.settings.openai_images_wait.total_seconds()
-    async with state.waits.hold(principal):  # the key's share of waits is checked before anything is queued
+    # The key's share of waits is checked before anything is queued.
+    async with state.waits.hold(principal) as lease:
         submission = await service.submit(state, principal, generation, idempotency_key, links=links)
         # Until the job ends, the time is up, the client leaves or the server begins to shut down.
         await state.waits.until(
             wait_until_finished(state.waits.blocking, submission.job_id, waited_s),
             disconnected(request.receive),
         )
-    job: Job = await service.view(state, principal, submission.job_id, links=links)
+        # The lease goes back in the round trip of that read (or, should the read fail, on leaving).
+        release = state.waits.release_riders(lease)
+        job: Job = await service.view(state, principal, submission.job_id, links=links, riders=release)
     _check_succeeded(job, waited_s, shutting_down=state.waits.shutdown.is_set())
     _check_not_all_filtered(job)
     if body.wants_url:

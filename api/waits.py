@@ -39,10 +39,12 @@ from typing import Any, TypeVar
 
 import redis.asyncio as aredis
 import structlog
+from redis.asyncio.client import Pipeline
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from api.errors import ApiError, ServiceUnavailable
+from api.riders import Rider
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -151,7 +153,14 @@ class Waits:
         try:
             await self.redis.zrem(lease_key(lease.principal), lease.id)
         except Exception as exc:  # noqa: BLE001 - expiry frees it; the request's answer must not change
-            log.warning("wait lease not released; it expires", error=str(exc), principal=lease.principal)
+            _not_released(lease, exc)
+
+    def release_riders(self, lease: Lease) -> tuple[Rider, ...]:
+        """:meth:`release` as a rider (``api.riders``) of the read that ends a wait: the lease goes back in
+        that read's round trip. Until the read's reply has come, the lease counts as held, so a read that
+        fails or is cancelled leaves it to :meth:`hold`'s own release. None without a per-key limit (the
+        lease is then only this process's count, given back by :meth:`hold`)."""
+        return (_Release(self, lease),) if self.per_key and lease in self._held else ()
 
     @contextlib.asynccontextmanager
     async def hold(self, principal: str) -> AsyncIterator[Lease]:
@@ -202,6 +211,24 @@ class Waits:
             by_key.setdefault(lease_key(lease.principal), []).append(lease.id)
         for key, ids in by_key.items():
             await self._renew(keys=[key], args=[int(LEASE_TTL_S * 1000), *ids])
+
+
+@dataclass(frozen=True)
+class _Release:
+    waits: Waits
+    lease: Lease
+
+    def send(self, pipe: Pipeline) -> None:
+        pipe.zrem(lease_key(self.lease.principal), self.lease.id)
+
+    async def settle(self, reply: Any) -> None:
+        self.waits._held.pop(self.lease, None)  # given back: hold()'s release finds nothing left to do
+        if isinstance(reply, Exception):  # as in release(): expiry frees it; the answer must not change
+            _not_released(self.lease, reply)
+
+
+def _not_released(lease: Lease, error: Exception) -> None:
+    log.warning("wait lease not released; it expires", error=str(error), principal=lease.principal)
 
 
 # --- ending waits early ---------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aredis
+from redis.asyncio.client import Pipeline
 
 # A Lua function, shared with the admission script (services/admission.py), which takes a token as one of
 # the checks it makes atomically.
@@ -105,9 +106,22 @@ class TokenGate:
     async def take(self, principal: str, cost: int = 1) -> int:
         """0 when ``cost`` tokens were taken; otherwise the milliseconds until they would be there."""
         limit = self.limit
-        allowed, wait_ms = await self._take(
+        reply = await self._take(
             keys=[limit.bucket_key(principal)], args=[limit.capacity, repr(limit.per_ms), cost]
         )
+        return self.wait_ms(reply)
+
+    def send_take(self, pipe: Pipeline, principal: str, cost: int = 1) -> None:
+        """:meth:`take` queued on ``pipe``, as a bare ``EVALSHA`` (redis-py's pipelined scripts ask
+        ``SCRIPT EXISTS`` first, a round trip of their own). Its reply goes to :meth:`wait_ms`; a
+        ``NoScriptError`` (a restarted Redis) took nothing, and :meth:`take` then loads the script."""
+        limit = self.limit
+        pipe.evalsha(self._take.sha, 1, limit.bucket_key(principal), limit.capacity, repr(limit.per_ms), cost)
+
+    @staticmethod
+    def wait_ms(reply: Any) -> int:
+        """The take script's reply as :meth:`take` answers it."""
+        allowed, wait_ms = reply
         return 0 if int(allowed) else max(1, int(wait_ms))
 
     async def give_back(self, principal: str, tokens: int = 1) -> None:

@@ -25,7 +25,7 @@ from api.deps import LinksDep, StateDep
 from api.generations import service
 from api.generations.events import sse_stream, wait_until_finished
 from api.generations.prefer import preferred_wait
-from api.limits import read_token, submission_token
+from api.limits import read_token, read_token_riders, submission_token
 from api.waits import LeasedStreamingResponse, disconnected
 from schemas.jobs import CreateGeneration, Job
 from services import queue_order
@@ -115,12 +115,13 @@ async def create_generation(
     """
     wait_s = preferred_wait(prefer, state.settings.max_wait.total_seconds())  # a bad one queues nothing
     async with AsyncExitStack() as held:
+        lease = None
         if wait_s > 0:  # the key's share of waits is checked before anything is queued
-            await held.enter_async_context(state.waits.hold(principal))
+            lease = await held.enter_async_context(state.waits.hold(principal))
         submission = await service.submit(state, principal, body, idempotency_key, links=links)
         headers = {"Location": f"/v1/generations/{submission.job_id}"}
         job, hint = submission.job, submission.retry_after
-        if wait_s > 0:
+        if lease is not None:
             headers["Preference-Applied"] = f"wait={int(wait_s)}"
             # Until the job ends, the time is up, the client leaves or the server begins to shut down:
             # then the admitted job is answered as it stands (202 with its Location unless finished).
@@ -128,8 +129,12 @@ async def create_generation(
                 wait_until_finished(state.waits.blocking, submission.job_id, wait_s),
                 disconnected(request.receive),
             )
-            job = None
-    if job is None:
+            # The lease goes back in the round trip of that read (or, should the read fail, on leaving).
+            release = state.waits.release_riders(lease)
+            job, hint = await service.polled_view(
+                state, principal, submission.job_id, links=links, riders=release
+            )
+    if job is None:  # an Idempotency-Key replay: the existing job, read
         job, hint = await service.polled_view(state, principal, submission.job_id, links=links)
     headers.update(queue_order.header(hint))
     return _job_response(job, 200 if job.status.is_terminal and wait_s > 0 else 202, headers)
@@ -141,7 +146,6 @@ async def create_generation(
     summary="Read a job",
     operation_id="getGeneration",
     response_description="The job.",
-    dependencies=[Depends(read_token)],
     responses={200: {"headers": POLL_HINT}, **problem_responses(*LIMITED_READ)},
 )
 async def get_generation(
@@ -149,7 +153,9 @@ async def get_generation(
 ) -> Response:
     """The job with image URLs signed now (they expire; read again for fresh ones). While it is queued or
     running, ``Retry-After`` says when a poll is worth making."""
-    job, hint = await service.polled_view(state, principal, job_id, links=links)
+    # The key's read token is taken in the read's own round trip (429 rate_limited as read_token answers).
+    token = read_token_riders(state, principal)
+    job, hint = await service.polled_view(state, principal, job_id, links=links, riders=token)
     return _job_response(job, 200, queue_order.header(hint))
 
 

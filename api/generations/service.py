@@ -9,6 +9,7 @@ needs it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, cast
@@ -19,6 +20,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from api.errors import Conflict, NotFound, UnprocessableRequest
 from api.limits import give_back_submission
+from api.riders import Rider
 from api.state import AppState
 from api.submissions import idempotency_claim, refusal, replayed, served_line, vetted_webhook
 from schemas.generation import GenerationRequest
@@ -202,15 +204,29 @@ async def submit(
     return Submission(job_id=job_id, created=True, job=job, retry_after=hint)
 
 
-async def _read(state: AppState, job_id: str) -> tuple[JobRecord | None, list[dict[str, Any]]]:
+async def _read(
+    state: AppState, job_id: str, riders: Sequence[Rider] = ()
+) -> tuple[JobRecord | None, list[dict[str, Any]]]:
     """The job's record and webhook deliveries in one round trip — or, once the job has left Redis, from
-    its archive (``services.jobs.archive``: None past the retention)."""
-    if not is_job_id(job_id):  # before any key is built from it: the same 404 as a made-up id
-        return None, []
+    its archive (``services.jobs.archive``: None past the retention). ``riders`` (``api.riders``) go in
+    the same round trip, and are settled before the read is looked at: one that refuses the request
+    raises before a 404, or an archive read, could."""
+    valid = is_job_id(job_id)  # checked before any key is built from it: the same 404 as a made-up id
     async with state.redis_async.pipeline(transaction=False) as pipe:
-        pipe.hgetall(job_key(job_id))
-        pipe.hgetall(webhooks_key(job_id))
-        raw_job, raw_deliveries = await pipe.execute()
+        for rider in riders:
+            rider.send(pipe)
+        if valid:
+            pipe.hgetall(job_key(job_id))
+            pipe.hgetall(webhooks_key(job_id))
+        replies = await pipe.execute(raise_on_error=False)
+    for rider, reply in zip(riders, replies, strict=False):
+        await rider.settle(reply)
+    if not valid:
+        return None, []
+    raw_job, raw_deliveries = replies[len(riders) :]
+    for reply in (raw_job, raw_deliveries):
+        if isinstance(reply, Exception):
+            raise reply
     record = JobRecord.from_stored(job_id, raw_job)
     if record is not None:
         return record, decode_deliveries(raw_deliveries)
@@ -253,19 +269,22 @@ async def load_with_archive(
     return _owned(archived.record if archived else None, principal, job_id), archived
 
 
-async def view(state: AppState, principal: str, job_id: str, *, links: Storage) -> Job:
-    """The public job, with URLs signed now and the current queue position."""
-    job, _ = await polled_view(state, principal, job_id, links=links)
+async def view(
+    state: AppState, principal: str, job_id: str, *, links: Storage, riders: Sequence[Rider] = ()
+) -> Job:
+    """The public job, with URLs signed now and the current queue position. ``riders``: commands sent in
+    the read's round trip (``api.riders``)."""
+    job, _ = await polled_view(state, principal, job_id, links=links, riders=riders)
     return job
 
 
 async def polled_view(
-    state: AppState, principal: str, job_id: str, *, links: Storage
+    state: AppState, principal: str, job_id: str, *, links: Storage, riders: Sequence[Rider] = ()
 ) -> tuple[Job, int | None]:
     """:func:`view`, and the ``Retry-After`` hint for a poller (None once the job has ended). A queued
     job's position costs one ``HMGET`` of its queue's counters (``services.queue_order``), whatever its
     place; only a record admitted before those counters falls back to ``LPOS``."""
-    record, deliveries = await _read(state, job_id)
+    record, deliveries = await _read(state, job_id, riders)
     record = _owned(record, principal, job_id)
     position = None
     gap_ms = None
