@@ -115,7 +115,7 @@ class _Redis(Redis):
 
 
 class _AsyncRedis(aredis.Redis):
-    """The asyncio twin of :class:`_Redis`, for the API."""
+    """The asyncio twin of :class:`_Redis`, for the API; its pipelines answer as its commands do."""
 
     async def parse_response(self, connection: Any, command_name: str | bytes, **options: Any) -> Any:
         try:
@@ -125,6 +125,32 @@ class _AsyncRedis(aredis.Redis):
                 await connection.disconnect()
             _raise_out_of_memory(exc)
             raise
+
+    def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> aredis.client.Pipeline:
+        return _AsyncPipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
+
+
+class _AsyncPipeline(aredis.client.Pipeline):
+    """A pipeline of :class:`_AsyncRedis`: a script's ``-OOM`` is ``OutOfMemoryError``, and a ``READONLY``
+    reply drops the connection — once the pipeline's other replies are read, as it goes back to the pool
+    (dropped at once, the replies still due could not be read)."""
+
+    _read_only = False
+
+    async def parse_response(self, connection: Any, command_name: str | bytes, **options: Any) -> Any:
+        try:
+            return await super().parse_response(connection, command_name, **options)
+        except redis.exceptions.ResponseError as exc:
+            if isinstance(exc, redis.exceptions.ReadOnlyError):
+                self._read_only = True
+            _raise_out_of_memory(exc)
+            raise
+
+    async def reset(self) -> None:  # type: ignore[override]  # redis-py's Pipeline.reset, not RESET
+        if self._read_only and self.connection is not None:
+            await self.connection.disconnect()
+        self._read_only = False
+        await super().reset()
 
 
 def _sentinel_kwargs(target: SentinelTarget, *, async_client: bool) -> dict[str, Any]:

@@ -78,6 +78,32 @@ def test_a_replica_refusing_a_write_counts_as_unavailable(
     assert client.set("k", "v")
 
 
+def test_a_replica_refusing_a_write_in_an_async_pipeline_drops_its_connection_too(
+    redis_pair: tuple[RedisServer, RedisServer],
+) -> None:
+    """As for a command: a ``READONLY`` reply inside a pipeline (a GET's read token, a wait's lease ride in
+    the read's) drops its connection — after the pipeline's other replies are read — so the next command
+    reconnects to wherever the address now leads."""
+    _, replica = redis_pair
+
+    async def main() -> tuple[list[object], int, int]:
+        client = make_async_redis(replica.url, socket_timeout=5.0)
+        try:
+            before = await client.client_id()
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.set("k", "v")
+                pipe.get("k")
+                replies = await pipe.execute(raise_on_error=False)
+            return replies, before, await client.client_id()
+        finally:
+            await client.aclose()
+
+    (refused, read), before, after = asyncio.run(main())
+    assert isinstance(refused, redis.exceptions.ReadOnlyError) and isinstance(refused, REDIS_UNAVAILABLE)
+    assert read is None  # the reply after it was read all the same
+    assert after != before  # a new connection
+
+
 def test_redis_and_sentinel_passwords_are_each_sent_where_they_belong(tmp_path: Path) -> None:
     """``user:pass@`` authenticates to the Redis nodes, ``?sentinel_password=`` to the Sentinels."""
     with RedisHA(tmp_path / "ha", password="node-secret", sentinel_password="sentinel-secret") as ha:
