@@ -87,7 +87,7 @@ READ = (401, 404, 500, 503)
 SUBMIT = (401, 413, 415, 422, 429, 500, 503)
 """Submitting a JSON body that is validated and queued."""
 LIMITED_READ = (401, 404, 429, 500, 503)
-"""Reading one resource by id under the key's read rate limit (``api.limits.read_token``)."""
+"""Reading one resource by id under the key's read rate limit (``api.limits.read_token``, or its rider)."""
 
 
 def problem_responses(

@@ -171,7 +171,9 @@ async def create_image(
         )
         # The lease goes back in the round trip of that read (or, should the read fail, on leaving).
         release = state.waits.release_riders(lease)
-        job: Job = await service.view(state, principal, submission.job_id, links=links, riders=release)
+        job, record = await service.view_with_record(
+            state, principal, submission.job_id, links=links, riders=release
+        )
     _check_succeeded(job, waited_s, shutting_down=state.waits.shutdown.is_set())
     _check_not_all_filtered(job)
     if body.wants_url:
@@ -179,8 +181,7 @@ async def create_image(
             ImageData(url=image.url, seed=image.seed, finish_reason=image.finish_reason)
             for image in job.images
         ]
-    else:
-        record: JobRecord = await service.load(state, principal, job.id)
+    else:  # the images' keys from the record the job was read from: no second read
         encoded = await run_in_threadpool(_read_images, state.clients.storage, record)
         data = [
             ImageData(b64_json=b64, seed=image.seed, finish_reason=image.finish_reason)

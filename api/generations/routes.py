@@ -25,7 +25,7 @@ from api.deps import LinksDep, StateDep
 from api.generations import service
 from api.generations.events import sse_stream, wait_until_finished
 from api.generations.prefer import preferred_wait
-from api.limits import read_token, read_token_riders, submission_token
+from api.limits import read_token_riders, submission_token
 from api.waits import LeasedStreamingResponse, disconnected
 from schemas.jobs import CreateGeneration, Job
 from services import queue_order
@@ -184,7 +184,6 @@ async def cancel_generation(
     "/{job_id}/events",
     summary="Follow a job (Server-Sent Events)",
     operation_id="streamGenerationEvents",
-    dependencies=[Depends(read_token)],
     response_class=StreamingResponse,
     responses={
         200: event_stream_response(
@@ -212,8 +211,10 @@ async def generation_events(
     ] = None,
 ) -> Response:
     """``status`` and ``progress`` events as they happen, then a ``job`` event with the final job; closes."""
-    # 404 before the stream starts; a job that has left Redis replays its archived events
-    _, archived = await service.load_with_archive(state, principal, job_id)
+    # 404 before the stream starts (429 before that: the read token rides with the read, as on GET); a
+    # job that has left Redis replays its archived events
+    token = read_token_riders(state, principal)
+    _, archived = await service.load_with_archive(state, principal, job_id, riders=token)
 
     async def final_job() -> dict[str, Any]:
         job = await service.view(state, principal, job_id, links=links)

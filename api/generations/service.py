@@ -9,14 +9,15 @@ needs it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, cast
+from typing import Any
 
 import anyio
 import structlog
 from fastapi.concurrency import run_in_threadpool
+from redis.asyncio.client import Pipeline
 
 from api.errors import Conflict, NotFound, UnprocessableRequest
 from api.limits import give_back_submission
@@ -207,31 +208,45 @@ async def submit(
 async def _read(
     state: AppState, job_id: str, riders: Sequence[Rider] = ()
 ) -> tuple[JobRecord | None, list[dict[str, Any]]]:
-    """The job's record and webhook deliveries in one round trip — or, once the job has left Redis, from
-    its archive (``services.jobs.archive``: None past the retention). ``riders`` (``api.riders``) go in
-    the same round trip, and are settled before the read is looked at: one that refuses the request
-    raises before a 404, or an archive read, could."""
+    """The job's record and webhook deliveries in one round trip, ``riders`` included (:func:`_pipelined`)
+    — or, once the job has left Redis, from its archive (``services.jobs.archive``: None past the
+    retention)."""
     valid = is_job_id(job_id)  # checked before any key is built from it: the same 404 as a made-up id
-    async with state.redis_async.pipeline(transaction=False) as pipe:
-        for rider in riders:
-            rider.send(pipe)
+
+    def read(pipe: Pipeline) -> None:
         if valid:
             pipe.hgetall(job_key(job_id))
             pipe.hgetall(webhooks_key(job_id))
-        replies = await pipe.execute(raise_on_error=False)
-    for rider, reply in zip(riders, replies, strict=False):
-        await rider.settle(reply)
+
+    replies = await _pipelined(state, riders, read)
     if not valid:
         return None, []
-    raw_job, raw_deliveries = replies[len(riders) :]
-    for reply in (raw_job, raw_deliveries):
-        if isinstance(reply, Exception):
-            raise reply
+    raw_job, raw_deliveries = replies
     record = JobRecord.from_stored(job_id, raw_job)
     if record is not None:
         return record, decode_deliveries(raw_deliveries)
     archived = await archived_job(state, job_id)
     return (archived.record, archived.deliveries) if archived else (None, [])
+
+
+async def _pipelined(
+    state: AppState, riders: Sequence[Rider], queue: Callable[[Pipeline], None]
+) -> list[Any]:
+    """The replies to what ``queue`` puts on a pipeline, sent in one round trip with ``riders``
+    (``api.riders``), which are settled first: one that refuses the request raises before the replies
+    are looked at (before a 404, or an archive read). Nothing to send: no round trip."""
+    async with state.redis_async.pipeline(transaction=False) as pipe:
+        for rider in riders:
+            rider.send(pipe)
+        queue(pipe)
+        replies = await pipe.execute(raise_on_error=False)
+    for rider, reply in zip(riders, replies, strict=False):
+        await rider.settle(reply)
+    own = replies[len(riders) :]
+    for reply in own:
+        if isinstance(reply, Exception):
+            raise reply
+    return own
 
 
 async def archived_job(state: AppState, job_id: str) -> ArchivedJob | None:
@@ -255,14 +270,21 @@ async def load(state: AppState, principal: str, job_id: str) -> JobRecord:
 
 
 async def load_with_archive(
-    state: AppState, principal: str, job_id: str
+    state: AppState, principal: str, job_id: str, *, riders: Sequence[Rider] = ()
 ) -> tuple[JobRecord, ArchivedJob | None]:
     """The caller's job, from Redis or else its archive — which is returned too (None: read from Redis),
-    for a reader that also needs what the archive kept (the events an SSE stream replays)."""
-    if not is_job_id(job_id):  # before any key is built from it: the same 404 as a made-up id
+    for a reader that also needs what the archive kept (the events an SSE stream replays). ``riders``:
+    commands sent in the read's round trip (``api.riders``)."""
+    valid = is_job_id(job_id)  # checked before any key is built from it: the same 404 as a made-up id
+
+    def read(pipe: Pipeline) -> None:
+        if valid:
+            pipe.hgetall(job_key(job_id))
+
+    replies = await _pipelined(state, riders, read)
+    if not valid:
         return _owned(None, principal, job_id), None
-    raw = cast(dict[bytes, bytes], await state.redis_async.hgetall(job_key(job_id)))
-    record = JobRecord.from_stored(job_id, raw)
+    record = JobRecord.from_stored(job_id, replies[0])
     if record is not None:
         return _owned(record, principal, job_id), None
     archived = await archived_job(state, job_id)
@@ -284,6 +306,21 @@ async def polled_view(
     """:func:`view`, and the ``Retry-After`` hint for a poller (None once the job has ended). A queued
     job's position costs one ``HMGET`` of its queue's counters (``services.queue_order``), whatever its
     place; only a record admitted before those counters falls back to ``LPOS``."""
+    job, _, hint = await _viewed(state, principal, job_id, links, riders)
+    return job, hint
+
+
+async def view_with_record(
+    state: AppState, principal: str, job_id: str, *, links: Storage, riders: Sequence[Rider] = ()
+) -> tuple[Job, JobRecord]:
+    """:func:`view`, and the record it shows, read once for both (the OpenAI route's images' keys)."""
+    job, record, _ = await _viewed(state, principal, job_id, links, riders)
+    return job, record
+
+
+async def _viewed(
+    state: AppState, principal: str, job_id: str, links: Storage, riders: Sequence[Rider]
+) -> tuple[Job, JobRecord, int | None]:
     record, deliveries = await _read(state, job_id, riders)
     record = _owned(record, principal, job_id)
     position = None
@@ -302,7 +339,7 @@ async def polled_view(
         queue_position=position,
         deliveries=deliveries if record.webhook else None,
     )
-    return job, queue_order.retry_after(job, gap_ms)
+    return job, record, queue_order.retry_after(job, gap_ms)
 
 
 def _cancel(state: AppState, record: JobRecord) -> None:

@@ -5,7 +5,9 @@ its commands), and that they answer as before where their commands now share one
   ``rate_limited`` (the read discarded), still served at ``maxmemory`` (uncounted), still counted after
   Redis lost its scripts;
 - the end of a ``Prefer: wait`` gives its lease back in the final read's pipeline, and a lease Redis
-  refuses to give back still leaves the answer as it was.
+  refuses to give back still leaves the answer as it was;
+- the OpenAI route reads its finished job once, for its answer and its images;
+- an event stream takes its read token with the job's first read.
 
 Real Redis, the API under uvicorn in-process, no worker: jobs are finished through the real lifecycle
 (``tests.fixtures.finished``). Round trips are Redis's own count of the reads it served on client sockets
@@ -14,6 +16,7 @@ Real Redis, the API under uvicorn in-process, no worker: jobs are finished throu
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -30,7 +33,7 @@ from services.rate_limit import READ_BUCKETS
 from services.settings import Settings
 from services.storage import FileStorage
 from tests.api import serve
-from tests.fixtures.finished import finish_job
+from tests.fixtures.finished import PNG, finish_job
 from tests.fixtures.redis import RedisServerFactory
 
 BODY = {"prompt": "a fox", "width": 512, "height": 512}
@@ -201,3 +204,59 @@ def test_a_lease_redis_refuses_to_give_back_leaves_the_answer_as_it_was(
     for answer in answers:
         assert answer.status_code == 200 and answer.json()["id"] == job_id, answer.text
     assert admin.zcard(lease_key(PRINCIPAL)) == 2  # both refused: they expire
+
+
+def test_an_openai_call_reads_its_job_once_for_the_answer_and_its_images(
+    redis_url: str, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """A replay (same ``Idempotency-Key``) of a call whose job has finished since: the lease, the admission,
+    one XREAD, then one read that gives the lease back and serves both the answer and its images' keys."""
+    with _api(redis_url, tmp_path, openai_images_wait=timedelta(seconds=1)) as (client, storage):
+        call = {"json": {"prompt": "a fox", "size": "1024x1024"}, "headers": {"Idempotency-Key": "openai"}}
+        first = client.post("/v1/images/generations", **call)
+        assert first.status_code == 504, first.text  # no worker: the job is still queued after 1 s
+        job_id = first.headers["location"].rsplit("/", 1)[-1]
+        finish_job(redis_client, storage, job_id)
+        client.post("/v1/images/generations", **call)
+        trips, answer = _round_trips(redis_client, lambda: client.post("/v1/images/generations", **call))
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["id"] == job_id
+    [image] = answer.json()["data"]
+    assert base64.b64decode(image["b64_json"]) == PNG
+    assert trips == 4  # was 6: the lease's ZREM, and a second read of the job for its images' keys
+    assert redis_client.zcard(lease_key(PRINCIPAL)) == 0
+
+
+# --- an event stream --------------------------------------------------------------------------------------
+
+
+def test_an_event_stream_takes_its_read_token_with_its_first_read(
+    redis_url: str, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """A finished job's stream (no per-key share, so no lease): the token with the job's first read, the
+    read of the final job, one XREAD of its events — the token's script had a round trip of its own."""
+    limits = {"max_waits_per_key": 0, **SLOW_READS}
+    with _api(redis_url, tmp_path, **limits) as (client, storage):
+        job_id = _finished_job(client, redis_client, storage)
+        client.get(f"/v1/generations/{job_id}/events")  # the waits' pool's connection made
+        before = _tokens(redis_client)
+        trips, answer = _round_trips(redis_client, lambda: client.get(f"/v1/generations/{job_id}/events"))
+    assert answer.status_code == 200 and "event: job" in answer.text, answer.text
+    assert trips == 3  # was 4
+    assert before - _tokens(redis_client) > 2.99  # each of the 3 streams took its token
+
+
+def test_an_event_stream_over_the_read_limit_is_429_before_a_404(
+    redis_url: str, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    limits = {"read_rate_limit_per_minute": 1, "read_rate_limit_burst": 2}
+    with _api(redis_url, tmp_path, **limits) as (client, storage):
+        job_id = _finished_job(client, redis_client, storage)
+        answers = [
+            client.get(f"/v1/generations/{job_id}/events"),
+            client.get("/v1/generations/not-an-id/events"),
+            client.get("/v1/generations/not-an-id/events"),
+        ]
+    assert [a.status_code for a in answers] == [200, 404, 429], [a.text for a in answers]
+    assert answers[2].headers["content-type"] == PROBLEM_CONTENT_TYPE
+    assert answers[2].json()["code"] == "rate_limited"
