@@ -212,7 +212,8 @@ def test_a_wait_cut_by_the_shutdown_while_its_first_read_is_sent_ends_at_once(re
     turns of the event loop into a wait's first read, while its fresh connection says hello, pings and
     sends the XREAD. On Python 3.11 a cancellation landing as redis-py's send completes was swallowed
     (``asyncio.wait_for``), and the read blocked on for its whole slice, the request with it: most of turns
-    2 to ~20 did, on every run. Each wait must now end within a fraction of a second, as stopped."""
+    2 to ~20 did, on every run. Each wait must now end at once, as stopped (a second cancellation comes
+    0.1 s after the first)."""
 
     async def cut_after(turns: int) -> tuple[object, float]:
         blocking = make_async_redis(
@@ -229,10 +230,10 @@ def test_a_wait_cut_by_the_shutdown_while_its_first_read_is_sent_ends_at_once(re
         started = loop.time()
         signalling = asyncio.ensure_future(signal_shutdown())
         try:
-            async with asyncio.timeout(3):
+            async with asyncio.timeout(4):
                 answer: object = await waits.until(wait_until_finished(blocking, "gen_" + "0" * 32, 30))
         except TimeoutError:
-            answer = "still waiting after 3 s"
+            answer = "still waiting after 4 s"
         finally:
             await signalling
             await blocking.aclose()
@@ -242,7 +243,7 @@ def test_a_wait_cut_by_the_shutdown_while_its_first_read_is_sent_ends_at_once(re
         return [await cut_after(turns) for turns in range(25)]
 
     outcomes = asyncio.run(sweep())
-    late = [(turns, answer, round(took, 3)) for turns, (answer, took) in enumerate(outcomes) if took > 1.0]
+    late = [(turns, answer, round(took, 3)) for turns, (answer, took) in enumerate(outcomes) if took > 2.0]
     assert not late, late
     assert all(answer == (False, None) for answer, _ in outcomes), outcomes
 
