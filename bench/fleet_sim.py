@@ -60,7 +60,9 @@ The queue, waits and fleet size do not depend on the design; what each second co
   bytes per finished job; "steady state" is the peak of that over the day;
 - webhooks (d): a concurrent dispatcher; per delivery a few Redis commands (its Redis CPU an input);
 - per-job work, per GET (of the job record), idle workers and API costs: as measured for ``shipped`` unless
-  a results file gives the fleet design's own (``redis_cpu_ms_per_job_fleet``).
+  a results file gives the fleet design's own: a job at the peak (``bench.job_replay``) as its fixed part
+  plus its progress writes (``Scenario.progress_writes_per_job``), else a job measured alone
+  (``redis_cpu_ms_per_job_fleet``).
 
 Outputs: queue wait p50/p99 (job-weighted), jobs waiting > 60 s, GPU-hours, peak queue, and the load on one
 Redis (CPU cores, by source) and on the API (cores), second by second, summarised; and, per design, the three
