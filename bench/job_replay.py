@@ -25,9 +25,10 @@ there, with nothing estimated:
 The replay runs twice per round, once with the job's progress writes and once without, so a job's cost
 splits into its fixed part and a cost per progress write (an SD3.5 job makes one a second: fleet_sim
 counts them from its scenario). The replayed commands are the live job's: commands per job match
-``bench.worker_redis``'s count. Redis's CPU does not, by design: a job alone on an idle Redis
-(``bench.worker_redis``) pays for each round trip waking a sleeping server, which a busy one does not;
-``--rate 0`` replays one job after another, back to back, to show how much of the difference is that.
+``bench.worker_redis``'s count. So does Redis's CPU when the replay is spaced as the live job was
+(``--as-captured``: one job at a time, each round trip at its captured moment): a job alone pays for each
+round trip waking an idle Redis, which a busy one does not. ``--rate 0`` replays one job after another,
+back to back.
 
 Comparing two checkouts: run with ``PYTHONPATH`` pointing at each (the capture runs the code of the
 checkout whose ``devtools`` is imported; copy this file and ``job_phases.py`` into the older one).
@@ -151,6 +152,8 @@ class Trip:
     phase: str
     commands: list[list[bytes]]
     blocking: bool = False
+    #: Seconds after the job's first round trip that this one arrived (``--as-captured`` keeps them).
+    at: float = 0.0
 
     @property
     def progress_write(self) -> bool:
@@ -223,7 +226,10 @@ def capture(tmp: Path, steps: int, size: int) -> tuple[Capture, Any]:
             commands = [by_entry[id(entry)].args for entry in group]
             verb = commands[0][0].upper()
             blocking = verb in {b"XREAD", b"BLPOP", b"BRPOP", b"BLMOVE"}
-            trips.append(Trip(first.process, first.phase, commands, blocking))
+            trips.append(Trip(first.process, first.phase, commands, blocking, by_entry[id(first)].at))
+        start = trips[0].at if trips else 0.0
+        for trip in trips:
+            trip.at -= start
         return Capture(job_id, trips, job_phases.breakdown(entries)), stack
     except BaseException:
         stack.close()
@@ -250,7 +256,7 @@ def substituted(trips: list[Trip], job_id: str, index: int) -> Iterator[Trip]:
             if args[0].upper() == b"BLPOP":  # the queue holds this job's own push at least: never waits
                 args[-1] = b"1"
             commands.append(args)
-        yield Trip(trip.process, trip.phase, commands, trip.blocking)
+        yield Trip(trip.process, trip.phase, commands, trip.blocking, trip.at)
 
 
 async def send(client: aredis.Redis, trip: Trip) -> None:
@@ -267,11 +273,19 @@ async def send(client: aredis.Redis, trip: Trip) -> None:
 
 
 async def replay(
-    url: str, trips: list[Trip], job_id: str, jobs: int, rate: float, connections: int, warmup: int
+    url: str,
+    trips: list[Trip],
+    job_id: str,
+    jobs: int,
+    rate: float,
+    connections: int,
+    warmup: int,
+    spaced: bool = False,
 ) -> tuple[dict[str, float], dict[str, float], float]:
     """Replay ``warmup`` jobs (unmeasured: the pools open their connections, as long-lived services' pools
     have), then ``jobs`` jobs at ``rate`` a second (0: one after another); Redis's counters before and
-    after those, and the wall time they took."""
+    after those, and the wall time they took. ``spaced``: jobs one after another, each round trip at its
+    captured moment in the job, as the live job sent them."""
     processes = {trip.process for trip in trips}
     # No read timeout: a blocking read may wait its whole BLOCK, and a pool may queue for a while.
     pools = {
@@ -293,7 +307,10 @@ async def replay(
     async def one(index: int) -> None:
         async with in_flight:
             waiting: list[asyncio.Task[None]] = []
+            began = time.perf_counter()
             for trip in substituted(trips, job_id, index):
+                if spaced and (delay := began + trip.at - time.perf_counter()) > 0:
+                    await asyncio.sleep(delay)
                 if trip.blocking:
                     waiting.append(asyncio.create_task(send(blocking, trip)))
                     await asyncio.sleep(0)  # sent before the job goes on, as the API's wait is
@@ -303,7 +320,7 @@ async def replay(
 
     async def run(first: int, count: int) -> float:
         started = time.perf_counter()
-        if rate <= 0:
+        if rate <= 0 or spaced:
             for index in range(first, first + count):
                 await one(index)
         else:
@@ -347,7 +364,7 @@ def measure_replay(
     """One replay on a flushed Redis (its scripts stay cached): per-job CPU, round trips, commands."""
     client.flushall()
     before, after, wall = asyncio.run(
-        replay(url, trips, job_id, args.jobs, args.rate, args.connections, args.warmup)
+        replay(url, trips, job_id, args.jobs, args.rate, args.connections, args.warmup, args.as_captured)
     )
     jobs = args.jobs
     elapsed = after["at"] - before["at"]
@@ -382,9 +399,11 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         for name in list(stack.processes):  # Redis alone now: its script cache keeps our scripts
             stack.stop(name)
         client = stack.redis()
-        client.config_set("hz", 10)
+        client.config_set("hz", args.hz)
         idle = idle_cpu(client, args.idle_s)
         plans = {"with_progress": captured.trips, "without_progress": captured.without_progress()}
+        if args.as_captured:  # the live job's spacing: its cost alone, beside bench.worker_redis's
+            del plans["without_progress"]
         rounds: list[dict[str, Any]] = []
         for round_index in range(args.rounds):
             row: dict[str, Any] = {}
@@ -402,8 +421,9 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         middle = len(ordered) // 2
         return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
-    fixed = median([r["without_progress"]["cpu_ms_per_job"] for r in rounds])
     whole = median([r["with_progress"]["cpu_ms_per_job"] for r in rounds])
+    without = [r["without_progress"]["cpu_ms_per_job"] for r in rounds if "without_progress" in r]
+    fixed = median(without) if without else whole
     per_write = (whole - fixed) / writes if writes else 0.0
     return {
         "capture": {
@@ -421,7 +441,10 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         "replay": {
             "rate_jobs_per_s": args.rate,
             "connections": args.connections,
-            "idle_cpu_ms_per_s": idle * 1000,
+            "warmup_jobs": args.warmup,
+            "as_captured": args.as_captured,
+            "redis_hz": args.hz,
+            "idle_cpu_ms_per_s": round(idle * 1000, 4),
         },
         "rounds": rounds,
         "per_job": {
@@ -446,6 +469,13 @@ def main(argv: list[str] | None = None) -> int:
         "--connections", type=int, default=64, help="connections per process pool (default 64)"
     )
     parser.add_argument("--warmup", type=int, default=500, help="unmeasured jobs first (default 500)")
+    parser.add_argument(
+        "--as-captured",
+        action="store_true",
+        help="jobs one at a time, each round trip at its captured moment (with --jobs 5 --warmup 1 --hz 1: "
+        "the job alone, as bench.worker_redis measures it)",
+    )
+    parser.add_argument("--hz", type=int, default=10, help="Redis's cron frequency while replaying")
     parser.add_argument("--rounds", type=int, default=3, help="alternating with/without-progress rounds")
     parser.add_argument("--steps", type=int, default=40, help="the captured job's steps (default 40)")
     parser.add_argument("--size", type=int, default=512, help="the captured job's width and height")

@@ -53,3 +53,12 @@ def test_replay_sends_each_trip_as_it_arrived_and_counts_it(redis_url: str) -> N
     assert statuses == {b"running"}
     assert client.llen("q") == 0  # each job's dequeue took one job
     client.close()
+
+
+def test_as_captured_each_round_trip_waits_for_its_moment_in_the_job(redis_url: str) -> None:
+    trips = [
+        Trip("api", "submit", [[b"SET", f"darkroom:job:{JOB}".encode(), b"1"]]),
+        Trip("worker", "finish", [[b"DEL", f"darkroom:job:{JOB}".encode()]], at=0.15),
+    ]
+    _, _, wall = asyncio.run(replay(redis_url, trips, JOB, 2, 0, 2, warmup=0, spaced=True))
+    assert wall >= 0.3  # two jobs, one after another, each spread over its captured 0.15 s
