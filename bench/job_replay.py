@@ -43,7 +43,6 @@ import re
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -59,89 +58,10 @@ from bench.common import machine_facts, write_results
 JOB_PHASES = ("submit", "prefer_wait", "get", "claim", "steps", "heartbeat", "finish", "archive", "webhook")
 #: A Prefer: wait lease's member in the waits set (``api.waits``: ``<process>:<n>``): unique per wait.
 _LEASE_ID = re.compile(rb"^[0-9a-f]{12}:\d+$")
-_TOKEN = re.compile(rb'"((?:[^"\\]|\\.)*)"')
-_ESCAPES = {b"n": b"\n", b"r": b"\r", b"t": b"\t", b"a": b"\a", b"b": b"\b", b'"': b'"', b"\\": b"\\"}
 #: Jobs being replayed at once, at most (each holds at most two blocking reads).
 IN_FLIGHT = 512
 #: The progress script's number of keys (services.jobs.lifecycle._PROGRESS).
 _PROGRESS_KEYS = (b"3",)
-
-
-def unescape(token: bytes) -> bytes:
-    """A ``MONITOR`` argument as sent (Redis prints them with ``sdscatrepr``'s escapes)."""
-    out = bytearray()
-    i = 0
-    while i < len(token):
-        if token[i : i + 1] == b"\\" and i + 1 < len(token):
-            nxt = token[i + 1 : i + 2]
-            if nxt == b"x" and i + 3 < len(token):
-                out.append(int(token[i + 2 : i + 4], 16))
-                i += 4
-                continue
-            out += _ESCAPES.get(nxt, nxt)
-            i += 2
-            continue
-        out.append(token[i])
-        i += 1
-    return bytes(out)
-
-
-@dataclass
-class Captured:
-    """One ``MONITOR`` line: when Redis ran it, from which client port, and its exact arguments."""
-
-    at: float
-    port: int
-    args: list[bytes]
-
-    @property
-    def line(self) -> str:
-        return " ".join(arg.decode("utf-8", "replace") for arg in self.args)
-
-
-class RawMonitor:
-    """``MONITOR`` in a side thread, keeping every argument byte for byte (redis-py's ``next_command``
-    joins them with spaces, which a replay cannot split back). Lua's own calls are left out: the
-    replayed script makes them again."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.captured: list[Captured] = []
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="raw-monitor", daemon=True)
-
-    def _run(self) -> None:
-        from bench.redis_cost import MONITOR_STOP
-
-        client = redis.Redis.from_url(self.url)
-        with client.monitor() as monitor:
-            self._ready.set()
-            while True:
-                raw = monitor.connection.read_response()
-                line = raw if isinstance(raw, bytes) else str(raw).encode()
-                stamp, _, rest = line.partition(b" ")
-                client_info = rest[rest.find(b" ") + 1 : rest.find(b"]")]
-                args = [unescape(token) for token in _TOKEN.findall(rest[rest.find(b"]") + 1 :])]
-                if args and MONITOR_STOP.encode() in args[-1]:
-                    break
-                if client_info == b"lua" or not args:
-                    continue
-                port = int(client_info.rsplit(b":", 1)[-1]) if b":" in client_info else 0
-                self.captured.append(Captured(float(stamp), port, args))
-        client.close()
-
-    def start(self) -> RawMonitor:
-        self._thread.start()
-        self._ready.wait(5)
-        time.sleep(0.05)
-        return self
-
-    def stop(self) -> None:
-        from bench.redis_cost import MONITOR_STOP
-
-        with redis.Redis.from_url(self.url) as client:
-            client.echo(MONITOR_STOP)
-        self._thread.join(10)
 
 
 @dataclass
@@ -203,21 +123,17 @@ def capture(tmp: Path, steps: int, size: int) -> tuple[Capture, Any]:
                 marks["post_done_at"] = seconds + micros / 1e6
 
             http.get("/healthz")
-            monitor = RawMonitor(stack.redis_url).start()
-            owners_roots = stack.cpu_roots()
+            monitor = redis_cost.Monitor(stack.redis_url, stack.cpu_roots()).start()
             walls = whole_job(http, {**body, "seed": 2}, receiver, archive_root, mark_answer)
-            owners = redis_cost.port_owners(owners_roots)
             monitor.stop()
         job_id = walls["id"]
-        lines = [(owners.get(c.port, "other"), c.line) for c in monitor.captured]
+        # A script's own calls are no round trips: the replayed script makes them again.
+        sent = [c for c in monitor.captured if not c.lua]
+        lines = [(monitor.owners.get(c.port, "other"), c.line) for c in sent]
         entries = job_phases.classify(
-            lines,
-            [c.at for c in monitor.captured],
-            [c.port for c in monitor.captured],
-            job_id,
-            marks["post_done_at"],
+            lines, [c.at for c in sent], [c.port for c in sent], job_id, marks["post_done_at"]
         )
-        by_entry = {id(entry): monitor.captured[index] for index, entry in enumerate(entries)}
+        by_entry = {id(entry): sent[index] for index, entry in enumerate(entries)}
         trips: list[Trip] = []
         for group in job_phases.round_trips(entries):
             first = group[0]

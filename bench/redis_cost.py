@@ -9,6 +9,7 @@ each command attributed to the process that sent it (client port -> socket inode
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections import Counter
@@ -180,17 +181,57 @@ def port_owners(processes: dict[str, int]) -> dict[int, str]:
     return ports
 
 
+_TOKEN = re.compile(rb'"((?:[^"\\]|\\.)*)"')
+_ESCAPES = {b"n": b"\n", b"r": b"\r", b"t": b"\t", b"a": b"\a", b"b": b"\b", b'"': b'"', b"\\": b"\\"}
+
+
+def unescape(token: bytes) -> bytes:
+    """A ``MONITOR`` argument as sent (Redis prints them with ``sdscatrepr``'s escapes)."""
+    out = bytearray()
+    i = 0
+    while i < len(token):
+        if token[i : i + 1] == b"\\" and i + 1 < len(token):
+            nxt = token[i + 1 : i + 2]
+            if nxt == b"x" and i + 3 < len(token):
+                out.append(int(token[i + 2 : i + 4], 16))
+                i += 4
+                continue
+            out += _ESCAPES.get(nxt, nxt)
+            i += 2
+            continue
+        out.append(token[i])
+        i += 1
+    return bytes(out)
+
+
+@dataclass
+class Captured:
+    """One ``MONITOR`` line: when Redis ran it (its clock), from which client port (0: a Lua script's own
+    call, ``lua``), and its exact arguments."""
+
+    at: float
+    port: int
+    args: list[bytes]
+    lua: bool = False
+
+    @property
+    def line(self) -> str:
+        return " ".join(arg.decode("utf-8", "replace") for arg in self.args)
+
+
 class Monitor:
-    """``MONITOR`` in a side thread until :meth:`stop`; commands attributed to processes by client port."""
+    """``MONITOR`` in a side thread until :meth:`stop`; commands attributed to processes by client port.
+    Every argument is kept byte for byte (``captured``: redis-py's ``next_command`` joins them with
+    spaces, which ``bench.job_replay`` could not split back to replay them)."""
 
     def __init__(self, url: str, processes: dict[str, int]) -> None:
         self.url = url
         self.processes = processes
+        self.captured: list[Captured] = []
+        self.owners: dict[int, str] = {}  # client port -> process, read at stop()
         self.commands: list[tuple[str, str]] = []  # (process, command line)
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="redis-monitor", daemon=True)
-        self._raw: list[tuple[int, str]] = []
-        self._times: list[float] = []
         self.ports: list[int] = []
         self.times: list[float] = []  # Redis's own clock, one per entry of ``commands``
 
@@ -199,12 +240,15 @@ class Monitor:
         with client.monitor() as monitor:
             self._ready.set()
             while True:
-                entry = monitor.next_command()
-                command = str(entry.get("command", ""))
-                if MONITOR_STOP in command:
+                raw = monitor.connection.read_response()
+                line = raw if isinstance(raw, bytes) else str(raw).encode()
+                stamp, _, rest = line.partition(b" ")
+                client_info = rest[rest.find(b" ") + 1 : rest.find(b"]")]
+                args = [unescape(token) for token in _TOKEN.findall(rest[rest.find(b"]") + 1 :])]
+                if args and MONITOR_STOP.encode() in args[-1]:
                     break
-                self._raw.append((int(entry.get("client_port") or 0), command))
-                self._times.append(float(entry.get("time") or 0.0))
+                port = int(client_info.rsplit(b":", 1)[-1]) if b":" in client_info else 0
+                self.captured.append(Captured(float(stamp), port, args, lua=client_info == b"lua"))
         client.close()
 
     def start(self) -> Monitor:
@@ -214,13 +258,13 @@ class Monitor:
         return self
 
     def stop(self) -> list[tuple[str, str]]:
-        owners = port_owners(self.processes)  # read while the connections are still open
+        self.owners = port_owners(self.processes)  # read while the connections are still open
         with redis.Redis.from_url(self.url) as client:
             client.echo(MONITOR_STOP)
         self._thread.join(10)
-        self.commands = [(owners.get(port, "other"), command) for port, command in self._raw]
-        self.times = list(self._times)
-        self.ports = [port for port, _ in self._raw]
+        self.commands = [(self.owners.get(c.port, "other"), c.line) for c in self.captured]
+        self.times = [c.at for c in self.captured]
+        self.ports = [c.port for c in self.captured]
         return self.commands
 
 

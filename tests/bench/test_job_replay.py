@@ -6,7 +6,8 @@ import asyncio
 
 import redis
 
-from bench.job_replay import Trip, replay, substituted, unescape
+from bench.job_replay import Trip, replay, substituted
+from bench.redis_cost import unescape
 
 JOB = "gen_0123456789abcdef0123456789abcdef"
 
